@@ -1,0 +1,1 @@
+"""tickstream alerts service."""

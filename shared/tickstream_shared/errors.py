@@ -1,0 +1,33 @@
+"""The one exception tree of tickstream; retry decisions are made by type, never by message."""
+
+from __future__ import annotations
+
+
+class TickstreamError(Exception):
+    """Base class of every error tickstream raises on purpose."""
+
+
+class ConfigError(TickstreamError):
+    """A setting is missing or cannot be parsed; carries the variable name."""
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+class BadMessage(TickstreamError):
+    """A message could not be decoded or failed validation; it is counted and skipped."""
+
+    def __init__(self, problem: str, raw: bytes | str | None = None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.raw = raw
+
+
+class BadIdentifier(TickstreamError):
+    """A market or metric id does not follow `<exchange>:<base>-<quote>[:<kind>]`."""
+
+
+class InfraError(TickstreamError):
+    """A local infrastructure process (broker, Redis, PostgreSQL) failed to start or stop."""

@@ -1,0 +1,104 @@
+"""Topic names, market and metric ids, Redis keys: built here and nowhere else."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final, Literal, get_args
+
+from tickstream_shared.errors import BadIdentifier
+
+MetricKind = Literal["price", "volume"]
+METRIC_KINDS: Final[tuple[MetricKind, ...]] = get_args(MetricKind)
+
+TICK_TOPIC_PREFIX: Final = "ticks."
+# Regex subscriptions (stats, alerts, gateway) match every per-pair tick topic, now and future.
+TICK_TOPIC_PATTERN: Final = r"^ticks\.[a-z0-9]+\.[a-z0-9]+-[a-z0-9]+$"
+ALERTS_TOPIC: Final = "alerts"
+
+_PART = r"[a-z0-9]+"
+_MARKET_RE: Final = re.compile(rf"^(?P<exchange>{_PART}):(?P<base>{_PART})-(?P<quote>{_PART})$")
+_METRIC_RE: Final = re.compile(
+    rf"^(?P<exchange>{_PART}):(?P<base>{_PART})-(?P<quote>{_PART}):(?P<kind>price|volume)$"
+)
+_TOPIC_RE: Final = re.compile(TICK_TOPIC_PATTERN)
+
+REDIS_PREFIX: Final = "tickstream"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Market:
+    """One traded pair on one exchange, e.g. binance:btc-usdt."""
+
+    exchange: str
+    base: str
+    quote: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.exchange}:{self.base}-{self.quote}"
+
+    @property
+    def topic(self) -> str:
+        return f"{TICK_TOPIC_PREFIX}{self.exchange}.{self.base}-{self.quote}"
+
+    def metric_id(self, kind: MetricKind) -> str:
+        return f"{self.id}:{kind}"
+
+    @classmethod
+    def parse(cls, market_id: str) -> Market:
+        """Parse `<exchange>:<base>-<quote>` (case-insensitive); raises BadIdentifier."""
+        match = _MARKET_RE.match(market_id.strip().lower())
+        if match is None:
+            raise BadIdentifier(f"market id {market_id!r} is not <exchange>:<base>-<quote>")
+        return cls(match["exchange"], match["base"], match["quote"])
+
+    @classmethod
+    def from_topic(cls, topic: str) -> Market:
+        """Parse `ticks.<exchange>.<base>-<quote>`; raises BadIdentifier."""
+        if _TOPIC_RE.match(topic) is None:
+            raise BadIdentifier(f"topic {topic!r} is not ticks.<exchange>.<base>-<quote>")
+        exchange, pair = topic[len(TICK_TOPIC_PREFIX) :].split(".", 1)
+        base, quote = pair.split("-", 1)
+        return cls(exchange, base, quote)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricId:
+    """A market's price or volume series: `<exchange>:<base>-<quote>:<kind>`."""
+
+    market: Market
+    kind: MetricKind
+
+    def __str__(self) -> str:
+        return self.market.metric_id(self.kind)
+
+    @classmethod
+    def parse(cls, metric_id: str) -> MetricId:
+        """Parse a metric id; raises BadIdentifier saying what the expected shape is."""
+        match = _METRIC_RE.match(metric_id.strip().lower())
+        if match is None:
+            raise BadIdentifier(
+                f"metric id {metric_id!r} is not <exchange>:<base>-<quote>:<price|volume>"
+            )
+        market = Market(match["exchange"], match["base"], match["quote"])
+        kind: MetricKind = "price" if match["kind"] == "price" else "volume"
+        return cls(market, kind)
+
+
+def parse_kind(value: str) -> MetricKind:
+    """Return the metric kind named by value; raises BadIdentifier for anything else."""
+    for kind in METRIC_KINDS:
+        if value == kind:
+            return kind
+    raise BadIdentifier(f"kind {value!r} is not one of {', '.join(METRIC_KINDS)}")
+
+
+def stats_key(metric_id: str) -> str:
+    """Redis hash holding the latest window stats of one metric."""
+    return f"{REDIS_PREFIX}:stats:{metric_id}"
+
+
+def rank_key(kind: MetricKind) -> str:
+    """Redis sorted set of every metric of one kind, scored by standard deviation."""
+    return f"{REDIS_PREFIX}:rank:{kind}"

@@ -1,0 +1,202 @@
+"""Typed settings read once from the environment at start and passed down; one class per concern."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, get_type_hints
+
+from tickstream_shared.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def setting(env: str, default: Any, doc: str) -> Any:
+    """Declare one setting: its environment variable, default and documentation line."""
+    return field(default=default, metadata={"env": env, "doc": doc})
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSettings:
+    bootstrap_servers: str = setting(
+        "KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092", "Kafka bootstrap servers, comma separated."
+    )
+    topic_partitions: int = setting(
+        "KAFKA_TOPIC_PARTITIONS",
+        1,
+        "Partitions per tick topic when tickstream creates it (one keeps per-market order).",
+    )
+    replication_factor: int = setting(
+        "KAFKA_REPLICATION_FACTOR", 1, "Replication factor of topics tickstream creates."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str = setting("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis URL for latest stats.")
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    url: str = setting(
+        "DATABASE_URL",
+        "postgresql://postgres@127.0.0.1:5432/tickstream",
+        "PostgreSQL/TimescaleDB URL for ticks, alerts and history.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str = setting("LOG_LEVEL", "INFO", "Log level: DEBUG, INFO, WARNING or ERROR.")
+
+
+@dataclass(frozen=True, slots=True)
+class WatcherSettings:
+    source: str = setting(
+        "WATCHER_SOURCE", "synthetic", "Where ticks come from: `synthetic` or `replay`."
+    )
+    markets: tuple[str, ...] = setting(
+        "WATCHER_MARKETS",
+        ("binance:btc-usdt", "binance:eth-usdt", "binance:sol-usdt", "kraken:btc-usd"),
+        "Markets for the synthetic source, comma separated `<exchange>:<base>-<quote>`.",
+    )
+    seed: int = setting("WATCHER_SEED", 7, "Random seed of the synthetic source.")
+    tick_interval_ms: int = setting(
+        "WATCHER_TICK_INTERVAL_MS",
+        1000,
+        "Synthetic source: wall-clock milliseconds between ticks of one market.",
+    )
+    replay_dir: str = setting(
+        "WATCHER_REPLAY_DIR",
+        "../shared/data/candles",
+        "Replay source: folder of `<exchange>_<base>-<quote>_1m.csv[.gz]` candle files.",
+    )
+    replay_speed: float = setting(
+        "WATCHER_REPLAY_SPEED",
+        0.0,
+        "Replay source: event time per wall time (600 = ten minutes a second); 0 = unthrottled.",
+    )
+    replay_limit_minutes: int = setting(
+        "WATCHER_REPLAY_LIMIT_MINUTES",
+        0,
+        "Replay source: stop after this many minutes of candles per market; 0 = all.",
+    )
+    max_in_flight: int = setting(
+        "WATCHER_MAX_IN_FLIGHT",
+        10000,
+        "Ticks handed to the producer but not yet acknowledged; the source waits beyond it.",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSettings:
+    window_seconds: int = setting(
+        "STATS_WINDOW_SECONDS", 86400, "Rolling window length in event-time seconds."
+    )
+    batch_max: int = setting(
+        "STATS_BATCH_MAX", 5000, "Most ticks processed, stored and committed as one batch."
+    )
+    batch_wait_ms: int = setting(
+        "STATS_BATCH_WAIT_MS", 200, "Longest wait for a batch to fill before it is processed."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AlertsSettings:
+    factor: float = setting(
+        "ALERTS_FACTOR", 3.0, "A value above factor x its trailing mean raises an alert."
+    )
+    window_seconds: int = setting(
+        "ALERTS_WINDOW_SECONDS", 3600, "Trailing window of the mean, event-time seconds."
+    )
+    min_samples: int = setting(
+        "ALERTS_MIN_SAMPLES",
+        30,
+        "Values the trailing window must hold before it can raise alerts (no cold-start noise).",
+    )
+    batch_max: int = setting("ALERTS_BATCH_MAX", 5000, "Most ticks evaluated per batch.")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    host: str = setting("GATEWAY_HOST", "127.0.0.1", "Address the gateway listens on.")
+    port: int = setting("GATEWAY_PORT", 8000, "Port the gateway listens on.")
+    client_queue: int = setting(
+        "GATEWAY_CLIENT_QUEUE",
+        2000,
+        "Messages buffered per WebSocket client; a client that falls further behind is closed.",
+    )
+    rank_interval_ms: int = setting(
+        "GATEWAY_RANK_INTERVAL_MS", 1000, "How often rank snapshots are checked and pushed."
+    )
+    history_seconds: int = setting(
+        "GATEWAY_HISTORY_SECONDS", 86400, "Event-time span of history sent before live ticks."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    """Everything any service may need; each service reads the parts it uses."""
+
+    kafka: KafkaSettings = field(default_factory=KafkaSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    watcher: WatcherSettings = field(default_factory=WatcherSettings)
+    stats: StatsSettings = field(default_factory=StatsSettings)
+    alerts: AlertsSettings = field(default_factory=AlertsSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ServiceSettings:
+        """Read every setting from environ; raises ConfigError naming the bad variable."""
+        parts = {f.name: load(_section_type(f), environ) for f in dataclasses.fields(cls)}
+        return cls(**parts)
+
+
+def _section_type(f: dataclasses.Field[Any]) -> type[Any]:
+    section: type[Any] = get_type_hints(ServiceSettings)[f.name]
+    return section
+
+
+def load(cls: type[T], environ: Mapping[str, str]) -> T:
+    """Build one settings class from environ, converting each value to its field type."""
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        env = f.metadata["env"]
+        if env in environ:
+            values[f.name] = _convert(env, environ[env], hints[f.name])
+    return cls(**values)
+
+
+def _convert(env: str, raw: str, target: Any) -> Any:
+    try:
+        if target is int:
+            return int(raw)
+        if target is float:
+            return float(raw)
+        if target is bool:
+            if raw.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if raw.lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(f"{raw!r} is not a boolean")
+        if typing.get_origin(target) is tuple:
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
+        if target is str or isinstance(target, types.GenericAlias):
+            return raw
+    except ValueError as exc:
+        raise ConfigError(env, f"cannot read {raw!r}: {exc}") from exc
+    return raw
+
+
+def documented_settings() -> Iterator[tuple[str, str, Any, str]]:
+    """Yield (section, env var, default, doc) for every setting, for docs and checks."""
+    for section in dataclasses.fields(ServiceSettings):
+        section_cls = _section_type(section)
+        for f in dataclasses.fields(section_cls):
+            yield section.name, f.metadata["env"], f.default, f.metadata["doc"]
