@@ -17,7 +17,7 @@ from aiokafka.protocol.transaction import InitProducerIdRequest_v0
 from aiokafka.protocol.types import CompactString, Int16, Int32, Int64, Schema, TaggedFields
 
 
-class _InitProducerIdResponseV3(Response):
+class _InitProducerIdResponseV3(Response):  # type: ignore[misc]
     API_KEY = 22
     API_VERSION = 3
     SCHEMA = Schema(
@@ -29,7 +29,7 @@ class _InitProducerIdResponseV3(Response):
     )
 
 
-class _InitProducerIdRequestV3(RequestStruct):
+class _InitProducerIdRequestV3(RequestStruct):  # type: ignore[misc]
     FLEXIBLE_VERSION = True
     API_KEY = 22
     API_VERSION = 3
@@ -71,5 +71,5 @@ def install() -> None:
     """
     global _installed
     if not _installed:
-        _sender.InitProducerIdRequest = InitProducerIdRequest  # type: ignore[attr-defined]
+        _sender.InitProducerIdRequest = InitProducerIdRequest
         _installed = True

@@ -348,9 +348,9 @@ class _PostgresRuntime:
             raise InfraError(f"initdb failed: {result.stderr.decode(errors='replace')}")
 
     def create_database(self, port: int, name: str) -> None:
+        createdb = str(self.bin_dir / "createdb")
         result = subprocess.run(
-            [str(self.bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port)]
-            + ["-U", "postgres", name],
+            [createdb, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", name],
             capture_output=True,
             check=False,
         )

@@ -74,6 +74,11 @@ class WatcherSettings:
         "../shared/data/candles",
         "Replay source: folder of `<exchange>_<base>-<quote>_1m.csv[.gz]` candle files.",
     )
+    replay_markets: tuple[str, ...] = setting(
+        "WATCHER_REPLAY_MARKETS",
+        (),
+        "Replay source: only these markets (comma separated ids); empty = every file found.",
+    )
     replay_speed: float = setting(
         "WATCHER_REPLAY_SPEED",
         0.0,

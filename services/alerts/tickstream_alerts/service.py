@@ -1,0 +1,152 @@
+"""Alerts lifecycle: consume ticks, evaluate the spike rule, store and publish alerts, commit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiokafka import ConsumerRebalanceListener
+
+from tickstream_alerts.detector import SpikeDetector
+from tickstream_shared import alert_store, db
+from tickstream_shared.consuming import (
+    DecodeCounters,
+    decode_batch,
+    records_in_order,
+    retry_until_done,
+)
+from tickstream_shared.kafka import ensure_topics, make_consumer, make_producer
+from tickstream_shared.naming import ALERTS_TOPIC, TICK_TOPIC_PATTERN, Market
+from tickstream_shared.schemas import Tick
+from tickstream_shared.settings import ServiceSettings
+
+log = logging.getLogger("tickstream.alerts")
+_REPORT_EVERY_S = 30.0
+
+
+class _Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Drops rule state for markets that moved to another instance."""
+
+    def __init__(self, detector: SpikeDetector) -> None:
+        self.detector = detector
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        for tp in revoked:
+            self.detector.forget(Market.from_topic(tp.topic))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        pass  # warmed lazily at each market's first tick, see _warm_new_markets
+
+
+async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
+    """Consume until `stop`; offsets are committed after alerts are stored and published."""
+    pool = await db.create_pool(settings.database)
+    consumer = make_consumer(settings.kafka, group_id="alerts", client_id="tickstream-alerts")
+    producer = make_producer(settings.kafka, client_id="tickstream-alerts")
+    detector = SpikeDetector(settings.alerts)
+    try:
+        await db.ensure_schema(pool)
+        await ensure_topics(settings.kafka, [ALERTS_TOPIC])
+        await producer.start()
+        consumer.subscribe(pattern=TICK_TOPIC_PATTERN, listener=_Ownership(detector))
+        await consumer.start()
+        # Alerts stored by an earlier run that crashed before publishing them go out first.
+        if await _publish_pending(pool, producer, stop) is None:
+            return
+        await _consume(settings, stop, consumer, producer, pool, detector)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+        await pool.close()
+
+
+async def _warm_new_markets(pool: Any, detector: SpikeDetector, ticks: list[Tick]) -> None:
+    """Rebuild a market's trailing window from ticks stored before its first consumed tick.
+
+    Bounded by that tick (not by the newest stored one), because stats may have stored ticks
+    this service has not evaluated yet; those must still be evaluated, not skipped.
+    """
+    first: dict[Market, Tick] = {}
+    for tick in ticks:
+        if tick.market not in detector and tick.market not in first:
+            first[tick.market] = tick
+    span_ms = detector.settings.window_seconds * 1000
+    for market, tick in first.items():
+        history = await db.recent_ticks(pool, market.id, span_ms, until_ms=tick.exchange_ts)
+        cutoff = (tick.exchange_ts, tick.seq)
+        detector.warm(market, (t for t in history if (t.exchange_ts, t.seq) < cutoff))
+
+
+async def _publish_pending(pool: Any, producer: Any, stop: asyncio.Event) -> int | None:
+    """Publish every stored-but-unpublished alert, then mark them; None if stopped first."""
+
+    async def attempt() -> int:
+        pending = await alert_store.unpublished_alerts(pool)
+        if not pending:
+            return 0
+        deliveries = [
+            await producer.send(ALERTS_TOPIC, value=a.encode(), key=a.metric.encode())
+            for a in pending
+        ]
+        await asyncio.gather(*deliveries)
+        await alert_store.mark_published(pool, [a.alert_id for a in pending])
+        return len(pending)
+
+    return await retry_until_done("publish alerts", attempt, stop)
+
+
+async def _consume(
+    settings: ServiceSettings,
+    stop: asyncio.Event,
+    consumer: Any,
+    producer: Any,
+    pool: Any,
+    detector: SpikeDetector,
+) -> None:
+    counters = DecodeCounters()
+    raised = 0
+    next_report = time.monotonic() + _REPORT_EVERY_S
+    while not stop.is_set():
+        batch = await consumer.getmany(timeout_ms=200, max_records=settings.alerts.batch_max)
+        if not batch:
+            continue
+        ticks = decode_batch(records_in_order(batch), counters)
+
+        async def warm(ticks: list[Tick] = ticks) -> bool:
+            await _warm_new_markets(pool, detector, ticks)
+            return True
+
+        if await retry_until_done("warm rules", warm, stop) is None:
+            return
+        alerts = detector.observe(ticks)
+        if alerts:
+
+            async def insert(alerts: list[Any] = alerts) -> bool:
+                await alert_store.insert_alerts(pool, alerts)
+                return True
+
+            if await retry_until_done("store alerts", insert, stop) is None:
+                return
+            if await _publish_pending(pool, producer, stop) is None:
+                return
+            raised += len(alerts)
+            for alert in alerts:
+                log.debug(
+                    "alert %s value=%.6g mean=%.6g ratio=%.1fx",
+                    alert.alert_id,
+                    alert.value,
+                    alert.mean,
+                    alert.ratio,
+                )
+        await consumer.commit()
+        if time.monotonic() >= next_report:
+            next_report = time.monotonic() + _REPORT_EVERY_S
+            log.info(
+                "ticks decoded=%d alerts=%d skipped_bad=%d skipped_stale=%d",
+                counters.decoded,
+                raised,
+                counters.skipped_bad,
+                detector.skipped_stale,
+            )

@@ -1,0 +1,8 @@
+"""`python -m tickstream_gateway`: run the gateway with settings from the environment."""
+
+import sys
+
+from tickstream_gateway.service import run
+from tickstream_shared.lifecycle import run_service
+
+sys.exit(run_service("gateway", run))

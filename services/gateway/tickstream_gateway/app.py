@@ -1,0 +1,79 @@
+"""The Starlette application: routes, error handlers and the lifespan that owns every resource."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from tickstream_gateway import api
+from tickstream_gateway.feed import run_feed, run_rank_poller
+from tickstream_gateway.hub import Hub
+from tickstream_gateway.state import GatewayState
+from tickstream_gateway.ws import websocket_endpoint
+from tickstream_shared import db, redis_client
+from tickstream_shared.settings import ServiceSettings
+
+log = logging.getLogger("tickstream.gateway")
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def create_app(settings: ServiceSettings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        pool = await db.create_pool(settings.database, max_size=8)
+        redis = redis_client.connect(settings.redis)
+        state = GatewayState(
+            settings, redis, pool, Hub(settings.gateway.client_queue), asyncio.Event()
+        )
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await db.ensure_schema(pool)
+            tasks.append(asyncio.create_task(run_feed(settings, state.hub, state.feed_ready)))
+            tasks.append(asyncio.create_task(run_rank_poller(settings, state.hub, redis)))
+            yield {"gateway": state}
+        finally:
+            for task in tasks:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for result in results:
+                if isinstance(result, Exception):
+                    log.error("background task failed: %r", result)
+            await redis.aclose()
+            await pool.close()
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC_DIR / "index.html")
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse(
+            {"error": code, "message": f"{exc.detail}: {request.method} {request.url.path}"},
+            status_code=exc.status_code,
+        )
+
+    routes = [
+        Route("/", index),
+        Route("/healthz", api.healthz),
+        Route("/api/metrics", api.list_metrics),
+        Route("/api/metrics/{metric_id:str}", api.get_metric),
+        Route("/api/ranks", api.get_ranks),
+        Route("/api/alerts", api.get_alerts),
+        WebSocketRoute("/ws", websocket_endpoint),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    return Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
+    )

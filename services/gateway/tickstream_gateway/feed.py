@@ -1,0 +1,78 @@
+"""Background tasks owned by the gateway's lifespan: the Kafka feed and the rank poller."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import redis.asyncio as redis
+
+from tickstream_gateway.hub import Hub
+from tickstream_gateway.ranks import rank_snapshot
+from tickstream_shared.consuming import DecodeCounters, decode_batch
+from tickstream_shared.errors import BadMessage
+from tickstream_shared.kafka import make_consumer
+from tickstream_shared.naming import ALERTS_TOPIC, METRIC_KINDS, TICK_TOPIC_PATTERN
+from tickstream_shared.schemas import decode_alert
+from tickstream_shared.settings import ServiceSettings
+
+log = logging.getLogger("tickstream.gateway.feed")
+
+# One consumer for both streams: every per-pair tick topic (now and future) and alerts.
+FEED_PATTERN = rf"({TICK_TOPIC_PATTERN})|(^{ALERTS_TOPIC}$)"
+
+
+async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) -> None:
+    """Forward live ticks and alerts to the hub until cancelled.
+
+    No consumer group: every gateway instance sees every message, starting from the newest
+    (history comes from PostgreSQL). Nothing is committed because nothing is owned.
+    """
+    consumer = make_consumer(
+        settings.kafka, group_id=None, client_id="tickstream-gateway", offset_reset="latest"
+    )
+    consumer.subscribe(pattern=FEED_PATTERN)
+    await consumer.start()
+    ready.set()
+    counters = DecodeCounters()
+    bad_alerts = 0
+    try:
+        while True:
+            batch = await consumer.getmany(timeout_ms=500, max_records=5000)
+            for tp, records in batch.items():
+                if tp.topic == ALERTS_TOPIC:
+                    for record in records:
+                        try:
+                            hub.publish_alert(decode_alert(record.value))
+                        except BadMessage as exc:
+                            bad_alerts += 1
+                            log.warning("skipping bad alert offset=%s: %s", record.offset, exc)
+                    continue
+                for tick in decode_batch(records, counters):
+                    hub.publish_tick(tick)
+    finally:
+        await consumer.stop()
+
+
+async def run_rank_poller(settings: ServiceSettings, hub: Hub, client: redis.Redis) -> None:
+    """Read rank snapshots every interval and push those that changed, until cancelled.
+
+    Errors (Redis restarting) are logged and retried on the next tick of the interval.
+    """
+    interval = settings.gateway.rank_interval_ms / 1000
+    previous: dict[str, str] = {}
+    while True:
+        for kind in METRIC_KINDS:
+            try:
+                snapshot = await rank_snapshot(client, kind)
+            except (OSError, redis.RedisError) as exc:
+                log.warning("rank snapshot failed: %r", exc)
+                continue
+            encoded = json.dumps(snapshot, sort_keys=True)
+            if previous.get(kind) != encoded:
+                previous[kind] = encoded
+                frame: dict[str, Any] = {"type": "ranks", **snapshot}
+                hub.publish_ranks(kind, frame)
+        await asyncio.sleep(interval)

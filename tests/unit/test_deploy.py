@@ -1,0 +1,409 @@
+"""docker-compose.yml, deploy/Dockerfile and deploy/k8s checked against the settings and the CLI."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import json
+import shlex
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from tickstream_shared.settings import documented_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+K8S = ROOT / "deploy" / "k8s" / "tickstream.yaml"
+
+IMAGE = "tickstream:latest"
+BUILD = {"context": ".", "dockerfile": "deploy/Dockerfile"}
+SETTINGS = frozenset(env for _, env, _, _ in documented_settings())
+DEFAULTS = {env: default for _, env, default, _ in documented_settings()}
+
+# Which infrastructure each process talks to, named by the variable that locates it.
+KAFKA, REDIS, DATABASE = "KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL", "DATABASE_URL"
+NEEDS = {
+    "init": {KAFKA, DATABASE},
+    "watcher": {KAFKA},
+    "stats": {KAFKA, REDIS, DATABASE},
+    "alerts": {KAFKA, DATABASE},
+    "gateway": {KAFKA, REDIS, DATABASE},
+}
+REDIS_PORT = 6379
+POSTGRES_PORT = 5432
+
+
+@pytest.fixture(scope="module")
+def cli_commands() -> frozenset[str]:
+    """Subcommands of the `tickstream` console script, read from the CLI module itself."""
+    cli = importlib.import_module("tickstream_shared.cli")
+    return frozenset(cli.COMMANDS)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    result: dict[str, dict[str, Any]] = compose["services"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def tickstream(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Compose services that run the tickstream image."""
+    return {name: svc for name, svc in services.items() if _is_tickstream(svc)}
+
+
+@pytest.fixture(scope="module")
+def infra(services: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Compose service name of the infrastructure behind each locating variable."""
+    return {
+        KAFKA: _only(services, "apache/kafka:"),
+        REDIS: _only(services, "redis:"),
+        DATABASE: _only(services, "timescale/timescaledb:"),
+    }
+
+
+def _is_tickstream(svc: dict[str, Any]) -> bool:
+    build = svc.get("build")
+    dockerfile = build.get("dockerfile") if isinstance(build, dict) else None
+    return svc.get("image", "").split(":")[0] == "tickstream" or dockerfile == BUILD["dockerfile"]
+
+
+def _only(services: dict[str, dict[str, Any]], image_prefix: str) -> str:
+    names = [n for n, svc in services.items() if svc.get("image", "").startswith(image_prefix)]
+    assert len(names) == 1, f"expected one service with image {image_prefix}*, found {names}"
+    return names[0]
+
+
+def _environment(svc: dict[str, Any]) -> dict[str, str]:
+    env = svc.get("environment", {})
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: "" if value is None else str(value) for key, value in env.items()}
+
+
+def _words(command: str | list[str]) -> list[str]:
+    return shlex.split(command) if isinstance(command, str) else [str(w) for w in command]
+
+
+def _depends_on(svc: dict[str, Any]) -> dict[str, str]:
+    deps = svc.get("depends_on", {})
+    if isinstance(deps, list):
+        return dict.fromkeys(deps, "service_started")
+    return {name: cfg.get("condition", "service_started") for name, cfg in deps.items()}
+
+
+def _listeners(value: str) -> dict[str, tuple[str, int]]:
+    """`NAME://host:port,...` as {NAME: (host, port)}."""
+    result = {}
+    for item in value.split(","):
+        name, address = item.split("://", 1)
+        host, port = address.rsplit(":", 1)
+        result[name] = (host, int(port))
+    return result
+
+
+def test_compose_runs_exactly_the_tickstream_processes(
+    tickstream: dict[str, dict[str, Any]],
+) -> None:
+    """The compose file runs init and the four services from the tickstream image, no more."""
+    assert set(tickstream) == set(NEEDS)
+
+
+def test_compose_services_share_one_image(tickstream: dict[str, dict[str, Any]]) -> None:
+    """Every tickstream service builds deploy/Dockerfile from the repo root as tickstream:latest."""
+    for name, svc in tickstream.items():
+        assert (svc.get("image"), svc.get("build")) == (IMAGE, BUILD), name
+
+
+def test_compose_commands_are_cli_subcommands(
+    tickstream: dict[str, dict[str, Any]], cli_commands: frozenset[str]
+) -> None:
+    """Each tickstream service's command starts with a subcommand the CLI really has."""
+    for name, svc in tickstream.items():
+        assert _words(svc["command"])[0] in cli_commands, name
+
+
+def test_compose_service_runs_its_own_subcommand(tickstream: dict[str, dict[str, Any]]) -> None:
+    """The compose service named X runs exactly `tickstream X`, so no two are swapped."""
+    for name, svc in tickstream.items():
+        assert _words(svc["command"]) == [name]
+
+
+def test_compose_environment_names_are_settings(tickstream: dict[str, dict[str, Any]]) -> None:
+    """Every variable set on a tickstream service is a documented setting."""
+    for name, svc in tickstream.items():
+        assert set(_environment(svc)) - SETTINGS == set(), name
+
+
+def test_compose_environment_has_what_each_service_needs(
+    tickstream: dict[str, dict[str, Any]],
+) -> None:
+    """Each service is told where the Kafka, Redis and database it talks to are."""
+    for name, svc in tickstream.items():
+        assert NEEDS[name] - set(_environment(svc)) == set(), name
+
+
+def test_compose_kafka_is_single_node_kraft(
+    services: dict[str, dict[str, Any]], infra: dict[str, str]
+) -> None:
+    """Kafka runs as combined KRaft broker and controller, advertised under its service name."""
+    name = infra[KAFKA]
+    env = _environment(services[name])
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    listeners = {n: port for n, (_, port) in _listeners(env["KAFKA_LISTENERS"]).items()}
+    controller = env["KAFKA_CONTROLLER_LISTENER_NAMES"]
+    assert controller in listeners
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == (
+        f"{env['KAFKA_NODE_ID']}@{name}:{listeners[controller]}"
+    )
+    advertised = _listeners(env["KAFKA_ADVERTISED_LISTENERS"])
+    assert advertised == {"PLAINTEXT": (name, listeners["PLAINTEXT"])}
+    assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "1"
+    assert env["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"] == "1"
+    assert env["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"] == "1"
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+
+
+def test_compose_timescaledb_keeps_its_data(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]], infra: dict[str, str]
+) -> None:
+    """TimescaleDB has a password, the tickstream database and a declared named volume."""
+    svc = services[infra[DATABASE]]
+    env = _environment(svc)
+    assert env["POSTGRES_PASSWORD"] != ""
+    assert env["POSTGRES_DB"] == "tickstream"
+    volumes = [v.split(":")[0] for v in svc["volumes"]]
+    assert volumes == ["timescaledb-data"]
+    assert set(volumes) <= set(compose.get("volumes") or {})
+
+
+def test_compose_infra_has_healthchecks(
+    services: dict[str, dict[str, Any]], infra: dict[str, str]
+) -> None:
+    """Kafka, Redis and TimescaleDB have healthchecks, which service_healthy waits on."""
+    for name in infra.values():
+        assert services[name]["healthcheck"]["test"][0] in {"CMD", "CMD-SHELL"}, name
+
+
+def test_compose_urls_point_at_infra(
+    services: dict[str, dict[str, Any]],
+    tickstream: dict[str, dict[str, Any]],
+    infra: dict[str, str],
+) -> None:
+    """Kafka, Redis and database addresses name the infra services and the ports they serve."""
+    kafka_env = _environment(services[infra[KAFKA]])
+    brokers = {f"{h}:{p}" for h, p in _listeners(kafka_env["KAFKA_ADVERTISED_LISTENERS"]).values()}
+    db_env = _environment(services[infra[DATABASE]])
+    for name, svc in tickstream.items():
+        env = _environment(svc)
+        if KAFKA in env:
+            assert set(env[KAFKA].split(",")) <= brokers, name
+        if REDIS in env:
+            url = urlsplit(env[REDIS])
+            assert (url.scheme, url.hostname, url.port) == ("redis", infra[REDIS], REDIS_PORT)
+        if DATABASE in env:
+            url = urlsplit(env[DATABASE])
+            assert (url.scheme, url.hostname, url.port) == (
+                "postgresql",
+                infra[DATABASE],
+                POSTGRES_PORT,
+            )
+            assert url.username == db_env.get("POSTGRES_USER", "postgres"), name
+            assert url.password == db_env["POSTGRES_PASSWORD"], name
+            assert url.path == f"/{db_env['POSTGRES_DB']}", name
+
+
+def test_compose_depends_on_the_infra_it_talks_to(
+    tickstream: dict[str, dict[str, Any]], infra: dict[str, str]
+) -> None:
+    """Each service waits for exactly its infra to be healthy and, but for init, for init."""
+    for name, svc in tickstream.items():
+        env = _environment(svc)
+        expected = {infra[var]: "service_healthy" for var in infra if var in env}
+        if name != "init":
+            expected["init"] = "service_completed_successfully"
+        assert _depends_on(svc) == expected, name
+
+
+def test_compose_restart_policies(tickstream: dict[str, dict[str, Any]]) -> None:
+    """init runs once; the long-running services are restarted unless stopped."""
+    policies = {name: svc.get("restart") for name, svc in tickstream.items()}
+    assert policies == {name: "no" if name == "init" else "unless-stopped" for name in NEEDS}
+
+
+def test_compose_gateway_is_published_and_health_checked(
+    tickstream: dict[str, dict[str, Any]],
+) -> None:
+    """The gateway listens on all interfaces, publishes its port, and probes its /healthz."""
+    svc = tickstream["gateway"]
+    env = _environment(svc)
+    port = int(env.get("GATEWAY_PORT", DEFAULTS["GATEWAY_PORT"]))
+    assert env["GATEWAY_HOST"] == "0.0.0.0"
+    assert [str(p) for p in svc["ports"]] == [f"{port}:{port}"]
+    test = svc["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    assert f"urlopen('http://127.0.0.1:{port}/healthz'" in test[3]
+
+
+def test_compose_watcher_needs_no_files(tickstream: dict[str, dict[str, Any]]) -> None:
+    """The watcher uses the synthetic source, so the compose file works without candle CSVs."""
+    assert _environment(tickstream["watcher"])["WATCHER_SOURCE"] == "synthetic"
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) per instruction, continuation lines joined, comments dropped."""
+    instructions, pending = [], ""
+    for line in DOCKERFILE.read_text().splitlines():
+        stripped = line.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        keyword, _, args = (pending + stripped).partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+        pending = ""
+    return instructions
+
+
+def _dockerfile_args(keyword: str) -> list[str]:
+    return [args for kw, args in _dockerfile() if kw == keyword]
+
+
+def test_dockerfile_entrypoint_is_the_console_script(cli_commands: frozenset[str]) -> None:
+    """The image runs the `tickstream` console script, by default a real subcommand."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["tickstream"] == "tickstream_shared.cli:main"
+    assert [json.loads(a) for a in _dockerfile_args("ENTRYPOINT")] == [["tickstream"]]
+    [cmd] = [json.loads(a) for a in _dockerfile_args("CMD")]
+    assert cmd[0] in cli_commands
+
+
+def test_dockerfile_copies_existing_paths_not_ignored() -> None:
+    """Everything the Dockerfile COPYs exists in the repo and is not in .dockerignore."""
+    ignored = [
+        p.strip().rstrip("/")
+        for p in DOCKERIGNORE.read_text().splitlines()
+        if p.strip() and not p.strip().startswith(("#", "!"))
+    ]
+    copies = _dockerfile_args("COPY")
+    assert copies
+    for args in copies:
+        words = json.loads(args) if args.startswith("[") else shlex.split(args)
+        if any(w.startswith("--from") for w in words):
+            continue  # copies from another build stage, not from the repo
+        sources = [w for w in words if not w.startswith("--")][:-1]
+        for source in sources:
+            path = source.rstrip("/")
+            assert (ROOT / path).exists(), source
+            assert [p for p in ignored if fnmatch.fnmatch(path, p)] == [], source
+
+
+def test_dockerfile_runs_as_non_root_and_exposes_gateway_port() -> None:
+    """The image drops root and exposes the gateway's default port."""
+    [user] = _dockerfile_args("USER")
+    assert user.split(":")[0] not in {"root", "0"}
+    assert _dockerfile_args("EXPOSE") == [str(DEFAULTS["GATEWAY_PORT"])]
+    assert _dockerfile_args("FROM") == ["python:3.11-slim"]
+
+
+@pytest.fixture(scope="module")
+def k8s() -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(K8S.read_text()) if doc]
+
+
+def _k8s_workloads(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, container) for every container of every Deployment and Job."""
+    return [
+        (doc["kind"], container)
+        for doc in docs
+        if doc["kind"] in {"Deployment", "Job"}
+        for container in doc["spec"]["template"]["spec"]["containers"]
+    ]
+
+
+def _k8s_env_names(docs: list[dict[str, Any]], container: dict[str, Any]) -> set[str]:
+    """Variables a container gets: its own `env` plus the keys of referenced ConfigMaps/Secrets."""
+    sources = {
+        (doc["kind"], doc["metadata"]["name"]): {
+            *doc.get("data", {}),
+            *doc.get("stringData", {}),
+        }
+        for doc in docs
+        if doc["kind"] in {"ConfigMap", "Secret"}
+    }
+    names = {item["name"] for item in container.get("env", [])}
+    for ref in container.get("envFrom", []):
+        if "configMapRef" in ref:
+            names |= sources[("ConfigMap", ref["configMapRef"]["name"])]
+        else:
+            names |= sources[("Secret", ref["secretRef"]["name"])]
+    return names
+
+
+def test_k8s_containers_use_real_settings_and_commands(
+    k8s: list[dict[str, Any]], cli_commands: frozenset[str]
+) -> None:
+    """Every container's args[0] is a CLI subcommand and every variable it gets is a setting."""
+    workloads = _k8s_workloads(k8s)
+    assert workloads
+    for _, container in workloads:
+        assert container["image"] == IMAGE
+        assert container["args"][0] in cli_commands, container["name"]
+        assert _k8s_env_names(k8s, container) - SETTINGS == set(), container["name"]
+
+
+def test_k8s_runs_each_service_and_init_once(k8s: list[dict[str, Any]]) -> None:
+    """One Deployment per service, init as a Job, each with what it needs to reach its infra."""
+    kinds = sorted((container["args"][0], kind) for kind, container in _k8s_workloads(k8s))
+    assert kinds == sorted((name, "Job" if name == "init" else "Deployment") for name in NEEDS)
+    for _, container in _k8s_workloads(k8s):
+        name = container["args"][0]
+        assert NEEDS[name] - _k8s_env_names(k8s, container) == set(), name
+
+
+def test_k8s_gateway_service_and_probes(k8s: list[dict[str, Any]]) -> None:
+    """The gateway Service reaches the gateway pods on their port; probes hit /healthz there."""
+    [deployment] = [
+        doc
+        for doc in k8s
+        if doc["kind"] == "Deployment"
+        and doc["spec"]["template"]["spec"]["containers"][0]["args"] == ["gateway"]
+    ]
+    [service] = [doc for doc in k8s if doc["kind"] == "Service"]
+    pod = deployment["spec"]["template"]
+    [container] = pod["spec"]["containers"]
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["GATEWAY_HOST"] == "0.0.0.0"
+    port = int(env.get("GATEWAY_PORT", DEFAULTS["GATEWAY_PORT"]))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    [service_port] = service["spec"]["ports"]
+    assert service_port["port"] == port
+    assert ports[service_port["targetPort"]] == port
+    for probe in ("readinessProbe", "livenessProbe"):
+        http = container[probe]["httpGet"]
+        assert http["path"] == "/healthz", probe
+        assert ports[http["port"]] == port, probe
+
+
+def test_k8s_service_links_do_not_shadow_settings(k8s: list[dict[str, Any]]) -> None:
+    """No Service name makes Kubernetes inject a variable that is also a tickstream setting."""
+    for doc in k8s:
+        if doc["kind"] == "Service":
+            prefix = doc["metadata"]["name"].upper().replace("-", "_")
+            injected = {f"{prefix}_PORT", f"{prefix}_SERVICE_HOST", f"{prefix}_SERVICE_PORT"}
+            assert injected & SETTINGS == set(), doc["metadata"]["name"]
