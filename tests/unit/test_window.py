@@ -54,9 +54,7 @@ class _Reference:
         assert stats.min == min(values)
         assert stats.max == max(values)
         assert math.isclose(stats.mean, float(mean), rel_tol=rel, abs_tol=scale_tol * scale)
-        assert math.isclose(
-            stats.std, math.sqrt(variance), rel_tol=rel, abs_tol=scale_tol * scale
-        )
+        assert math.isclose(stats.std, math.sqrt(variance), rel_tol=rel, abs_tol=scale_tol * scale)
         if min(values) == max(values):
             assert stats.mean == values[0]
             assert stats.std == 0.0
@@ -212,9 +210,7 @@ def test_equal_timestamps_are_accepted() -> None:
     window = RollingWindow(1)
     for value in (1.0, 2.0, 3.0):
         window.add(7, value)
-    assert window.stats() == WindowStats(
-        count=3, mean=2.0, std=math.sqrt(2 / 3), min=1.0, max=3.0
-    )
+    assert window.stats() == WindowStats(count=3, mean=2.0, std=math.sqrt(2 / 3), min=1.0, max=3.0)
 
 
 def test_decreasing_timestamp_raises_and_leaves_window_unchanged() -> None:

@@ -19,6 +19,16 @@ Frame = dict[str, Any]
 RECENT_TICKS_PER_MARKET = 4096
 
 
+@dataclass
+class MarketFeed:
+    """One client's subscription to one market."""
+
+    held: list[Tick] | None = field(default_factory=list)  # None once live
+    # Newest (exchange_ts, seq) sent: the gateway's own Kafka feed can lag behind what stats
+    # already stored (and so what history contained); older ticks are never sent twice.
+    sent_up_to: tuple[int, int] = (-1, -1)
+
+
 @dataclass(eq=False)
 class ClientSession:
     """One WebSocket client: its subscriptions and its bounded outgoing queue.
@@ -31,8 +41,7 @@ class ClientSession:
     queue_size: int
     queue: asyncio.Queue[Frame] = field(init=False)
     overflowed: asyncio.Event = field(default_factory=asyncio.Event)
-    # market -> None when live, or ticks held back until its history has been sent
-    markets: dict[Market, list[Tick] | None] = field(default_factory=dict)
+    markets: dict[Market, MarketFeed] = field(default_factory=dict)
     rank_kinds: set[MetricKind] = field(default_factory=set)
     alerts: bool = False
 
@@ -45,14 +54,20 @@ class ClientSession:
         except asyncio.QueueFull:
             self.overflowed.set()
 
-    def _deliver_tick(self, tick: Tick) -> None:
-        held = self.markets.get(tick.market)
-        if held is None:
+    def deliver_tick(self, tick: Tick) -> None:
+        feed = self.markets.get(tick.market)
+        if feed is None:
+            return
+        if feed.held is not None:
+            if len(feed.held) < self.queue_size:
+                feed.held.append(tick)
+            else:
+                self.overflowed.set()
+            return
+        key = (tick.exchange_ts, tick.seq)
+        if key > feed.sent_up_to:
+            feed.sent_up_to = key
             self.offer(tick_frame(tick))
-        elif len(held) < self.queue_size:
-            held.append(tick)
-        else:
-            self.overflowed.set()
 
 
 @dataclass
@@ -87,18 +102,19 @@ class Hub:
 
     def hold_market(self, session: ClientSession, market: Market) -> None:
         """Start a market subscription: live ticks are held until `release_market`."""
-        session.markets[market] = []
+        session.markets[market] = MarketFeed()
         self._by_market[market].add(session)
 
     def release_market(
         self, session: ClientSession, market: Market, after: tuple[int, int]
     ) -> None:
         """History up to `after` (exchange_ts, seq) was sent: send held ticks past it, go live."""
-        held = session.markets.get(market) or []
-        session.markets[market] = None
+        feed = session.markets.get(market)
+        if feed is None or feed.held is None:
+            return
+        held, feed.held, feed.sent_up_to = feed.held, None, after
         for tick in held:
-            if (tick.exchange_ts, tick.seq) > after:
-                session.offer(tick_frame(tick))
+            session.deliver_tick(tick)
 
     def drop_market(self, session: ClientSession, market: Market) -> None:
         session.markets.pop(market, None)
@@ -111,7 +127,7 @@ class Hub:
             recent = self._recent[market] = deque(maxlen=RECENT_TICKS_PER_MARKET)
         recent.append(tick)
         for session in self._by_market.get(market, ()):
-            session._deliver_tick(tick)
+            session.deliver_tick(tick)
 
     def publish_alert(self, alert: Alert) -> None:
         frame = alert_frame(alert)

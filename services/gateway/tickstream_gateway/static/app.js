@@ -1,5 +1,4 @@
 // tickstream dashboard: live price/volume charts, rank tables and alerts over one WebSocket.
-'use strict';
 
 const WINDOW_MS = 24 * 60 * 60 * 1000;
 const MAX_ALERTS = 200;
@@ -194,10 +193,18 @@ function toast(text, level = 'error') {
   setTimeout(() => el.remove(), TOAST_MS);
 }
 
+let axisWidth = 0; // shared left margin so the two charts' time axes line up
+
 function renderCharts() {
   const { series } = state;
-  drawChart(els.priceChart, series, series.price, { kind: 'line', zeroBased: false });
-  drawChart(els.volumeChart, series, series.volume, { kind: 'bars', zeroBased: true });
+  const needed = Math.max(
+    drawChart(els.priceChart, series, series.price, { kind: 'line', zeroBased: false }, axisWidth),
+    drawChart(els.volumeChart, series, series.volume, { kind: 'bars', zeroBased: true }, axisWidth),
+  );
+  if (needed !== axisWidth) {
+    axisWidth = needed;
+    markDirty('charts'); // one more frame, now with both charts on the same margin
+  }
   els.lastTick.textContent = fmtDateTime(series.lastTs);
   els.lastTick.dateTime = series.lastTs === null ? '' : new Date(series.lastTs).toISOString();
   document.body.dataset.ticks = String(series.size);
@@ -391,7 +398,8 @@ function valueRange(values, start, zeroBased) {
   return [lo - pad, hi + pad];
 }
 
-function drawChart(canvas, series, values, opts) {
+/** Draws one chart with at least `minPadLeft` px for y labels; returns the width its labels need. */
+function drawChart(canvas, series, values, opts, minPadLeft) {
   if (!palette) palette = readPalette();
   const { ctx, w, h } = prepareCanvas(canvas);
   if (series.size === 0) {
@@ -400,7 +408,7 @@ function drawChart(canvas, series, values, opts) {
     ctx.textBaseline = 'middle';
     const message = !state.selected ? 'no market selected' : state.awaitingHistory ? 'waiting for history…' : 'no ticks in the last 24 h';
     ctx.fillText(message, w / 2, h / 2);
-    return;
+    return 0;
   }
   const t1 = series.lastTs;
   // A minute of span at least, so a lone point still gets an axis.
@@ -409,9 +417,10 @@ function drawChart(canvas, series, values, opts) {
   const y = niceTicks(lo, hi, Math.max(2, Math.floor(h / 45)));
   const label = axisFormatter(y.step);
   const labels = y.ticks.map(label);
-  const padLeft = Math.ceil(Math.max(...labels.map((s) => ctx.measureText(s).width))) + 10;
+  const needed = Math.ceil(Math.max(...labels.map((s) => ctx.measureText(s).width))) + 10;
+  const padLeft = Math.max(needed, minPadLeft);
   const plot = { x: padLeft, y: 6, w: w - padLeft - 10, h: h - 6 - 20 };
-  if (plot.w < 20 || plot.h < 20) return;
+  if (plot.w < 20 || plot.h < 20) return needed;
   const xOf = (t) => plot.x + ((t - t0) / (t1 - t0)) * plot.w;
   const yOf = (v) => plot.y + plot.h - ((v - y.lo) / (y.hi - y.lo)) * plot.h;
   drawAxes(ctx, plot, y.ticks, labels, yOf, timeTicks(t0, t1, plot.w), xOf);
@@ -422,6 +431,7 @@ function drawChart(canvas, series, values, opts) {
   if (opts.kind === 'line') drawLine(ctx, series, values, xOf, yOf);
   else drawBars(ctx, series, values, xOf, yOf, plot, { t0, t1, base: yOf(Math.max(0, y.lo)) });
   ctx.restore();
+  return needed;
 }
 
 function drawAxes(ctx, plot, yTicks, yLabels, yOf, time, xOf) {
