@@ -161,9 +161,9 @@ def http_json(base: str, path: str) -> tuple[int, Any]:
         return exc.code, json.loads(exc.read())
 
 
-async def wait_for(check: Any, *, timeout: float, what: str, services: Services) -> Any:
+async def wait_for(check: Any, *, within: float, what: str, services: Services) -> Any:
     """Poll `check` (sync or async) until it returns a truthy value; fail after the deadline."""
-    end = time.monotonic() + deadline(timeout)
+    end = time.monotonic() + deadline(within)
     while time.monotonic() < end:
         services.assert_running()
         result = check()
@@ -186,12 +186,12 @@ async def collect(ws: ClientConnection, sink: list[dict[str, Any]]) -> None:
 
 
 async def test_replay_end_to_end(stack: tuple[LocalInfra, Services, str]) -> None:
-    """Replayed candles flow to PostgreSQL once, ranks match an independent std, WS and alerts work."""
+    """Candles reach PostgreSQL once; ranks match an independent std; WS and alerts work."""
     infra, services, base = stack
     expected = load_expected(require_candles())
     for name in ("stats", "alerts", "gateway"):
         services.start(name)
-    await wait_for(lambda: _healthy(base), timeout=60, what="gateway /healthz", services=services)
+    await wait_for(lambda: _healthy(base), within=60, what="gateway /healthz", services=services)
 
     # Client A listens to alerts and price ranks from before the first tick.
     async with connect(f"ws://{base}/ws") as client_a:
@@ -208,7 +208,7 @@ async def test_replay_end_to_end(stack: tuple[LocalInfra, Services, str]) -> Non
             status, body = http_json(base, f"/api/metrics/{metric}")
             return status == 200 and body["count"] >= 600
 
-        await wait_for(some_history, timeout=60, what="history to build up", services=services)
+        await wait_for(some_history, within=60, what="history to build up", services=services)
 
         # Client B joins mid-replay: history first, then live ticks continuing it exactly.
         async with connect(f"ws://{base}/ws") as client_b:
@@ -246,7 +246,7 @@ async def test_replay_end_to_end(stack: tuple[LocalInfra, Services, str]) -> Non
             async def all_stored() -> bool:
                 return bool(await conn.fetchval("SELECT count(*) FROM ticks") == total)
 
-            await wait_for(all_stored, timeout=120, what=f"{total} stored ticks", services=services)
+            await wait_for(all_stored, within=120, what=f"{total} stored ticks", services=services)
             rows = await conn.fetch(
                 "SELECT market, (extract(epoch from exchange_ts) * 1000)::bigint AS ts, seq, "
                 "price, volume FROM ticks"
@@ -275,7 +275,7 @@ async def test_replay_end_to_end(stack: tuple[LocalInfra, Services, str]) -> Non
                 )
                 return body if done else None
 
-            ranks = await wait_for(final_ranks, timeout=60, what="final ranks", services=services)
+            ranks = await wait_for(final_ranks, within=60, what="final ranks", services=services)
             assert [e["metric"] for e in ranks["ranks"]] == order
             assert [e["position"] for e in ranks["ranks"]] == list(range(1, len(MARKETS) + 1))
             assert [e["label"] for e in ranks["ranks"]] == [
@@ -293,7 +293,7 @@ async def test_replay_end_to_end(stack: tuple[LocalInfra, Services, str]) -> Non
                 return ids if certain <= ids else set()
 
             stored_alerts = await wait_for(
-                alerts_stored, timeout=60, what="alerts in PostgreSQL", services=services
+                alerts_stored, within=60, what="alerts in PostgreSQL", services=services
             )
             assert certain <= stored_alerts <= certain | borderline
             assert await conn.fetchval("SELECT count(*) FROM alerts WHERE NOT published") == 0
@@ -305,7 +305,7 @@ async def test_replay_end_to_end(stack: tuple[LocalInfra, Services, str]) -> Non
             return ids if set(ids) >= stored_alerts else []
 
         try:
-            ws_ids = await wait_for(ws_alerts, timeout=30, what="alerts over WS", services=services)
+            ws_ids = await wait_for(ws_alerts, within=30, what="alerts over WS", services=services)
         finally:
             a_reader.cancel()
         assert len(ws_ids) == len(set(ws_ids)) == len(stored_alerts)
