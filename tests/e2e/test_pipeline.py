@@ -153,9 +153,10 @@ def stack() -> Iterator[tuple[LocalInfra, Services, str]]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def http_json(base: str, path: str) -> tuple[int, Any]:
+def http_json(base: str, path: str, method: str = "GET") -> tuple[int, Any]:
+    request = urllib.request.Request(f"http://{base}{path}", method=method)
     try:
-        with urllib.request.urlopen(f"http://{base}{path}", timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -319,3 +320,51 @@ def _healthy(base: str) -> bool:
         return http_json(base, "/healthz")[0] == 200
     except OSError:
         return False
+
+
+async def test_bad_input_gets_clear_errors(stack: tuple[LocalInfra, Services, str]) -> None:
+    """Bad HTTP parameters and bad WebSocket frames get 4xx JSON / error frames, no crash."""
+    _, services, base = stack
+    if "gateway" not in services.processes:
+        services.start("gateway")
+    await wait_for(lambda: _healthy(base), within=60, what="gateway", services=services)
+    cases = {
+        "/api/ranks": (400, "missing_kind"),
+        "/api/ranks?kind=spread": (400, "bad_kind"),
+        "/api/metrics/not-a-metric": (400, "bad_metric_id"),
+        "/api/metrics/binance:zzz-usdt:price": (404, "unknown_metric"),
+        "/api/alerts?limit=many": (400, "bad_limit"),
+        "/api/alerts?limit=0": (400, "bad_limit"),
+        "/api/nowhere": (404, "not_found"),
+    }
+    for path, (status, code) in cases.items():
+        got_status, body = http_json(base, path)
+        assert (got_status, body["error"]) == (status, code), path
+        assert body["message"]
+    status, body = http_json(base, "/api/ranks?kind=price", method="POST")
+    assert (status, body["error"]) == (405, "method_not_allowed")
+
+    async with connect(f"ws://{base}/ws") as ws:
+        await ws.send("{")
+        await ws.send(b"\x00binary")
+        await ws.send(json.dumps({"op": "subscribe", "channel": "weather"}))
+        await ws.send(json.dumps({"op": "subscribe", "channel": "market", "market": "zzz"}))
+        await ws.send(
+            json.dumps({"op": "subscribe", "channel": "market", "market": "binance:zzz-usdt"})
+        )
+        await ws.send(json.dumps({"op": "ping"}))
+        got = []
+        async with asyncio.timeout(deadline(10)):
+            while not got or got[-1]["type"] != "pong":
+                got.append(json.loads(await ws.recv()))
+    codes = [f.get("code", f["type"]) for f in got]
+    assert codes == [
+        "bad_json",
+        "bad_request",
+        "bad_request",
+        "bad_market",
+        "subscribed",
+        "unknown_market",
+        "pong",
+    ]
+    services.assert_running()

@@ -103,6 +103,9 @@ class SpikeRule:
         self._sum = total
 
     def _resum(self) -> None:
-        self._sum = math.fsum(value for _, value in self._items)
-        self._comp = 0.0
+        values = [value for _, value in self._items]
+        self._sum = math.fsum(values)
+        # What the rounded sum left out; dropping it would lose small values to a large one
+        # that is later evicted.
+        self._comp = math.fsum([*values, -self._sum])
         self._removals = 0

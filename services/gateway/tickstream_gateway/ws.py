@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from tickstream_gateway.hub import ClientSession, Hub
 from tickstream_gateway.protocol import (
@@ -59,13 +59,14 @@ async def _write(websocket: WebSocket, session: ClientSession) -> None:
 
 async def _read(websocket: WebSocket, session: ClientSession, state: GatewayState) -> None:
     while True:
-        try:
-            message = await websocket.receive_text()
-        except (WebSocketDisconnect, RuntimeError, KeyError):
-            # KeyError: a binary frame has no "text"; treated as a protocol violation.
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
             return
+        text = message.get("text")
         try:
-            command = parse_command(message)
+            if text is None:
+                raise ProtocolError("bad_request", "frames must be text (JSON), not binary")
+            command = parse_command(text)
             if isinstance(command, Ping):
                 session.offer({"type": "pong"})
             elif isinstance(command, Subscribe):
