@@ -45,7 +45,7 @@ def free_port() -> int:
         return port
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # Runs in the child between fork and exec: the kernel kills it when its parent dies.
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -71,6 +71,25 @@ def _port_open(port: int) -> bool:
         return False
 
 
+def stop_process(
+    name: str, process: subprocess.Popen[bytes], stop_signal: int, timeout: float
+) -> int:
+    """Send `stop_signal`, wait up to `timeout`, then kill; returns the exit code.
+
+    Safe to call twice and on a process that already exited.
+    """
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(stop_signal)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.error("%s did not stop in %.0fs; killing it", name, timeout)
+            process.kill()
+            process.wait(5)
+    return process.returncode
+
+
 @dataclass
 class _Child:
     name: str
@@ -82,17 +101,7 @@ class _Child:
         return self.process.poll() is None
 
     def stop(self, timeout: float) -> None:
-        """Signal, wait up to `timeout`, then kill. Safe to call twice."""
-        if not self.alive():
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.process.send_signal(self.stop_signal)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in %.0fs; killing it", self.name, timeout)
-            self.process.kill()
-            self.process.wait(5)
+        stop_process(self.name, self.process, self.stop_signal, timeout)
 
     def tail(self, lines: int = 20) -> str:
         try:
@@ -173,7 +182,7 @@ class LocalInfra:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 # Own process group: a Ctrl-C in the terminal reaches the parent only, which
                 # then stops the services before the infrastructure they depend on.
                 start_new_session=True,

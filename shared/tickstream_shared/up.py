@@ -20,7 +20,7 @@ from types import FrameType
 from tickstream_shared.bootstrap import init
 from tickstream_shared.errors import InfraError
 from tickstream_shared.lifecycle import setup_logging
-from tickstream_shared.local_infra import LocalInfra, _die_with_parent, wait_until
+from tickstream_shared.local_infra import LocalInfra, die_with_parent, stop_process, wait_until
 from tickstream_shared.settings import ServiceSettings
 
 log = logging.getLogger("tickstream.up")
@@ -38,17 +38,8 @@ class _Service:
     name: str
     process: subprocess.Popen[bytes]
 
-    def stop(self) -> int | None:
-        """SIGTERM, wait, then SIGKILL; returns the exit code. Safe to call twice."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                log.error("%s did not stop in %.0fs; killing it", self.name, STOP_TIMEOUT_S)
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+    def stop(self) -> int:
+        return stop_process(self.name, self.process, signal.SIGTERM, STOP_TIMEOUT_S)
 
 
 def spawn_service(name: str, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
@@ -57,7 +48,7 @@ def spawn_service(name: str, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
         [sys.executable, "-m", f"tickstream_{name}"],
         env=dict(env),
         stdin=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
         # Own process group: Ctrl-C reaches only `up`, which stops services in order.
         start_new_session=True,
     )
@@ -122,7 +113,7 @@ def run_up(data_dir: Path, overrides: Mapping[str, str]) -> int:
         for name in STOP_ORDER:
             if name in by_name:
                 code = by_name[name].stop()
-                if code not in (0, None) and not stop_requested:
+                if code != 0 and not stop_requested:
                     exit_code = 1
         with contextlib.suppress(InfraError):
             infra.stop()
