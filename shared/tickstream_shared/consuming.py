@@ -28,7 +28,10 @@ def decode_batch(records: Iterable[Any], counters: DecodeCounters) -> list[Tick]
     ticks = []
     for record in records:
         try:
-            ticks.append(decode_tick(record.value))
+            tick = decode_tick(record.value)
+            if tick.market.topic != record.topic:
+                raise BadMessage(f"tick of {tick.market.id} on topic {record.topic}")
+            ticks.append(tick)
         except BadMessage as exc:
             counters.skipped_bad += 1
             log.warning(

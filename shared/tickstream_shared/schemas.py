@@ -93,9 +93,11 @@ def decode_tick(raw: bytes) -> Tick:
         volume=_field(obj, "volume", float),
     )
     try:
-        Market.parse(tick.market.id)
+        canonical = Market.parse(tick.market.id)
     except BadIdentifier as exc:
         raise BadMessage(str(exc), raw) from exc
+    if canonical != tick.market:
+        raise BadMessage(f"market id {tick.market.id!r} must be lower case", raw)
     if not (math.isfinite(tick.price) and math.isfinite(tick.volume)):
         raise BadMessage("price and volume must be finite", raw)
     if tick.price <= 0 or tick.volume < 0:

@@ -105,7 +105,9 @@ class StatsSettings:
         "STATS_BATCH_MAX", 5000, "Most ticks processed, stored and committed as one batch."
     )
     batch_wait_ms: int = setting(
-        "STATS_BATCH_WAIT_MS", 200, "Longest wait for a batch to fill before it is processed."
+        "STATS_BATCH_WAIT_MS",
+        200,
+        "Longest wait for ticks when none are buffered; buffered ticks are taken at once.",
     )
 
 

@@ -91,8 +91,11 @@ def run_up(data_dir: Path, overrides: Mapping[str, str]) -> int:
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{settings.gateway.port}"
 
         def gateway_up() -> bool:
-            if stop_requested or any(s.process.poll() is not None for s in services):
-                raise InfraError("a service exited during start")
+            if stop_requested:
+                raise InfraError("stop requested during start")
+            for s in services:
+                if s.process.poll() is not None:
+                    raise InfraError(f"{s.name} exited during start (code {s.process.returncode})")
             return _gateway_healthy(url)
 
         wait_until(gateway_up, timeout=GATEWAY_READY_TIMEOUT_S, what="gateway")
@@ -107,7 +110,7 @@ def run_up(data_dir: Path, overrides: Mapping[str, str]) -> int:
             time.sleep(0.2)
     except InfraError as exc:
         log.error("%s", exc)
-        exit_code = 1
+        exit_code = 0 if stop_requested else 1
     finally:
         by_name = {s.name: s for s in services}
         for name in STOP_ORDER:

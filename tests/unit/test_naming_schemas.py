@@ -70,6 +70,7 @@ def test_tick_round_trip() -> None:
         (json.dumps({**json.loads(TICK.encode()), "seq": True}).encode(), "must be int"),
         (json.dumps({**json.loads(TICK.encode()), "price": -1.0}).encode(), "price must be > 0"),
         (json.dumps({**json.loads(TICK.encode()), "base": "BT C"}).encode(), "market id"),
+        (json.dumps({**json.loads(TICK.encode()), "base": "BTC"}).encode(), "lower case"),
     ],
 )
 def test_bad_ticks_say_what_is_wrong(raw: bytes, problem: str) -> None:

@@ -193,6 +193,26 @@ def test_mean_stays_exact_after_a_huge_value_leaves() -> None:
     )
 
 
+def test_mean_stays_exact_when_re_summed_with_a_huge_value_inside() -> None:
+    """The exact re-sum keeps what 1e17 + 1 rounds away, so it is back once 1e17 leaves."""
+
+    def re_summed_around_huge_value() -> SpikeRule:
+        rule = SpikeRule(3.0, 10, 1)
+        for _ in range(3):
+            rule.observe(0, 1.0)
+        rule.observe(5, 1e17)
+        rule.observe(6, 1.0)
+        # Evicting the three values at ts 0 re-sums the window [1e17, 1.0].
+        rule.observe(10, 1.0)
+        return rule
+
+    assert re_summed_around_huge_value().observe(15, 3.0) is None
+    just_above = math.nextafter(3.0, math.inf)
+    assert re_summed_around_huge_value().observe(15, just_above) == Spike(
+        value=just_above, mean=1.0, ratio=just_above, samples=2
+    )
+
+
 def test_long_gap_empties_the_window() -> None:
     """After a gap longer than the span nothing earlier counts."""
     rule = SpikeRule(3.0, 1000, 1)

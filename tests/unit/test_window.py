@@ -16,8 +16,8 @@ _SPANS = st.sampled_from([1, 3, 10, 60, 1000])
 # windows whose spread collapses after an outlier leaves all come up.
 _VALUES = st.one_of(
     st.sampled_from([0.0, 1.0, -2.5, 0.1, 1e5, 100000.000001]),
-    st.floats(min_value=-1e6, max_value=1e6, allow_subnormal=False).filter(
-        lambda x: x == 0.0 or abs(x) >= 1e-6
+    st.floats(min_value=-1e6, max_value=1e6, allow_subnormal=False).map(
+        lambda x: x if abs(x) >= 1e-6 else 0.0
     ),
 )
 _STEPS = st.tuples(st.integers(min_value=0, max_value=20), _VALUES)
@@ -82,18 +82,31 @@ def test_stats_match_exact_reference_after_every_add(
     _run(span_ms, steps, rel=1e-9, scale_tol=1e-12)
 
 
-@settings(max_examples=20, deadline=None)
-@given(
-    span_ms=st.sampled_from([3, 10, 60]),
-    steps=st.lists(
-        st.tuples(st.integers(min_value=0, max_value=3), _VALUES), min_size=250, max_size=300
-    ),
-)
-def test_long_streams_with_many_rebuilds_match_exact_reference(
-    span_ms: int, steps: list[tuple[int, float]]
-) -> None:
+def _long_stream(rng: random.Random, length: int) -> list[tuple[int, float]]:
+    """Runs of jittered prices, constant runs and lone far outliers, as (increment, value)."""
+    steps: list[tuple[int, float]] = []
+    level = rng.choice([1.0, 250.5, 100000.0])
+    while len(steps) < length:
+        kind = rng.random()
+        if kind < 0.15:
+            steps += [(rng.randint(0, 3), level) for _ in range(rng.randint(1, 40))]
+        elif kind < 0.3:
+            steps.append((rng.randint(0, 3), level * rng.choice([1e4, -1e3, 1e-4, 0.0])))
+        else:
+            jitter = level * 10.0 ** rng.randint(-12, -1)
+            steps += [
+                (rng.randint(0, 3), level + rng.uniform(-jitter, jitter))
+                for _ in range(rng.randint(1, 40))
+            ]
+    return steps[:length]
+
+
+@settings(max_examples=100, deadline=None)
+@given(span_ms=st.sampled_from([3, 10, 60]), seed=st.integers(min_value=0, max_value=2**64))
+def test_long_streams_with_many_rebuilds_match_exact_reference(span_ms: int, seed: int) -> None:
     """Streams many windows long, so the exact rebuild runs many times, stay exact."""
-    _run(span_ms, steps, rel=1e-9, scale_tol=1e-12)
+    # A seeded generator rather than a drawn list: 600 drawn steps overrun Hypothesis's buffer.
+    _run(span_ms, _long_stream(random.Random(seed), 600), rel=1e-9, scale_tol=1e-12)
 
 
 @settings(max_examples=40, deadline=None)

@@ -10,9 +10,9 @@ class Spike:
     """A value that exceeded ``factor`` times the mean of the values before it in the span."""
 
     value: float
-    mean: float
-    ratio: float
-    samples: int
+    mean: float  # mean of the values before this one in the span, excluding it
+    ratio: float  # value / mean
+    samples: int  # number of values the mean was taken over
 
 
 class SpikeRule:

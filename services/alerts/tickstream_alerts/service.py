@@ -87,7 +87,9 @@ async def _publish_pending(pool: Any, producer: Any, stop: asyncio.Event) -> int
         if not pending:
             return 0
         deliveries = [
-            await producer.send(ALERTS_TOPIC, value=a.encode(), key=a.metric.encode())
+            await producer.send(
+                ALERTS_TOPIC, value=a.encode(), key=a.metric.encode(), timestamp_ms=a.exchange_ts
+            )
             for a in pending
         ]
         await asyncio.gather(*deliveries)

@@ -128,7 +128,10 @@ async def healthz(request: Request) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = f"error: {exc!r}"
-    checks["feed"] = "ok" if state.feed_ready.is_set() else "starting"
+    if state.failed_tasks:
+        checks["feed"] = f"error: {state.failed_tasks[0]}"
+    else:
+        checks["feed"] = "ok" if state.feed_ready.is_set() else "starting"
     healthy = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ok" if healthy else "unhealthy", **checks},

@@ -42,6 +42,8 @@ def create_app(settings: ServiceSettings) -> Starlette:
             await db.ensure_schema(pool)
             tasks.append(asyncio.create_task(run_feed(settings, state.hub, state.feed_ready)))
             tasks.append(asyncio.create_task(run_rank_poller(settings, state.hub, redis)))
+            for task in tasks:
+                task.add_done_callback(state.background_task_ended)
             yield {"gateway": state}
         finally:
             for task in tasks:

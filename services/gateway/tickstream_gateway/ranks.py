@@ -17,7 +17,7 @@ class RankEntry:
     total: int
     label: str
     std: float
-    mean: float
+    mean: float | None
     count: int
 
 
@@ -46,7 +46,7 @@ async def rank_snapshot(client: redis.Redis, kind: MetricKind) -> dict[str, Any]
             total=total,
             label=rank_label(i + 1, total),
             std=float(std),
-            mean=float(mean) if mean is not None else float("nan"),
+            mean=float(mean) if mean is not None else None,
             count=int(count) if count is not None else 0,
         )
         for i, ((metric, std), (mean, count)) in enumerate(zip(members, details, strict=True))

@@ -30,9 +30,11 @@ _REPORT_EVERY_S = 30.0
 class _Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
     """Tracks which markets this instance owns, so windows are warmed or dropped on rebalance."""
 
-    def __init__(self, book: MetricBook, pool: Any) -> None:
+    def __init__(self, book: MetricBook, pool: Any, redis: Any, stop: asyncio.Event) -> None:
         self.book = book
         self.pool = pool
+        self.redis = redis
+        self.stop = stop
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         for tp in revoked:
@@ -41,8 +43,16 @@ class _Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Any) -> None:
         # aiokafka awaits this before fetching from the new partitions, so windows are
         # rebuilt from stored ticks before any newer tick of those markets is applied.
+        # aiokafka only logs an exception raised here, so failures are retried in place
+        # rather than letting ticks into empty windows.
         markets = {Market.from_topic(tp.topic) for tp in assigned}
-        await _warm(self.pool, self.book, {m for m in markets if m not in self.book})
+        new = {m for m in markets if m not in self.book}
+
+        async def warm() -> bool:
+            await _warm(self.pool, self.redis, self.book, new)
+            return True
+
+        await retry_until_done("warm windows", warm, self.stop)
 
 
 async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
@@ -51,7 +61,7 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     redis = redis_client.connect(settings.redis)
     consumer = make_consumer(settings.kafka, group_id="stats", client_id="tickstream-stats")
     book = MetricBook(span_ms=settings.stats.window_seconds * 1000)
-    ownership = _Ownership(book, pool)
+    ownership = _Ownership(book, pool, redis, stop)
     try:
         await db.ensure_schema(pool)
         consumer.subscribe(pattern=TICK_TOPIC_PATTERN, listener=ownership)
@@ -63,11 +73,16 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
         await pool.close()
 
 
-async def _warm(pool: Any, book: MetricBook, markets: set[Market]) -> None:
-    """Rebuild windows from stored ticks, so a restart does not reset 24h of statistics."""
+async def _warm(pool: Any, redis: Any, book: MetricBook, markets: set[Market]) -> None:
+    """Rebuild windows from stored ticks, so a restart does not reset 24h of statistics.
+
+    The rebuilt stats are written to Redis at once: Redis may be empty (it is derived state),
+    and ranks must not wait for the next tick of every market. Idempotent.
+    """
     for market in sorted(markets):
+        book.forget(market)
         ticks = await db.recent_ticks(pool, market.id, book.span_ms)
-        book.apply(ticks)
+        await write_stats(redis, book.apply(ticks))
         log.info("warmed %s with %d stored ticks", market.id, len(ticks))
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 # Rebuild early when M2 has fallen this far below the magnitude of the updates applied to it
 # since the last rebuild: the rounding error of those updates would otherwise be a large part
 # of what is left (a price spike leaving a calm window). 2**-20 keeps the relative error of M2
-# near 2**-53 * 2**20 ~ 1e-10 while never firing on ordinary streams, where the updates since
+# near 2**-53 * 2**20 ~ 1e-10 yet does not fire on steady streams, where the updates since
 # the last rebuild add up to a few times M2.
 _CANCELLATION_RATIO = 2.0**-20
 
@@ -18,7 +18,7 @@ class WindowStats:
 
     count: int
     mean: float
-    std: float
+    std: float  # population standard deviation (divides by count)
     min: float
     max: float
 
@@ -29,7 +29,8 @@ class RollingWindow:
     ``add`` costs O(1) amortised whatever the window length. Mean and variance are kept with
     Welford updates (and their inverse on eviction) on values shifted by a reference close to
     the data, and recomputed exactly from the window after as many evictions as the window
-    holds, so rounding error cannot build up. Not thread-safe; one window per series.
+    holds, or sooner if evicting a far outlier left mostly rounding error behind, so rounding
+    error cannot build up. Not thread-safe; one window per series.
     """
 
     __slots__ = (
@@ -98,7 +99,8 @@ class RollingWindow:
         term = delta * (dev - self._mean)
         self._m2 += term
         self._churn += abs(term)
-        # Each rebuild is paid for by the len(window) evictions before it: O(1) amortised.
+        # A rebuild every len(window) evictions is paid for by them: O(1) amortised. The early
+        # rebuild needs the spread to collapse ~1000-fold since the last one, which is rare.
         if self._removals >= n or self._m2 < self._churn * _CANCELLATION_RATIO:
             self._rebuild()
 
