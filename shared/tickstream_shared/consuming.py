@@ -8,6 +8,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import asyncpg.exceptions as pg_errors
+import redis.exceptions as redis_errors
+from aiokafka.errors import KafkaError, KafkaTimeoutError
+
 from tickstream_shared.errors import BadMessage
 from tickstream_shared.schemas import Tick, decode_tick
 
@@ -15,6 +19,27 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRY_MAX_DELAY_S = 5.0
+
+# Failures of a server or the network, worth waiting out. Anything else (a bug, a constraint
+# violation) is raised: the service stops loudly, and uncommitted offsets lose nothing.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,  # includes ConnectionError and TimeoutError
+    KafkaTimeoutError,
+    pg_errors.PostgresConnectionError,
+    pg_errors.CannotConnectNowError,
+    pg_errors.InterfaceError,  # connection lost mid-operation
+    pg_errors.InsufficientResourcesError,  # too many connections, disk full
+    pg_errors.OperatorInterventionError,  # server shutting down
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for errors a retry can outlive: lost connections, timeouts, retriable Kafka errors."""
+    if isinstance(error, KafkaError):
+        return bool(error.retriable) or isinstance(error, KafkaTimeoutError)
+    return isinstance(error, _TRANSIENT)
 
 
 @dataclass
@@ -54,20 +79,19 @@ def records_in_order(batch: dict[Any, list[Any]]) -> list[Any]:
 async def retry_until_done(
     what: str, attempt: Callable[[], Awaitable[T]], stop: asyncio.Event
 ) -> T | None:
-    """Run `attempt` until it succeeds, backing off on errors; None if `stop` is set first.
+    """Run `attempt` until it succeeds, backing off on transient errors; None if stopped first.
 
     Used for writes that must not be skipped: the batch is retried, never dropped, and its
-    offsets are not committed until the write succeeds.
+    offsets are not committed until the write succeeds. Other errors are raised at once.
     """
     delay = 0.1
     while True:
         try:
             return await attempt()
-        except (OSError, ConnectionError, TimeoutError) as exc:
-            failure: BaseException = exc
-        except Exception as exc:  # driver errors (asyncpg, redis) have no common base
-            failure = exc
-        log.warning("%s failed, retrying in %.1fs: %r", what, delay, failure)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("%s failed, retrying in %.1fs: %r", what, delay, exc)
         try:
             await asyncio.wait_for(stop.wait(), timeout=delay)
             return None

@@ -22,6 +22,7 @@ from tickstream_gateway.protocol import (
 from tickstream_gateway.ranks import rank_snapshot
 from tickstream_gateway.state import GatewayState
 from tickstream_shared import db
+from tickstream_shared.consuming import is_transient
 from tickstream_shared.schemas import Tick
 
 log = logging.getLogger("tickstream.gateway.ws")
@@ -40,6 +41,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         done, _ = await asyncio.wait(
             {reader, writer, overflow}, return_when=asyncio.FIRST_COMPLETED
         )
+        if reader in done and not reader.cancelled() and reader.exception() is not None:
+            log.error("closing a client after an unexpected error: %r", reader.exception())
         if overflow in done:
             log.warning("closing a slow client: %d frames queued", session.queue.qsize())
             with contextlib.suppress(Exception):
@@ -75,6 +78,13 @@ async def _read(websocket: WebSocket, session: ClientSession, state: GatewayStat
                 _unsubscribe(session, command.subscription, state.hub)
         except ProtocolError as exc:
             session.offer(error_frame(exc.code, exc.message))
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("subscribe failed, storage unavailable: %r", exc)
+            session.offer(
+                error_frame("unavailable", "storage is unavailable right now; subscribe again")
+            )
 
 
 async def _subscribe(session: ClientSession, sub: Subscription, state: GatewayState) -> None:
@@ -100,7 +110,11 @@ async def _subscribe_market(
     # Hold live ticks first, then read history: nothing can fall between the two.
     hub.hold_market(session, market)
     span_ms = state.settings.gateway.history_seconds * 1000
-    stored = await db.recent_ticks(state.pool, market.id, span_ms)
+    try:
+        stored = await db.recent_ticks(state.pool, market.id, span_ms)
+    except BaseException:
+        hub.drop_market(session, market)  # nothing held for a subscription that failed
+        raise
     history = _merge(stored, hub.recent_ticks(market), span_ms)
     if not history:
         hub.drop_market(session, market)

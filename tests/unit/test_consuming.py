@@ -1,0 +1,91 @@
+"""Retry decisions by error type, and batch decoding with counted skips."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import asyncpg.exceptions as pg_errors
+import pytest
+import redis.exceptions as redis_errors
+from aiokafka.errors import KafkaConnectionError, RecordTooLargeError
+
+from tickstream_shared.consuming import DecodeCounters, decode_batch, is_transient, retry_until_done
+from tickstream_shared.schemas import Tick
+
+
+def test_transient_errors_are_told_apart_by_type() -> None:
+    """Lost connections and timeouts are transient; bugs and bad data are not."""
+    transient = [
+        ConnectionRefusedError(),
+        TimeoutError(),
+        pg_errors.ConnectionDoesNotExistError(),
+        pg_errors.TooManyConnectionsError(),
+        redis_errors.ConnectionError(),
+        KafkaConnectionError(),
+    ]
+    permanent = [
+        TypeError(),
+        KeyError("x"),
+        pg_errors.UniqueViolationError(),
+        redis_errors.ResponseError(),
+        RecordTooLargeError(),
+    ]
+    assert [is_transient(e) for e in transient] == [True] * len(transient)
+    assert [is_transient(e) for e in permanent] == [False] * len(permanent)
+
+
+async def test_retry_outlives_transient_errors_and_raises_others() -> None:
+    """A transient failure is retried until success; any other error is raised at once."""
+    stop = asyncio.Event()
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("server went away")
+        return "stored"
+
+    assert await retry_until_done("store", flaky, stop) == "stored"
+    assert len(calls) == 3
+
+    async def buggy() -> str:
+        calls.append(1)
+        raise TypeError("a bug")
+
+    with pytest.raises(TypeError):
+        await retry_until_done("store", buggy, stop)
+    assert len(calls) == 4
+
+
+async def test_retry_gives_up_when_stopping() -> None:
+    """A stop during back-off returns None instead of retrying forever."""
+    stop = asyncio.Event()
+
+    async def down() -> str:
+        stop.set()
+        raise ConnectionRefusedError()
+
+    assert await retry_until_done("store", down, stop) is None
+
+
+@dataclass
+class _Record:
+    topic: str
+    value: bytes
+    partition: int = 0
+    offset: int = 0
+    key: bytes | None = None
+
+
+def test_decode_batch_counts_bad_and_misrouted_ticks() -> None:
+    """Bad JSON and a tick on another market's topic are counted and skipped."""
+    tick = Tick("binance", "btc", "usdt", 1, 60_000, 60_000, 10.0, 1.0)
+    records = [
+        _Record("ticks.binance.btc-usdt", tick.encode()),
+        _Record("ticks.binance.btc-usdt", b"{oops"),
+        _Record("ticks.binance.eth-usdt", tick.encode()),
+    ]
+    counters = DecodeCounters()
+    assert decode_batch(records, counters) == [tick]
+    assert (counters.decoded, counters.skipped_bad) == (1, 2)
