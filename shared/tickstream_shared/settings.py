@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -194,8 +193,6 @@ def _convert(env: str, raw: str, target: Any) -> Any:
             raise ValueError(f"{raw!r} is not a boolean")
         if typing.get_origin(target) is tuple:
             return tuple(item.strip() for item in raw.split(",") if item.strip())
-        if target is str or isinstance(target, types.GenericAlias):
-            return raw
     except ValueError as exc:
         raise ConfigError(env, f"cannot read {raw!r}: {exc}") from exc
     return raw

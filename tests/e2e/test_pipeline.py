@@ -284,6 +284,19 @@ async def test_replay_end_to_end(stack: tuple[LocalInfra, Services, str]) -> Non
             ]
             for entry in ranks["ranks"]:
                 assert entry["std"] == pytest.approx(reference[entry["metric"]], rel=1e-9)
+            status, listing = http_json(base, "/api/metrics")
+            assert status == 200
+            listed = {m["id"]: m for m in listing["metrics"]}
+            assert sorted(listed) == sorted(
+                f"{m}:{k}" for m in MARKETS for k in ("price", "volume")
+            )
+            for entry in ranks["ranks"]:
+                row = listed[entry["metric"]]
+                assert (row["rank"], row["std"], row["count"]) == (
+                    entry["label"],
+                    entry["std"],
+                    entry["count"],
+                )
 
             # Alerts: exactly the spikes a brute-force reference finds, each once, also on the WS.
             certain, borderline = reference_alerts(expected)

@@ -7,11 +7,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from tickstream_gateway.ranks import metric_rank, rank_label, rank_snapshot
+from tickstream_gateway.ranks import metric_rank, rank_label, rank_snapshot, ranked_metrics
 from tickstream_gateway.state import GatewayState
 from tickstream_shared import alert_store, db
 from tickstream_shared.errors import BadIdentifier
-from tickstream_shared.naming import METRIC_KINDS, MetricId, parse_kind, stats_key
+from tickstream_shared.naming import METRIC_KINDS, MetricId, MetricKind, parse_kind, stats_key
 
 MAX_ALERTS = 1000
 
@@ -38,26 +38,28 @@ def _stats_fields(raw: dict[Any, Any]) -> dict[str, Any]:
 
 
 async def list_metrics(request: Request) -> JSONResponse:
-    state = _state(request)
-    metrics = []
+    client = _state(request).redis
+    ranked: list[tuple[str, MetricKind, int, int]] = []  # (metric, kind, position, total)
     for kind in METRIC_KINDS:
-        snapshot = await rank_snapshot(state.redis, kind)
-        for entry in snapshot["ranks"]:
-            metric = MetricId.parse(entry["metric"])
-            raw = await state.redis.hgetall(stats_key(entry["metric"]))
-            if not raw:
-                continue
-            metrics.append(
-                {
-                    "id": entry["metric"],
-                    "market": metric.market.id,
-                    "kind": kind,
-                    **_stats_fields(raw),
-                    "position": entry["position"],
-                    "total": entry["total"],
-                    "rank": entry["label"],
-                }
-            )
+        members = await ranked_metrics(client, kind)
+        ranked += [(m, kind, i + 1, len(members)) for i, m in enumerate(members)]
+    async with client.pipeline(transaction=False) as pipe:
+        for metric, *_ in ranked:
+            pipe.hgetall(stats_key(metric))
+        hashes = await pipe.execute() if ranked else []
+    metrics = [
+        {
+            "id": metric,
+            "market": MetricId.parse(metric).market.id,
+            "kind": kind,
+            **_stats_fields(raw),
+            "position": position,
+            "total": total,
+            "rank": rank_label(position, total),
+        }
+        for (metric, kind, position, total), raw in zip(ranked, hashes, strict=True)
+        if raw
+    ]
     metrics.sort(key=lambda m: m["id"])
     return JSONResponse({"metrics": metrics})
 

@@ -31,9 +31,7 @@ async def rank_snapshot(client: redis.Redis, kind: MetricKind) -> dict[str, Any]
 
     Ties keep Redis' order (member name, descending), so positions are always 1..N.
     """
-    members = cast(
-        list[tuple[str, float]], await client.zrevrange(rank_key(kind), 0, -1, withscores=True)
-    )
+    members = await _ranked_with_scores(client, kind)
     total = len(members)
     async with client.pipeline(transaction=False) as pipe:
         for metric, _ in members:
@@ -52,6 +50,17 @@ async def rank_snapshot(client: redis.Redis, kind: MetricKind) -> dict[str, Any]
         for i, ((metric, std), (mean, count)) in enumerate(zip(members, details, strict=True))
     ]
     return {"kind": kind, "total": total, "ranks": [asdict(e) for e in entries]}
+
+
+async def _ranked_with_scores(client: redis.Redis, kind: MetricKind) -> list[tuple[str, float]]:
+    return cast(
+        list[tuple[str, float]], await client.zrevrange(rank_key(kind), 0, -1, withscores=True)
+    )
+
+
+async def ranked_metrics(client: redis.Redis, kind: MetricKind) -> list[str]:
+    """Metric ids of one kind, largest standard deviation first (the order of rank_snapshot)."""
+    return [metric for metric, _ in await _ranked_with_scores(client, kind)]
 
 
 async def metric_rank(client: redis.Redis, metric_id: str, kind: MetricKind) -> tuple[int, int]:
