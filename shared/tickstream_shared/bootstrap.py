@@ -17,7 +17,7 @@ async def init(settings: ServiceSettings) -> None:
     await ensure_topics(settings.kafka, [ALERTS_TOPIC])
     pool = await db.create_pool(settings.database, max_size=1)
     try:
-        await db.ensure_schema(pool)
+        await db.ensure_schema(pool, settings.database)
     finally:
         await pool.close()
     log.info("topics and schema ready")

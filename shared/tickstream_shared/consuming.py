@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -13,6 +15,7 @@ import redis.exceptions as redis_errors
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from tickstream_shared.errors import BadMessage
+from tickstream_shared.naming import market_of
 from tickstream_shared.schemas import Tick, decode_tick
 
 log = logging.getLogger(__name__)
@@ -48,14 +51,22 @@ class DecodeCounters:
     skipped_bad: int = 0
 
 
+@functools.lru_cache(maxsize=8192)
+def _topic_of(market_id: str) -> str:
+    return market_of(market_id).topic
+
+
 def decode_batch(records: Iterable[Any], counters: DecodeCounters) -> list[Tick]:
     """Decode consumer records in order; bad ones are counted, logged with their key, skipped."""
     ticks = []
+    now_ms = time.time_ns() // 1_000_000
     for record in records:
         try:
-            tick = decode_tick(record.value)
-            if tick.market.topic != record.topic:
-                raise BadMessage(f"tick of {tick.market.id} on topic {record.topic}")
+            if record.value is None:
+                raise BadMessage("record has no value")
+            tick = decode_tick(record.value, now_ms=now_ms)
+            if _topic_of(tick.market) != record.topic:
+                raise BadMessage(f"tick of {tick.market} on topic {record.topic}")
             ticks.append(tick)
         except BadMessage as exc:
             counters.skipped_bad += 1

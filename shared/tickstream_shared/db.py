@@ -1,28 +1,18 @@
-"""PostgreSQL helpers: pool creation, schema, tick storage and the history query."""
+"""PostgreSQL helpers: pool creation, schema and retention, bar storage and the history query."""
 
 from __future__ import annotations
 
-import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import resources
 from typing import Any
 
 import asyncpg
 
-from tickstream_shared.schemas import Tick
+from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_shared.settings import DatabaseSettings
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _SCHEMA_LOCK = 0x7469636B  # "tick": serialises concurrent schema creation by several services
-
-
-def ms_to_datetime(ms: int) -> dt.datetime:
-    """Exact conversion of epoch milliseconds (no float rounding)."""
-    return _EPOCH + dt.timedelta(milliseconds=ms)
-
-
-def datetime_to_ms(value: dt.datetime) -> int:
-    return (value - _EPOCH) // dt.timedelta(milliseconds=1)
+DAY_MS = 86_400_000
 
 
 async def create_pool(settings: DatabaseSettings, *, max_size: int = 4) -> Any:
@@ -30,90 +20,176 @@ async def create_pool(settings: DatabaseSettings, *, max_size: int = 4) -> Any:
     return await asyncpg.create_pool(settings.url, min_size=1, max_size=max_size)
 
 
-async def ensure_schema(pool: Any) -> None:
-    """Create tables and indexes if missing. Idempotent; safe from several processes at once."""
+async def ensure_schema(pool: Any, settings: DatabaseSettings | None = None) -> None:
+    """Create tables, indexes and functions if missing; with `settings`, apply retention.
+
+    Idempotent; safe from several processes at once (an advisory lock serialises them).
+    """
     sql = resources.files("tickstream_shared").joinpath("schema.sql").read_text()
     async with pool.acquire() as conn:
         await conn.execute("SELECT pg_advisory_lock($1)", _SCHEMA_LOCK)
         try:
             await conn.execute(sql)
+            if settings is not None:
+                await conn.fetchval(
+                    "SELECT tickstream_configure_retention($1)", settings.retention_days * DAY_MS
+                )
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _SCHEMA_LOCK)
 
 
-_TICK_COLUMNS = ("market", "exchange_ts", "seq", "received_ts", "price", "volume")
+async def drop_expired(pool: Any, settings: DatabaseSettings) -> int:
+    """Delete bars (plain PostgreSQL) and published alerts older than the retention.
 
-
-async def store_ticks(pool: Any, ticks: Sequence[Tick]) -> int:
-    """Store ticks with one COPY; duplicates (same market, time, seq) are ignored.
-
-    Returns how many rows were new. Safe to call twice with the same ticks. On cancellation the
-    transaction is rolled back and nothing is stored.
+    Counts back from the newest stored minute. Returns the bars deleted. Idempotent.
     """
-    if not ticks:
+    async with pool.acquire() as conn:
+        dropped: int = await conn.fetchval(
+            "SELECT tickstream_drop_expired($1)", settings.retention_days * DAY_MS
+        )
+    return dropped
+
+
+_BAR_COLUMNS = (
+    "market",
+    "minute",
+    "seq",
+    "exchange_ts",
+    "received_ts",
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "trades",
+    "closed",
+)
+_UPDATED = ", ".join(f"{c} = EXCLUDED.{c}" for c in _BAR_COLUMNS[2:])
+_UPSERT = (
+    f"INSERT INTO bars SELECT * FROM bars_stage ON CONFLICT (market, minute) DO UPDATE SET "
+    f"{_UPDATED} WHERE bars.seq < EXCLUDED.seq"
+)
+
+
+def newest_per_minute(ticks: Iterable[Tick]) -> list[Tick]:
+    """The update with the highest seq for each (market, minute): what a batch stores.
+
+    A batch of many updates of a forming bar collapses to one row per market and minute, so
+    what reaches PostgreSQL is bounded by minutes, not by the update rate.
+    """
+    newest: dict[tuple[str, int], Tick] = {}
+    for tick in ticks:
+        key = (tick.market, tick.minute)
+        held = newest.get(key)
+        if held is None or tick.seq > held.seq:
+            newest[key] = tick
+    return list(newest.values())
+
+
+async def store_bars(pool: Any, ticks: Sequence[Tick]) -> int:
+    """Upsert the newest update of each (market, minute) with one COPY and one INSERT.
+
+    A stored row is replaced only by an update with a larger seq, so a replayed older update
+    never overwrites a newer one and storing the same ticks twice changes nothing (idempotent).
+    Returns the rows inserted or replaced. On cancellation the transaction is rolled back.
+    """
+    rows = newest_per_minute(ticks)
+    if not rows:
         return 0
     records = [
         (
-            t.market.id,
-            ms_to_datetime(t.exchange_ts),
+            t.market,
+            t.minute,
             t.seq,
-            ms_to_datetime(t.received_ts),
-            t.price,
+            t.exchange_ts,
+            t.received_ts,
+            t.open,
+            t.high,
+            t.low,
+            t.close,
             t.volume,
+            t.trades,
+            t.closed,
         )
-        for t in ticks
+        for t in rows
     ]
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS ticks_stage "
-            "(LIKE ticks INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            "CREATE TEMP TABLE IF NOT EXISTS bars_stage "
+            "(LIKE bars INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         )
-        await conn.copy_records_to_table("ticks_stage", records=records, columns=_TICK_COLUMNS)
-        status: str = await conn.execute(
-            "INSERT INTO ticks SELECT * FROM ticks_stage ON CONFLICT DO NOTHING"
-        )
+        await conn.copy_records_to_table("bars_stage", records=records, columns=_BAR_COLUMNS)
+        status: str = await conn.execute(_UPSERT)
     return int(status.rsplit(" ", 1)[1])
 
 
-async def recent_ticks(
-    pool: Any, market_id: str, span_ms: int, *, until_ms: int | None = None
+def _row_to_tick(row: Any) -> Tick:
+    return Tick(
+        market=row["market"],
+        minute=row["minute"],
+        seq=row["seq"],
+        exchange_ts=row["exchange_ts"],
+        received_ts=row["received_ts"],
+        open=row["open"],
+        high=row["high"],
+        low=row["low"],
+        close=row["close"],
+        volume=row["volume"],
+        trades=row["trades"],
+        closed=row["closed"],
+    )
+
+
+_SELECT_BARS = f"SELECT {', '.join(_BAR_COLUMNS)} FROM bars"
+
+
+async def bars_between(
+    pool: Any, market_id: str, first_minute: int, last_minute: int
 ) -> list[Tick]:
-    """Ticks of one market in the span_ms of event time ending at until_ms (default: latest)."""
+    """Bars of one market with first_minute <= minute <= last_minute, oldest first."""
     async with pool.acquire() as conn:
-        if until_ms is None:
-            latest = await conn.fetchval(
-                "SELECT max(exchange_ts) FROM ticks WHERE market = $1", market_id
-            )
-            if latest is None:
-                return []
-            until_ms = datetime_to_ms(latest)
         rows = await conn.fetch(
-            "SELECT exchange_ts, seq, received_ts, price, volume FROM ticks "
-            "WHERE market = $1 AND exchange_ts > $2 AND exchange_ts <= $3 "
-            "ORDER BY exchange_ts, seq",
+            f"{_SELECT_BARS} WHERE market = $1 AND minute >= $2 AND minute <= $3 ORDER BY minute",
             market_id,
-            ms_to_datetime(until_ms - span_ms),
-            ms_to_datetime(until_ms),
+            first_minute,
+            last_minute,
         )
-    exchange, pair = market_id.split(":", 1)
-    base, quote = pair.split("-", 1)
-    return [
-        Tick(
-            exchange,
-            base,
-            quote,
-            row["seq"],
-            datetime_to_ms(row["exchange_ts"]),
-            datetime_to_ms(row["received_ts"]),
-            row["price"],
-            row["volume"],
+    return [_row_to_tick(row) for row in rows]
+
+
+async def recent_bars(
+    pool: Any, market_id: str, minutes: int, *, since_minute: int | None = None
+) -> list[Tick]:
+    """A market's history: bars of the `minutes` minutes before its newest bar, and that bar.
+
+    At most `minutes + 1` bars whatever the update rate; `since_minute` keeps only bars with
+    minute >= it (what a reconnecting client missed).
+    """
+    async with pool.acquire() as conn:
+        newest = await conn.fetchval("SELECT max(minute) FROM bars WHERE market = $1", market_id)
+        if newest is None:
+            return []
+        first = newest - minutes * MINUTE_MS
+        if since_minute is not None:
+            first = max(first, since_minute)
+        rows = await conn.fetch(
+            f"{_SELECT_BARS} WHERE market = $1 AND minute >= $2 AND minute <= $3 ORDER BY minute",
+            market_id,
+            first,
+            newest,
         )
-        for row in rows
-    ]
+    return [_row_to_tick(row) for row in rows]
+
+
+async def newest_minute(pool: Any) -> int | None:
+    """The newest minute stored for any market (the event-time clock as storage knows it)."""
+    async with pool.acquire() as conn:
+        value: int | None = await conn.fetchval("SELECT max(minute) FROM bars")
+    return value
 
 
 async def known_markets(pool: Any) -> list[str]:
-    """Every market with at least one stored tick."""
+    """Every market with at least one stored bar."""
     async with pool.acquire() as conn:
-        rows = await conn.fetch("SELECT DISTINCT market FROM ticks ORDER BY market")
+        rows = await conn.fetch("SELECT DISTINCT market FROM bars ORDER BY market")
     return [row["market"] for row in rows]

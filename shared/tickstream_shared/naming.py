@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
@@ -10,6 +11,16 @@ from tickstream_shared.errors import BadIdentifier
 
 MetricKind = Literal["price", "volume"]
 METRIC_KINDS: Final[tuple[MetricKind, ...]] = get_args(MetricKind)
+
+# What a rank compares: the window's std (in the metric's unit), std / |mean| (unitless), or,
+# for price only, the std of the minute-to-minute log returns (unitless volatility).
+RankMeasure = Literal["std", "cv", "logret"]
+RANK_MEASURES: Final[tuple[RankMeasure, ...]] = get_args(RankMeasure)
+MEASURES_BY_KIND: Final[dict[MetricKind, tuple[RankMeasure, ...]]] = {
+    "price": ("std", "cv", "logret"),
+    "volume": ("std", "cv"),
+}
+DEFAULT_MEASURE: Final[RankMeasure] = "std"
 
 TICK_TOPIC_PREFIX: Final = "ticks."
 # Regex subscriptions (stats, alerts, gateway) match every per-pair tick topic, now and future.
@@ -94,11 +105,38 @@ def parse_kind(value: str) -> MetricKind:
     raise BadIdentifier(f"kind {value!r} is not one of {', '.join(METRIC_KINDS)}")
 
 
+def parse_measure(kind: MetricKind, value: str) -> RankMeasure:
+    """The rank measure named by value for `kind`; raises BadIdentifier for anything else."""
+    for measure in MEASURES_BY_KIND[kind]:
+        if value == measure:
+            return measure
+    allowed = ", ".join(MEASURES_BY_KIND[kind])
+    raise BadIdentifier(f"measure {value[:40]!r} is not one of {allowed} for kind {kind}")
+
+
+@functools.lru_cache(maxsize=8192)
+def market_of(market_id: str) -> Market:
+    """`Market.parse` cached per id: hot paths look markets up per message, not per parse.
+
+    Raises BadIdentifier (never cached, so bad ids cannot fill the cache; good ones are
+    bounded by maxsize).
+    """
+    return Market.parse(market_id)
+
+
 def stats_key(metric_id: str) -> str:
     """Redis hash holding the latest window stats of one metric."""
     return f"{REDIS_PREFIX}:stats:{metric_id}"
 
 
-def rank_key(kind: MetricKind) -> str:
-    """Redis sorted set of every metric of one kind, scored by standard deviation."""
-    return f"{REDIS_PREFIX}:rank:{kind}"
+def rank_key(kind: MetricKind, measure: RankMeasure = DEFAULT_MEASURE) -> str:
+    """Redis sorted set of every live (not stale) metric of one kind, scored by `measure`."""
+    return f"{REDIS_PREFIX}:rank:{kind}:{measure}"
+
+
+# Redis set of every metric id stats has written, stale or not (the /api/metrics listing).
+METRICS_KEY: Final = f"{REDIS_PREFIX}:metrics"
+# Redis sorted set holding the event-time clock (member "minute"), raised with ZADD GT so
+# every stats instance shares the newest minute any of them has seen.
+CLOCK_KEY: Final = f"{REDIS_PREFIX}:clock"
+CLOCK_MEMBER: Final = "minute"

@@ -1,115 +1,150 @@
-"""Message schemas on Kafka and their single decode entry point."""
+"""Message schemas on Kafka (minute-bar ticks, alerts) and their single decode entry points."""
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Final, Literal
+
+import msgspec
 
 from tickstream_shared.errors import BadIdentifier, BadMessage
-from tickstream_shared.naming import Market, MetricKind, parse_kind
+from tickstream_shared.naming import Market, MetricKind, market_of
+
+MINUTE_MS: Final = 60_000
+# Plausible event times: 2010-01-01 (before any crypto exchange traded) to 2100-01-01.
+MIN_TS_MS: Final = 1_262_304_000_000
+MAX_TS_MS: Final = 4_102_444_800_000
+# An update may be stamped at most this far ahead of the watcher's receive time, and a receive
+# time at most this far ahead of the reader's clock: one wrong clock must never move the
+# event-time clock of every window (a tick dated 2100 would otherwise empty them all).
+MAX_CLOCK_AHEAD_MS: Final = 5 * MINUTE_MS
+# The last update of a bar may come a little after the bar's end (exchanges close bars late).
+MAX_BAR_LATENESS_MS: Final = 2 * MINUTE_MS
+# A tick is ~300 bytes; anything far larger is not one of ours and is refused before parsing.
+MAX_MESSAGE_BYTES: Final = 4096
+
+_Ts = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)]
+_Seq = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+_Price = Annotated[float, msgspec.Meta(gt=0.0, le=1e12)]
+_Volume = Annotated[float, msgspec.Meta(ge=0.0, le=1e18)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=2**40)]
+_Finite = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]
+_Id = Annotated[str, msgspec.Meta(max_length=120)]
 
 
-@dataclass(frozen=True, slots=True)
-class Tick:
-    """One observation of a market: last price and volume traded in the minute up to it."""
+class Tick(msgspec.Struct, frozen=True, gc=False):
+    """One update of a market's current one-minute bar, as the watcher publishes it.
 
-    exchange: str
-    base: str
-    quote: str
-    seq: int  # per-market sequence number given by the watcher, strictly increasing
-    exchange_ts: int  # event time, ms since the epoch, from the exchange
-    received_ts: int  # ms since the epoch when the watcher received it
-    price: float
-    volume: float
+    `open`/`high`/`low`/`close` and `volume` (base units) are the bar so far; `closed` is true on
+    the bar's last update. `seq` orders a market's updates: a larger `seq` is newer, always.
+    """
 
-    @property
-    def market(self) -> Market:
-        return Market(self.exchange, self.base, self.quote)
+    market: _Id  # <exchange>:<base>-<quote>
+    minute: _Ts  # bar open time, ms since the epoch, a multiple of 60000
+    seq: _Seq
+    exchange_ts: _Ts  # event time of this update, from the exchange
+    received_ts: _Ts  # when the watcher received it
+    open: _Price
+    high: _Price
+    low: _Price
+    close: _Price
+    volume: _Volume
+    trades: _Count | None = None  # trades in the bar so far, when the source knows it
+    closed: bool = False
 
     def value(self, kind: MetricKind) -> float:
-        return self.price if kind == "price" else self.volume
+        """The metric's value in this bar: the close (price) or the volume so far (volume)."""
+        return self.close if kind == "price" else self.volume
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        return _encoder.encode(self)
 
 
-@dataclass(frozen=True, slots=True)
-class Alert:
-    """A value above factor x its own trailing mean, raised once per tick and metric."""
+class Alert(msgspec.Struct, frozen=True, gc=False):
+    """A metric's value in one minute above factor x the mean of the minutes before it."""
 
-    alert_id: str
-    metric: str
-    kind: str
-    exchange_ts: int
-    seq: int
-    value: float
-    mean: float
-    factor: float
-    ratio: float
-    window_seconds: int
-    samples: int
+    alert_id: _Id  # <metric>@<minute>: at most one alert per metric and minute
+    metric: _Id
+    kind: Literal["price", "volume"]
+    minute: _Ts
+    exchange_ts: _Ts  # event time of the update that crossed the threshold
+    seq: _Seq
+    value: _Finite
+    mean: _Finite
+    factor: _Finite
+    ratio: _Finite
+    window_minutes: Annotated[int, msgspec.Meta(ge=1, le=100_000)]
+    samples: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        return _encoder.encode(self)
 
-    def as_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def alert_id(metric_id: str, exchange_ts: int, seq: int) -> str:
-    """The id that makes one tick raise at most one alert per metric."""
-    return f"{metric_id}@{exchange_ts}#{seq}"
+    def as_json(self) -> dict[str, object]:
+        result: dict[str, object] = msgspec.to_builtins(self)
+        return result
 
 
-def _field(obj: dict[str, Any], name: str, kind: type) -> Any:
-    if name not in obj:
-        raise BadMessage(f"missing field {name!r}")
-    value = obj[name]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise BadMessage(f"field {name!r} must be {kind.__name__}, got {type(value).__name__}")
-    return value
+def alert_id(metric_id: str, minute: int) -> str:
+    """The id that makes one metric raise at most one alert per minute."""
+    return f"{metric_id}@{minute}"
 
 
-def decode_tick(raw: bytes) -> Tick:
-    """Decode and validate one tick; raises BadMessage saying what is wrong."""
+_encoder: Final = msgspec.json.Encoder()
+_tick_decoder: Final = msgspec.json.Decoder(Tick)
+_alert_decoder: Final = msgspec.json.Decoder(Alert)
+
+
+def _parse(decoder: msgspec.json.Decoder[Tick] | msgspec.json.Decoder[Alert], raw: bytes) -> object:
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise BadMessage(f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}", raw[:64])
     try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadMessage(f"not JSON: {exc}", raw) from exc
-    if not isinstance(obj, dict):
-        raise BadMessage("tick must be a JSON object", raw)
-    tick = Tick(
-        exchange=_field(obj, "exchange", str),
-        base=_field(obj, "base", str),
-        quote=_field(obj, "quote", str),
-        seq=_field(obj, "seq", int),
-        exchange_ts=_field(obj, "exchange_ts", int),
-        received_ts=_field(obj, "received_ts", int),
-        price=_field(obj, "price", float),
-        volume=_field(obj, "volume", float),
-    )
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise BadMessage(f"invalid: {exc}", raw[:64]) from None
+    except (msgspec.DecodeError, RecursionError) as exc:
+        raise BadMessage(f"not JSON: {str(exc)[:100]}", raw[:64]) from None
+
+
+def decode_tick(raw: bytes, *, now_ms: int) -> Tick:
+    """Decode and validate one tick; raises only BadMessage, saying what is wrong.
+
+    `now_ms` is the reader's wall clock: a receive time more than MAX_CLOCK_AHEAD_MS after it
+    is refused, as is an update stamped that far after its receive time.
+    """
+    tick = _parse(_tick_decoder, raw)
+    assert isinstance(tick, Tick)
     try:
-        canonical = Market.parse(tick.market.id)
+        market = market_of(tick.market)
     except BadIdentifier as exc:
-        raise BadMessage(str(exc), raw) from exc
-    if canonical != tick.market:
-        raise BadMessage(f"market id {tick.market.id!r} must be lower case", raw)
-    if not (math.isfinite(tick.price) and math.isfinite(tick.volume)):
-        raise BadMessage("price and volume must be finite", raw)
-    if tick.price <= 0 or tick.volume < 0:
-        raise BadMessage("price must be > 0 and volume >= 0", raw)
+        raise BadMessage(str(exc), raw[:64]) from None
+    if market.id != tick.market:
+        raise BadMessage(f"market id {tick.market!r} must be lower case", raw[:64])
+    problem = _bar_problem(tick, now_ms)
+    if problem is not None:
+        raise BadMessage(f"{tick.market} seq {tick.seq}: {problem}", raw[:64])
     return tick
 
 
+def _bar_problem(tick: Tick, now_ms: int) -> str | None:
+    if tick.minute % MINUTE_MS:
+        return f"minute {tick.minute} is not a multiple of {MINUTE_MS}"
+    if not tick.minute <= tick.exchange_ts <= tick.minute + MINUTE_MS + MAX_BAR_LATENESS_MS:
+        return f"exchange_ts {tick.exchange_ts} is outside its bar {tick.minute}"
+    if tick.exchange_ts > tick.received_ts + MAX_CLOCK_AHEAD_MS:
+        return f"exchange_ts {tick.exchange_ts} is ahead of received_ts {tick.received_ts}"
+    if tick.received_ts > now_ms + MAX_CLOCK_AHEAD_MS:
+        return f"received_ts {tick.received_ts} is in the future (now {now_ms})"
+    if not (tick.low <= tick.open <= tick.high and tick.low <= tick.close <= tick.high):
+        return "open and close must lie within low..high"
+    return None
+
+
 def decode_alert(raw: bytes) -> Alert:
-    """Decode one alert message; raises BadMessage."""
-    try:
-        obj = json.loads(raw)
-        parse_kind(obj["kind"])
-        return Alert(**obj)
-    except (ValueError, TypeError, KeyError, BadIdentifier) as exc:
-        raise BadMessage(f"bad alert: {exc}", raw) from exc
+    """Decode and validate one alert message; raises only BadMessage."""
+    alert = _parse(_alert_decoder, raw)
+    assert isinstance(alert, Alert)
+    return alert
+
+
+def market_of_tick(tick: Tick) -> Market:
+    """The tick's market as a `Market` (cached per id, so cheap on hot paths)."""
+    return market_of(tick.market)

@@ -13,9 +13,22 @@ from tickstream_shared.errors import ConfigError
 T = TypeVar("T")
 
 
-def setting(env: str, default: Any, doc: str) -> Any:
-    """Declare one setting: its environment variable, default and documentation line."""
-    return field(default=default, metadata={"env": env, "doc": doc})
+def setting(
+    env: str,
+    default: Any,
+    doc: str,
+    *,
+    ge: float | None = None,
+    le: float | None = None,
+    choices: tuple[str, ...] = (),
+) -> Any:
+    """Declare one setting: its environment variable, default, documentation line and bounds.
+
+    `ge`/`le` bound numbers (inclusive) and `choices` lists the allowed strings; `load`
+    refuses anything else with a ConfigError naming the variable.
+    """
+    metadata = {"env": env, "doc": doc, "ge": ge, "le": le, "choices": choices}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +56,15 @@ class DatabaseSettings:
     url: str = setting(
         "DATABASE_URL",
         "postgresql://postgres@127.0.0.1:5432/tickstream",
-        "PostgreSQL/TimescaleDB URL for ticks, alerts and history.",
+        "PostgreSQL/TimescaleDB URL for bars, alerts and history.",
+    )
+    retention_days: int = setting(
+        "STORAGE_RETENTION_DAYS",
+        30,
+        "Days of bars and alerts kept, counted back from the newest stored minute (event time);"
+        " older rows are dropped by a TimescaleDB policy or the stats retention job.",
+        ge=2,
+        le=36500,
     )
 
 
@@ -55,7 +76,10 @@ class LogSettings:
 @dataclass(frozen=True, slots=True)
 class WatcherSettings:
     source: str = setting(
-        "WATCHER_SOURCE", "synthetic", "Where ticks come from: `synthetic` or `replay`."
+        "WATCHER_SOURCE",
+        "synthetic",
+        "Where ticks come from: `synthetic` or `replay`.",
+        choices=("synthetic", "replay"),
     )
     markets: tuple[str, ...] = setting(
         "WATCHER_MARKETS",
@@ -66,7 +90,17 @@ class WatcherSettings:
     tick_interval_ms: int = setting(
         "WATCHER_TICK_INTERVAL_MS",
         1000,
-        "Synthetic source: wall-clock milliseconds between ticks of one market.",
+        "Synthetic source: wall-clock milliseconds between updates of one market's bar.",
+        ge=1,
+        le=60_000,
+    )
+    synthetic_backfill_minutes: int = setting(
+        "WATCHER_SYNTHETIC_BACKFILL_MINUTES",
+        1440,
+        "Synthetic source: closed bars generated for the minutes before the start, so charts and"
+        " ranks are full from the first second (0 = none).",
+        ge=0,
+        le=10_080,
     )
     replay_dir: str = setting(
         "WATCHER_REPLAY_DIR",
@@ -82,48 +116,97 @@ class WatcherSettings:
         "WATCHER_REPLAY_SPEED",
         0.0,
         "Replay source: event time per wall time (600 = ten minutes a second); 0 = unthrottled.",
+        ge=0,
     )
     replay_limit_minutes: int = setting(
         "WATCHER_REPLAY_LIMIT_MINUTES",
         0,
         "Replay source: stop after this many minutes of candles per market; 0 = all.",
+        ge=0,
     )
     max_in_flight: int = setting(
         "WATCHER_MAX_IN_FLIGHT",
         10000,
         "Ticks handed to the producer but not yet acknowledged; the source waits beyond it.",
+        ge=1,
+        le=1_000_000,
     )
 
 
 @dataclass(frozen=True, slots=True)
 class StatsSettings:
-    window_seconds: int = setting(
-        "STATS_WINDOW_SECONDS", 86400, "Rolling window length in event-time seconds."
+    window_minutes: int = setting(
+        "STATS_WINDOW_MINUTES",
+        1440,
+        "Rolling window length in minutes, ending at the event-time clock (1440 = 24h).",
+        ge=2,
+        le=10_080,
+    )
+    stale_seconds: int = setting(
+        "STATS_STALE_SECONDS",
+        300,
+        "A market with no update for this long (event time, against the clock) is stale: it"
+        " is marked `stale` and leaves the ranks until it trades again.",
+        ge=60,
+        le=604_800,
     )
     batch_max: int = setting(
-        "STATS_BATCH_MAX", 5000, "Most ticks processed, stored and committed as one batch."
+        "STATS_BATCH_MAX",
+        5000,
+        "Most ticks processed, stored and committed as one batch.",
+        ge=1,
+        le=100_000,
     )
     batch_wait_ms: int = setting(
         "STATS_BATCH_WAIT_MS",
         200,
         "Longest wait for ticks when none are buffered; buffered ticks are taken at once.",
+        ge=1,
+        le=60_000,
     )
 
 
 @dataclass(frozen=True, slots=True)
 class AlertsSettings:
     factor: float = setting(
-        "ALERTS_FACTOR", 3.0, "A value above factor x its trailing mean raises an alert."
+        "ALERTS_FACTOR",
+        3.0,
+        "A minute's value above factor x the mean of the minutes before it raises an alert.",
+        ge=1.0,
+        le=1e6,
     )
-    window_seconds: int = setting(
-        "ALERTS_WINDOW_SECONDS", 3600, "Trailing window of the mean, event-time seconds."
+    window_minutes: int = setting(
+        "ALERTS_WINDOW_MINUTES",
+        60,
+        "Minutes before the judged minute whose values make the trailing mean.",
+        ge=1,
+        le=1440,
     )
     min_samples: int = setting(
         "ALERTS_MIN_SAMPLES",
         30,
-        "Values the trailing window must hold before it can raise alerts (no cold-start noise).",
+        "Minutes with a value the trailing window must hold before it can raise alerts.",
+        ge=1,
+        le=1440,
     )
-    batch_max: int = setting("ALERTS_BATCH_MAX", 5000, "Most ticks evaluated per batch.")
+    min_active_minutes: int = setting(
+        "ALERTS_MIN_ACTIVE_MINUTES",
+        0,
+        "Illiquid guard: minutes with non-zero volume the trailing window must hold (0 = off).",
+        ge=0,
+        le=1440,
+    )
+    cooldown_seconds: int = setting(
+        "ALERTS_COOLDOWN_SECONDS",
+        0,
+        "No new alert for a metric within this much event time of its last one (0 = every"
+        " qualifying minute).",
+        ge=0,
+        le=604_800,
+    )
+    batch_max: int = setting(
+        "ALERTS_BATCH_MAX", 5000, "Most ticks evaluated per batch.", ge=1, le=100_000
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +221,12 @@ class GatewaySettings:
     rank_interval_ms: int = setting(
         "GATEWAY_RANK_INTERVAL_MS", 1000, "How often rank snapshots are checked and pushed."
     )
-    history_seconds: int = setting(
-        "GATEWAY_HISTORY_SECONDS", 86400, "Event-time span of history sent before live ticks."
+    history_minutes: int = setting(
+        "GATEWAY_HISTORY_MINUTES",
+        1440,
+        "Minutes of bars sent as history before live updates (at most this + 1 bars).",
+        ge=1,
+        le=1440,
     )
 
 
@@ -175,8 +262,20 @@ def load(cls: type[T], environ: Mapping[str, str]) -> T:
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         env = f.metadata["env"]
         if env in environ:
-            values[f.name] = _convert(env, environ[env], hints[f.name])
+            value = _convert(env, environ[env], hints[f.name])
+            _check_bounds(env, value, f.metadata)
+            values[f.name] = value
     return cls(**values)
+
+
+def _check_bounds(env: str, value: Any, metadata: Mapping[str, Any]) -> None:
+    ge, le, choices = metadata.get("ge"), metadata.get("le"), metadata.get("choices", ())
+    if ge is not None and value < ge:
+        raise ConfigError(env, f"{value!r} is below the minimum {ge}")
+    if le is not None and value > le:
+        raise ConfigError(env, f"{value!r} is above the maximum {le}")
+    if choices and value not in choices:
+        raise ConfigError(env, f"{value!r} is not one of {', '.join(choices)}")
 
 
 def _convert(env: str, raw: str, target: Any) -> Any:
@@ -184,7 +283,10 @@ def _convert(env: str, raw: str, target: Any) -> Any:
         if target is int:
             return int(raw)
         if target is float:
-            return float(raw)
+            number = float(raw)
+            if number != number or number in (float("inf"), float("-inf")):
+                raise ValueError("not a finite number")
+            return number
         if target is bool:
             if raw.lower() in {"1", "true", "yes", "on"}:
                 return True
