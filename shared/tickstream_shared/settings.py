@@ -40,9 +40,15 @@ class KafkaSettings:
         "KAFKA_TOPIC_PARTITIONS",
         1,
         "Partitions per tick topic when tickstream creates it (one keeps per-market order).",
+        ge=1,
+        le=1000,
     )
     replication_factor: int = setting(
-        "KAFKA_REPLICATION_FACTOR", 1, "Replication factor of topics tickstream creates."
+        "KAFKA_REPLICATION_FACTOR",
+        1,
+        "Replication factor of topics tickstream creates.",
+        ge=1,
+        le=10,
     )
 
 
@@ -70,7 +76,12 @@ class DatabaseSettings:
 
 @dataclass(frozen=True, slots=True)
 class LogSettings:
-    level: str = setting("LOG_LEVEL", "INFO", "Log level: DEBUG, INFO, WARNING or ERROR.")
+    level: str = setting(
+        "LOG_LEVEL",
+        "INFO",
+        "Log level: DEBUG, INFO, WARNING or ERROR.",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,22 +196,31 @@ class AlertsSettings:
     min_samples: int = setting(
         "ALERTS_MIN_SAMPLES",
         30,
-        "Minutes with a value the trailing window must hold before it can raise alerts.",
+        "Minutes present in the trailing window needed before it can raise alerts.",
         ge=1,
         le=1440,
     )
     min_active_minutes: int = setting(
         "ALERTS_MIN_ACTIVE_MINUTES",
-        0,
-        "Illiquid guard: minutes with non-zero volume the trailing window must hold (0 = off).",
+        45,
+        "Illiquid guard: minutes with non-zero volume (the market's) the trailing window must"
+        " hold, for both kinds (0 = off).",
         ge=0,
         le=1440,
     )
+    min_zscore: float = setting(
+        "ALERTS_MIN_ZSCORE",
+        6.0,
+        "Noise guard: the value must also exceed the trailing mean by more than this many"
+        " population standard deviations of the trailing window (0 = off).",
+        ge=0.0,
+        le=1000.0,
+    )
     cooldown_seconds: int = setting(
         "ALERTS_COOLDOWN_SECONDS",
-        0,
-        "No new alert for a metric within this much event time of its last one (0 = every"
-        " qualifying minute).",
+        3600,
+        "No new alert for a metric while the minute is less than this much event time after"
+        " the minute of its last alert (0 = every qualifying minute).",
         ge=0,
         le=604_800,
     )
@@ -212,14 +232,20 @@ class AlertsSettings:
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
     host: str = setting("GATEWAY_HOST", "127.0.0.1", "Address the gateway listens on.")
-    port: int = setting("GATEWAY_PORT", 8000, "Port the gateway listens on.")
+    port: int = setting("GATEWAY_PORT", 8000, "Port the gateway listens on.", ge=1, le=65535)
     client_queue: int = setting(
         "GATEWAY_CLIENT_QUEUE",
         2000,
         "Messages buffered per WebSocket client; a client that falls further behind is closed.",
+        ge=10,
+        le=1_000_000,
     )
     rank_interval_ms: int = setting(
-        "GATEWAY_RANK_INTERVAL_MS", 1000, "How often rank snapshots are checked and pushed."
+        "GATEWAY_RANK_INTERVAL_MS",
+        1000,
+        "How often rank snapshots are checked and pushed.",
+        ge=50,
+        le=60_000,
     )
     history_minutes: int = setting(
         "GATEWAY_HISTORY_MINUTES",

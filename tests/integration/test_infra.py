@@ -15,12 +15,30 @@ from tickstream_shared.naming import Market
 from tickstream_shared.schemas import Tick, decode_tick
 from tickstream_shared.settings import DatabaseSettings, KafkaSettings
 
+BASE_MINUTE = 1_700_000_040_000  # 2023-11-14, a whole minute
+MINUTE_MS = 60_000
 
-def ticks_for(market: Market, count: int, start_ts: int = 1_000_000) -> list[Tick]:
-    return [
-        Tick(market.exchange, market.base, market.quote, i, start_ts + i * 60_000, 0, 10.0 + i, 1.0)
-        for i in range(count)
-    ]
+
+def bar(market: Market, minute_index: int, seq: int, close: float, *, closed: bool) -> Tick:
+    minute = BASE_MINUTE + minute_index * MINUTE_MS
+    return Tick(
+        market=market.id,
+        minute=minute,
+        seq=seq,
+        exchange_ts=minute + 1_000,
+        received_ts=minute + 1_005,
+        open=10.0,
+        high=max(10.0, close),
+        low=min(10.0, close),
+        close=close,
+        volume=float(seq),
+        trades=seq,
+        closed=closed,
+    )
+
+
+def bars_for(market: Market, count: int) -> list[Tick]:
+    return [bar(market, i, i, 10.0 + i, closed=True) for i in range(count)]
 
 
 async def test_idempotent_producer_round_trip_with_group_commit(infra: LocalInfra) -> None:
@@ -32,7 +50,7 @@ async def test_idempotent_producer_round_trip_with_group_commit(infra: LocalInfr
     producer = make_producer(kafka, client_id="test")
     await producer.start()
     try:
-        sent = ticks_for(market, 500)
+        sent = bars_for(market, 500)
         for tick in sent:
             await producer.send(market.topic, tick.encode(), key=market.id.encode())
         await producer.flush()
@@ -43,12 +61,13 @@ async def test_idempotent_producer_round_trip_with_group_commit(infra: LocalInfr
     consumer.subscribe(pattern=rf"^ticks\.{market.exchange}\..*")
     await consumer.start()
     received: list[Tick] = []
+    now_ms = BASE_MINUTE + 1000 * MINUTE_MS
     try:
         async with asyncio.timeout(30):
             while len(received) < len(sent):
                 batch = await consumer.getmany(timeout_ms=500)
                 for records in batch.values():
-                    received.extend(decode_tick(r.value) for r in records)
+                    received.extend(decode_tick(r.value, now_ms=now_ms) for r in records)
                 await consumer.commit()
         (partition,) = consumer.assignment()
         assert await consumer.committed(partition) == len(sent)
@@ -57,21 +76,43 @@ async def test_idempotent_producer_round_trip_with_group_commit(infra: LocalInfr
     assert received == sent
 
 
-async def test_store_ticks_twice_keeps_one_row_each(infra: LocalInfra) -> None:
-    """Re-storing a batch (a redelivery after restart) adds no rows."""
+async def test_bars_upsert_by_seq_and_store_twice_keeps_one_row_each(infra: LocalInfra) -> None:
+    """One row per market and minute: a later seq wins; older or repeated updates change nothing."""
     pool = await db.create_pool(DatabaseSettings(url=infra.database_url))
     try:
         await asyncio.gather(db.ensure_schema(pool), db.ensure_schema(pool))
         market = Market(unique_exchange(), "eth", "usdt")
-        batch = ticks_for(market, 100)
-        assert await db.store_ticks(pool, batch) == 100
-        assert await db.store_ticks(pool, batch[50:] + ticks_for(market, 120)[100:]) == 20
+        # Minute 0 closed; minute 1 forming, three updates in one batch: only the newest is kept.
+        first = [
+            bar(market, 0, 0, 11.0, closed=True),
+            bar(market, 1, 1, 12.0, closed=False),
+            bar(market, 1, 2, 13.0, closed=False),
+            bar(market, 1, 3, 14.0, closed=False),
+        ]
+        assert await db.store_bars(pool, first) == 2
+        assert await db.store_bars(pool, first) == 0  # a redelivery changes nothing
+        # The bar closes (seq 4); a replayed older update (seq 2) arriving later never wins.
+        assert await db.store_bars(pool, [bar(market, 1, 4, 15.0, closed=True)]) == 1
+        assert await db.store_bars(pool, [bar(market, 1, 2, 13.0, closed=False)]) == 0
         async with pool.acquire() as conn:
-            count = await conn.fetchval("SELECT count(*) FROM ticks WHERE market=$1", market.id)
-        assert count == 120
-        day = await db.recent_ticks(pool, market.id, span_ms=10 * 60_000)
-        assert [t.seq for t in day] == list(range(110, 120))
-        assert day[-1] == ticks_for(market, 120)[-1]
+            rows = await conn.fetch(
+                "SELECT minute, seq, close, volume, trades, closed FROM bars"
+                " WHERE market=$1 ORDER BY minute",
+                market.id,
+            )
+        assert [tuple(r) for r in rows] == [
+            (BASE_MINUTE, 0, 11.0, 0.0, 0, True),
+            (BASE_MINUTE + MINUTE_MS, 4, 15.0, 4.0, 4, True),
+        ]
+        stored = await db.bars_between(pool, market.id, BASE_MINUTE, BASE_MINUTE + MINUTE_MS)
+        assert stored == [first[0], bar(market, 1, 4, 15.0, closed=True)]
+        many = [bar(market, i, 10 + i, 20.0 + i, closed=True) for i in range(2, 40)]
+        assert await db.store_bars(pool, many) == 38
+        history = await db.recent_bars(pool, market.id, 10)
+        assert [b.minute for b in history] == [BASE_MINUTE + i * MINUTE_MS for i in range(29, 40)]
+        since = BASE_MINUTE + 35 * MINUTE_MS
+        missed = await db.recent_bars(pool, market.id, 10, since_minute=since)
+        assert [b.seq for b in missed] == [10 + i for i in range(35, 40)]
     finally:
         await pool.close()
 

@@ -72,20 +72,22 @@ async def test_retry_gives_up_when_stopping() -> None:
 @dataclass
 class _Record:
     topic: str
-    value: bytes
+    value: bytes | None
     partition: int = 0
     offset: int = 0
     key: bytes | None = None
 
 
 def test_decode_batch_counts_bad_and_misrouted_ticks() -> None:
-    """Bad JSON and a tick on another market's topic are counted and skipped."""
-    tick = Tick("binance", "btc", "usdt", 1, 60_000, 60_000, 10.0, 1.0)
+    """Bad JSON, a missing value and a tick on another market's topic are counted and skipped."""
+    minute = 1_680_000_000_000
+    tick = Tick("binance:btc-usdt", minute, 1, minute, minute, 10.0, 10.0, 10.0, 10.0, 1.0)
     records = [
         _Record("ticks.binance.btc-usdt", tick.encode()),
         _Record("ticks.binance.btc-usdt", b"{oops"),
+        _Record("ticks.binance.btc-usdt", None),
         _Record("ticks.binance.eth-usdt", tick.encode()),
     ]
     counters = DecodeCounters()
     assert decode_batch(records, counters) == [tick]
-    assert (counters.decoded, counters.skipped_bad) == (1, 2)
+    assert (counters.decoded, counters.skipped_bad) == (1, 3)

@@ -4,14 +4,38 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from tickstream_shared.errors import BadIdentifier, BadMessage, ConfigError
-from tickstream_shared.naming import Market, MetricId, parse_kind, rank_key, stats_key
+from tickstream_shared.naming import (
+    Market,
+    MetricId,
+    market_of,
+    parse_kind,
+    parse_measure,
+    rank_key,
+    stats_key,
+)
 from tickstream_shared.schemas import Alert, Tick, alert_id, decode_alert, decode_tick
 from tickstream_shared.settings import ServiceSettings, documented_settings
 
-TICK = Tick("binance", "btc", "usdt", 7, 1_680_000_060_000, 1_680_000_060_123, 28455.92, 20.3)
+MINUTE = 1_680_000_000_000
+NOW = MINUTE + 61_000
+TICK = Tick(
+    market="binance:btc-usdt",
+    minute=MINUTE,
+    seq=7,
+    exchange_ts=MINUTE + 59_000,
+    received_ts=MINUTE + 59_123,
+    open=28450.0,
+    high=28460.5,
+    low=28440.25,
+    close=28455.92,
+    volume=20.3,
+    trades=312,
+    closed=True,
+)
 
 
 def test_market_topic_and_metric_ids() -> None:
@@ -45,55 +69,101 @@ def test_topic_parsing_rejects_other_topics() -> None:
             Market.from_topic(topic)
 
 
-def test_kinds_and_redis_keys() -> None:
-    """Redis keys are built in one place with the tickstream prefix."""
+def test_kinds_measures_and_redis_keys() -> None:
+    """Redis keys are built in one place; each kind has its own rank measures."""
     assert parse_kind("price") == "price"
     with pytest.raises(BadIdentifier):
         parse_kind("PRICE ")
     assert stats_key("binance:btc-usdt:price") == "tickstream:stats:binance:btc-usdt:price"
-    assert rank_key("volume") == "tickstream:rank:volume"
+    assert rank_key("volume") == "tickstream:rank:volume:std"
+    assert rank_key("price", "logret") == "tickstream:rank:price:logret"
+    assert parse_measure("price", "logret") == "logret"
+    assert parse_measure("volume", "cv") == "cv"
+    with pytest.raises(BadIdentifier, match="std, cv for kind volume"):
+        parse_measure("volume", "logret")
+    assert market_of("binance:btc-usdt") is market_of("binance:btc-usdt")
 
 
 def test_tick_round_trip() -> None:
-    """A tick decodes to exactly what was encoded."""
-    assert decode_tick(TICK.encode()) == TICK
+    """A bar update decodes to exactly what was encoded, trade count and flag included."""
+    assert decode_tick(TICK.encode(), now_ms=NOW) == TICK
     assert TICK.value("price") == 28455.92 and TICK.value("volume") == 20.3
+    bare = json.loads(TICK.encode())
+    del bare["trades"], bare["closed"]
+    assert decode_tick(json.dumps(bare).encode(), now_ms=NOW) == msgspec.structs.replace(
+        TICK, trades=None, closed=False
+    )
+
+
+def _with(**changes: object) -> bytes:
+    return json.dumps({**json.loads(TICK.encode()), **changes}).encode()
 
 
 @pytest.mark.parametrize(
     ("raw", "problem"),
     [
         (b"not json", "not JSON"),
-        (b"[1,2]", "JSON object"),
-        (b'{"exchange":"binance"}', "missing field 'base'"),
-        (json.dumps({**json.loads(TICK.encode()), "price": "1"}).encode(), "must be float"),
-        (json.dumps({**json.loads(TICK.encode()), "seq": True}).encode(), "must be int"),
-        (json.dumps({**json.loads(TICK.encode()), "price": -1.0}).encode(), "price must be > 0"),
-        (json.dumps({**json.loads(TICK.encode()), "base": "BT C"}).encode(), "market id"),
-        (json.dumps({**json.loads(TICK.encode()), "base": "BTC"}).encode(), "lower case"),
+        (b"[1,2]", "Expected `object`"),
+        (b'{"market":"binance:btc-usdt"}', "missing required field `minute`"),
+        (_with(close="1"), "Expected `float`, got `str`"),
+        (_with(seq=True), "Expected `int`, got `bool`"),
+        (_with(seq=-1), "seq"),
+        (_with(close=-1.0), "close"),
+        (TICK.encode().replace(b":28455.92", b":1e400"), "close"),
+        (_with(volume=-0.5), "volume"),
+        (_with(trades=1.5), "trades"),
+        (_with(market="binance:BT C-usdt"), "is not <exchange>"),
+        (_with(market="binance:BTC-usdt"), "lower case"),
+        (_with(market="x" * 500), "length"),
+        (_with(minute=MINUTE + 1), "not a multiple of 60000"),
+        (_with(minute=10**16), "minute"),
+        (_with(minute=99999999999999999999999), "minute"),
+        (_with(exchange_ts=MINUTE - 1), "outside its bar"),
+        (_with(exchange_ts=MINUTE + 181_000), "outside its bar"),
+        (_with(high=28000.0), "within low..high"),
+        (_with(nested=[[[[[[[[[[1]]]]]]]]]], closed="yes"), "Expected `bool`"),
+        (b"[" * 2000 + b"]" * 2000, "not JSON|Expected `object`"),
+        (b'{"a":' + b"[" * 2000 + b"]" * 2000 + b"}", "not JSON|missing required field"),
+        (b'{"pad":"' + b"x" * 5000 + b'"}', "exceeds 4096"),
     ],
 )
 def test_bad_ticks_say_what_is_wrong(raw: bytes, problem: str) -> None:
-    """Malformed ticks raise BadMessage naming the problem."""
+    """Malformed or implausible ticks raise only BadMessage, naming the problem."""
     with pytest.raises(BadMessage, match=problem):
-        decode_tick(raw)
+        decode_tick(raw, now_ms=NOW)
 
 
-def test_nan_price_is_rejected() -> None:
-    """Non-finite numbers never reach the windows."""
-    raw = TICK.encode().replace(b"28455.92", b"NaN")
-    with pytest.raises(BadMessage, match="finite"):
-        decode_tick(raw)
+def test_ticks_from_the_future_are_refused() -> None:
+    """An update stamped ahead of its receive time, or received ahead of now, is bad input."""
+    ahead = MINUTE + 60 * 60_000  # an hour later, still a valid bar of its own minute
+    future = _with(minute=ahead, exchange_ts=ahead + 1000)
+    with pytest.raises(BadMessage, match="ahead of received_ts"):
+        decode_tick(future, now_ms=NOW)
+    received_late = _with(minute=ahead, exchange_ts=ahead, received_ts=ahead)
+    with pytest.raises(BadMessage, match="in the future"):
+        decode_tick(received_late, now_ms=NOW)
+    assert decode_tick(received_late, now_ms=ahead).minute == ahead
+    year_2100 = _with(minute=4_102_444_800_000, exchange_ts=4_102_444_800_000)
+    with pytest.raises(BadMessage):
+        decode_tick(year_2100, now_ms=NOW)
 
 
 def test_alert_round_trip_and_id() -> None:
-    """Alert ids are unique per metric and tick; alerts decode to what was encoded."""
-    ident = alert_id("binance:btc-usdt:volume", 5, 9)
-    assert ident == "binance:btc-usdt:volume@5#9"
-    alert = Alert(ident, "binance:btc-usdt:volume", "volume", 5, 9, 40.0, 10.0, 3.0, 4.0, 3600, 59)
+    """Alert ids are unique per metric and minute; alerts decode to what was encoded."""
+    ident = alert_id("binance:btc-usdt:volume", MINUTE)
+    assert ident == f"binance:btc-usdt:volume@{MINUTE}"
+    alert = Alert(
+        ident, "binance:btc-usdt:volume", "volume", MINUTE, MINUTE + 5, 9, 40.0, 10.0, 3.0, 4.0,
+        60, 59,
+    )  # fmt: skip
     assert decode_alert(alert.encode()) == alert
+    assert alert.as_json()["minute"] == MINUTE
     with pytest.raises(BadMessage):
         decode_alert(b'{"kind": "volume"}')
+    with pytest.raises(BadMessage, match="Expected `float`"):
+        decode_alert(alert.encode().replace(b'"value":40.0', b'"value":"NaN"'))
+    with pytest.raises(BadMessage):
+        decode_alert(alert.encode().replace(b'"kind":"volume"', b'"kind":"spread"'))
 
 
 def test_settings_from_env_converts_types() -> None:
@@ -104,7 +174,25 @@ def test_settings_from_env_converts_types() -> None:
     assert settings.gateway.port == 9001
     assert settings.alerts.factor == 2.5
     assert settings.watcher.markets == ("a:b-c", "d:e-f")
-    assert settings.stats.window_seconds == 86400
+    assert settings.stats.window_minutes == 1440
+    assert settings.stats.stale_seconds == 300
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"STATS_WINDOW_MINUTES": "0"}, "below the minimum"),
+        ({"GATEWAY_HISTORY_MINUTES": "5000"}, "above the maximum"),
+        ({"WATCHER_SOURCE": "carrier-pigeon"}, "not one of"),
+        ({"ALERTS_FACTOR": "nan"}, "not a finite number"),
+        ({"STORAGE_RETENTION_DAYS": "1"}, "below the minimum"),
+    ],
+)
+def test_settings_out_of_bounds_are_refused(env: dict[str, str], problem: str) -> None:
+    """Settings are validated at load: out-of-range numbers and unknown choices are refused."""
+    with pytest.raises(ConfigError, match=problem) as caught:
+        ServiceSettings.from_env(env)
+    assert caught.value.variable == next(iter(env))
 
 
 def test_bad_setting_names_the_variable() -> None:

@@ -1,10 +1,11 @@
-"""The WebSocket protocol parser and the hub's delivery rules, without sockets."""
+"""The WebSocket protocol, sans I/O: command parsing, parameter checks and frame encoding."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from tickstream_gateway.hub import Hub
 from tickstream_gateway.protocol import (
     MAX_FRAME_BYTES,
     Ping,
@@ -12,30 +13,75 @@ from tickstream_gateway.protocol import (
     Subscribe,
     Subscription,
     Unsubscribe,
+    bar_frame,
+    encode,
+    error_frame,
+    history_frame,
+    parse_by,
     parse_command,
+    parse_since,
+    status_frame,
 )
 from tickstream_shared.naming import Market
-from tickstream_shared.schemas import Tick
+from tickstream_shared.schemas import MAX_TS_MS, MIN_TS_MS, Tick
 
 BTC = Market("binance", "btc", "usdt")
+MINUTE = 1_680_000_000_000
+
+# The largest history frame the schema allows: 1,441 bars whose five floats each take the
+# longest encoding msgspec produces for a finite positive double (23 characters, e.g. a
+# SHIB-like price 0.000026853072854336854), seq 2**62, trades 2**40, `closed` false, and a
+# market id of the schema's 120-character limit. docs/protocol.md quotes this number.
+LONGEST_FLOAT = 0.000026853072854336854
+LARGEST_HISTORY_FRAME_BYTES = 395_015
 
 
-def tick(seq: int, ts: int | None = None) -> Tick:
-    return Tick("binance", "btc", "usdt", seq, ts if ts is not None else seq * 1000, 0, 1.0, 2.0)
+def bar(seq: int, minute: int = MINUTE, *, close: float = 2.0, closed: bool = False) -> Tick:
+    return Tick(
+        market=BTC.id,
+        minute=minute,
+        seq=seq,
+        exchange_ts=minute + 1000,
+        received_ts=minute + 1100,
+        open=1.5,
+        high=3.0,
+        low=1.0,
+        close=close,
+        volume=0.25,
+        trades=None,
+        closed=closed,
+    )
 
 
 def test_parse_valid_commands() -> None:
-    """Subscribe, unsubscribe and ping frames parse into commands."""
+    """Subscribe, unsubscribe and ping frames parse into commands with their defaults."""
     assert parse_command('{"op":"ping"}') == Ping()
     assert parse_command(
         '{"op":"subscribe","channel":"market","market":"binance:btc-usdt"}'
-    ) == Subscribe(Subscription("market", market=BTC))
-    assert parse_command('{"op":"unsubscribe","channel":"ranks","kind":"volume"}') == Unsubscribe(
-        Subscription("ranks", kind="volume")
+    ) == Subscribe(Subscription("market", market=BTC), since=None)
+    assert parse_command('{"op":"subscribe","channel":"ranks","kind":"volume"}') == Subscribe(
+        Subscription("ranks", kind="volume", measure="std")
+    )
+    assert parse_command('{"op":"unsubscribe","channel":"ranks","kind":"price"}') == Unsubscribe(
+        Subscription("ranks", kind="price")
     )
     assert parse_command('{"op":"subscribe","channel":"alerts"}') == Subscribe(
         Subscription("alerts")
     )
+
+
+def test_subscribe_carries_since_and_by() -> None:
+    """A market subscribe keeps `since`; a ranks subscribe keeps `by`."""
+    market = parse_command(
+        f'{{"op":"subscribe","channel":"market","market":"binance:btc-usdt","since":{MINUTE}}}'
+    )
+    assert market == Subscribe(Subscription("market", market=BTC), since=MINUTE)
+    ranks = parse_command('{"op":"subscribe","channel":"ranks","kind":"price","by":"logret"}')
+    assert ranks == Subscribe(Subscription("ranks", kind="price", measure="logret"))
+    # One rank subscription per kind: unsubscribe ignores `by`.
+    assert parse_command(
+        '{"op":"unsubscribe","channel":"ranks","kind":"volume","by":"nonsense"}'
+    ) == Unsubscribe(Subscription("ranks", kind="volume"))
 
 
 @pytest.mark.parametrize(
@@ -49,6 +95,13 @@ def test_parse_valid_commands() -> None:
         ('{"op":"subscribe","channel":"market","market":"btc"}', "bad_market"),
         ('{"op":"subscribe","channel":"ranks","kind":"spread"}', "bad_kind"),
         ('{"op":"subscribe","channel":"ranks"}', "bad_kind"),
+        ('{"op":"subscribe","channel":"ranks","kind":"volume","by":"logret"}', "bad_measure"),
+        ('{"op":"subscribe","channel":"ranks","kind":"price","by":"sharpe"}', "bad_measure"),
+        ('{"op":"subscribe","channel":"ranks","kind":"price","by":1}', "bad_measure"),
+        ('{"op":"subscribe","channel":"market","market":"a:b-c","since":"x"}', "bad_since"),
+        ('{"op":"subscribe","channel":"market","market":"a:b-c","since":1.5e12}', "bad_since"),
+        ('{"op":"subscribe","channel":"market","market":"a:b-c","since":true}', "bad_since"),
+        ('{"op":"subscribe","channel":"market","market":"a:b-c","since":-60000}', "bad_since"),
         ("x" * (MAX_FRAME_BYTES + 1), "frame_too_large"),
     ],
 )
@@ -59,41 +112,118 @@ def test_bad_frames_get_a_code(frame: str, code: str) -> None:
     assert info.value.code == code
 
 
-async def test_history_then_live_without_gap_or_overlap() -> None:
-    """Ticks held during the history query are sent only if newer than the history."""
-    hub = Hub(client_queue=10)
-    session = hub.connect()
-    hub.hold_market(session, BTC)
-    for seq in (1, 2, 3):
-        hub.publish_tick(tick(seq))
-    hub.release_market(session, BTC, after=(2000, 2))
-    hub.publish_tick(tick(2))  # the feed lagging behind stored history: not resent
-    hub.publish_tick(tick(4))
-    sent = [session.queue.get_nowait()["seq"] for _ in range(session.queue.qsize())]
-    assert sent == [3, 4]
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, None),
+        (MIN_TS_MS, MIN_TS_MS),
+        (MAX_TS_MS, MAX_TS_MS),
+        (str(MINUTE), MINUTE),
+        (MINUTE + 1, MINUTE + 1),  # not a multiple of a minute: bars with minute >= it
+    ],
+)
+def test_since_accepts_plausible_times(raw: object, expected: int | None) -> None:
+    """`since` is an int or a digit string within 2010..2100 in ms; absent means no filter."""
+    assert parse_since(raw) == expected
 
 
-async def test_slow_client_overflows_instead_of_buffering() -> None:
-    """A client whose queue is full is flagged for closing; nothing grows without bound."""
-    hub = Hub(client_queue=2)
-    session = hub.connect()
-    hub.hold_market(session, BTC)
-    hub.release_market(session, BTC, after=(-1, -1))
-    for seq in range(3):
-        hub.publish_tick(tick(seq))
-    assert session.queue.qsize() == 2
-    assert session.overflowed.is_set()
-    hub.disconnect(session)
-    assert hub.dropped_slow_clients == 1
+@pytest.mark.parametrize(
+    "raw", ["soon", "", " 1680000000000", "1_680_000_000_000", "99999999999999999999", 0, 12.0]
+)
+def test_since_refuses_anything_else(raw: object) -> None:
+    """Non-integers and times outside the plausible range are `bad_since`."""
+    with pytest.raises(ProtocolError) as info:
+        parse_since(raw)
+    assert info.value.code == "bad_since"
 
 
-async def test_unsubscribed_markets_receive_nothing() -> None:
-    """After drop_market a client gets no more ticks of that market."""
-    hub = Hub(client_queue=5)
-    session = hub.connect()
-    hub.hold_market(session, BTC)
-    hub.release_market(session, BTC, after=(-1, -1))
-    hub.drop_market(session, BTC)
-    hub.publish_tick(tick(1))
-    assert session.queue.empty()
-    assert hub.recent_ticks(BTC) == [tick(1)]
+def test_by_defaults_to_std_and_depends_on_kind() -> None:
+    """`by` is std when absent; logret exists only for price."""
+    assert parse_by("price", None) == "std"
+    assert parse_by("volume", "cv") == "cv"
+    assert parse_by("price", "logret") == "logret"
+    with pytest.raises(ProtocolError) as info:
+        parse_by("volume", "logret")
+    assert info.value.code == "bad_measure"
+
+
+def test_bar_frame_carries_every_bar_field() -> None:
+    """A `bar` frame is the market, the bar fields and received_ts, and nothing else."""
+    frame = json.loads(bar_frame(bar(7, close=2.5, closed=True)))
+    assert frame == {
+        "type": "bar",
+        "market": "binance:btc-usdt",
+        "minute": MINUTE,
+        "seq": 7,
+        "exchange_ts": MINUTE + 1000,
+        "received_ts": MINUTE + 1100,
+        "open": 1.5,
+        "high": 3.0,
+        "low": 1.0,
+        "close": 2.5,
+        "volume": 0.25,
+        "trades": None,
+        "closed": True,
+    }
+
+
+def test_history_frame_lists_bars_oldest_first() -> None:
+    """A `history` frame names the market and `since` and holds one point per minute."""
+    frame = json.loads(history_frame(BTC.id, [bar(1), bar(5, MINUTE + 60_000)], MINUTE))
+    assert frame["type"] == "history"
+    assert (frame["market"], frame["since"]) == ("binance:btc-usdt", MINUTE)
+    assert frame["bars"][1] == {
+        "minute": MINUTE + 60_000,
+        "seq": 5,
+        "exchange_ts": MINUTE + 61_000,
+        "open": 1.5,
+        "high": 3.0,
+        "low": 1.0,
+        "close": 2.0,
+        "volume": 0.25,
+        "trades": None,
+        "closed": False,
+    }
+    assert [p["seq"] for p in frame["bars"]] == [1, 5]
+
+
+def test_status_and_error_frames() -> None:
+    """Subscribed frames echo the subscription (with `by` for ranks); errors carry a code."""
+    ranks = Subscription("ranks", kind="price", measure="cv")
+    assert json.loads(status_frame("subscribed", ranks)) == {
+        "type": "subscribed",
+        "channel": "ranks",
+        "kind": "price",
+        "by": "cv",
+    }
+    assert json.loads(error_frame("bad_since", "no")) == {
+        "type": "error",
+        "code": "bad_since",
+        "message": "no",
+    }
+
+
+def test_largest_history_frame_size() -> None:
+    """1,441 bars with the longest encodings the schema allows make the documented frame size."""
+    market_id = f"{'x' * 100}:{'y' * 9}-{'z' * 9}"
+    assert len(market_id) == 120
+    assert len(encode(LONGEST_FLOAT)) == 23
+    bars = [
+        Tick(
+            market=market_id,
+            minute=MINUTE + i * 60_000,
+            seq=2**62,
+            exchange_ts=MINUTE + i * 60_000 + 59_999,
+            received_ts=MINUTE,
+            open=LONGEST_FLOAT,
+            high=LONGEST_FLOAT,
+            low=LONGEST_FLOAT,
+            close=LONGEST_FLOAT,
+            volume=LONGEST_FLOAT,
+            trades=2**40,
+            closed=False,
+        )
+        for i in range(1441)
+    ]
+    frame = history_frame(market_id, bars, MINUTE)
+    assert len(frame.encode()) == LARGEST_HISTORY_FRAME_BYTES

@@ -1,260 +1,274 @@
-"""Unit tests for the spike rule."""
+"""Unit and property tests for the minute spike rule against an exact brute-force reference."""
+
+from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tickstream_alerts.rule import Spike, SpikeRule
+from tests.unit.spike_reference import RuleParams, Update, rule_spikes
+from tickstream_alerts.rule import MinuteSpikeRule, Spike
+from tickstream_shared.schemas import MINUTE_MS
 
-_HOUR_MS = 3_600_000
-
-
-def _brute_force(
-    history: list[tuple[int, float]],
-    ts_ms: int,
-    value: float,
-    *,
-    factor: float,
-    span_ms: int,
-    min_samples: int,
-) -> tuple[Spike | None, Fraction | None]:
-    """The verdict from all earlier observations, filtered explicitly, and the exact mean."""
-    previous = [v for t, v in history if ts_ms - span_ms < t <= ts_ms]
-    if not previous:
-        return None, None
-    exact_mean = sum((Fraction(v) for v in previous), Fraction(0)) / len(previous)
-    mean = float(exact_mean)
-    if len(previous) >= min_samples and mean > 0 and value > factor * mean:
-        return Spike(value=value, mean=mean, ratio=value / mean, samples=len(previous)), exact_mean
-    return None, exact_mean
+T0 = 1_700_000_040_000  # a whole minute
+HOUR = 60
 
 
-_SPANS = st.sampled_from([1, 5, 30, 200])
-_FACTORS = st.sampled_from([1.5, 2.0, 3.0])
-_INCREMENTS = st.integers(min_value=0, max_value=10)
+def minute(index: int) -> int:
+    return T0 + index * MINUTE_MS
 
 
-@settings(max_examples=100, deadline=None)
-@given(
-    factor=_FACTORS,
-    span_ms=_SPANS,
-    min_samples=st.integers(min_value=1, max_value=5),
-    steps=st.lists(
-        st.tuples(_INCREMENTS, st.integers(min_value=-20, max_value=100).map(float)),
-        min_size=1,
-        max_size=200,
-    ),
+def make_rule(params: RuleParams) -> MinuteSpikeRule:
+    return MinuteSpikeRule(
+        params.factor,
+        params.window_minutes,
+        params.min_samples,
+        params.min_active_minutes,
+        params.min_zscore,
+    )
+
+
+def fill(rule: MinuteSpikeRule, closes: list[float], volumes: list[float]) -> None:
+    """Minutes 0.. with these values, each judged and expected to raise nothing."""
+    for index, (close, volume) in enumerate(zip(closes, volumes, strict=True)):
+        assert rule.observe(minute(index), close, volume) == ()
+
+
+def _near_thresholds(window: list[float], params: RuleParams) -> list[float]:
+    """Floats at and next to factor x mean and mean + z x std of `window`, as floats see them."""
+    if not window:
+        return [1.0]
+    mean = math.fsum(window) / len(window)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in window) / len(window))
+    near = []
+    for threshold in (params.factor * mean, mean + params.min_zscore * std):
+        near += [math.nextafter(threshold, 0.0), threshold, math.nextafter(threshold, math.inf)]
+    return [max(v, 1e-9) for v in near]
+
+
+@st.composite
+def update_streams(
+    draw: st.DrawFn, values: st.SearchStrategy[float], params: RuleParams
+) -> list[Update]:
+    """Updates of one market: forming repeats, next minutes, gaps, late earlier minutes, and
+    values at the float thresholds (where only exact arithmetic gets the verdict right)."""
+    window = params.window_minutes
+    steps = st.one_of(st.just(0), st.just(1), st.integers(-window - 2, window + 2))
+    count = draw(st.integers(1, 150))
+    index = 0
+    seen: dict[int, tuple[float, float]] = {}
+    updates = []
+    for seq in range(count):
+        index = max(index + draw(steps), -1000)
+        at = minute(index)
+        before = [seen[m] for m in sorted(seen) if at - window * MINUTE_MS <= m < at]
+        if draw(st.integers(0, 3)) == 0:
+            close = draw(st.sampled_from(_near_thresholds([c for c, _ in before], params)))
+        else:
+            close = draw(values)
+        if draw(st.integers(0, 3)) == 0:
+            volume = draw(st.sampled_from(_near_thresholds([v for _, v in before], params)))
+        else:
+            volume = draw(st.one_of(st.just(0.0), values))
+        seen[at] = (close, volume)
+        updates.append(Update(at, seq, close, volume))
+    return updates
+
+
+def check_against_reference(updates: list[Update], params: RuleParams) -> None:
+    rule = make_rule(params)
+    for update, expected in zip(updates, rule_spikes(updates, params), strict=True):
+        spikes = rule.observe(update.minute, update.close, update.volume)
+        assert [s.kind for s in spikes] == [e.kind for e in expected]
+        for spike, reference in zip(spikes, expected, strict=True):
+            assert spike.samples == reference.samples
+            assert spike.mean == math.fsum(reference.window) / reference.samples
+            assert math.isclose(spike.mean, float(reference.exact_mean), rel_tol=1e-15)
+            assert spike.value == (update.close if spike.kind == "price" else update.volume)
+            assert spike.ratio == spike.value / spike.mean
+
+
+_PARAMS = st.builds(
+    RuleParams,
+    factor=st.sampled_from([1.5, 2.0, 3.0]),
+    window_minutes=st.sampled_from([1, 3, 5, 60]),
+    min_samples=st.integers(1, 4),
+    min_active_minutes=st.integers(0, 3),
+    min_zscore=st.sampled_from([0.0, 0.5, 1.0, 2.0]),
 )
-def test_integer_values_match_brute_force_exactly(
-    factor: float, span_ms: int, min_samples: int, steps: list[tuple[int, float]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), params=_PARAMS)
+def test_small_integer_values_match_the_exact_reference(
+    data: st.DataObject, params: RuleParams
 ) -> None:
-    """With exactly summable values every verdict equals the brute-force one, Spike for Spike."""
-    rule = SpikeRule(factor, span_ms, min_samples)
-    history: list[tuple[int, float]] = []
-    ts = 0
-    for increment, value in steps:
-        ts += increment
-        expected, _ = _brute_force(
-            history, ts, value, factor=factor, span_ms=span_ms, min_samples=min_samples
-        )
-        assert rule.observe(ts, value) == expected
-        history.append((ts, value))
-        assert len(rule) == sum(1 for t, _ in history if t > ts - span_ms)
+    """With small integers (many exact ties at the threshold) every verdict is the exact one."""
+    values = st.integers(1, 8).map(float)
+    check_against_reference(data.draw(update_streams(values, params)), params)
 
 
-_FLOATS = st.one_of(
-    st.sampled_from([0.0, 1.0, 1e-3, 1e9]),
-    st.floats(min_value=-1e9, max_value=1e9, allow_subnormal=False),
-)
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), params=_PARAMS)
+def test_float_values_match_the_exact_reference(data: st.DataObject, params: RuleParams) -> None:
+    """With arbitrary floats every verdict still equals the one in exact fractions."""
+    values = st.one_of(
+        st.sampled_from([1e-3, 0.1, 0.3, 1.0, 1e5, 1e5 + 0.01]),
+        st.floats(min_value=1e-6, max_value=1e9, allow_subnormal=False),
+    )
+    check_against_reference(data.draw(update_streams(values, params)), params)
 
 
-@settings(max_examples=100, deadline=None)
-@given(
-    factor=_FACTORS,
-    span_ms=_SPANS,
-    steps=st.lists(st.tuples(_INCREMENTS, _FLOATS), min_size=1, max_size=200),
-)
-def test_float_values_match_brute_force(
-    factor: float, span_ms: int, steps: list[tuple[int, float]]
-) -> None:
-    """With arbitrary floats the mean is the exact one to 1e-12 and clear verdicts agree."""
-    rule = SpikeRule(factor, span_ms, min_samples=1)
-    history: list[tuple[int, float]] = []
-    ts = 0
-    for increment, value in steps:
-        ts += increment
-        expected, exact_mean = _brute_force(
-            history, ts, value, factor=factor, span_ms=span_ms, min_samples=1
-        )
-        spike = rule.observe(ts, value)
-        history.append((ts, value))
-        if exact_mean is None:
-            assert spike is None
-            continue
-        threshold = factor * float(exact_mean)
-        if math.isclose(value, threshold, rel_tol=1e-9) or abs(float(exact_mean)) < 1e-300:
-            # Too close to the threshold (or to a zero mean) for rounding to be irrelevant.
-            continue
-        assert (spike is None) == (expected is None)
-        if spike is not None:
-            assert expected is not None
-            assert spike.samples == expected.samples
-            assert spike.value == value
-            assert math.isclose(spike.mean, float(exact_mean), rel_tol=1e-12)
-
-
-def test_no_alert_below_min_samples() -> None:
-    """A huge value is not a spike until the mean is taken over min_samples values."""
-    rule = SpikeRule(factor=3.0, span_ms=_HOUR_MS, min_samples=3)
-    assert rule.observe(0, 1.0) is None
-    assert rule.observe(1, 1.0) is None
-    assert rule.observe(2, 10.0) is None
-    assert rule.observe(3, 100.0) == Spike(value=100.0, mean=4.0, ratio=25.0, samples=3)
+def test_forming_minute_is_judged_on_every_update_against_one_baseline() -> None:
+    """Each update of the forming minute is judged; the minute itself is not in its mean."""
+    rule = MinuteSpikeRule(3.0, HOUR, 3)
+    fill(rule, [10.0] * 3, [2.0] * 3)
+    assert rule.observe(minute(3), 10.0, 5.0) == ()
+    assert rule.observe(minute(3), 10.0, 6.5) == (Spike("volume", 6.5, 2.0, 3.25, 3),)
+    assert rule.observe(minute(3), 31.0, 7.0) == (
+        Spike("price", 31.0, 10.0, 3.1, 3),
+        Spike("volume", 7.0, 2.0, 3.5, 3),
+    )
+    # Its latest value joins the next minute's window: mean (2 + 2 + 2 + 7) / 4.
+    assert rule.observe(minute(4), 10.0, 9.75) == ()
+    assert rule.observe(minute(4), 10.0, 9.76) == (Spike("volume", 9.76, 3.25, 9.76 / 3.25, 4),)
 
 
 def test_exactly_factor_times_mean_is_not_a_spike() -> None:
     """A value of exactly 3x the mean is not a spike; the next float above it is."""
-    at_threshold = SpikeRule(3.0, _HOUR_MS, 3)
-    above = SpikeRule(3.0, _HOUR_MS, 3)
-    for ts, value in enumerate([1.0, 2.0, 3.0]):
-        assert at_threshold.observe(ts, value) is None
-        assert above.observe(ts, value) is None
-    assert at_threshold.observe(10, 6.0) is None
-    just_above = math.nextafter(6.0, math.inf)
-    assert above.observe(10, just_above) == Spike(
-        value=just_above, mean=2.0, ratio=just_above / 2.0, samples=3
-    )
+    rule = MinuteSpikeRule(3.0, HOUR, 3)
+    fill(rule, [1.0, 2.0, 3.0], [1.0] * 3)
+    assert rule.observe(minute(3), 6.0, 1.0) == ()
+    above = math.nextafter(6.0, math.inf)
+    assert rule.observe(minute(3), above, 1.0) == (Spike("price", above, 2.0, above / 2.0, 3),)
 
 
-def test_mean_excludes_the_current_value() -> None:
-    """The mean is over earlier values only, so 31 after three 10s is a 3.1x spike."""
-    rule = SpikeRule(3.0, _HOUR_MS, 3)
-    for ts in range(3):
-        assert rule.observe(ts, 10.0) is None
-    assert rule.observe(3, 31.0) == Spike(value=31.0, mean=10.0, ratio=3.1, samples=3)
-    assert len(rule) == 4
+def test_threshold_is_exact_where_floats_would_round_it_away() -> None:
+    """18.6 > 3 x 31/5 exactly, although in floats 3 * (31 / 5) == 18.6."""
+    assert 3.0 * (math.fsum([1.0, 9.0, 8.0, 9.0, 4.0]) / 5) == 18.6
+    rule = MinuteSpikeRule(3.0, HOUR, 5)
+    fill(rule, [1.0, 9.0, 8.0, 9.0, 4.0], [1.0] * 5)
+    assert rule.observe(minute(5), 18.6, 1.0) == (Spike("price", 18.6, 6.2, 18.6 / 6.2, 5),)
 
 
-def test_values_older_than_the_span_no_longer_count() -> None:
-    """Values at ts - span_ms or earlier are out of the mean; at ts - span_ms + 1 they count."""
-    kept = SpikeRule(3.0, _HOUR_MS, 3)
-    evicted = SpikeRule(3.0, _HOUR_MS, 3)
-    for rule in (kept, evicted):
-        for _ in range(3):
-            assert rule.observe(0, 100.0) is None
-        for _ in range(3):
-            assert rule.observe(1_800_000, 1.0) is None
-    assert kept.observe(_HOUR_MS - 1, 4.0) is None
-    assert len(kept) == 7
-    assert evicted.observe(_HOUR_MS, 4.0) == Spike(value=4.0, mean=1.0, ratio=4.0, samples=3)
-    assert len(evicted) == 4
-
-
-def test_non_positive_mean_never_spikes() -> None:
-    """A mean of zero or below cannot be exceeded by a factor."""
-    zero = SpikeRule(3.0, _HOUR_MS, 1)
-    negative = SpikeRule(3.0, _HOUR_MS, 1)
-    for ts in range(5):
-        assert zero.observe(ts, 0.0) is None
-        assert negative.observe(ts, -1.0) is None
-    assert zero.observe(5, 1e9) is None
-    assert negative.observe(5, 1e9) is None
-
-
-def test_every_value_joins_the_window_spike_or_not() -> None:
-    """A spike is added to the window, so it raises the mean the next value is judged by."""
-    rule = SpikeRule(2.0, _HOUR_MS, 1)
-    assert rule.observe(0, 1.0) is None
-    assert rule.observe(1, 5.0) == Spike(value=5.0, mean=1.0, ratio=5.0, samples=1)
-    assert rule.observe(2, 5.0) is None
-    assert rule.observe(3, 8.5) == Spike(
-        value=8.5, mean=11.0 / 3.0, ratio=8.5 / (11.0 / 3.0), samples=3
-    )
-
-
-def test_mean_stays_exact_after_a_huge_value_leaves() -> None:
-    """A value far larger than the rest leaves no rounding error behind when it is evicted."""
-
-    def after_huge_value() -> SpikeRule:
-        rule = SpikeRule(3.0, 10, 1)
-        rule.observe(0, 1e17)
-        for ts in range(1, 10):
-            rule.observe(ts, 1.0)
-        return rule
-
-    # At ts 10 the 1e17 is out and nine 1.0s remain, whose sum 1e17 + 9 - 1e17 would have lost.
-    assert after_huge_value().observe(10, 3.0) is None
-    just_above = math.nextafter(3.0, math.inf)
-    assert after_huge_value().observe(10, just_above) == Spike(
-        value=just_above, mean=1.0, ratio=just_above, samples=9
-    )
-
-
-def test_mean_stays_exact_when_re_summed_with_a_huge_value_inside() -> None:
-    """The exact re-sum keeps what 1e17 + 1 rounds away, so it is back once 1e17 leaves."""
-
-    def re_summed_around_huge_value() -> SpikeRule:
-        rule = SpikeRule(3.0, 10, 1)
-        for _ in range(3):
-            rule.observe(0, 1.0)
-        rule.observe(5, 1e17)
-        rule.observe(6, 1.0)
-        # Evicting the three values at ts 0 re-sums the window [1e17, 1.0].
-        rule.observe(10, 1.0)
-        return rule
-
-    assert re_summed_around_huge_value().observe(15, 3.0) is None
-    just_above = math.nextafter(3.0, math.inf)
-    assert re_summed_around_huge_value().observe(15, just_above) == Spike(
-        value=just_above, mean=1.0, ratio=just_above, samples=2
-    )
+def test_window_holds_the_sixty_minutes_before_and_skips_gaps() -> None:
+    """Minute m - 60 counts, m - 61 does not, and absent minutes are not samples."""
+    rule = MinuteSpikeRule(3.0, HOUR, 1)
+    assert rule.observe(minute(0), 100.0, 1.0) == ()
+    assert rule.observe(minute(1), 1.0, 1.0) == ()
+    # Minutes 2..60 absent; at 61 the window [1, 60] holds only minute 1.
+    assert rule.observe(minute(61), 3.5, 1.0) == (Spike("price", 3.5, 1.0, 3.5, 1),)
+    # At 62 the window [2, 61] holds only minute 61.
+    assert rule.observe(minute(62), 10.0, 1.0) == ()
+    assert rule.observe(minute(62), 10.6, 1.0) == (Spike("price", 10.6, 3.5, 10.6 / 3.5, 1),)
 
 
 def test_long_gap_empties_the_window() -> None:
-    """After a gap longer than the span nothing earlier counts."""
-    rule = SpikeRule(3.0, 1000, 1)
-    for ts in range(0, 500, 50):
-        rule.observe(ts, 1.0)
-    assert rule.observe(10_000, 50.0) is None
-    assert len(rule) == 1
+    """After more than an hour without bars nothing earlier counts: no samples, no spike."""
+    rule = MinuteSpikeRule(3.0, HOUR, 1)
+    fill(rule, [1.0] * 10, [1.0] * 10)
+    assert rule.observe(minute(200), 1000.0, 1000.0) == ()
+    assert rule.observe(minute(201), 3001.0, 1.0) == (Spike("price", 3001.0, 1000.0, 3.001, 1),)
 
 
-def test_decreasing_timestamp_raises_and_leaves_rule_unchanged() -> None:
-    """observe with an older timestamp raises ValueError and changes nothing."""
-    rule = SpikeRule(3.0, _HOUR_MS, 1)
-    assert rule.observe(100, 1.0) is None
-    assert rule.observe(100, 1.0) is None
-    with pytest.raises(ValueError, match="older than the previous"):
-        rule.observe(99, 50.0)
-    assert len(rule) == 2
-    assert rule.observe(100, 3.5) == Spike(value=3.5, mean=1.0, ratio=3.5, samples=2)
+def test_min_samples_counts_present_minutes() -> None:
+    """No spike until the window holds min_samples minutes."""
+    rule = MinuteSpikeRule(3.0, HOUR, 3)
+    fill(rule, [1.0, 1.0], [1.0, 1.0])
+    assert rule.observe(minute(2), 50.0, 50.0) == ()
+    assert rule.observe(minute(3), 100.0, 1.0) == (
+        Spike("price", 100.0, 17.0 + 1 / 3, 100.0 / (52 / 3), 3),
+    )
 
 
-@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_non_finite_value_raises(value: float) -> None:
-    """observe rejects NaN and infinities, which would poison the running sum."""
-    rule = SpikeRule(3.0, _HOUR_MS, 1)
-    with pytest.raises(ValueError, match="finite"):
-        rule.observe(0, value)
-    assert len(rule) == 0
+def test_illiquid_guard_needs_active_minutes_for_both_kinds() -> None:
+    """With min_active_minutes 3 an hour of two traded minutes raises nothing, price included."""
+    guarded = MinuteSpikeRule(3.0, HOUR, 1, min_active_minutes=3)
+    fill(guarded, [1.0] * 4, [0.0, 5.0, 0.0, 5.0])
+    assert guarded.observe(minute(4), 100.0, 100.0) == ()
+    assert guarded.observe(minute(5), 100.0, 1000.0) == (
+        Spike("price", 100.0, 20.8, 100.0 / 20.8, 5),
+        Spike("volume", 1000.0, 22.0, 1000.0 / 22.0, 5),
+    )
+
+
+def test_non_positive_mean_never_spikes() -> None:
+    """A window of zero volume has mean 0, which no value exceeds by a factor."""
+    rule = MinuteSpikeRule(3.0, HOUR, 1)
+    fill(rule, [1.0] * 5, [0.0] * 5)
+    assert rule.observe(minute(5), 1.0, 1e9) == ()
+
+
+def test_zscore_guard_is_strict_and_exact() -> None:
+    """Over [0, 2] (mean 1, std 1) a z of 4 needs value > 5: 5 is not a spike, its successor is."""
+    rule = MinuteSpikeRule(3.0, HOUR, 1, min_zscore=4.0)
+    fill(rule, [1.0, 1.0], [0.0, 2.0])
+    assert rule.observe(minute(2), 1.0, 5.0) == ()
+    above = math.nextafter(5.0, math.inf)
+    assert rule.observe(minute(2), 1.0, above) == (Spike("volume", above, 1.0, above, 2),)
+
+
+def test_zscore_guard_lets_a_jump_out_of_a_flat_window_through() -> None:
+    """A constant window has std 0, so only the factor decides."""
+    rule = MinuteSpikeRule(3.0, HOUR, 1, min_zscore=6.0)
+    fill(rule, [2.0] * 4, [1.0] * 4)
+    assert rule.observe(minute(4), 6.5, 1.0) == (Spike("price", 6.5, 2.0, 3.25, 4),)
+
+
+def test_late_update_changes_later_windows_but_is_not_judged() -> None:
+    """A late update of an earlier minute raises nothing and is in the baseline from then on."""
+    rule = MinuteSpikeRule(3.0, HOUR, 1)
+    fill(rule, [1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+    assert rule.observe(minute(3), 3.5, 1.0) == (Spike("price", 3.5, 1.0, 3.5, 3),)
+    assert rule.observe(minute(1), 100.0, 1.0) == ()  # late: not judged
+    assert rule.newest_minute == minute(3)
+    # The forming minute 3 is now judged against (1 + 100 + 1) / 3 = 34.
+    assert rule.observe(minute(3), 101.0, 1.0) == ()
+    assert rule.observe(minute(3), 103.0, 1.0) == (Spike("price", 103.0, 34.0, 103.0 / 34.0, 3),)
+
+
+def test_update_older_than_the_newest_window_is_ignored() -> None:
+    """A minute before the newest minute's window cannot matter and changes nothing."""
+    rule = MinuteSpikeRule(3.0, 2, 1)
+    fill(rule, [1.0, 1.0, 1.0, 1.0], [1.0] * 4)
+    assert rule.observe(minute(0), 500.0, 500.0) == ()
+    assert rule.observe(minute(3), 3.5, 1.0) == (Spike("price", 3.5, 1.0, 3.5, 2),)
+
+
+def test_ring_reuses_slots_without_mixing_minutes() -> None:
+    """With a 2-minute window the ring has 3 slots; minute 3 reuses minute 0's slot correctly."""
+    rule = MinuteSpikeRule(2.0, 2, 1)
+    fill(rule, [10.0, 1.0, 1.0], [1.0] * 3)
+    assert rule.observe(minute(3), 2.5, 1.0) == (Spike("price", 2.5, 1.0, 2.5, 2),)
+    assert rule.observe(minute(5), 5.5, 1.0) == (Spike("price", 5.5, 2.5, 5.5 / 2.5, 1),)
+
+
+def test_remember_records_without_judging() -> None:
+    """Warm-up values raise nothing and form the next minute's baseline."""
+    rule = MinuteSpikeRule(3.0, HOUR, 2)
+    rule.remember(minute(0), 1.0, 1.0)
+    rule.remember(minute(1), 100.0, 1.0)
+    assert rule.newest_minute == minute(1)
+    assert rule.observe(minute(2), 151.6, 1.0) == (Spike("price", 151.6, 50.5, 151.6 / 50.5, 2),)
 
 
 @pytest.mark.parametrize(
-    ("factor", "span_ms", "min_samples", "match"),
+    ("factor", "window", "min_samples", "min_active", "zscore", "match"),
     [
-        (0.0, 1000, 1, "factor"),
-        (-1.0, 1000, 1, "factor"),
-        (math.nan, 1000, 1, "factor"),
-        (3.0, 0, 1, "span_ms"),
-        (3.0, 1000, 0, "min_samples"),
+        (0.0, 60, 1, 0, 0.0, "factor"),
+        (math.nan, 60, 1, 0, 0.0, "factor"),
+        (3.0, 0, 1, 0, 0.0, "window_minutes"),
+        (3.0, 60, 0, 0, 0.0, "min_samples"),
+        (3.0, 60, 1, -1, 0.0, "min_active_minutes"),
+        (3.0, 60, 1, 0, -1.0, "min_zscore"),
+        (3.0, 60, 1, 0, math.inf, "min_zscore"),
     ],
 )
 def test_invalid_configuration_raises(
-    factor: float, span_ms: int, min_samples: int, match: str
+    factor: float, window: int, min_samples: int, min_active: int, zscore: float, match: str
 ) -> None:
-    """Factor, span and min_samples must be positive."""
+    """Factor and window must be positive, the guards non-negative and finite."""
     with pytest.raises(ValueError, match=match):
-        SpikeRule(factor, span_ms, min_samples)
+        MinuteSpikeRule(factor, window, min_samples, min_active, zscore)

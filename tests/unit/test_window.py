@@ -1,253 +1,320 @@
-"""Unit tests for the rolling event-time window statistics."""
+"""Unit and property tests of the minute window against an exact (Fraction) reference."""
 
+from __future__ import annotations
+
+import itertools
 import math
 import random
-from collections import deque
 from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tickstream_stats.window import RollingWindow, WindowStats
+from tickstream_stats.window import ExactMoments, MinuteWindow, WindowStats
 
-_SPANS = st.sampled_from([1, 3, 10, 60, 1000])
-# Magnitudes from 1e-6 to 1e6 plus a few repeated values, so that ties, constant stretches and
-# windows whose spread collapses after an outlier leaves all come up.
-_VALUES = st.one_of(
-    st.sampled_from([0.0, 1.0, -2.5, 0.1, 1e5, 100000.000001]),
-    st.floats(min_value=-1e6, max_value=1e6, allow_subnormal=False).map(
-        lambda x: x if abs(x) >= 1e-6 else 0.0
-    ),
+M = 60_000
+BASE = 28_333_334 * M  # 2023-11-14, a whole minute
+
+
+def exact_stats(values: list[float]) -> tuple[float, float]:
+    """(mean, std) of floats: exact rational moments, each rounded once."""
+    n = len(values)
+    total = sum(Fraction(v) for v in values)
+    squares = sum(Fraction(v) ** 2 for v in values)
+    mean = total / n
+    return float(mean), math.sqrt(float(squares / n - mean**2))
+
+
+def reference_stats(bars: dict[int, tuple[float, float]]) -> tuple[WindowStats, WindowStats]:
+    """What the window must report for `bars` (minute -> (close, volume)), by brute force."""
+    minutes = sorted(bars)
+    closes = [bars[m][0] for m in minutes]
+    volumes = [bars[m][1] for m in minutes]
+    returns = [math.log(b / a) for a, b in itertools.pairwise(closes)]
+    logret = exact_stats(returns)[1] if returns else 0.0
+    result = []
+    for values, ret in ((closes, logret), (volumes, None)):
+        mean, std = exact_stats(values)
+        cv = std / abs(mean) if mean != 0.0 else 0.0
+        result.append(WindowStats(len(values), mean, std, min(values), max(values), cv, ret))
+    return result[0], result[1]
+
+
+class Reference:
+    """The window as a plain dict of minutes, evicted by brute force."""
+
+    def __init__(self, window_minutes: int) -> None:
+        self.span = window_minutes * M
+        self.clock = -1
+        self.bars: dict[int, tuple[float, float]] = {}
+        self.refused = 0
+
+    def advance(self, clock: int) -> None:
+        self.clock = max(self.clock, clock)
+        self.bars = {m: v for m, v in self.bars.items() if m > self.clock - self.span}
+
+    def set(self, minute: int, close: float, volume: float) -> bool:
+        if minute <= self.clock - self.span:
+            self.refused += 1
+            return False
+        self.advance(minute)
+        self.bars[minute] = (close, volume)
+        return True
+
+
+def check(window: MinuteWindow, reference: Reference) -> None:
+    assert window.clock == reference.clock
+    assert len(window) == len(reference.bars)
+    assert window.refused == reference.refused
+    if not reference.bars:
+        assert window.stats() is None and window.newest is None
+        return
+    assert window.newest == max(reference.bars)
+    assert window.stats() == reference_stats(reference.bars)
+
+
+_CLOSES = st.one_of(
+    st.sampled_from([1.0, 0.1, 3.0, 100000.0, 100000.000001, 99999.99999]),
+    st.floats(min_value=1e-6, max_value=1e6, allow_subnormal=False),
 )
-_STEPS = st.tuples(st.integers(min_value=0, max_value=20), _VALUES)
+_VOLUMES = st.one_of(
+    st.sampled_from([0.0, 0.0, 1.5, 1e-8]),
+    st.floats(min_value=0.0, max_value=1e9, allow_subnormal=False),
+)
+# ("set", minutes after the clock, close, volume) or ("advance", minutes): offsets reach from
+# far too old, through late minutes and the forming one, to new newest minutes.
+_OPS = st.one_of(
+    st.tuples(st.just("set"), st.integers(-100, 3), _CLOSES, _VOLUMES),
+    st.tuples(st.just("set"), st.integers(-3, 1), _CLOSES, _VOLUMES),
+    st.tuples(st.just("advance"), st.integers(0, 60), st.just(0.0), st.just(0.0)),
+)
 
 
-class _Reference:
-    """The same window kept as a plain deque, with statistics in exact rational arithmetic."""
-
-    def __init__(self, span_ms: int) -> None:
-        self.span_ms = span_ms
-        self.items: deque[tuple[int, float]] = deque()
-        # Exact sums of x and x**2 over the window: rational add and subtract never drift.
-        self.total = Fraction(0)
-        self.squares = Fraction(0)
-
-    def add(self, ts_ms: int, value: float) -> None:
-        self.items.append((ts_ms, value))
-        self.total += Fraction(value)
-        self.squares += Fraction(value) ** 2
-        while self.items[0][0] <= ts_ms - self.span_ms:
-            _, old = self.items.popleft()
-            self.total -= Fraction(old)
-            self.squares -= Fraction(old) ** 2
-
-    def check(self, stats: WindowStats | None, *, rel: float, scale_tol: float) -> None:
-        """Assert ``stats`` match the exact values within ``rel`` (and ``scale_tol`` x scale)."""
-        values = [value for _, value in self.items]
-        n = len(values)
-        mean = self.total / n
-        variance = self.squares / n - mean**2
-        scale = max(abs(value) for value in values)
-        assert stats is not None
-        assert stats.count == n
-        assert stats.min == min(values)
-        assert stats.max == max(values)
-        assert math.isclose(stats.mean, float(mean), rel_tol=rel, abs_tol=scale_tol * scale)
-        assert math.isclose(stats.std, math.sqrt(variance), rel_tol=rel, abs_tol=scale_tol * scale)
-        if min(values) == max(values):
-            assert stats.mean == values[0]
-            assert stats.std == 0.0
-
-
-def _run(span_ms: int, steps: list[tuple[int, float]], *, rel: float, scale_tol: float) -> None:
-    window = RollingWindow(span_ms)
-    reference = _Reference(span_ms)
-    ts = 1_700_000_000_000
-    for increment, value in steps:
-        ts += increment
-        window.add(ts, value)
-        reference.add(ts, value)
-        assert window.latest_ts == ts
-        assert len(window) == len(reference.items)
-        reference.check(window.stats(), rel=rel, scale_tol=scale_tol)
-
-
-@settings(max_examples=150, deadline=None)
-@given(span_ms=_SPANS, steps=st.lists(_STEPS, min_size=1, max_size=150))
-def test_stats_match_exact_reference_after_every_add(
-    span_ms: int, steps: list[tuple[int, float]]
-) -> None:
-    """Count, min and max are exact and mean and std match exact arithmetic after every add."""
-    _run(span_ms, steps, rel=1e-9, scale_tol=1e-12)
-
-
-def _long_stream(rng: random.Random, length: int) -> list[tuple[int, float]]:
-    """Runs of jittered prices, constant runs and lone far outliers, as (increment, value)."""
-    steps: list[tuple[int, float]] = []
-    level = rng.choice([1.0, 250.5, 100000.0])
-    while len(steps) < length:
-        kind = rng.random()
-        if kind < 0.15:
-            steps += [(rng.randint(0, 3), level) for _ in range(rng.randint(1, 40))]
-        elif kind < 0.3:
-            steps.append((rng.randint(0, 3), level * rng.choice([1e4, -1e3, 1e-4, 0.0])))
+def run_ops(window_minutes: int, ops: list[tuple[str, int, float, float]]) -> None:
+    window = MinuteWindow(window_minutes)
+    reference = Reference(window_minutes)
+    for op, offset, close, volume in ops:
+        clock = BASE if reference.clock < 0 else reference.clock
+        minute = clock + offset * M
+        if op == "set":
+            assert window.set(minute, close, volume) == reference.set(minute, close, volume)
         else:
-            jitter = level * 10.0 ** rng.randint(-12, -1)
-            steps += [
-                (rng.randint(0, 3), level + rng.uniform(-jitter, jitter))
-                for _ in range(rng.randint(1, 40))
-            ]
-    return steps[:length]
+            window.advance(minute)
+            reference.advance(minute)
+        check(window, reference)
 
 
-@settings(max_examples=100, deadline=None)
-@given(span_ms=st.sampled_from([3, 10, 60]), seed=st.integers(min_value=0, max_value=2**64))
-def test_long_streams_with_many_rebuilds_match_exact_reference(span_ms: int, seed: int) -> None:
-    """Streams many windows long, so the exact rebuild runs many times, stay exact."""
-    # A seeded generator rather than a drawn list: 600 drawn steps overrun Hypothesis's buffer.
-    _run(span_ms, _long_stream(random.Random(seed), 600), rel=1e-9, scale_tol=1e-12)
+@settings(max_examples=300, deadline=None)
+@given(
+    window_minutes=st.sampled_from([1, 2, 3, 7, 40, 45, 90]),
+    ops=st.lists(_OPS, min_size=1, max_size=120),
+)
+def test_random_sets_replacements_late_inserts_and_advances_match_reference(
+    window_minutes: int, ops: list[tuple[str, int, float, float]]
+) -> None:
+    """After every set/replace/late insert/advance, every statistic equals the exact reference."""
+    run_ops(window_minutes, ops)
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    span_ms=st.sampled_from([5, 50, 500]),
-    increments=st.lists(st.integers(min_value=0, max_value=3), min_size=300, max_size=400),
-    jitter=st.lists(st.integers(min_value=-1000, max_value=1000), min_size=400, max_size=400),
-)
-def test_prices_near_1e5_with_tiny_jitter_match_exact_reference(
-    span_ms: int, increments: list[int], jitter: list[int]
-) -> None:
-    """Prices near 1e5 moving in the 1e-9s give std within 1e-9 relative of the exact value."""
-    steps = [
-        (increment, 100000.0 + j * 1e-9) for increment, j in zip(increments, jitter, strict=False)
-    ]
-    _run(span_ms, steps, rel=1e-9, scale_tol=0.0)
+@given(seed=st.integers(min_value=0, max_value=2**32))
+def test_long_random_runs_over_a_day_window_match_reference(seed: int) -> None:
+    """Thousands of operations on a 1440-minute window, with gaps and outliers, stay exact."""
+    rng = random.Random(seed)
+    level = rng.choice([0.5, 250.25, 100000.0])
+    ops: list[tuple[str, int, float, float]] = []
+    for _ in range(3000):
+        roll = rng.random()
+        close = level * (1 + rng.uniform(-1e-3, 1e-3)) if roll > 0.02 else level * 1e3
+        volume = rng.choice([0.0, rng.uniform(0, 50)])
+        if roll < 0.6:
+            ops.append(("set", 0, close, volume))  # the forming minute, replaced
+        elif roll < 0.85:
+            ops.append(("set", 1, close, volume))  # the next minute
+        elif roll < 0.95:
+            ops.append(("set", -rng.randint(1, 1500), close, volume))  # late, maybe too old
+        else:
+            ops.append(("advance", rng.choice([1, 5, 200, 1439, 1440]), 0.0, 0.0))
+    window = MinuteWindow(1440)
+    reference = Reference(1440)
+    for i, (op, offset, close, volume) in enumerate(ops):
+        clock = BASE if reference.clock < 0 else reference.clock
+        minute = clock + offset * M
+        if op == "set":
+            window.set(minute, close, volume)
+            reference.set(minute, close, volume)
+        else:
+            window.advance(minute)
+            reference.advance(minute)
+        if i % 97 == 0:
+            check(window, reference)
+    check(window, reference)
 
 
-def test_linear_prices_near_1e5_match_exact_reference() -> None:
-    """The series 100000 + i*1e-6 gives std within 1e-9 relative of the exact value."""
-    steps = [(1, 100000.0 + i * 1e-6) for i in range(3000)]
-    _run(100, steps, rel=1e-9, scale_tol=0.0)
+def test_forming_minute_is_replaced_not_added() -> None:
+    """Each update of the forming minute replaces its value: the count stays the minute count."""
+    window = MinuteWindow(10)
+    window.set(BASE, 10.0, 1.0)
+    for i in range(1, 61):
+        window.set(BASE + M, 10.0 + i, float(i))
+    stats = window.stats()
+    assert stats is not None
+    price, volume = stats
+    assert price == WindowStats(2, 40.0, 30.0, 10.0, 70.0, 0.75, 0.0)  # one return: no spread
+    assert (volume.count, volume.mean, volume.min, volume.max) == (2, 30.5, 1.0, 60.0)
+    assert window.bar(BASE + M) == (70.0, 60.0)
 
 
-def test_std_stays_exact_after_a_spike_leaves_a_calm_window() -> None:
-    """A large outlier leaving the window does not leave its rounding error in the std."""
-    rng = random.Random(7)
-    steps = [(1, 100000.0 + rng.uniform(-1e-6, 1e-6)) for _ in range(500)]
-    steps[100] = (1, 1e9)
-    steps[250] = (1, -3e8)
-    _run(50, steps, rel=1e-9, scale_tol=0.0)
+def test_constant_series_is_exactly_zero() -> None:
+    """A constant series has mean exactly the constant and std, cv and logret exactly 0."""
+    window = MinuteWindow(1440)
+    for i in range(3000):
+        window.set(BASE + i * M, 0.1, 7.3)
+        for _ in range(3):
+            window.set(BASE + i * M, 0.1, 7.3)
+    stats = window.stats()
+    assert stats is not None
+    assert stats[0] == WindowStats(1440, 0.1, 0.0, 0.1, 0.1, 0.0, 0.0)
+    assert stats[1] == WindowStats(1440, 7.3, 0.0, 7.3, 7.3, 0.0, None)
 
 
-def test_constant_series_is_exact() -> None:
-    """A constant series has mean exactly the constant and std exactly 0.0."""
-    window = RollingWindow(10)
-    for ts in range(100):
-        window.add(ts, 0.1)
-        assert window.stats() == WindowStats(
-            count=min(ts + 1, 10), mean=0.1, std=0.0, min=0.1, max=0.1
-        )
+def test_prices_near_1e5_with_tiny_variance_are_exact() -> None:
+    """Prices 100000 + i*1e-6 (and jitter in the 1e-9s) give the exactly rounded std."""
+    rng = random.Random(11)
+    window = MinuteWindow(1440)
+    reference = Reference(1440)
+    for i in range(2000):
+        price = 100000.0 + (i % 500) * 1e-6 + rng.randint(-1000, 1000) * 1e-12
+        window.set(BASE + i * M, price, 0.0)
+        reference.set(BASE + i * M, price, 0.0)
+    check(window, reference)
+    stats = window.stats()
+    assert stats is not None
+    assert 1e-4 < stats[0].std < 2e-4
 
 
-def test_constant_tail_is_exact_after_differing_values_leave() -> None:
-    """Once the differing values are evicted, a constant tail gives exactly (c, 0.0)."""
-    window = RollingWindow(5)
-    for ts, value in enumerate([3.3, 1e5, -7.25, 0.3, 99999.999999]):
-        window.add(ts, value)
-    for ts in range(5, 10):
-        window.add(ts, 0.7)
-    assert window.stats() == WindowStats(count=5, mean=0.7, std=0.0, min=0.7, max=0.7)
+def test_window_edges_follow_the_clock() -> None:
+    """A minute at clock - span leaves; one at clock - span + 1 minute stays."""
+    window = MinuteWindow(3)
+    window.set(BASE, 1.0, 0.0)
+    window.set(BASE + M, 3.0, 0.0)
+    assert window.advance(BASE + 3 * M) == 1
+    assert len(window) == 1 and window.newest == BASE + M
+    assert window.set(BASE, 9.0, 0.0) is False
+    assert window.refused == 1
+    assert window.set(BASE + 2 * M, 5.0, 0.0) is True
+    stats = window.stats()
+    assert stats is not None
+    assert (stats[0].count, stats[0].mean, stats[0].std) == (2, 4.0, 1.0)
 
 
-@settings(max_examples=50, deadline=None)
-@given(
-    prefix=st.lists(_VALUES, max_size=30),
-    constant=_VALUES,
-    tail=st.integers(min_value=10, max_value=60),
-)
-def test_constant_tail_after_random_prefix_is_exact(
-    prefix: list[float], constant: float, tail: int
-) -> None:
-    """Any prefix followed by a constant tail longer than the span ends exactly (c, 0.0)."""
-    window = RollingWindow(10)
-    for ts, value in enumerate([*prefix, *[constant] * tail]):
-        window.add(ts, value)
-    assert window.stats() == WindowStats(
-        count=10, mean=constant, std=0.0, min=constant, max=constant
+def test_jump_past_the_window_clears_it() -> None:
+    """Advancing by a whole window or more empties it, and it fills again from scratch."""
+    window = MinuteWindow(1440)
+    for i in range(1440):
+        window.set(BASE + i * M, 1.0 + i, 2.0)
+    assert window.advance(BASE + 3000 * M) == 1440
+    assert window.stats() is None and len(window) == 0 and window.newest is None
+    window.set(BASE + 3000 * M, 5.0, 0.0)
+    assert window.stats() == (
+        WindowStats(1, 5.0, 0.0, 5.0, 5.0, 0.0, 0.0),
+        WindowStats(1, 0.0, 0.0, 0.0, 0.0, 0.0, None),
     )
 
 
-def test_value_at_exactly_span_before_latest_is_evicted() -> None:
-    """A value at latest_ts - span_ms leaves the window; one at latest_ts - span_ms + 1 stays."""
-    window = RollingWindow(1000)
-    window.add(0, 1.0)
-    window.add(1, 3.0)
-    window.add(1000, 5.0)
-    assert len(window) == 2
-    assert window.stats() == WindowStats(count=2, mean=4.0, std=1.0, min=3.0, max=5.0)
-    window.add(1001, 5.0)
-    assert window.stats() == WindowStats(count=2, mean=5.0, std=0.0, min=5.0, max=5.0)
+def test_late_minute_splits_the_bridged_return() -> None:
+    """A late minute in a gap replaces the return that bridged the gap by two returns."""
+    window = MinuteWindow(10)
+    window.set(BASE, 100.0, 0.0)
+    window.set(BASE + 4 * M, 400.0, 0.0)
+    stats = window.stats()
+    assert stats is not None and stats[0].logret == 0.0  # one return: no spread
+    window.set(BASE + 2 * M, 200.0, 0.0)
+    stats = window.stats()
+    assert stats is not None
+    assert stats[0].logret == 0.0  # ln 2 twice
+    window.set(BASE + 2 * M, 100.0, 0.0)
+    stats = window.stats()
+    assert stats is not None
+    assert stats[0].logret == exact_stats([0.0, math.log(4.0)])[1]
 
 
-def test_small_window_values_are_exact() -> None:
-    """Values whose statistics are exact in binary come out exactly."""
-    window = RollingWindow(60_000)
-    for ts, value in [(0, 2.0), (10, 4.0), (10, 4.0), (20, 4.0), (30, 5.0), (40, 5.0)]:
-        window.add(ts, value)
-    window.add(50, 7.0)
-    window.add(60, 9.0)
-    assert window.stats() == WindowStats(count=8, mean=5.0, std=2.0, min=2.0, max=9.0)
+def test_min_and_max_follow_eviction_and_replacement() -> None:
+    """The extreme leaving (evicted or replaced) gives way to the next one."""
+    window = MinuteWindow(100)
+    for i in range(100):
+        window.set(BASE + i * M, 50.0 + (i % 10), 0.0)
+    window.set(BASE + 37 * M, 1000.0, 0.0)
+    window.set(BASE + 63 * M, 0.5, 0.0)
+    stats = window.stats()
+    assert stats is not None and (stats[0].min, stats[0].max) == (0.5, 1000.0)
+    window.set(BASE + 37 * M, 55.0, 0.0)
+    stats = window.stats()
+    assert stats is not None and (stats[0].min, stats[0].max) == (0.5, 59.0)
+    window.advance(BASE + 163 * M)
+    stats = window.stats()
+    assert stats is not None and (stats[0].min, stats[0].max) == (50.0, 59.0)
 
 
-def test_gap_longer_than_span_empties_the_window_but_the_new_value() -> None:
-    """After a gap longer than the span only the new value remains."""
-    window = RollingWindow(1000)
-    for ts in range(0, 500, 10):
-        window.add(ts, float(ts))
-    window.add(10_000, 42.5)
+def test_single_minute_window() -> None:
+    """A one-minute window holds only the newest minute."""
+    window = MinuteWindow(1)
+    window.set(BASE, 2.0, 1.0)
+    window.set(BASE + M, 3.0, 1.0)
     assert len(window) == 1
-    assert window.stats() == WindowStats(count=1, mean=42.5, std=0.0, min=42.5, max=42.5)
+    assert window.set(BASE, 2.0, 1.0) is False
 
 
-def test_empty_window() -> None:
-    """A window that was never added to has no stats, no latest_ts and length 0."""
-    window = RollingWindow(1000)
-    assert window.stats() is None
-    assert window.latest_ts is None
-    assert len(window) == 0
+@pytest.mark.parametrize(
+    ("minute", "close", "volume"),
+    [
+        (BASE + 1, 1.0, 0.0),
+        (-M, 1.0, 0.0),
+        (BASE, 0.0, 0.0),
+        (BASE, -1.0, 0.0),
+        (BASE, math.nan, 0.0),
+        (BASE, math.inf, 0.0),
+        (BASE, 1.0, math.nan),
+        (BASE, 1.0, -math.inf),
+    ],
+)
+def test_bad_bars_raise_and_change_nothing(minute: int, close: float, volume: float) -> None:
+    """A minute off the grid, a non-positive or non-finite close, or a non-finite volume raise."""
+    window = MinuteWindow(10)
+    with pytest.raises(ValueError):
+        window.set(minute, close, volume)
+    assert window.stats() is None and window.clock == -1
 
 
-def test_equal_timestamps_are_accepted() -> None:
-    """Several values at the same timestamp all count."""
-    window = RollingWindow(1)
-    for value in (1.0, 2.0, 3.0):
-        window.add(7, value)
-    assert window.stats() == WindowStats(count=3, mean=2.0, std=math.sqrt(2 / 3), min=1.0, max=3.0)
+def test_window_minutes_must_be_positive() -> None:
+    """A window holds at least one minute."""
+    with pytest.raises(ValueError, match="window_minutes"):
+        MinuteWindow(0)
 
 
-def test_decreasing_timestamp_raises_and_leaves_window_unchanged() -> None:
-    """add with a timestamp older than latest_ts raises ValueError and changes nothing."""
-    window = RollingWindow(1000)
-    window.add(100, 1.0)
-    window.add(200, 3.0)
-    with pytest.raises(ValueError, match="older than the newest"):
-        window.add(199, 5.0)
-    assert window.latest_ts == 200
-    assert window.stats() == WindowStats(count=2, mean=2.0, std=1.0, min=1.0, max=3.0)
-
-
-@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
-def test_non_finite_value_raises(value: float) -> None:
-    """add rejects NaN and infinities, which would poison every later statistic."""
-    window = RollingWindow(1000)
-    with pytest.raises(ValueError, match="finite"):
-        window.add(0, value)
-    assert window.stats() is None
-
-
-@pytest.mark.parametrize("span_ms", [0, -1])
-def test_non_positive_span_raises(span_ms: int) -> None:
-    """A window must span at least 1 ms."""
-    with pytest.raises(ValueError, match="span_ms"):
-        RollingWindow(span_ms)
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(
+            st.floats(allow_nan=False, allow_infinity=False, min_value=-1e100, max_value=1e100),
+            st.sampled_from([0.0, 1e-300, 5e-324, 2.5, 1e100]),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    removed=st.integers(min_value=0, max_value=39),
+)
+def test_exact_moments_match_fractions(values: list[float], removed: int) -> None:
+    """Adding and removing values at any scale keeps mean and std exactly rounded."""
+    moments = ExactMoments()
+    for value in values:
+        moments.add(value)
+    kept = values[min(removed, len(values) - 1) :]
+    for value in values[: len(values) - len(kept)]:
+        moments.remove(value)
+    assert moments.count == len(kept)
+    assert (moments.mean(), moments.std()) == exact_stats(kept)
+    for value in kept:
+        moments.remove(value)
+    assert (moments.count, moments.s1, moments.s2, moments.scale) == (0, 0, 0, 0)

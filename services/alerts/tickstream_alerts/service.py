@@ -1,4 +1,4 @@
-"""Alerts lifecycle: consume ticks, evaluate the spike rule, store and publish alerts, commit."""
+"""Alerts lifecycle: consume ticks, evaluate the minute spike rule, store and publish, commit."""
 
 from __future__ import annotations
 
@@ -18,8 +18,14 @@ from tickstream_shared.consuming import (
     retry_until_done,
 )
 from tickstream_shared.kafka import ensure_topics, make_consumer, make_producer
-from tickstream_shared.naming import ALERTS_TOPIC, TICK_TOPIC_PATTERN, Market
-from tickstream_shared.schemas import Tick
+from tickstream_shared.naming import (
+    ALERTS_TOPIC,
+    METRIC_KINDS,
+    TICK_TOPIC_PATTERN,
+    Market,
+    market_of,
+)
+from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_shared.settings import ServiceSettings
 
 log = logging.getLogger("tickstream.alerts")
@@ -34,7 +40,7 @@ class _Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         for tp in revoked:
-            self.detector.forget(Market.from_topic(tp.topic))
+            self.detector.forget(Market.from_topic(tp.topic).id)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         pass  # warmed lazily at each market's first tick, see _warm_new_markets
@@ -47,7 +53,7 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     producer = make_producer(settings.kafka, client_id="tickstream-alerts")
     detector = SpikeDetector(settings.alerts)
     try:
-        await db.ensure_schema(pool)
+        await db.ensure_schema(pool, settings.database)
         await ensure_topics(settings.kafka, [ALERTS_TOPIC])
         await producer.start()
         consumer.subscribe(pattern=TICK_TOPIC_PATTERN, listener=_Ownership(detector))
@@ -63,20 +69,28 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
 
 
 async def _warm_new_markets(pool: Any, detector: SpikeDetector, ticks: list[Tick]) -> None:
-    """Rebuild a market's trailing window from ticks stored before its first consumed tick.
+    """Rebuild a market's trailing minutes and cooldown at its first consumed tick.
 
-    Bounded by that tick (not by the newest stored one), because stats may have stored ticks
-    this service has not evaluated yet; those must still be evaluated, not skipped.
+    The bars are those before that tick's minute m (m - window .. m - 1), as stats stored them,
+    keeping only updates older than the tick (lower seq): stats may have stored updates this
+    service has not evaluated yet, and those must still be evaluated, not skipped. The last
+    alert minutes include m itself, so a minute that alerted before a restart does not alert
+    again and the cooldown runs on from it.
     """
-    first: dict[Market, Tick] = {}
+    first: dict[str, Tick] = {}
     for tick in ticks:
         if tick.market not in detector and tick.market not in first:
             first[tick.market] = tick
-    span_ms = detector.settings.window_seconds * 1000
-    for market, tick in first.items():
-        history = await db.recent_ticks(pool, market.id, span_ms, until_ms=tick.exchange_ts)
-        cutoff = (tick.exchange_ts, tick.seq)
-        detector.warm(market, (t for t in history if (t.exchange_ts, t.seq) < cutoff))
+    window_ms = detector.settings.window_minutes * MINUTE_MS
+    for market_id, tick in first.items():
+        bars = await db.bars_between(
+            pool, market_id, tick.minute - window_ms, tick.minute - MINUTE_MS
+        )
+        metric_ids = [market_of(market_id).metric_id(kind) for kind in METRIC_KINDS]
+        last_alerts = await alert_store.last_alert_minutes(
+            pool, metric_ids, tick.minute + MINUTE_MS
+        )
+        detector.warm(market_id, (bar for bar in bars if bar.seq < tick.seq), last_alerts)
 
 
 async def _publish_pending(pool: Any, producer: Any, stop: asyncio.Event) -> int | None:

@@ -1,23 +1,31 @@
-"""HTTP endpoints: metrics, one metric's 24h, rank snapshots, alerts, health."""
+"""HTTP endpoints: metrics, one metric's bars, rank snapshots, alerts, health."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
-from tickstream_gateway.ranks import metric_rank, rank_label, rank_snapshot, ranked_metrics
+from tickstream_gateway import metrics
+from tickstream_gateway.bars import merge_history
+from tickstream_gateway.protocol import ProtocolError, encode, parse_by, parse_since
+from tickstream_gateway.ranks import rank_snapshot
 from tickstream_gateway.state import GatewayState
 from tickstream_shared import alert_store, db
 from tickstream_shared.errors import BadIdentifier
-from tickstream_shared.naming import METRIC_KINDS, MetricId, MetricKind, parse_kind, stats_key
+from tickstream_shared.naming import MetricId, parse_kind
 
 MAX_ALERTS = 1000
 
 
-def error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message}, status_code=status)
+def json_response(body: Any, status: int = 200) -> Response:
+    """A JSON response encoded by the gateway's one encoder (the same as WebSocket frames)."""
+    return Response(encode(body), status_code=status, media_type="application/json")
+
+
+def error(status: int, code: str, message: str) -> Response:
+    return json_response({"error": code, "message": message}, status)
 
 
 def _state(request: Request) -> GatewayState:
@@ -25,86 +33,47 @@ def _state(request: Request) -> GatewayState:
     return state
 
 
-def _stats_fields(raw: dict[Any, Any]) -> dict[str, Any]:
-    return {
-        "count": int(raw["count"]),
-        "mean": float(raw["mean"]),
-        "std": float(raw["std"]),
-        "min": float(raw["min"]),
-        "max": float(raw["max"]),
-        "last": float(raw["last"]),
-        "last_ts": int(raw["last_ts"]),
-    }
+async def list_metrics(request: Request) -> Response:
+    return json_response({"metrics": await metrics.list_metrics(_state(request).redis)})
 
 
-async def list_metrics(request: Request) -> JSONResponse:
-    client = _state(request).redis
-    ranked: list[tuple[str, MetricKind, int, int]] = []  # (metric, kind, position, total)
-    for kind in METRIC_KINDS:
-        members = await ranked_metrics(client, kind)
-        ranked += [(m, kind, i + 1, len(members)) for i, m in enumerate(members)]
-    async with client.pipeline(transaction=False) as pipe:
-        for metric, *_ in ranked:
-            pipe.hgetall(stats_key(metric))
-        hashes = await pipe.execute() if ranked else []
-    metrics = [
-        {
-            "id": metric,
-            "market": MetricId.parse(metric).market.id,
-            "kind": kind,
-            **_stats_fields(raw),
-            "position": position,
-            "total": total,
-            "rank": rank_label(position, total),
-        }
-        for (metric, kind, position, total), raw in zip(ranked, hashes, strict=True)
-        if raw
-    ]
-    metrics.sort(key=lambda m: m["id"])
-    return JSONResponse({"metrics": metrics})
-
-
-async def get_metric(request: Request) -> JSONResponse:
+async def get_metric(request: Request) -> Response:
     state = _state(request)
     raw_id = request.path_params["metric_id"]
     try:
         metric = MetricId.parse(raw_id)
+        since = parse_since(request.query_params.get("since"))
     except BadIdentifier as exc:
         return error(400, "bad_metric_id", str(exc))
-    metric_id = str(metric)
-    raw = await state.redis.hgetall(stats_key(metric_id))
-    if not raw:
-        return error(404, "unknown_metric", f"no metric {metric_id!r}; see GET /api/metrics")
-    position, total = await metric_rank(state.redis, metric_id, metric.kind)
-    span_ms = state.settings.gateway.history_seconds * 1000
-    ticks = await db.recent_ticks(state.pool, metric.market.id, span_ms)
-    return JSONResponse(
-        {
-            "id": metric_id,
-            "market": metric.market.id,
-            "kind": metric.kind,
-            **_stats_fields(raw),
-            "position": position,
-            "total": total,
-            "rank": rank_label(position, total),
-            "window_seconds": state.settings.stats.window_seconds,
-            "values": [[t.exchange_ts, t.value(metric.kind)] for t in ticks],
-        }
-    )
+    except ProtocolError as exc:
+        return error(400, exc.code, exc.message)
+    body = await metrics.metric_detail(state.redis, metric)
+    if body is None:
+        return error(404, "unknown_metric", f"no metric {str(metric)!r}; see GET /api/metrics")
+    minutes = state.settings.gateway.history_minutes
+    market_id = metric.market.id
+    stored = await db.recent_bars(state.pool, market_id, minutes, since_minute=since)
+    bars = merge_history(stored, state.hub.recent.of(market_id), minutes, since)
+    body["window_minutes"] = state.settings.stats.window_minutes
+    body["values"] = [(bar.minute, bar.value(metric.kind)) for bar in bars]
+    return json_response(body)
 
 
-async def get_ranks(request: Request) -> JSONResponse:
+async def get_ranks(request: Request) -> Response:
     kind_param = request.query_params.get("kind")
     if kind_param is None:
         return error(400, "missing_kind", "query parameter 'kind' is required: price or volume")
     try:
         kind = parse_kind(kind_param)
+        measure = parse_by(kind, request.query_params.get("by"))
     except BadIdentifier as exc:
         return error(400, "bad_kind", str(exc))
-    return JSONResponse(await rank_snapshot(_state(request).redis, kind))
+    except ProtocolError as exc:
+        return error(400, exc.code, exc.message)
+    return json_response(await rank_snapshot(_state(request).redis, kind, measure))
 
 
-async def get_alerts(request: Request) -> JSONResponse:
+async def get_alerts(request: Request) -> Response:
     raw_limit = request.query_params.get("limit", "50")
     try:
         limit = int(raw_limit)
@@ -113,10 +82,10 @@ async def get_alerts(request: Request) -> JSONResponse:
     if not 1 <= limit <= MAX_ALERTS:
         return error(400, "bad_limit", f"limit must be between 1 and {MAX_ALERTS}")
     alerts = await alert_store.recent_alerts(_state(request).pool, limit)
-    return JSONResponse({"alerts": [a.as_json() for a in alerts]})
+    return json_response({"alerts": alerts})
 
 
-async def healthz(request: Request) -> JSONResponse:
+async def healthz(request: Request) -> Response:
     state = _state(request)
     checks: dict[str, str] = {}
     try:
@@ -135,7 +104,6 @@ async def healthz(request: Request) -> JSONResponse:
     else:
         checks["feed"] = "ok" if state.feed_ready.is_set() else "starting"
     healthy = all(v == "ok" for v in checks.values())
-    return JSONResponse(
-        {"status": "ok" if healthy else "unhealthy", **checks},
-        status_code=200 if healthy else 503,
+    return json_response(
+        {"status": "ok" if healthy else "unhealthy", **checks}, 200 if healthy else 503
     )

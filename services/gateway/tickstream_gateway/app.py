@@ -12,11 +12,12 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from tickstream_gateway import api
+from tickstream_gateway.bars import RecentBars
 from tickstream_gateway.feed import run_feed, run_rank_poller
 from tickstream_gateway.hub import Hub
 from tickstream_gateway.state import GatewayState
@@ -34,9 +35,9 @@ def create_app(settings: ServiceSettings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         pool = await db.create_pool(settings.database, max_size=8)
         redis = redis_client.connect(settings.redis)
-        state = GatewayState(
-            settings, redis, pool, Hub(settings.gateway.client_queue), asyncio.Event()
-        )
+        recent = RecentBars(max_bars=settings.gateway.history_minutes + 1)
+        hub = Hub(settings.gateway.client_queue, recent=recent)
+        state = GatewayState(settings, redis, pool, hub, asyncio.Event())
         tasks: list[asyncio.Task[None]] = []
         try:
             await db.ensure_schema(pool)
@@ -61,9 +62,8 @@ def create_app(settings: ServiceSettings) -> Starlette:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(
-            {"error": code, "message": f"{exc.detail}: {request.method} {request.url.path}"},
-            status_code=exc.status_code,
+        return api.error(
+            exc.status_code, code, f"{exc.detail}: {request.method} {request.url.path}"
         )
 
     routes = [

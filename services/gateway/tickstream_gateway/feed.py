@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from typing import Any
+import time
 
 import redis.asyncio as redis
 
 from tickstream_gateway.hub import Hub
-from tickstream_gateway.ranks import rank_snapshot
+from tickstream_gateway.protocol import ranks_frame
+from tickstream_gateway.ranks import RANKINGS, rank_snapshot
 from tickstream_shared.consuming import DecodeCounters, decode_batch
 from tickstream_shared.errors import BadMessage
 from tickstream_shared.kafka import make_consumer
-from tickstream_shared.naming import ALERTS_TOPIC, METRIC_KINDS, TICK_TOPIC_PATTERN
+from tickstream_shared.naming import ALERTS_TOPIC, TICK_TOPIC_PATTERN, MetricKind, RankMeasure
 from tickstream_shared.schemas import decode_alert
 from tickstream_shared.settings import ServiceSettings
 
@@ -25,7 +25,7 @@ FEED_PATTERN = rf"({TICK_TOPIC_PATTERN})|(^{ALERTS_TOPIC}$)"
 
 
 async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) -> None:
-    """Forward live ticks and alerts to the hub until cancelled.
+    """Forward live bar updates and alerts to the hub until cancelled.
 
     No consumer group: every gateway instance sees every message, starting from the newest
     (history comes from PostgreSQL). Nothing is committed because nothing is owned.
@@ -50,29 +50,30 @@ async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) ->
                             bad_alerts += 1
                             log.warning("skipping bad alert offset=%s: %s", record.offset, exc)
                     continue
+                now = time.monotonic()
                 for tick in decode_batch(records, counters):
-                    hub.publish_tick(tick)
+                    hub.publish_tick(tick, now)
     finally:
         await consumer.stop()
 
 
 async def run_rank_poller(settings: ServiceSettings, hub: Hub, client: redis.Redis) -> None:
-    """Read rank snapshots every interval and push those that changed, until cancelled.
+    """Read every (kind, measure) snapshot each interval and push those that changed.
 
-    Errors (Redis restarting) are logged and retried on the next tick of the interval.
+    Runs until cancelled. Errors (Redis restarting) are logged and retried on the next tick
+    of the interval.
     """
     interval = settings.gateway.rank_interval_ms / 1000
-    previous: dict[str, str] = {}
+    previous: dict[tuple[MetricKind, RankMeasure], str] = {}
     while True:
-        for kind in METRIC_KINDS:
+        for kind, measure in RANKINGS:
             try:
-                snapshot = await rank_snapshot(client, kind)
+                snapshot = await rank_snapshot(client, kind, measure)
             except (OSError, redis.RedisError) as exc:
-                log.warning("rank snapshot failed: %r", exc)
+                log.warning("rank snapshot %s/%s failed: %r", kind, measure, exc)
                 continue
-            encoded = json.dumps(snapshot, sort_keys=True)
-            if previous.get(kind) != encoded:
-                previous[kind] = encoded
-                frame: dict[str, Any] = {"type": "ranks", **snapshot}
-                hub.publish_ranks(kind, frame)
+            frame = ranks_frame(snapshot)
+            if previous.get((kind, measure)) != frame:
+                previous[kind, measure] = frame
+                hub.publish_ranks(kind, measure, frame)
         await asyncio.sleep(interval)

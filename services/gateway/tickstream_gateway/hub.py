@@ -1,32 +1,31 @@
-"""Hub: routes ticks, ranks and alerts to WebSocket clients, each with one bounded queue."""
+"""Hub: routes bar updates, ranks and alerts to WebSocket clients, each with one bounded queue."""
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict, deque
-from collections.abc import Iterable
+import time
+from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
-from tickstream_gateway.protocol import alert_frame, tick_frame
-from tickstream_shared.naming import Market, MetricKind
+from tickstream_gateway.bars import RecentBars
+from tickstream_gateway.protocol import alert_frame, bar_frame
+from tickstream_shared.naming import MetricKind, RankMeasure
 from tickstream_shared.schemas import Alert, Tick
 
-Frame = dict[str, Any]
-
-# Ticks kept per market in memory: they bridge the gap between what PostgreSQL holds (stats
-# stores ticks a moment after they are published) and what this gateway has already seen live.
-RECENT_TICKS_PER_MARKET = 4096
+# Frames are encoded JSON text: encoded once, the same string goes to every client.
+Frame = str
 
 
 @dataclass
 class MarketFeed:
     """One client's subscription to one market."""
 
-    held: list[Tick] | None = field(default_factory=list)  # None once live
-    # Newest (exchange_ts, seq) sent: the gateway's own Kafka feed can lag behind what stats
-    # already stored (and so what history contained); older ticks are never sent twice.
-    sent_up_to: tuple[int, int] = (-1, -1)
+    # While history is read: the newest held update per minute (None once live). Updates of a
+    # forming bar replace each other, so holding is bounded by minutes, not by the update rate.
+    held: dict[int, Tick] | None = field(default_factory=dict)
+    # Largest seq sent on this subscription (after history: the newest seq in it). The
+    # gateway's own feed can lag behind what stats stored, so older updates are never resent.
+    sent_seq: int = -1
 
 
 @dataclass(eq=False)
@@ -35,14 +34,14 @@ class ClientSession:
 
     Policy when the queue is full: the client is too slow to follow the stream; it is marked
     `overflowed` and its connection is closed (code 1013, try again later) rather than
-    buffering without bound or silently dropping ticks it would believe it had.
+    buffering without bound or silently dropping updates it would believe it had.
     """
 
     queue_size: int
     queue: asyncio.Queue[Frame] = field(init=False)
     overflowed: asyncio.Event = field(default_factory=asyncio.Event)
-    markets: dict[Market, MarketFeed] = field(default_factory=dict)
-    rank_kinds: set[MetricKind] = field(default_factory=set)
+    markets: dict[str, MarketFeed] = field(default_factory=dict)  # by market id
+    rank_measures: dict[MetricKind, RankMeasure] = field(default_factory=dict)
     alerts: bool = False
 
     def __post_init__(self) -> None:
@@ -54,32 +53,17 @@ class ClientSession:
         except asyncio.QueueFull:
             self.overflowed.set()
 
-    def deliver_tick(self, tick: Tick) -> None:
-        feed = self.markets.get(tick.market)
-        if feed is None:
-            return
-        if feed.held is not None:
-            if len(feed.held) < self.queue_size:
-                feed.held.append(tick)
-            else:
-                self.overflowed.set()
-            return
-        key = (tick.exchange_ts, tick.seq)
-        if key > feed.sent_up_to:
-            feed.sent_up_to = key
-            self.offer(tick_frame(tick))
-
 
 @dataclass
 class Hub:
-    """All connected clients and the latest state they are sent on subscribe."""
+    """All connected clients, the recent live bars and the latest rank frames."""
 
     client_queue: int
     sessions: set[ClientSession] = field(default_factory=set)
     dropped_slow_clients: int = 0
-    _by_market: dict[Market, set[ClientSession]] = field(default_factory=lambda: defaultdict(set))
-    _recent: dict[Market, deque[Tick]] = field(default_factory=dict)
-    latest_ranks: dict[MetricKind, Frame] = field(default_factory=dict)
+    recent: RecentBars = field(default_factory=RecentBars)
+    latest_ranks: dict[tuple[MetricKind, RankMeasure], Frame] = field(default_factory=dict)
+    _by_market: dict[str, set[ClientSession]] = field(default_factory=lambda: defaultdict(set))
 
     def connect(self) -> ClientSession:
         session = ClientSession(self.client_queue)
@@ -88,46 +72,54 @@ class Hub:
 
     def disconnect(self, session: ClientSession) -> None:
         self.sessions.discard(session)
-        for market in session.markets:
-            self._by_market[market].discard(session)
+        for market_id in session.markets:
+            self._by_market[market_id].discard(session)
         if session.overflowed.is_set():
             self.dropped_slow_clients += 1
 
-    @property
-    def live_markets(self) -> Iterable[Market]:
-        return self._recent.keys()
+    def hold_market(self, session: ClientSession, market_id: str) -> None:
+        """Start (or restart) a market subscription: live updates are held until released."""
+        session.markets[market_id] = MarketFeed()
+        self._by_market[market_id].add(session)
 
-    def recent_ticks(self, market: Market) -> list[Tick]:
-        return list(self._recent.get(market, ()))
-
-    def hold_market(self, session: ClientSession, market: Market) -> None:
-        """Start a market subscription: live ticks are held until `release_market`."""
-        session.markets[market] = MarketFeed()
-        self._by_market[market].add(session)
-
-    def release_market(
-        self, session: ClientSession, market: Market, after: tuple[int, int]
-    ) -> None:
-        """History up to `after` (exchange_ts, seq) was sent: send held ticks past it, go live."""
-        feed = session.markets.get(market)
+    def release_market(self, session: ClientSession, market_id: str, after_seq: int) -> None:
+        """History up to seq `after_seq` was sent: send held updates past it, then go live."""
+        feed = session.markets.get(market_id)
         if feed is None or feed.held is None:
             return
-        held, feed.held, feed.sent_up_to = feed.held, None, after
-        for tick in held:
-            session.deliver_tick(tick)
+        held, feed.held, feed.sent_seq = feed.held, None, after_seq
+        for tick in sorted(held.values(), key=lambda t: t.seq):
+            if tick.seq > feed.sent_seq:
+                feed.sent_seq = tick.seq
+                session.offer(bar_frame(tick))
 
-    def drop_market(self, session: ClientSession, market: Market) -> None:
-        session.markets.pop(market, None)
-        self._by_market[market].discard(session)
+    def drop_market(self, session: ClientSession, market_id: str) -> None:
+        session.markets.pop(market_id, None)
+        self._by_market[market_id].discard(session)
 
-    def publish_tick(self, tick: Tick) -> None:
-        market = tick.market
-        recent = self._recent.get(market)
-        if recent is None:
-            recent = self._recent[market] = deque(maxlen=RECENT_TICKS_PER_MARKET)
-        recent.append(tick)
-        for session in self._by_market.get(market, ()):
-            session.deliver_tick(tick)
+    def publish_tick(self, tick: Tick, now: float | None = None) -> None:
+        """Remember the update and send it, encoded once, to every live subscriber behind it.
+
+        `now` is `time.monotonic()` (read once per batch by the feed).
+        """
+        self.recent.add(tick, time.monotonic() if now is None else now)
+        sessions = self._by_market.get(tick.market)
+        if not sessions:
+            return
+        frame: Frame | None = None
+        for session in sessions:
+            feed = session.markets[tick.market]
+            if feed.held is not None:
+                held = feed.held.get(tick.minute)
+                if held is None or tick.seq > held.seq:
+                    feed.held[tick.minute] = tick
+                    if len(feed.held) > session.queue_size:
+                        session.overflowed.set()  # a history query that never ends
+            elif tick.seq > feed.sent_seq:
+                feed.sent_seq = tick.seq
+                if frame is None:
+                    frame = bar_frame(tick)
+                session.offer(frame)
 
     def publish_alert(self, alert: Alert) -> None:
         frame = alert_frame(alert)
@@ -135,8 +127,8 @@ class Hub:
             if session.alerts:
                 session.offer(frame)
 
-    def publish_ranks(self, kind: MetricKind, frame: Frame) -> None:
-        self.latest_ranks[kind] = frame
+    def publish_ranks(self, kind: MetricKind, measure: RankMeasure, frame: Frame) -> None:
+        self.latest_ranks[kind, measure] = frame
         for session in self.sessions:
-            if kind in session.rank_kinds:
+            if session.rank_measures.get(kind) == measure:
                 session.offer(frame)

@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
+
+import msgspec
 
 from tickstream_shared.errors import BadIdentifier
-from tickstream_shared.naming import Market, MetricKind, parse_kind
-from tickstream_shared.schemas import Alert, Tick
+from tickstream_shared.naming import (
+    DEFAULT_MEASURE,
+    Market,
+    MetricKind,
+    RankMeasure,
+    parse_kind,
+    parse_measure,
+)
+from tickstream_shared.schemas import MAX_TS_MS, MIN_TS_MS, Alert, Tick
 
 Channel = Literal["market", "ranks", "alerts"]
 MAX_FRAME_BYTES = 4096
+_DIGITS: Final = re.compile(r"[0-9]{1,30}")
 
 
 class ProtocolError(Exception):
-    """A client frame we cannot act on; `code` and message go back to the client."""
+    """A client request we cannot act on; `code` and message go back to the client."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -25,11 +37,16 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Subscription:
-    """What a client asked for: one market's ticks, one kind's ranks, or all alerts."""
+    """What a client asked for: one market's bars, one kind's ranks by a measure, or alerts.
+
+    `measure` is None only in an unsubscribe, where `by` does not matter: a client holds at
+    most one rank subscription per kind.
+    """
 
     channel: Channel
     market: Market | None = None
     kind: MetricKind | None = None
+    measure: RankMeasure | None = None
 
     def describe(self) -> dict[str, Any]:
         frame: dict[str, Any] = {"channel": self.channel}
@@ -37,12 +54,15 @@ class Subscription:
             frame["market"] = self.market.id
         if self.kind is not None:
             frame["kind"] = self.kind
+        if self.measure is not None:
+            frame["by"] = self.measure
         return frame
 
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
     subscription: Subscription
+    since: int | None = None  # market channel: only bars with minute >= since in the history
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,11 +93,15 @@ def parse_command(frame: str | bytes) -> Command:
         return Ping()
     if op not in ("subscribe", "unsubscribe"):
         raise ProtocolError("bad_request", "'op' must be one of: subscribe, unsubscribe, ping")
-    subscription = _parse_subscription(obj)
-    return Subscribe(subscription) if op == "subscribe" else Unsubscribe(subscription)
+    subscribing = op == "subscribe"
+    subscription = _parse_subscription(obj, subscribing)
+    if not subscribing:
+        return Unsubscribe(subscription)
+    since = parse_since(obj.get("since")) if subscription.channel == "market" else None
+    return Subscribe(subscription, since)
 
 
-def _parse_subscription(obj: dict[str, Any]) -> Subscription:
+def _parse_subscription(obj: dict[str, Any], subscribing: bool) -> Subscription:
     channel = obj.get("channel")
     if channel == "alerts":
         return Subscription("alerts")
@@ -90,29 +114,151 @@ def _parse_subscription(obj: dict[str, Any]) -> Subscription:
         except BadIdentifier as exc:
             raise ProtocolError("bad_market", str(exc)) from exc
     if channel == "ranks":
-        kind = obj.get("kind")
+        raw_kind = obj.get("kind")
         try:
-            return Subscription("ranks", kind=parse_kind(kind if isinstance(kind, str) else ""))
+            kind = parse_kind(raw_kind if isinstance(raw_kind, str) else "")
         except BadIdentifier as exc:
             raise ProtocolError("bad_kind", f"channel 'ranks' needs 'kind': {exc}") from exc
+        if not subscribing:
+            return Subscription("ranks", kind=kind)
+        return Subscription("ranks", kind=kind, measure=parse_by(kind, obj.get("by")))
     raise ProtocolError("bad_request", "'channel' must be one of: market, ranks, alerts")
 
 
-def tick_point(tick: Tick) -> dict[str, Any]:
-    return {"ts": tick.exchange_ts, "seq": tick.seq, "price": tick.price, "volume": tick.volume}
+def parse_by(kind: MetricKind, value: object) -> RankMeasure:
+    """The rank measure asked for (default std); raises ProtocolError `bad_measure`.
+
+    Shared by the WebSocket subscription and `GET /api/ranks?by=`.
+    """
+    if value is None:
+        return DEFAULT_MEASURE
+    try:
+        return parse_measure(kind, value if isinstance(value, str) else repr(value))
+    except BadIdentifier as exc:
+        raise ProtocolError("bad_measure", str(exc)) from exc
 
 
-def tick_frame(tick: Tick) -> dict[str, Any]:
-    return {"type": "tick", "market": tick.market.id, **tick_point(tick)}
+def parse_since(value: object) -> int | None:
+    """A `since` minute (ms): an integer within the plausible event times, or None if absent.
+
+    Accepts an int (WebSocket) or a string of digits (HTTP query); raises ProtocolError
+    `bad_since` for anything else. It need not be a multiple of 60000: bars with minute >= it
+    are sent.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) and _DIGITS.fullmatch(value):
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError("bad_since", f"since {str(value)[:40]!r} is not an integer (ms)")
+    if not MIN_TS_MS <= value <= MAX_TS_MS:
+        raise ProtocolError(
+            "bad_since", f"since {value} is outside {MIN_TS_MS}..{MAX_TS_MS} (ms since the epoch)"
+        )
+    return value
 
 
-def history_frame(market: Market, ticks: list[Tick]) -> dict[str, Any]:
-    return {"type": "history", "market": market.id, "ticks": [tick_point(t) for t in ticks]}
+# ---------------------------------------------------------------- server frames
+
+# One encoder for every frame and HTTP body; NaN or infinity would encode as null.
+_encoder: Final = msgspec.json.Encoder()
 
 
-def alert_frame(alert: Alert) -> dict[str, Any]:
-    return {"type": "alert", "alert": alert.as_json()}
+def encode(obj: Any) -> bytes:
+    """JSON bytes of a frame or response body (msgspec Structs, dicts, lists, numbers)."""
+    return _encoder.encode(obj)
 
 
-def error_frame(code: str, message: str) -> dict[str, Any]:
-    return {"type": "error", "code": code, "message": message}
+class BarPoint(msgspec.Struct, frozen=True, gc=False):
+    """One minute of history: the newest update of the market's bar for that minute."""
+
+    minute: int
+    seq: int
+    exchange_ts: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    trades: int | None
+    closed: bool
+
+
+class BarFrame(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="bar"):
+    """A live update of a market's bar, as sent to every subscriber (encoded once)."""
+
+    market: str
+    minute: int
+    seq: int
+    exchange_ts: int
+    received_ts: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    trades: int | None
+    closed: bool
+
+
+class HistoryFrame(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="history"):
+    market: str
+    since: int | None
+    bars: list[BarPoint]
+
+
+def bar_point(tick: Tick) -> BarPoint:
+    return BarPoint(
+        tick.minute,
+        tick.seq,
+        tick.exchange_ts,
+        tick.open,
+        tick.high,
+        tick.low,
+        tick.close,
+        tick.volume,
+        tick.trades,
+        tick.closed,
+    )
+
+
+def bar_frame(tick: Tick) -> str:
+    frame = BarFrame(
+        tick.market,
+        tick.minute,
+        tick.seq,
+        tick.exchange_ts,
+        tick.received_ts,
+        tick.open,
+        tick.high,
+        tick.low,
+        tick.close,
+        tick.volume,
+        tick.trades,
+        tick.closed,
+    )
+    return _encoder.encode(frame).decode()
+
+
+def history_frame(market_id: str, bars: Sequence[Tick], since: int | None) -> str:
+    """The history frame: at most GATEWAY_HISTORY_MINUTES + 1 bars, oldest first."""
+    return _encoder.encode(HistoryFrame(market_id, since, [bar_point(t) for t in bars])).decode()
+
+
+def ranks_frame(snapshot: dict[str, Any]) -> str:
+    return _encoder.encode({"type": "ranks", **snapshot}).decode()
+
+
+def alert_frame(alert: Alert) -> str:
+    return _encoder.encode({"type": "alert", "alert": alert}).decode()
+
+
+def error_frame(code: str, message: str) -> str:
+    return _encoder.encode({"type": "error", "code": code, "message": message}).decode()
+
+
+def status_frame(kind: Literal["subscribed", "unsubscribed"], sub: Subscription) -> str:
+    return _encoder.encode({"type": kind, **sub.describe()}).decode()
+
+
+PONG_FRAME: Final = _encoder.encode({"type": "pong"}).decode()

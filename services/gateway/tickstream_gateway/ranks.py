@@ -1,72 +1,151 @@
-"""Rank snapshots read from Redis: metrics of one kind ordered by standard deviation."""
+"""Metric stats and rank snapshots read from Redis, as the stats service writes them."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, cast
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, cast
 
 import redis.asyncio as redis
 
-from tickstream_shared.naming import MetricKind, rank_key, stats_key
+from tickstream_shared.naming import (
+    MEASURES_BY_KIND,
+    METRIC_KINDS,
+    MetricKind,
+    RankMeasure,
+    rank_key,
+    stats_key,
+)
+
+# Every (kind, measure) with a rank set, in a fixed order.
+RANKINGS: Final[tuple[tuple[MetricKind, RankMeasure], ...]] = tuple(
+    (kind, measure) for kind in METRIC_KINDS for measure in MEASURES_BY_KIND[kind]
+)
 
 
 @dataclass(frozen=True, slots=True)
-class RankEntry:
-    metric: str
-    position: int
-    total: int
-    label: str
-    std: float
-    mean: float | None
+class MetricStats:
+    """One metric's stats hash, parsed (see the Redis contract in docs/architecture.md)."""
+
     count: int
+    mean: float
+    std: float
+    min: float
+    max: float
+    cv: float
+    logret: float | None  # price metrics only
+    last: float
+    minute: int
+    last_ts: int
+    stale: bool
+    clock: int
+
+    def measure(self, measure: RankMeasure) -> float | None:
+        return self.std if measure == "std" else self.cv if measure == "cv" else self.logret
+
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "count": self.count,
+            "mean": self.mean,
+            "std": self.std,
+            "min": self.min,
+            "max": self.max,
+            "cv": self.cv,
+        }
+        if self.logret is not None:
+            body["logret"] = self.logret
+        body |= {
+            "last": self.last,
+            "minute": self.minute,
+            "last_ts": self.last_ts,
+            "stale": self.stale,
+            "clock": self.clock,
+        }
+        return body
+
+
+def parse_stats(kind: MetricKind, raw: Mapping[str, str]) -> MetricStats | None:
+    """The stats of a hash, or None when it is missing or incomplete (being rewritten)."""
+    try:
+        return MetricStats(
+            count=int(raw["count"]),
+            mean=float(raw["mean"]),
+            std=float(raw["std"]),
+            min=float(raw["min"]),
+            max=float(raw["max"]),
+            cv=float(raw["cv"]),
+            logret=float(raw["logret"]) if kind == "price" else None,
+            last=float(raw["last"]),
+            minute=int(raw["minute"]),
+            last_ts=int(raw["last_ts"]),
+            stale=raw["stale"] == "1",
+            clock=int(raw["clock"]),
+        )
+    except (KeyError, ValueError):
+        return None
 
 
 def rank_label(position: int, total: int) -> str:
-    """The rank as users read it: largest standard deviation is "1/<total>"."""
+    """The rank as users read it: the largest score is "1/<total>"."""
     return f"{position}/{total}"
 
 
-async def rank_snapshot(client: redis.Redis, kind: MetricKind) -> dict[str, Any]:
-    """Every metric of `kind`, position 1 = largest standard deviation.
+def ranked(order: list[str], stats: Mapping[str, MetricStats | None]) -> list[str]:
+    """A rank set's members that can be ranked: with stats and not stale, in the set's order.
+
+    Stats keeps stale metrics out of the rank sets; filtering again here keeps every view
+    consistent while stats is between writing a hash and its rank sets.
+    """
+    return [m for m in order if (s := stats.get(m)) is not None and not s.stale]
+
+
+async def rank_snapshot(
+    client: redis.Redis, kind: MetricKind, measure: RankMeasure
+) -> dict[str, Any]:
+    """Every live metric of `kind` ranked by `measure`, position 1 = largest score.
 
     Ties keep Redis' order (member name, descending), so positions are always 1..N.
     """
-    members = await _ranked_with_scores(client, kind)
-    total = len(members)
-    async with client.pipeline(transaction=False) as pipe:
-        for metric, _ in members:
-            pipe.hmget(stats_key(metric), "mean", "count")
-        details = await pipe.execute() if members else []
-    entries = [
-        RankEntry(
-            metric=metric,
-            position=i + 1,
-            total=total,
-            label=rank_label(i + 1, total),
-            std=float(std),
-            mean=float(mean) if mean is not None else None,
-            count=int(count) if count is not None else 0,
-        )
-        for i, ((metric, std), (mean, count)) in enumerate(zip(members, details, strict=True))
-    ]
-    return {"kind": kind, "total": total, "ranks": [asdict(e) for e in entries]}
-
-
-async def _ranked_with_scores(client: redis.Redis, kind: MetricKind) -> list[tuple[str, float]]:
-    return cast(
-        list[tuple[str, float]], await client.zrevrange(rank_key(kind), 0, -1, withscores=True)
+    scored = cast(
+        list[tuple[str, float]],
+        await client.zrevrange(rank_key(kind, measure), 0, -1, withscores=True),
     )
+    async with client.pipeline(transaction=False) as pipe:
+        for metric, _ in scored:
+            pipe.hgetall(stats_key(metric))
+        hashes = await pipe.execute() if scored else []
+    stats = {m: parse_stats(kind, raw) for (m, _), raw in zip(scored, hashes, strict=True)}
+    members = ranked([m for m, _ in scored], stats)
+    scores = dict(scored)
+    total = len(members)
+    entries = []
+    for position, metric in enumerate(members, start=1):
+        s = stats[metric]
+        assert s is not None  # ranked() kept only metrics with stats
+        entry: dict[str, Any] = {
+            "metric": metric,
+            "position": position,
+            "total": total,
+            "label": rank_label(position, total),
+            "value": scores[metric],
+            "std": s.std,
+            "cv": s.cv,
+        }
+        if s.logret is not None:
+            entry["logret"] = s.logret
+        entry |= {"mean": s.mean, "count": s.count}
+        entries.append(entry)
+    return {"kind": kind, "by": measure, "total": total, "ranks": entries}
 
 
-async def ranked_metrics(client: redis.Redis, kind: MetricKind) -> list[str]:
-    """Metric ids of one kind, largest standard deviation first (the order of rank_snapshot)."""
-    return [metric for metric, _ in await _ranked_with_scores(client, kind)]
-
-
-async def metric_rank(client: redis.Redis, metric_id: str, kind: MetricKind) -> tuple[int, int]:
-    """(position, total) of one metric; position 0 when it is not ranked."""
-    async with client.pipeline(transaction=True) as pipe:
-        pipe.zrevrank(rank_key(kind), metric_id)
-        pipe.zcard(rank_key(kind))
-        index, total = await pipe.execute()
-    return (0 if index is None else int(index) + 1), int(total)
+def positions_json(positions: Mapping[RankMeasure, tuple[int | None, int]]) -> dict[str, Any]:
+    """`ranks` per measure, plus top-level position/total/rank for std (older clients)."""
+    ranks = {
+        measure: {
+            "position": position,
+            "total": total,
+            "rank": None if position is None else rank_label(position, total),
+        }
+        for measure, (position, total) in positions.items()
+    }
+    return {"ranks": ranks, **ranks["std"]}

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 
 from starlette.websockets import WebSocket
 
+from tickstream_gateway.bars import merge_history
 from tickstream_gateway.hub import ClientSession, Hub
 from tickstream_gateway.protocol import (
+    PONG_FRAME,
     Ping,
     ProtocolError,
     Subscribe,
@@ -18,12 +19,13 @@ from tickstream_gateway.protocol import (
     error_frame,
     history_frame,
     parse_command,
+    ranks_frame,
+    status_frame,
 )
 from tickstream_gateway.ranks import rank_snapshot
 from tickstream_gateway.state import GatewayState
 from tickstream_shared import db
 from tickstream_shared.consuming import is_transient
-from tickstream_shared.schemas import Tick
 
 log = logging.getLogger("tickstream.gateway.ws")
 
@@ -56,8 +58,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 
 async def _write(websocket: WebSocket, session: ClientSession) -> None:
     while True:
-        frame = await session.queue.get()
-        await websocket.send_text(json.dumps(frame, separators=(",", ":")))
+        await websocket.send_text(await session.queue.get())
 
 
 async def _read(websocket: WebSocket, session: ClientSession, state: GatewayState) -> None:
@@ -71,9 +72,9 @@ async def _read(websocket: WebSocket, session: ClientSession, state: GatewayStat
                 raise ProtocolError("bad_request", "frames must be text (JSON), not binary")
             command = parse_command(text)
             if isinstance(command, Ping):
-                session.offer({"type": "pong"})
+                session.offer(PONG_FRAME)
             elif isinstance(command, Subscribe):
-                await _subscribe(session, command.subscription, state)
+                await _subscribe(session, command, state)
             else:
                 _unsubscribe(session, command.subscription, state.hub)
         except ProtocolError as exc:
@@ -87,67 +88,61 @@ async def _read(websocket: WebSocket, session: ClientSession, state: GatewayStat
             )
 
 
-async def _subscribe(session: ClientSession, sub: Subscription, state: GatewayState) -> None:
+async def _subscribe(session: ClientSession, command: Subscribe, state: GatewayState) -> None:
+    sub = command.subscription
     hub = state.hub
-    session.offer({"type": "subscribed", **sub.describe()})
+    session.offer(status_frame("subscribed", sub))
     if sub.channel == "alerts":
         session.alerts = True
-    elif sub.kind is not None:
-        session.rank_kinds.add(sub.kind)
-        snapshot = hub.latest_ranks.get(sub.kind)
-        if snapshot is None:
-            snapshot = {"type": "ranks", **await rank_snapshot(state.redis, sub.kind)}
-        session.offer(snapshot)
+    elif sub.kind is not None and sub.measure is not None:
+        # One rank subscription per kind: subscribing again with another `by` switches it.
+        session.rank_measures[sub.kind] = sub.measure
+        key = (sub.kind, sub.measure)
+        if key not in hub.latest_ranks:  # only before the poller's first round
+            try:
+                fetched = ranks_frame(await rank_snapshot(state.redis, sub.kind, sub.measure))
+            except BaseException:
+                session.rank_measures.pop(sub.kind, None)
+                raise
+            # A push during the query was newer and already sent; never send an older one.
+            hub.latest_ranks.setdefault(key, fetched)
+        session.offer(hub.latest_ranks[key])
     elif sub.market is not None:
-        await _subscribe_market(session, sub, state, hub)
+        await _subscribe_market(session, sub.market.id, command.since, state)
 
 
 async def _subscribe_market(
-    session: ClientSession, sub: Subscription, state: GatewayState, hub: Hub
+    session: ClientSession, market_id: str, since: int | None, state: GatewayState
 ) -> None:
-    market = sub.market
-    assert market is not None
-    # Hold live ticks first, then read history: nothing can fall between the two.
-    hub.hold_market(session, market)
-    span_ms = state.settings.gateway.history_seconds * 1000
+    hub = state.hub
+    minutes = state.settings.gateway.history_minutes
+    # Hold live updates first, then read history: nothing can fall between the two.
+    hub.hold_market(session, market_id)
     try:
-        stored = await db.recent_ticks(state.pool, market.id, span_ms)
+        stored = await db.recent_bars(state.pool, market_id, minutes, since_minute=since)
+        history = merge_history(stored, hub.recent.of(market_id), minutes, since)
+        # Nothing at or after `since` is not the same as a market never seen.
+        known = bool(history) or (
+            since is not None and bool(await db.recent_bars(state.pool, market_id, 0))
+        )
     except BaseException:
-        hub.drop_market(session, market)  # nothing held for a subscription that failed
+        hub.drop_market(session, market_id)  # nothing held for a subscription that failed
         raise
-    history = _merge(stored, hub.recent_ticks(market), span_ms)
-    if not history:
-        hub.drop_market(session, market)
+    if not known:
+        hub.drop_market(session, market_id)
         session.offer(
-            {
-                "type": "error",
-                "code": "unknown_market",
-                "message": f"no ticks for market {market.id!r}; see GET /api/metrics",
-            }
+            error_frame("unknown_market", f"no bars for market {market_id!r}; see GET /api/metrics")
         )
         return
-    session.offer(history_frame(market, history))
-    last = history[-1]
-    hub.release_market(session, market, (last.exchange_ts, last.seq))
-
-
-def _merge(stored: list[Tick], recent: list[Tick], span_ms: int) -> list[Tick]:
-    """Stored history plus ticks seen live but not yet stored, without duplicates."""
-    by_key = {(t.exchange_ts, t.seq): t for t in stored}
-    for tick in recent:
-        by_key.setdefault((tick.exchange_ts, tick.seq), tick)
-    if not by_key:
-        return []
-    ordered = [by_key[k] for k in sorted(by_key)]
-    newest = ordered[-1].exchange_ts
-    return [t for t in ordered if t.exchange_ts > newest - span_ms]
+    session.offer(history_frame(market_id, history, since))
+    hub.release_market(session, market_id, max((bar.seq for bar in history), default=-1))
 
 
 def _unsubscribe(session: ClientSession, sub: Subscription, hub: Hub) -> None:
     if sub.channel == "alerts":
         session.alerts = False
     elif sub.kind is not None:
-        session.rank_kinds.discard(sub.kind)
+        session.rank_measures.pop(sub.kind, None)
     elif sub.market is not None:
-        hub.drop_market(session, sub.market)
-    session.offer({"type": "unsubscribed", **sub.describe()})
+        hub.drop_market(session, sub.market.id)
+    session.offer(status_frame("unsubscribed", sub))

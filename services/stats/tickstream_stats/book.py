@@ -1,83 +1,208 @@
-"""MetricBook: every metric's rolling window, fed in event time, with duplicate/stale skipping."""
+"""MetricBook: the minute windows of the markets this instance owns, on one event-time clock."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from tickstream_shared.naming import METRIC_KINDS, Market, MetricKind
-from tickstream_shared.schemas import Tick
-from tickstream_stats.window import RollingWindow, WindowStats
+from tickstream_shared.naming import Market, MetricKind, market_of
+from tickstream_shared.schemas import MINUTE_MS, Tick
+from tickstream_stats.window import MinuteWindow, WindowStats
 
 
 @dataclass(frozen=True, slots=True)
 class MetricUpdate:
-    """The new stats of one metric after a batch."""
+    """What Redis must hold for one metric; `stats` None means its window became empty."""
 
     metric_id: str
     kind: MetricKind
-    stats: WindowStats
-    last_value: float
-    last_ts: int
+    stats: WindowStats | None
+    last_value: float  # the metric's value in the market's newest minute
+    minute: int  # the market's newest minute
+    last_ts: int  # the newest exchange_ts applied
+    stale: bool
+    clock: int  # the minute every window ends at
+
+    @property
+    def gone(self) -> bool:
+        return self.stats is None
 
 
-@dataclass
 class _MarketState:
-    windows: dict[MetricKind, RollingWindow]
-    last_ts: int = -1
-    last_seq: int = -1
-    last_values: dict[MetricKind, float] = field(default_factory=dict)
+    __slots__ = (
+        "last_close",
+        "last_seq",
+        "last_ts",
+        "last_volume",
+        "listed",
+        "newest",
+        "price_id",
+        "volume_id",
+        "window",
+    )
+
+    def __init__(self, market: Market, window_minutes: int) -> None:
+        self.window = MinuteWindow(window_minutes)
+        self.price_id = market.metric_id("price")
+        self.volume_id = market.metric_id("volume")
+        self.last_seq = -1
+        self.last_ts = -1
+        self.newest = -1  # newest minute applied
+        self.last_close = 0.0
+        self.last_volume = 0.0
+        self.listed = False  # whether the last updates returned said it has data
 
 
-@dataclass
 class MetricBook:
-    """Windows for the markets this instance owns.
+    """Windows of the owned markets, all ending at the book's event-time clock.
 
-    A tick at or before the last applied (exchange time, seq) of its market is skipped: that is
-    a re-delivery after a restart (already counted) or an out-of-order tick, which an event-time
-    window in arrival order cannot take without breaking its O(1) eviction.
+    The clock is the newest minute seen, by this book's ticks or from outside
+    (`advance_clock`, the clock shared by every stats instance); it never goes back, so every
+    window ends at the same minute and a silent market's window ages. A market is stale when
+    the clock is more than `stale_seconds` past its newest minute. A tick whose seq is not
+    above its market's last applied seq is skipped (`skipped_stale`): a re-delivery after a
+    restart or an out-of-order tick. A tick older than the window is skipped (`skipped_old`).
     """
 
-    span_ms: int
-    skipped_stale: int = 0
-    _markets: dict[Market, _MarketState] = field(default_factory=dict)
+    def __init__(self, window_minutes: int = 1440, stale_seconds: int = 300) -> None:
+        self.window_minutes = window_minutes
+        self.stale_ms = stale_seconds * 1000
+        self.clock = -1
+        self.skipped_stale = 0
+        self.skipped_old = 0
+        self._markets: dict[Market, _MarketState] = {}
 
     def __contains__(self, market: Market) -> bool:
         return market in self._markets
 
+    @property
+    def markets(self) -> list[Market]:
+        return list(self._markets)
+
     def forget(self, market: Market) -> None:
+        """Drop a market's state (its partition moved elsewhere). Idempotent."""
         self._markets.pop(market, None)
 
+    def advance_clock(self, minute: int) -> list[MetricUpdate]:
+        """Raise the clock to `minute`; updates of every market whose window ends there now.
+
+        Returns nothing when `minute` is not after the clock.
+        """
+        if minute <= self.clock:
+            return []
+        self.clock = minute
+        return self._updates(self._markets.values())
+
     def apply(self, ticks: Iterable[Tick]) -> list[MetricUpdate]:
-        """Feed ticks in order; return one update per metric that changed."""
+        """Apply ticks in order; updates for the markets they changed (all, if the clock moved)."""
+        clock_before = self.clock
         touched: dict[Market, _MarketState] = {}
         for tick in ticks:
-            market = tick.market
+            market = market_of(tick.market)
             state = self._markets.get(market)
             if state is None:
-                windows = {kind: RollingWindow(self.span_ms) for kind in METRIC_KINDS}
-                state = self._markets[market] = _MarketState(windows)
-            if (tick.exchange_ts, tick.seq) <= (state.last_ts, state.last_seq):
+                state = self._markets[market] = _MarketState(market, self.window_minutes)
+            if tick.seq <= state.last_seq:
                 self.skipped_stale += 1
                 continue
-            for kind in METRIC_KINDS:
-                value = tick.value(kind)
-                state.windows[kind].add(tick.exchange_ts, value)
-                state.last_values[kind] = value
-            state.last_ts, state.last_seq = tick.exchange_ts, tick.seq
+            state.last_seq = tick.seq
+            minute = tick.minute
+            if minute > self.clock:
+                self.clock = minute
+            window = state.window
+            if window.clock < self.clock:
+                window.advance(self.clock)
+            if not window.set(minute, tick.close, tick.volume):
+                self.skipped_old += 1
+                continue
+            if minute >= state.newest:
+                state.newest = minute
+                state.last_close = tick.close
+                state.last_volume = tick.volume
+            if tick.exchange_ts > state.last_ts:
+                state.last_ts = tick.exchange_ts
             touched[market] = state
+        if self.clock > clock_before:
+            return self._updates(self._markets.values())
+        return self._updates(touched.values())
+
+    def warm(self, market: Market, bars: Iterable[Tick]) -> list[MetricUpdate]:
+        """Replace a market's state with stored bars; its updates (all, if the clock moved).
+
+        Of several bars of one minute the largest seq wins, so nothing is counted twice, and
+        ticks re-delivered later are skipped up to the largest seq loaded. Idempotent.
+        """
+        newest: dict[int, Tick] = {}
+        for bar in bars:
+            held = newest.get(bar.minute)
+            if held is None or bar.seq > held.seq:
+                newest[bar.minute] = bar
+        state = self._markets[market] = _MarketState(market, self.window_minutes)
+        clock_before = self.clock
+        if newest:
+            self.clock = max(self.clock, max(newest))
+        state.window.advance(self.clock)
+        for minute in sorted(newest):
+            bar = newest[minute]
+            state.last_seq = max(state.last_seq, bar.seq)
+            state.last_ts = max(state.last_ts, bar.exchange_ts)
+            state.window.set(minute, bar.close, bar.volume)
+            state.newest, state.last_close, state.last_volume = minute, bar.close, bar.volume
+        if self.clock > clock_before:
+            return self._updates(self._markets.values())
+        return self._updates([state])
+
+    def window_start(self) -> int:
+        """The oldest minute in every window at the current clock (the clock must be set)."""
+        return self.clock - (self.window_minutes - 1) * MINUTE_MS
+
+    def _updates(self, states: Iterable[_MarketState]) -> list[MetricUpdate]:
+        clock = self.clock
         updates = []
-        for market, state in touched.items():
-            for kind in METRIC_KINDS:
-                stats = state.windows[kind].stats()
-                if stats is not None:
-                    updates.append(
-                        MetricUpdate(
-                            market.metric_id(kind),
-                            kind,
-                            stats,
-                            state.last_values[kind],
-                            state.last_ts,
-                        )
-                    )
+        for state in states:
+            window = state.window
+            window.advance(clock)
+            both = window.stats()
+            if both is None:
+                if state.listed:
+                    state.listed = False
+                    updates.append(self._gone(state, "price"))
+                    updates.append(self._gone(state, "volume"))
+                continue
+            state.listed = True
+            stale = clock - state.newest > self.stale_ms
+            price, volume = both
+            updates.append(
+                MetricUpdate(
+                    state.price_id,
+                    "price",
+                    price,
+                    state.last_close,
+                    state.newest,
+                    state.last_ts,
+                    stale,
+                    clock,
+                )
+            )
+            updates.append(
+                MetricUpdate(
+                    state.volume_id,
+                    "volume",
+                    volume,
+                    state.last_volume,
+                    state.newest,
+                    state.last_ts,
+                    stale,
+                    clock,
+                )
+            )
         return updates
+
+    def _gone(self, state: _MarketState, kind: MetricKind) -> MetricUpdate:
+        if kind == "price":
+            metric_id, last = state.price_id, state.last_close
+        else:
+            metric_id, last = state.volume_id, state.last_volume
+        return MetricUpdate(
+            metric_id, kind, None, last, state.newest, state.last_ts, True, self.clock
+        )

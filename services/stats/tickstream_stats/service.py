@@ -1,58 +1,78 @@
-"""Stats lifecycle: consume ticks, store them, update windows and ranks, then commit."""
+"""Stats lifecycle: consume bar updates, store them, update minute windows and ranks, commit."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener
+from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from tickstream_shared import db, redis_client
-from tickstream_shared.consuming import (
-    DecodeCounters,
-    decode_batch,
-    records_in_order,
-    retry_until_done,
-)
+from tickstream_shared.consuming import DecodeCounters, decode_batch, retry_until_done
 from tickstream_shared.kafka import make_consumer
 from tickstream_shared.naming import TICK_TOPIC_PATTERN, Market
 from tickstream_shared.schemas import Tick
-from tickstream_shared.settings import ServiceSettings
+from tickstream_shared.settings import DatabaseSettings, ServiceSettings
 from tickstream_stats.book import MetricBook, MetricUpdate
-from tickstream_stats.store import write_stats
+from tickstream_stats.store import raise_clock, read_clock, write_stats
 
 log = logging.getLogger("tickstream.stats")
 _REPORT_EVERY_S = 30.0
+# How often an idle instance reads the shared clock, so its silent markets age and go stale
+# when other instances (or other markets) move the clock.
+_IDLE_CLOCK_EVERY_S = 1.0
+_RETENTION_EVERY_S = 3600.0
 
 
 class _Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Tracks which markets this instance owns, so windows are warmed or dropped on rebalance."""
+    """Keeps the book to the markets this instance owns: forget on revoke, warm on assign.
 
-    def __init__(self, book: MetricBook, pool: Any, redis: Any, stop: asyncio.Event) -> None:
+    aiokafka (0.14) calls the listener from its coordination task, concurrently with the
+    batch loop; both hold `lock`, so forget/warm never interleaves with a batch's store, apply
+    and write (a batch fetched before a revoke used to be applied to a forgotten market, which
+    then skipped its warm-up and kept a partial window). This cannot deadlock with the loop's
+    commit(): commit takes only the coordinator's own commit lock, which the coordination task
+    does not hold while it awaits this listener, and it looks the coordinator up by itself if
+    needed. getmany() returns nothing while a reassignment is in progress.
+    """
+
+    def __init__(
+        self, book: MetricBook, pool: Any, redis: Any, lock: asyncio.Lock, stop: asyncio.Event
+    ) -> None:
         self.book = book
         self.pool = pool
         self.redis = redis
+        self.lock = lock
         self.stop = stop
+        # aiokafka only logs what a listener raises; the batch loop re-raises it, so a market
+        # that cannot be warmed stops the service instead of being skipped for good.
+        self.failure: Exception | None = None
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        for tp in revoked:
-            self.book.forget(Market.from_topic(tp.topic))
+        async with self.lock:
+            for tp in revoked:
+                self.book.forget(Market.from_topic(tp.topic))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        # aiokafka awaits this before fetching from the new partitions, so windows are
-        # rebuilt from stored ticks before any newer tick of those markets is applied.
-        # aiokafka only logs an exception raised here, so failures are retried in place
-        # rather than letting ticks into empty windows.
+        # Transient failures are retried in place: a market's ticks are applied only once it
+        # is warmed (see _owned_records).
         markets = {Market.from_topic(tp.topic) for tp in assigned}
-        new = {m for m in markets if m not in self.book}
+        async with self.lock:
+            new = {m for m in markets if m not in self.book}
 
-        async def warm() -> bool:
-            await _warm(self.pool, self.redis, self.book, new)
-            return True
+            async def warm() -> bool:
+                await _warm(self.pool, self.redis, self.book, new)
+                return True
 
-        await retry_until_done("warm windows", warm, self.stop)
+            try:
+                await retry_until_done("warm windows", warm, self.stop)
+            except Exception as exc:
+                self.failure = exc
+                raise
 
 
 async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
@@ -60,30 +80,64 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     pool = await db.create_pool(settings.database)
     redis = redis_client.connect(settings.redis)
     consumer = make_consumer(settings.kafka, group_id="stats", client_id="tickstream-stats")
-    book = MetricBook(span_ms=settings.stats.window_seconds * 1000)
-    ownership = _Ownership(book, pool, redis, stop)
+    book = MetricBook(settings.stats.window_minutes, settings.stats.stale_seconds)
+    lock = asyncio.Lock()
+    ownership = _Ownership(book, pool, redis, lock, stop)
+    retention: asyncio.Task[None] | None = None
     try:
-        await db.ensure_schema(pool)
+        await db.ensure_schema(pool, settings.database)
         consumer.subscribe(pattern=TICK_TOPIC_PATTERN, listener=ownership)
         await consumer.start()
-        await _consume(settings, stop, consumer, pool, redis, book)
+        retention = asyncio.create_task(_retention(pool, settings.database, stop))
+        await _consume(settings, stop, consumer, pool, redis, book, ownership)
     finally:
+        if retention is not None:
+            retention.cancel()
+            await asyncio.wait([retention])
         await consumer.stop()
         await redis.aclose()
         await pool.close()
 
 
-async def _warm(pool: Any, redis: Any, book: MetricBook, markets: set[Market]) -> None:
-    """Rebuild windows from stored ticks, so a restart does not reset 24h of statistics.
+async def _retention(pool: Any, settings: DatabaseSettings, stop: asyncio.Event) -> None:
+    """Drop expired bars and alerts now and every hour; a failure waits for the next hour."""
+    while not stop.is_set():
+        try:
+            dropped = await db.drop_expired(pool, settings)
+            log.info(
+                "retention: dropped %d bars older than %d days", dropped, settings.retention_days
+            )
+        except Exception:
+            log.exception("retention job failed; retrying in an hour")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=_RETENTION_EVERY_S)
 
-    The rebuilt stats are written to Redis at once: Redis may be empty (it is derived state),
-    and ranks must not wait for the next tick of every market. Idempotent.
+
+async def _warm(pool: Any, redis: Any, book: MetricBook, markets: set[Market]) -> None:
+    """Load the window of each market from stored bars and write their stats at once.
+
+    The clock is the newest of the shared clock and the newest stored minute (Redis is derived
+    state and may have been wiped). Redis may be empty, and ranks must not wait for the next
+    tick of every market. Idempotent.
     """
+    clock = max(await read_clock(redis) or -1, await db.newest_minute(pool) or -1)
+    updates: dict[str, MetricUpdate] = {}
+    if clock >= 0:
+        clock = await raise_clock(redis, clock)
+        updates.update((u.metric_id, u) for u in book.advance_clock(clock))
     for market in sorted(markets):
-        book.forget(market)
-        ticks = await db.recent_ticks(pool, market.id, book.span_ms)
-        await write_stats(redis, book.apply(ticks))
-        log.info("warmed %s with %d stored ticks", market.id, len(ticks))
+        bars: list[Tick] = []
+        if book.clock >= 0:
+            bars = await db.bars_between(pool, market.id, book.window_start(), book.clock)
+        updates.update((u.metric_id, u) for u in book.warm(market, bars))
+        log.info("warmed %s with %d stored bars", market.id, len(bars))
+    await write_stats(redis, list(updates.values()))
+
+
+def _owned_records(batch: dict[Any, list[Any]], book: MetricBook) -> dict[Any, list[Any]]:
+    # A partition revoked, or assigned but not yet warmed, while this batch was fetched is
+    # skipped and not committed: its owner reads it again from the committed offset.
+    return {tp: records for tp, records in batch.items() if Market.from_topic(tp.topic) in book}
 
 
 async def _consume(
@@ -93,40 +147,100 @@ async def _consume(
     pool: Any,
     redis: Any,
     book: MetricBook,
+    ownership: _Ownership,
 ) -> None:
     counters = DecodeCounters()
     stored = 0
     next_report = time.monotonic() + _REPORT_EVERY_S
+    next_clock_read = time.monotonic() + _IDLE_CLOCK_EVERY_S
     while not stop.is_set():
         batch = await consumer.getmany(
             timeout_ms=settings.stats.batch_wait_ms, max_records=settings.stats.batch_max
         )
-        if not batch:
-            continue
-        ticks = decode_batch(records_in_order(batch), counters)
-
-        async def _store(ticks: list[Tick] = ticks) -> int:
-            return await db.store_ticks(pool, ticks)
-
-        new_rows = await retry_until_done("store ticks", _store, stop)
-        if new_rows is None:
-            return  # stopping: nothing committed, the batch is re-read on restart
-        stored += new_rows
-        updates = book.apply(ticks)
-
-        async def _write(updates: list[MetricUpdate] = updates) -> bool:
-            await write_stats(redis, updates)
-            return True
-
-        if await retry_until_done("write stats", _write, stop) is None:
-            return
-        await consumer.commit()
+        async with ownership.lock:
+            if ownership.failure is not None:
+                raise ownership.failure
+            if not batch:
+                if time.monotonic() >= next_clock_read:
+                    next_clock_read = time.monotonic() + _IDLE_CLOCK_EVERY_S
+                    if not await _age(stop, redis, book):
+                        return
+                continue
+            owned = _owned_records(batch, book)
+            if len(owned) < len(batch):
+                log.info(
+                    "skipped records of %d partitions not owned (mid-rebalance); not committed",
+                    len(batch) - len(owned),
+                )
+            if not owned:
+                continue
+            ticks = decode_batch((r for records in owned.values() for r in records), counters)
+            new_rows = await _apply_batch(stop, pool, redis, book, ticks)
+            if new_rows is None:
+                return  # stopping: nothing committed, the batch is re-read on restart
+            stored += new_rows
+            try:
+                await consumer.commit({tp: records[-1].offset + 1 for tp, records in owned.items()})
+            except (CommitFailedError, IllegalStateError) as exc:
+                # The group rebalanced under this batch (CommitFailedError), or a new topic
+                # changed the pattern subscription, which drops the assignment until the group
+                # is joined again (IllegalStateError). The batch is read again by the
+                # partition's owner, and skipped by seq where it was already applied.
+                log.warning("commit failed during a rebalance, batch will be re-read: %s", exc)
         if time.monotonic() >= next_report:
             next_report = time.monotonic() + _REPORT_EVERY_S
             log.info(
-                "ticks decoded=%d stored=%d skipped_bad=%d skipped_stale=%d",
+                "ticks decoded=%d stored=%d skipped_bad=%d skipped_stale=%d skipped_old=%d"
+                " clock=%d markets=%d",
                 counters.decoded,
                 stored,
                 counters.skipped_bad,
                 book.skipped_stale,
+                book.skipped_old,
+                book.clock,
+                len(book.markets),
             )
+
+
+async def _apply_batch(
+    stop: asyncio.Event, pool: Any, redis: Any, book: MetricBook, ticks: list[Tick]
+) -> int | None:
+    """Store, raise the shared clock, apply and write one batch; None if stopped first."""
+
+    async def store() -> int:
+        return await db.store_bars(pool, ticks)
+
+    new_rows = await retry_until_done("store bars", store, stop)
+    if new_rows is None:
+        return None
+    updates: dict[str, MetricUpdate] = {}
+    if ticks:
+        newest = max(tick.minute for tick in ticks)
+
+        async def clock() -> int:
+            return await raise_clock(redis, newest)
+
+        shared = await retry_until_done("raise clock", clock, stop)
+        if shared is None:
+            return None
+        updates.update((u.metric_id, u) for u in book.advance_clock(shared))
+        updates.update((u.metric_id, u) for u in book.apply(ticks))
+    if not await _write(stop, redis, list(updates.values())):
+        return None
+    return new_rows
+
+
+async def _age(stop: asyncio.Event, redis: Any, book: MetricBook) -> bool:
+    """Advance the book to the shared clock and write what aged; False if stopped first."""
+    shared = await retry_until_done("read clock", lambda: read_clock(redis), stop)
+    if shared is None:
+        return not stop.is_set()  # no clock yet, or stopping
+    return await _write(stop, redis, book.advance_clock(shared))
+
+
+async def _write(stop: asyncio.Event, redis: Any, updates: list[MetricUpdate]) -> bool:
+    async def write() -> bool:
+        await write_stats(redis, updates)
+        return True
+
+    return await retry_until_done("write stats", write, stop) is not None

@@ -1,176 +1,388 @@
-"""Rolling event-time window: count, mean, population std, min and max in O(1) per add."""
+"""One market's minute window: exact count, mean, std, min, max and log-return std per metric."""
+
+from __future__ import annotations
 
 import math
-from collections import deque
+from array import array
 from dataclasses import dataclass
+from typing import Final
 
-# Rebuild early when M2 has fallen this far below the magnitude of the updates applied to it
-# since the last rebuild: the rounding error of those updates would otherwise be a large part
-# of what is left (a price spike leaving a calm window). 2**-20 keeps the relative error of M2
-# near 2**-53 * 2**20 ~ 1e-10 yet does not fire on steady streams, where the updates since
-# the last rebuild add up to a few times M2.
-_CANCELLATION_RATIO = 2.0**-20
+from tickstream_shared.schemas import MINUTE_MS
+
+# Slots per min/max block: 1440 minutes are 36 blocks, so a rescan reads 40 slots and the
+# global extreme is taken over 36 block extremes.
+BLOCK_SLOTS: Final = 40
 
 
 @dataclass(frozen=True, slots=True)
 class WindowStats:
-    """Statistics of the values in a window; ``std`` is the population standard deviation."""
+    """Statistics of one metric over the minutes in its window.
+
+    `std` is the population standard deviation, `cv` is std / |mean| (0.0 when the mean is
+    0), `logret` the population std of the log returns between consecutive present minutes
+    (price only, None for volume; 0.0 with fewer than two minutes).
+    """
 
     count: int
     mean: float
-    std: float  # population standard deviation (divides by count)
+    std: float
     min: float
     max: float
+    cv: float
+    logret: float | None
 
 
-class RollingWindow:
-    """The values whose timestamp t satisfies ``latest_ts - span_ms < t <= latest_ts``.
+class ExactMoments:
+    """Count, sum and sum of squares of floats, kept exactly as integers.
 
-    ``add`` costs O(1) amortised whatever the window length. Mean and variance are kept with
-    Welford updates (and their inverse on eviction) on values shifted by a reference close to
-    the data, and recomputed exactly from the window after as many evictions as the window
-    holds, or sooner if evicting a far outlier left mostly rounding error behind, so rounding
-    error cannot build up. Not thread-safe; one window per series.
+    Every float is a binary fraction num / 2**k, so at a common scale s >= k it is the integer
+    num << (s - k). The scale only grows (the sums are shifted up with it) until the set is
+    empty again. Add and remove are exact, so no rounding error builds up and nothing is ever
+    rebuilt; mean and variance are rounded once, correctly, by int / int division.
+    """
+
+    __slots__ = ("count", "s1", "s2", "scale")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.s1 = 0  # sum of x * 2**scale
+        self.s2 = 0  # sum of x**2 * 2**(2 * scale)
+        self.scale = 0
+
+    def add(self, value: float) -> None:
+        num, den = value.as_integer_ratio()
+        k = den.bit_length() - 1
+        if k > self.scale:
+            shift = k - self.scale
+            self.s1 <<= shift
+            self.s2 <<= 2 * shift
+            self.scale = k
+        x = num << (self.scale - k)
+        self.count += 1
+        self.s1 += x
+        self.s2 += x * x
+
+    def remove(self, value: float) -> None:
+        """Remove a value that was added (and not yet removed); anything else corrupts the sums."""
+        num, den = value.as_integer_ratio()
+        x = num << (self.scale - (den.bit_length() - 1))
+        self.count -= 1
+        self.s1 -= x
+        self.s2 -= x * x
+        if self.count == 0:
+            self.scale = 0
+
+    def clear(self) -> None:
+        self.count = self.s1 = self.s2 = self.scale = 0
+
+    def mean(self) -> float:
+        """The mean, correctly rounded; requires count > 0."""
+        return self.s1 / (self.count << self.scale)
+
+    def std(self) -> float:
+        """sqrt of the correctly rounded population variance; requires count > 0."""
+        n = self.count
+        return math.sqrt((n * self.s2 - self.s1 * self.s1) / ((n * n) << (2 * self.scale)))
+
+
+class _BlockExtremes:
+    """Min and max of one value column, kept per block of slots.
+
+    A block whose extreme leaves (evicted, or replaced by a less extreme value) is marked and
+    rescanned at the next `bounds()`; a monotonic deque cannot take replacements.
+    """
+
+    __slots__ = ("_dirty", "_highs", "_lows", "_minutes", "_values")
+
+    def __init__(self, minutes: array[int], values: array[float]) -> None:
+        self._minutes = minutes
+        self._values = values
+        blocks = -(-len(values) // BLOCK_SLOTS)
+        self._lows = array("d", [math.inf]) * blocks
+        self._highs = array("d", [-math.inf]) * blocks
+        self._dirty: set[int] = set()
+
+    def put(self, slot: int, value: float) -> None:
+        block = slot // BLOCK_SLOTS
+        if block in self._dirty:
+            return
+        if value < self._lows[block]:
+            self._lows[block] = value
+        if value > self._highs[block]:
+            self._highs[block] = value
+
+    def take(self, slot: int, value: float) -> None:
+        block = slot // BLOCK_SLOTS
+        if value <= self._lows[block] or value >= self._highs[block]:
+            self._dirty.add(block)
+
+    def replace(self, slot: int, old: float, new: float) -> None:
+        block = slot // BLOCK_SLOTS
+        if block in self._dirty:
+            return
+        low, high = self._lows[block], self._highs[block]
+        if (old <= low and new > old) or (old >= high and new < old):
+            self._dirty.add(block)
+            return
+        if new < low:
+            self._lows[block] = new
+        if new > high:
+            self._highs[block] = new
+
+    def clear(self) -> None:
+        blocks = len(self._lows)
+        self._lows[:] = array("d", [math.inf]) * blocks
+        self._highs[:] = array("d", [-math.inf]) * blocks
+        self._dirty.clear()
+
+    def bounds(self) -> tuple[float, float]:
+        """(min, max) over the present slots; rescans only the marked blocks."""
+        if self._dirty:
+            minutes, values = self._minutes, self._values
+            for block in self._dirty:
+                low, high = math.inf, -math.inf
+                for slot in range(block * BLOCK_SLOTS, min((block + 1) * BLOCK_SLOTS, len(values))):
+                    if minutes[slot] != -1:
+                        value = values[slot]
+                        if value < low:
+                            low = value
+                        if value > high:
+                            high = value
+                self._lows[block] = low
+                self._highs[block] = high
+            self._dirty.clear()
+        return min(self._lows), max(self._highs)
+
+
+def log_return(previous: float, close: float) -> float:
+    """ln(close / previous) for positive closes; deterministic, so a return can be removed by
+    recomputing it from the same two floats."""
+    ratio = close / previous
+    if 0.0 < ratio < math.inf:
+        return math.log(ratio)
+    return math.log(close) - math.log(previous)  # the ratio under- or overflowed
+
+
+class MinuteWindow:
+    """A market's bars (close and volume) for the minutes m with clock - span < m <= clock.
+
+    A ring of `window_minutes` slots, indexed by (minute // 60000) % window_minutes, holds each
+    present minute (-1 = empty slot) and its close and volume: 24 bytes per slot, about 35 KB
+    for 1440 minutes whatever the update rate. `set` is O(1) for the newest minute (the forming
+    one, replaced by each update) and for a new newest minute; a late minute inserted into or
+    replaced inside the window scans slots for its neighbours (at most the window). `advance`
+    costs the minutes it moves over, and a jump past the newest minute clears in one step.
+    Statistics are exact (see ExactMoments); min/max come from block extremes. Not thread-safe.
     """
 
     __slots__ = (
-        "_churn",
-        "_items",
-        "_latest_ts",
-        "_m2",
-        "_maxs",
-        "_mean",
-        "_mins",
-        "_removals",
-        "_shift",
+        "_before_newest",
+        "_close_extremes",
+        "_close_moments",
+        "_closes",
+        "_minutes",
+        "_newest",
+        "_oldest",
+        "_return_moments",
+        "_size",
         "_span_ms",
+        "_volume_extremes",
+        "_volume_moments",
+        "_volumes",
+        "clock",
+        "refused",
     )
 
-    def __init__(self, span_ms: int) -> None:
-        if span_ms <= 0:
-            raise ValueError(f"span_ms must be positive, got {span_ms}")
-        self._span_ms = span_ms
-        self._items: deque[tuple[int, float]] = deque()
-        # Monotonic deques of (ts, value): values rise front to back in _mins and fall in
-        # _maxs, so the front is the extreme and evicting by timestamp keeps them valid.
-        self._mins: deque[tuple[int, float]] = deque()
-        self._maxs: deque[tuple[int, float]] = deque()
-        self._latest_ts: int | None = None
-        # Welford state over (value - _shift): prices near 1e5 that differ in the 1e-6s would
-        # lose most of their digits in the squares if the large common part were kept.
-        self._shift = 0.0
-        self._mean = 0.0
-        self._m2 = 0.0
-        self._removals = 0
-        self._churn = 0.0
-
-    @property
-    def latest_ts(self) -> int | None:
-        """Newest timestamp added, or None if nothing was ever added."""
-        return self._latest_ts
+    def __init__(self, window_minutes: int = 1440) -> None:
+        if window_minutes < 1:
+            raise ValueError(f"window_minutes must be at least 1, got {window_minutes}")
+        self._size = window_minutes
+        self._span_ms = window_minutes * MINUTE_MS
+        self._minutes = array("q", [-1]) * window_minutes
+        self._closes = array("d", [0.0]) * window_minutes
+        self._volumes = array("d", [0.0]) * window_minutes
+        self._close_moments = ExactMoments()
+        self._volume_moments = ExactMoments()
+        self._return_moments = ExactMoments()
+        self._close_extremes = _BlockExtremes(self._minutes, self._closes)
+        self._volume_extremes = _BlockExtremes(self._minutes, self._volumes)
+        self._oldest = self._newest = self._before_newest = -1
+        self.clock = -1  # the minute the window ends at; -1 until the first set or advance
+        self.refused = 0  # minutes refused by `set` as older than the window
 
     def __len__(self) -> int:
-        return len(self._items)
+        return self._close_moments.count
 
-    def add(self, ts_ms: int, value: float) -> None:
-        """Add a value, evicting those that fall out of the window ending at ``ts_ms``.
+    @property
+    def newest(self) -> int | None:
+        """The newest minute present, or None when the window is empty."""
+        return None if self._newest == -1 else self._newest
 
-        Raises ValueError if ``ts_ms`` is older than ``latest_ts`` (equal is allowed) or if
-        ``value`` is not finite; the window is left unchanged in that case.
-        """
-        if self._latest_ts is not None and ts_ms < self._latest_ts:
-            raise ValueError(
-                f"timestamp {ts_ms} is older than the newest in the window ({self._latest_ts});"
-                " out-of-order values must be filtered before add"
-            )
-        if not math.isfinite(value):
-            raise ValueError(f"value must be finite, got {value!r}")
-        self._latest_ts = ts_ms
-        self._evict(ts_ms - self._span_ms)
-        if not self._items:
-            # A fresh window shifts by its first value, so the first deviations are exact.
-            self._reset(shift=value)
-        self._items.append((ts_ms, value))
-        self._push_extremes(ts_ms, value)
-        n = len(self._items)
-        dev = value - self._shift
-        delta = dev - self._mean
-        self._mean += delta / n
-        term = delta * (dev - self._mean)
-        self._m2 += term
-        self._churn += abs(term)
-        # A rebuild every len(window) evictions is paid for by them: O(1) amortised. The early
-        # rebuild needs the spread to collapse ~1000-fold since the last one, which is rare.
-        if self._removals >= n or self._m2 < self._churn * _CANCELLATION_RATIO:
-            self._rebuild()
-
-    def stats(self) -> WindowStats | None:
-        """Statistics of the values in the window, or None if it holds none."""
-        n = len(self._items)
-        if n == 0:
+    def bar(self, minute: int) -> tuple[float, float] | None:
+        """(close, volume) of `minute` if present."""
+        slot = (minute // MINUTE_MS) % self._size
+        if minute < 0 or self._minutes[slot] != minute:
             return None
-        lo = self._mins[0][1]
-        hi = self._maxs[0][1]
-        if lo == hi:
-            # A constant window has exactly this mean and no spread; no rounding may show.
-            return WindowStats(count=n, mean=lo, std=0.0, min=lo, max=hi)
-        # Rounding may put the mean a hair outside the values it averages.
-        mean = min(max(self._shift + self._mean, lo), hi)
-        std = math.sqrt(self._m2 / n)
-        return WindowStats(count=n, mean=mean, std=std, min=lo, max=hi)
+        return self._closes[slot], self._volumes[slot]
 
-    def _evict(self, cutoff: int) -> None:
-        items = self._items
-        while items and items[0][0] <= cutoff:
-            self._remove(items.popleft()[1])
-        mins = self._mins
-        while mins and mins[0][0] <= cutoff:
-            mins.popleft()
-        maxs = self._maxs
-        while maxs and maxs[0][0] <= cutoff:
-            maxs.popleft()
+    def set(self, minute: int, close: float, volume: float) -> bool:
+        """Store the bar of `minute`, replacing what that minute held; O(1) for the newest.
 
-    def _remove(self, value: float) -> None:
-        # Inverse Welford step: undo the update that added ``value`` to the remaining n.
-        n = len(self._items)
-        if n == 0:
-            self._reset(shift=0.0)
-            return
-        dev = value - self._shift
-        mean = self._mean - (dev - self._mean) / n
-        term = (dev - mean) * (dev - self._mean)
-        self._mean = mean
-        # Cancellation can leave a tiny negative M2 where the exact value is 0 or near it.
-        self._m2 = max(self._m2 - term, 0.0)
-        self._churn += abs(term)
-        self._removals += 1
+        A minute after the clock advances the window to it first. Returns False, changing
+        nothing but `refused`, for a minute older than the window. Raises ValueError for a
+        minute that is not a multiple of 60000, a close that is not positive and finite, or a
+        volume that is not finite.
+        """
+        if minute % MINUTE_MS or minute < 0:
+            raise ValueError(f"minute {minute} is not a non-negative multiple of {MINUTE_MS}")
+        if not (0.0 < close < math.inf and -math.inf < volume < math.inf):
+            raise ValueError(f"bad bar values close={close!r} volume={volume!r}")
+        if minute > self.clock:
+            self.advance(minute)
+        elif minute <= self.clock - self._span_ms:
+            self.refused += 1
+            return False
+        slot = (minute // MINUTE_MS) % self._size
+        if self._minutes[slot] == minute:
+            self._replace(slot, minute, close, volume)
+        else:
+            # Any other minute in this slot lies a whole window away, so it was evicted.
+            self._insert(slot, minute, close, volume)
+        return True
 
-    def _push_extremes(self, ts_ms: int, value: float) -> None:
-        # Equal values are dropped from the back too: the newer copy outlives the older.
-        mins = self._mins
-        while mins and mins[-1][1] >= value:
-            mins.pop()
-        mins.append((ts_ms, value))
-        maxs = self._maxs
-        while maxs and maxs[-1][1] <= value:
-            maxs.pop()
-        maxs.append((ts_ms, value))
+    def advance(self, clock: int) -> int:
+        """Move the window's end to `clock` (never back); returns how many minutes left."""
+        if clock <= self.clock:
+            return 0
+        self.clock = clock
+        cutoff = clock - self._span_ms  # minutes at or before it leave
+        if self._newest == -1 or self._oldest > cutoff:
+            return 0
+        if self._newest <= cutoff:
+            evicted = len(self)
+            self._clear()
+            return evicted
+        evicted = 0
+        minute = self._oldest
+        # newest > cutoff, so every minute evicted here has a present successor.
+        while minute <= cutoff:
+            following = self._next_present(minute)
+            self._evict(minute, following)
+            evicted += 1
+            minute = following
+        self._oldest = minute
+        if minute == self._newest:
+            self._before_newest = -1
+        return evicted
 
-    def _rebuild(self) -> None:
-        # Two passes with exactly rounded sums; the new shift is the window's mean, which keeps
-        # later deviations small (and exact for values within a factor 2 of it).
-        values = [value for _, value in self._items]
-        n = len(values)
-        shift = math.fsum(values) / n
-        devs = [value - shift for value in values]
-        mean = math.fsum(devs) / n
-        self._reset(shift=shift)
-        self._mean = mean
-        self._m2 = math.fsum((dev - mean) ** 2 for dev in devs)
+    def stats(self) -> tuple[WindowStats, WindowStats] | None:
+        """(price, volume) statistics of the minutes in the window, or None when empty."""
+        if self._newest == -1:
+            return None
+        returns = self._return_moments
+        logret = returns.std() if returns.count else 0.0
+        price = _stats(self._close_moments, self._close_extremes, logret)
+        volume = _stats(self._volume_moments, self._volume_extremes, None)
+        return price, volume
 
-    def _reset(self, shift: float) -> None:
-        self._shift = shift
-        self._mean = 0.0
-        self._m2 = 0.0
-        self._removals = 0
-        self._churn = 0.0
+    def _replace(self, slot: int, minute: int, close: float, volume: float) -> None:
+        old_close = self._closes[slot]
+        if old_close != close:
+            previous = self._prev_present(minute)
+            following = self._next_present(minute)
+            closes, size, returns = self._closes, self._size, self._return_moments
+            if previous != -1:
+                before = closes[(previous // MINUTE_MS) % size]
+                returns.remove(log_return(before, old_close))
+                returns.add(log_return(before, close))
+            if following != -1:
+                after = closes[(following // MINUTE_MS) % size]
+                returns.remove(log_return(old_close, after))
+                returns.add(log_return(close, after))
+            self._close_moments.remove(old_close)
+            self._close_moments.add(close)
+            closes[slot] = close
+            self._close_extremes.replace(slot, old_close, close)
+        old_volume = self._volumes[slot]
+        if old_volume != volume:
+            self._volume_moments.remove(old_volume)
+            self._volume_moments.add(volume)
+            self._volumes[slot] = volume
+            self._volume_extremes.replace(slot, old_volume, volume)
+
+    def _insert(self, slot: int, minute: int, close: float, volume: float) -> None:
+        if self._newest == -1:
+            previous = following = -1
+            self._oldest = self._newest = minute
+        elif minute > self._newest:
+            previous, following = self._newest, -1
+            self._before_newest, self._newest = self._newest, minute
+        else:
+            previous = self._prev_present(minute)
+            following = self._next_present(minute)
+            self._oldest = min(self._oldest, minute)
+            self._before_newest = max(self._before_newest, minute)
+        closes, size, returns = self._closes, self._size, self._return_moments
+        if previous != -1:
+            before = closes[(previous // MINUTE_MS) % size]
+            if following != -1:
+                # The late minute splits the return that bridged its gap.
+                returns.remove(log_return(before, closes[(following // MINUTE_MS) % size]))
+            returns.add(log_return(before, close))
+        if following != -1:
+            returns.add(log_return(close, closes[(following // MINUTE_MS) % size]))
+        self._minutes[slot] = minute
+        closes[slot] = close
+        self._volumes[slot] = volume
+        self._close_moments.add(close)
+        self._volume_moments.add(volume)
+        self._close_extremes.put(slot, close)
+        self._volume_extremes.put(slot, volume)
+
+    def _evict(self, minute: int, following: int) -> None:
+        slot = (minute // MINUTE_MS) % self._size
+        close, volume = self._closes[slot], self._volumes[slot]
+        self._return_moments.remove(
+            log_return(close, self._closes[(following // MINUTE_MS) % self._size])
+        )
+        self._minutes[slot] = -1
+        self._close_moments.remove(close)
+        self._volume_moments.remove(volume)
+        self._close_extremes.take(slot, close)
+        self._volume_extremes.take(slot, volume)
+
+    def _clear(self) -> None:
+        self._minutes[:] = array("q", [-1]) * self._size
+        for moments in (self._close_moments, self._volume_moments, self._return_moments):
+            moments.clear()
+        self._close_extremes.clear()
+        self._volume_extremes.clear()
+        self._oldest = self._newest = self._before_newest = -1
+
+    def _prev_present(self, minute: int) -> int:
+        if minute == self._newest:
+            return self._before_newest
+        minutes, size = self._minutes, self._size
+        candidate = minute - MINUTE_MS
+        while candidate >= self._oldest:
+            if minutes[(candidate // MINUTE_MS) % size] == candidate:
+                return candidate
+            candidate -= MINUTE_MS
+        return -1
+
+    def _next_present(self, minute: int) -> int:
+        minutes, size = self._minutes, self._size
+        candidate = minute + MINUTE_MS
+        while candidate <= self._newest:
+            if minutes[(candidate // MINUTE_MS) % size] == candidate:
+                return candidate
+            candidate += MINUTE_MS
+        return -1
+
+
+def _stats(moments: ExactMoments, extremes: _BlockExtremes, logret: float | None) -> WindowStats:
+    mean = moments.mean()
+    std = moments.std()
+    low, high = extremes.bounds()
+    cv = std / abs(mean) if mean != 0.0 else 0.0
+    return WindowStats(moments.count, mean, std, low, high, cv, logret)

@@ -1,67 +1,228 @@
-"""TickPublisher: sends ticks to their per-pair topic with a bounded number in flight."""
+"""TickPublisher: sends ticks to their market's topic in batches, with a bound on unacknowledged."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Sequence
+from types import TracebackType
 from typing import Any
 
+from aiokafka.partitioner import DefaultPartitioner
+
+from tickstream_shared.naming import market_of
 from tickstream_shared.schemas import Tick
 
 log = logging.getLogger(__name__)
 
 
-class TickPublisher:
-    """Publishes ticks keyed by market; at most `max_in_flight` unacknowledged at a time.
+class _Route:
+    """One market's destination, computed once, with its batch being filled and the one sent."""
 
-    Policy when full: `publish` waits (back-pressure on the source) rather than buffering
-    without bound or dropping. A send that fails after the producer's own retries is fatal:
-    `flush` re-raises it, so the watcher stops loudly instead of losing ticks silently.
+    __slots__ = ("batch", "count", "key", "partition", "sending", "topic")
+
+    def __init__(self, topic: str, partition: int, key: bytes) -> None:
+        self.topic = topic
+        self.partition = partition
+        self.key = key
+        self.batch: Any = None  # aiokafka BatchBuilder being filled, not yet sent
+        self.count = 0  # ticks in `batch`
+        self.sending = 0  # ticks of the batch sent and not yet acknowledged (0 = none)
+
+
+class TickPublisher:
+    """Publishes ticks keyed by market id, with at most `max_in_flight` not yet acknowledged.
+
+    Each market's ticks are appended to one open batch (they all go to one partition), and the
+    producer gets whole batches: no per-message future, coroutine or key hash as with
+    `producer.send()`. A market has at most one batch on its way; while it is, new ticks
+    collect in the open batch, which is sent the moment the previous one is acknowledged (so
+    a slow broker gets fewer, larger batches). A market with nothing on its way has its batch
+    sent at the end of every `publish`, so no tick waits for later ticks.
+
+    Policy when full: once `max_in_flight` ticks are handed over and not yet acknowledged (open
+    or sent), `publish` waits for acknowledgements (back-pressure on the source), rather than
+    buffering without bound or dropping. A send that fails after the producer's own retries
+    (idempotent, acks=all) is fatal: `publish` and `flush` raise it from then on, so the
+    watcher stops loudly instead of losing ticks silently.
+
+    Use as `async with`: it runs the task that sends batches whose predecessor was acknowledged
+    between `publish` calls.
     """
 
     def __init__(self, producer: Any, max_in_flight: int) -> None:
         self._producer = producer
-        self._slots = asyncio.Semaphore(max_in_flight)
-        self._pending: set[asyncio.Future[Any]] = set()
+        self._max_in_flight = max_in_flight
+        self._routes: dict[str, _Route] = {}
+        self._open: dict[str, _Route] = {}  # markets with an open batch, by topic
+        self._unacknowledged = 0  # ticks handed over: in open batches or sent
+        self._deliveries: set[asyncio.Future[Any]] = set()
+        self._acknowledged = asyncio.Event()  # set on every delivery (or failure)
+        self._freed: list[_Route] = []  # acknowledged markets whose open batch can go now
+        self._wake_sender = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self.published = 0
 
-    async def publish(self, tick: Tick) -> None:
-        """Hand one tick to the producer; raises the first earlier send failure, if any."""
-        if self._failure is not None:
-            raise self._failure
-        await self._slots.acquire()
-        market = tick.market
-        try:
-            delivery = await self._producer.send(
-                market.topic,
-                value=tick.encode(),
-                key=market.id.encode(),
-                timestamp_ms=tick.exchange_ts,
-            )
-        except BaseException:
-            self._slots.release()
-            raise
-        self._pending.add(delivery)
-        delivery.add_done_callback(self._delivered)
+    async def __aenter__(self) -> TickPublisher:
+        self._sender = asyncio.create_task(self._send_freed(), name="tick-publisher-sender")
+        return self
 
-    def _delivered(self, delivery: asyncio.Future[Any]) -> None:
-        self._pending.discard(delivery)
-        self._slots.release()
-        if delivery.cancelled():
-            return
-        error = delivery.exception()
-        if error is not None:
-            if self._failure is None:
-                log.error("tick send failed: %r", error)
-                self._failure = error
-        else:
-            self.published += 1
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the background sender; does not flush. Safe to call twice."""
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+            self._sender = None
+
+    async def publish(self, ticks: Sequence[Tick]) -> None:
+        """Hand `ticks` to the producer, in order per market; raises a send failure.
+
+        Returns once every tick is in a batch that is sent or will be as soon as its market's
+        previous batch is acknowledged; `flush` waits for the acknowledgements. Cancelling
+        it loses the ticks of this call not appended yet; `flush` still sends the others.
+        """
+        self._raise_failure()
+        routes = self._routes
+        for tick in ticks:
+            if self._unacknowledged >= self._max_in_flight:
+                await self._wait_for_room()
+            route = routes.get(tick.market) or await self._add_route(tick.market)
+            value = tick.encode()
+            batch = route.batch
+            if (
+                batch is None
+                or batch.append(timestamp=tick.exchange_ts, key=route.key, value=value) is None
+            ):
+                if batch is not None:
+                    await self._send_when_free(route)  # full in bytes
+                batch = route.batch = self._producer.create_batch()
+                self._open[route.topic] = route
+                if batch.append(timestamp=tick.exchange_ts, key=route.key, value=value) is None:
+                    raise ValueError(f"a tick of {len(value)} bytes does not fit in a batch")
+            route.count += 1
+            self._unacknowledged += 1
+        await self._send_idle()
+        # Let the producer's sender take the batches now, while the source makes the next ones.
+        await asyncio.sleep(0)
 
     async def flush(self) -> None:
-        """Wait until every tick handed over is acknowledged; re-raise a send failure."""
-        await self._producer.flush()
-        if self._pending:
-            await asyncio.wait(set(self._pending))
+        """Send every open batch and wait until every tick is acknowledged; raise a failure.
+
+        Safe to call twice and after a failure (it raises the same failure again).
+        """
+        while self._unacknowledged and self._failure is None:
+            await self._wait_for_acknowledgement()
+        self._raise_failure()
+
+    async def _add_route(self, market_id: str) -> _Route:
+        topic = market_of(market_id).topic
+        key = market_id.encode()
+        # Chosen as `producer.send()` would choose it (murmur2 of the key), but only once.
+        partitions = sorted(await self._producer.partitions_for(topic))
+        partition = DefaultPartitioner()(key, partitions, partitions)
+        route = self._routes[market_id] = _Route(topic, partition, key)
+        return route
+
+    async def _wait_for_room(self) -> None:
+        while self._unacknowledged >= self._max_in_flight:
+            await self._wait_for_acknowledgement()
+            self._raise_failure()
+
+    async def _send_when_free(self, route: _Route) -> None:
+        """Send the market's (full) open batch once its previous batch is acknowledged."""
+        while route.batch is not None:
+            if route.sending:
+                await self._wait_for_acknowledgement()
+                self._raise_failure()
+            else:
+                await self._send(route)
+
+    async def _wait_for_acknowledgement(self) -> None:
+        """Send the open batches of idle markets, then wait for the next acknowledgement.
+
+        Sending first matters: if every unacknowledged tick sat in an open batch, nothing
+        would ever be acknowledged.
+        """
+        self._acknowledged.clear()
+        await self._send_idle()
+        if not self._deliveries and self._failure is None:
+            raise RuntimeError(f"{self._unacknowledged} ticks unacknowledged, none on their way")
+        await self._acknowledged.wait()
+
+    async def _send_idle(self) -> None:
+        for route in list(self._open.values()):
+            if not route.sending:
+                await self._send(route)
+
+    async def _send_freed(self) -> None:
+        while True:
+            await self._wake_sender.wait()
+            self._wake_sender.clear()
+            freed, self._freed = self._freed, []
+            for route in freed:
+                if route.batch is not None and not route.sending:
+                    try:
+                        await self._send(route)
+                    except Exception:
+                        return  # recorded by _send: publish and flush raise it
+
+    async def _send(self, route: _Route) -> None:
+        batch, count = route.batch, route.count
+        route.batch, route.count, route.sending = None, 0, count
+        del self._open[route.topic]
+        try:
+            delivery = await self._producer.send_batch(
+                batch, route.topic, partition=route.partition
+            )
+        except asyncio.CancelledError:
+            # Not handed over (only possible on shutdown): keep it for `flush` if nothing newer
+            # is open, so that no count of unacknowledged ticks is left waiting forever.
+            route.sending = 0
+            if route.batch is None:
+                route.batch, route.count = batch, count
+                self._open[route.topic] = route
+            else:
+                self._unacknowledged -= count
+                log.warning("%d ticks of %s not sent: cancelled", count, route.topic)
+            raise
+        except Exception as exc:
+            self._fail(exc, count)
+            raise
+        self._deliveries.add(delivery)
+        delivery.add_done_callback(lambda done: self._delivered(route, done))
+
+    def _delivered(self, route: _Route, delivery: asyncio.Future[Any]) -> None:
+        self._deliveries.discard(delivery)
+        count, route.sending = route.sending, 0
+        self._unacknowledged -= count
+        if delivery.cancelled():
+            self._fail(RuntimeError("tick batch delivery was cancelled"), count)
+        elif (error := delivery.exception()) is not None:
+            self._fail(error, count)
+        else:
+            self.published += count
+            if route.batch is not None:
+                self._freed.append(route)
+                self._wake_sender.set()
+        self._acknowledged.set()
+
+    def _fail(self, error: BaseException, count: int) -> None:
+        if self._failure is None:
+            log.error("tick batch send failed (%d ticks): %r", count, error)
+            self._failure = error
+        self._acknowledged.set()
+
+    def _raise_failure(self) -> None:
         if self._failure is not None:
             raise self._failure

@@ -22,27 +22,27 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     producer = make_producer(settings.kafka, client_id="tickstream-watcher")
     await producer.start()
     try:
-        publisher = TickPublisher(producer, settings.watcher.max_in_flight)
-        pump = asyncio.create_task(_pump(source, publisher))
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait({pump, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if pump.done() and pump.exception() is None:
-            # A finite source (replay) ended: stay up until stopped, so that a supervisor
-            # (compose, Kubernetes, `tickstream up`) does not restart and replay it again.
-            await stopper
-        stopper.cancel()
-        pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pump  # surfaces a send failure or a source error
-        await publisher.flush()
-        log.info("published %d ticks", publisher.published)
+        async with TickPublisher(producer, settings.watcher.max_in_flight) as publisher:
+            pump = asyncio.create_task(_pump(source, publisher))
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({pump, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if pump.done() and pump.exception() is None:
+                # A finite source (replay) ended: stay up until stopped, so that a supervisor
+                # (compose, Kubernetes, `tickstream up`) does not restart and replay it again.
+                await stopper
+            stopper.cancel()
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump  # surfaces a send failure or a source error
+            await publisher.flush()
+            log.info("published %d ticks", publisher.published)
     finally:
         await producer.stop()
 
 
 async def _pump(source: TickSource, publisher: TickPublisher) -> None:
     started = time.monotonic()
-    async for tick in source.ticks():
-        await publisher.publish(tick)
+    async for chunk in source.chunks():
+        await publisher.publish(chunk)
     await publisher.flush()
     log.info("source finished: %d ticks in %.1fs", publisher.published, time.monotonic() - started)

@@ -1,22 +1,31 @@
-"""Tick sources: async iterators that pace the pure models in wall-clock time."""
+"""Tick sources: async iterators that pace the pure models (candle files, synthetic walks)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
 
 from tickstream_shared.naming import Market
-from tickstream_shared.schemas import Tick
+from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_shared.settings import WatcherSettings
-from tickstream_watcher.candles import find_candle_files, merged_candles
+from tickstream_watcher.candles import Candle, find_candle_files, merged_candles
 from tickstream_watcher.synthetic import SyntheticMarket
 
+log = logging.getLogger(__name__)
+
+# Most ticks handed over at once when a source is not waiting for its clock (unthrottled
+# replay, backfill): large enough that per-batch costs vanish, small enough to stay far under
+# WATCHER_MAX_IN_FLIGHT's default and to keep signals and the producer served.
+CHUNK_TICKS: Final = 2000
 # Pacing sleeps only when the source is this far ahead of schedule; sleeping per tick at
 # tens of thousands of ticks a second would cost more than the ticks.
 _PACING_SLACK_S = 0.005
+_PROGRESS_EVERY_S = 5.0
 
 
 def now_ms() -> int:
@@ -24,36 +33,86 @@ def now_ms() -> int:
 
 
 class TickSource(Protocol):
+    """Yields lists of ticks that are due together; the publisher sends each list at once."""
+
     markets: list[Market]
 
-    def ticks(self) -> AsyncIterator[Tick]: ...
+    def chunks(self) -> AsyncIterator[list[Tick]]: ...
 
 
 class SyntheticSource:
-    """Random-walk ticks for each configured market, every `tick_interval_ms` of wall time."""
+    """Random-walk bars for each configured market, updated every `tick_interval_ms` of wall time.
+
+    First WATCHER_SYNTHETIC_BACKFILL_MINUTES closed bars for the minutes before the start
+    (oldest first, all markets per minute), with seqs just below the start time in
+    microseconds; then live updates whose seqs are the wall clock in microseconds (or one
+    more than the market's last seq), so seqs grow across restarts too.
+    """
 
     def __init__(self, settings: WatcherSettings) -> None:
         self.markets = [Market.parse(m) for m in settings.markets]
         self._interval_s = settings.tick_interval_ms / 1000
+        self._backfill_minutes = settings.synthetic_backfill_minutes
         self._models = [
-            SyntheticMarket.create(m.base, settings.seed, i) for i, m in enumerate(self.markets)
+            SyntheticMarket(m.id, m.base, settings.seed, i) for i, m in enumerate(self.markets)
         ]
 
-    async def ticks(self) -> AsyncIterator[Tick]:
-        seq = 0
+    async def chunks(self) -> AsyncIterator[list[Tick]]:
+        start_ns = time.time_ns()
+        for chunk in self._backfill(start_ns // 1_000_000, start_ns // 1000):
+            yield chunk
         next_at = time.monotonic()
         while True:
-            for market, model in zip(self.markets, self._models, strict=True):
-                price, volume = model.step()
-                ts = now_ms()
-                yield Tick(market.exchange, market.base, market.quote, seq, ts, ts, price, volume)
-            seq += 1
-            next_at += self._interval_s
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            wall_ns = time.time_ns()
+            wall_ms, wall_us = wall_ns // 1_000_000, wall_ns // 1000
+            yield [tick for model in self._models for tick in model.update(wall_ms, wall_us)]
+            now = time.monotonic()
+            next_at = max(next_at + self._interval_s, now)
+            # Wake at the minute's end too, so bars close on time even with a long interval.
+            to_minute_end = (MINUTE_MS - now_ms() % MINUTE_MS + 1) / 1000
+            await asyncio.sleep(min(next_at - now, to_minute_end))
+
+    def _backfill(self, start_ms: int, start_us: int) -> Iterator[list[Tick]]:
+        count = self._backfill_minutes
+        first_minute = start_ms - start_ms % MINUTE_MS - count * MINUTE_MS
+        chunk: list[Tick] = []
+        for i in range(count):
+            minute = first_minute + i * MINUTE_MS
+            received = now_ms()
+            chunk.extend(
+                m.backfill_bar(minute, start_us - count + i, received) for m in self._models
+            )
+            if len(chunk) >= CHUNK_TICKS:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+
+class ReplayProgress:
+    """Logs the event time reached and the rate, every few seconds of wall time."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._since = clock()
+        self._count = 0
+
+    def emitted(self, count: int, event_ms: int) -> None:
+        """Count `count` ticks emitted up to event time `event_ms`; log if it is time to."""
+        self._count += count
+        elapsed = self._clock() - self._since
+        if elapsed >= _PROGRESS_EVERY_S:
+            reached = datetime.fromtimestamp(event_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            log.info("replay at %s, %.0f ticks/s", reached, self._count / elapsed)
+            self._since += elapsed
+            self._count = 0
 
 
 class ReplaySource:
-    """Real 1-minute candles from CSV files, merged by event time, at a chosen speed."""
+    """Real 1-minute candles from CSV files as closed bars, merged by event time, at a set speed.
+
+    A bar's seq is its data row number in its file, so a re-run emits identical keys.
+    """
 
     def __init__(self, settings: WatcherSettings) -> None:
         folder = Path(settings.replay_dir)
@@ -66,30 +125,60 @@ class ReplaySource:
         self._speed = settings.replay_speed
         self._limit = settings.replay_limit_minutes
 
-    async def ticks(self) -> AsyncIterator[Tick]:
+    async def chunks(self) -> AsyncIterator[list[Tick]]:
+        progress = ReplayProgress()
+        candles = merged_candles(self._files, self._limit)
+        paced = self._paced(candles) if self._speed > 0 else _in_chunks(candles)
+        async for chunk in paced:
+            yield [_closed_bar(candle) for candle in chunk]
+            progress.emitted(len(chunk), chunk[-1].minute + MINUTE_MS)
+
+    async def _paced(self, candles: Iterator[Candle]) -> AsyncIterator[list[Candle]]:
         start_wall = time.monotonic()
-        first_ts: int | None = None
-        for count, candle in enumerate(merged_candles(self._files, self._limit)):
-            if first_ts is None:
-                first_ts = candle.close_ts
-            if self._speed > 0:
-                due = start_wall + (candle.close_ts - first_ts) / 1000 / self._speed
-                ahead = due - time.monotonic()
-                if ahead > _PACING_SLACK_S:
-                    await asyncio.sleep(ahead)
-            elif count % 1000 == 0:
-                await asyncio.sleep(0)  # unthrottled: still let the producer and signals run
-            m = candle.market
-            yield Tick(
-                m.exchange,
-                m.base,
-                m.quote,
-                candle.index,
-                candle.close_ts,
-                now_ms(),
-                candle.close,
-                candle.volume,
-            )
+        first_minute: int | None = None
+        chunk: list[Candle] = []
+        for candle in candles:
+            if first_minute is None:
+                first_minute = candle.minute
+            due = start_wall + (candle.minute - first_minute) / 1000 / self._speed
+            ahead = due - time.monotonic()
+            if ahead > _PACING_SLACK_S or len(chunk) >= CHUNK_TICKS:
+                if chunk:
+                    yield chunk
+                    chunk = []
+                await asyncio.sleep(ahead)
+            chunk.append(candle)
+        if chunk:
+            yield chunk
+
+
+async def _in_chunks(candles: Iterator[Candle]) -> AsyncIterator[list[Candle]]:
+    chunk: list[Candle] = []
+    for candle in candles:
+        chunk.append(candle)
+        if len(chunk) >= CHUNK_TICKS:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _closed_bar(candle: Candle) -> Tick:
+    """The candle as one closed bar update, received now; its event time is the bar's end."""
+    return Tick(
+        candle.market,
+        candle.minute,
+        candle.row_number,
+        candle.minute + MINUTE_MS,
+        time.time_ns() // 1_000_000,
+        candle.open,
+        candle.high,
+        candle.low,
+        candle.close,
+        candle.volume,
+        None,
+        True,
+    )
 
 
 def make_source(settings: WatcherSettings) -> TickSource:

@@ -1,6 +1,7 @@
-// tickstream dashboard: live price/volume charts, rank tables and alerts over one WebSocket.
+// tickstream dashboard: minute-bar charts, rank tables by a chosen measure, alerts; one WebSocket.
 
-const WINDOW_MS = 24 * 60 * 60 * 1000;
+const MINUTE_MS = 60000;
+const WINDOW_MINUTES = 1440; // history is at most this + 1 bars (the forming one)
 const MAX_ALERTS = 200;
 const METRICS_POLL_MS = 5000;
 const BACKOFF_MIN_MS = 1000;
@@ -11,12 +12,21 @@ const SILENCE_LIMIT_MS = 45000; // no frame (not even a pong) for this long: the
 const TOAST_MS = 6000;
 const FRESH_MS = 3000;
 const KINDS = ['price', 'volume'];
+// What each kind can be ranked by (the gateway refuses logret for volume).
+const MEASURES = { price: ['std', 'cv', 'logret'], volume: ['std', 'cv'] };
+const MEASURE_TITLES = {
+  std: 'population standard deviation of the minute values',
+  cv: 'std / |mean|: unitless, comparable across price levels',
+  logret: 'std of minute-to-minute log returns: volatility',
+};
 
 const byTestId = (id) => document.querySelector(`[data-testid="${id}"]`);
 const els = {
   select: byTestId('market-select'),
+  staleBadge: byTestId('stale-badge'),
   status: byTestId('status'),
-  lastTick: byTestId('last-tick-time'),
+  lastUpdate: byTestId('last-update-time'),
+  charts: byTestId('charts'),
   priceChart: byTestId('price-chart'),
   volumeChart: byTestId('volume-chart'),
   alerts: byTestId('alerts'),
@@ -59,70 +69,81 @@ const fmtDateTime = (ms) => (ms == null ? '—' : `${fmtUtc(ms, 0, 19).replace('
 /** "binance:btc-usdt:price" -> "binance:btc-usdt". */
 const marketOf = (metric) => String(metric).slice(0, String(metric).lastIndexOf(':'));
 
-// ---------------------------------------------------------------- tick series
+// ---------------------------------------------------------------- bar series
 
-/** One market's ticks in event-time order; a head index makes dropping old points cheap. */
+/** One market's bars, one per minute in minute order; the forming bar is replaced in place. */
 class Series {
   constructor() { this.clear(); }
 
   clear() {
-    this.ts = [];
-    this.price = [];
+    this.minute = [];
+    this.seq = [];
+    this.close = [];
     this.volume = [];
-    this.start = 0;
+    this.lastUpdateTs = null; // exchange_ts of the newest update seen
   }
 
-  get size() { return this.ts.length - this.start; }
+  get size() { return this.minute.length; }
 
-  get lastTs() { return this.size > 0 ? this.ts[this.ts.length - 1] : null; }
+  get lastMinute() { return this.size > 0 ? this.minute[this.size - 1] : null; }
 
-  replace(ticks) {
+  replace(bars) {
     this.clear();
-    for (const tick of ticks) this.add(tick);
+    this.merge(bars);
   }
 
-  /** Adds one tick; returns false when it is malformed or already older than the window. */
-  add(tick) {
-    const ts = Number(tick.ts);
-    const price = Number(tick.price);
-    const volume = Number(tick.volume);
-    if (!Number.isFinite(ts) || !Number.isFinite(price)) return false;
+  /** History bars are the server's word for their minutes: they replace what is held. */
+  merge(bars) {
+    for (const bar of bars) this.put(bar, true);
+  }
+
+  /**
+   * Puts one bar at its minute. A live update replaces the held bar only when its seq is
+   * larger; returns false when nothing changed (malformed, older, or before the window).
+   */
+  put(bar, fromHistory = false) {
+    const minute = Number(bar.minute);
+    const seq = Number(bar.seq);
+    const close = Number(bar.close);
+    const volume = Number(bar.volume);
+    if (!Number.isFinite(minute) || !Number.isFinite(close)) return false;
     const vol = Number.isFinite(volume) ? volume : 0;
-    const last = this.lastTs;
-    if (last === null || ts >= last) {
-      this.ts.push(ts);
-      this.price.push(price);
-      this.volume.push(vol);
+    const n = this.size;
+    const at = n === 0 || minute > this.minute[n - 1] ? n : this._lowerBound(minute);
+    if (at < n && this.minute[at] === minute) {
+      if (!fromHistory && !(seq > this.seq[at])) return false;
+      this.seq[at] = seq;
+      this.close[at] = close;
+      this.volume[at] = vol;
     } else {
-      // Exchanges occasionally deliver out of order; insert so the line never zigzags in time.
-      if (ts < last - WINDOW_MS) return false;
-      const at = this._firstAfter(ts);
-      this.ts.splice(at, 0, ts);
-      this.price.splice(at, 0, price);
+      if (n > 0 && minute < this.lastMinute - WINDOW_MINUTES * MINUTE_MS) return false;
+      this.minute.splice(at, 0, minute);
+      this.seq.splice(at, 0, seq);
+      this.close.splice(at, 0, close);
       this.volume.splice(at, 0, vol);
+      this._trim();
     }
-    this._trim();
+    const ts = Number(bar.exchange_ts);
+    if (Number.isFinite(ts) && (this.lastUpdateTs === null || ts > this.lastUpdateTs)) this.lastUpdateTs = ts;
     return true;
   }
 
-  _firstAfter(ts) {
-    let lo = this.start;
-    let hi = this.ts.length;
+  _lowerBound(minute) {
+    let lo = 0;
+    let hi = this.size;
     while (lo < hi) {
       const mid = (lo + hi) >> 1;
-      if (this.ts[mid] <= ts) lo = mid + 1; else hi = mid;
+      if (this.minute[mid] < minute) lo = mid + 1; else hi = mid;
     }
     return lo;
   }
 
   _trim() {
-    const cutoff = this.lastTs - WINDOW_MS;
-    while (this.start < this.ts.length && this.ts[this.start] < cutoff) this.start += 1;
-    // Compact only now and then: splicing the arrays' fronts on every tick would be O(n) each.
-    if (this.start > 1024 && this.start * 2 > this.ts.length) {
-      for (const arr of [this.ts, this.price, this.volume]) arr.splice(0, this.start);
-      this.start = 0;
-    }
+    // At most WINDOW_MINUTES + 1 bars, so splicing the fronts is cheap.
+    const first = this.lastMinute - WINDOW_MINUTES * MINUTE_MS;
+    let drop = 0;
+    while (drop < this.size && this.minute[drop] < first) drop += 1;
+    if (drop > 0) for (const arr of [this.minute, this.seq, this.close, this.volume]) arr.splice(0, drop);
   }
 }
 
@@ -131,14 +152,20 @@ class Series {
 const state = {
   markets: [],
   selected: null,
-  awaitingHistory: false, // ticks before the market's history would be overwritten by it anyway
+  awaitingHistory: false, // bars before the market's history would be overwritten by it anyway
   series: new Series(),
-  metrics: new Map(), // metric id -> stats from /api/metrics, patched by ranks pushes
+  metrics: new Map(), // metric id -> view from /api/metrics, patched by ranks pushes
+  measure: { price: 'std', volume: 'std' }, // what each rank table is ordered by
   ranks: { price: null, volume: null },
   alerts: [], // newest first
   alertIds: new Set(),
   freshAlerts: new Set(),
 };
+
+/** A market is stale when its metrics say so (both kinds share the market's last update). */
+function isStale(market) {
+  return KINDS.some((kind) => state.metrics.get(`${market}:${kind}`)?.stale === true);
+}
 
 // ---------------------------------------------------------------- rendering (coalesced per frame)
 
@@ -170,6 +197,7 @@ const renderers = {
   charts: renderCharts,
   ranks: () => KINDS.forEach(renderRanks),
   stats: renderStats,
+  markets: renderMarkets,
   alerts: renderAlerts,
 };
 
@@ -198,16 +226,34 @@ let axisWidth = 0; // shared left margin so the two charts' time axes line up
 function renderCharts() {
   const { series } = state;
   const needed = Math.max(
-    drawChart(els.priceChart, series, series.price, { kind: 'line', zeroBased: false }, axisWidth),
+    drawChart(els.priceChart, series, series.close, { kind: 'line', zeroBased: false }, axisWidth),
     drawChart(els.volumeChart, series, series.volume, { kind: 'bars', zeroBased: true }, axisWidth),
   );
   if (needed !== axisWidth) {
     axisWidth = needed;
     markDirty('charts'); // one more frame, now with both charts on the same margin
   }
-  els.lastTick.textContent = fmtDateTime(series.lastTs);
-  els.lastTick.dateTime = series.lastTs === null ? '' : new Date(series.lastTs).toISOString();
-  document.body.dataset.ticks = String(series.size);
+  els.lastUpdate.textContent = fmtDateTime(series.lastUpdateTs);
+  els.lastUpdate.dateTime = series.lastUpdateTs === null ? '' : new Date(series.lastUpdateTs).toISOString();
+  document.body.dataset.bars = String(series.size);
+}
+
+function renderMarkets() {
+  const options = state.selected && !state.markets.includes(state.selected) ? [state.selected, ...state.markets] : state.markets;
+  const label = (m) => (isStale(m) ? `${m} (stale)` : m);
+  const current = [...els.select.options].map((o) => `${o.value}\t${o.textContent}`);
+  if (current.join('\n') !== options.map((m) => `${m}\t${label(m)}`).join('\n')) {
+    els.select.replaceChildren(...options.map((m) => {
+      const option = new Option(label(m), m);
+      option.classList.toggle('stale', isStale(m));
+      return option;
+    }));
+  }
+  els.select.value = state.selected ?? '';
+  const stale = state.selected !== null && isStale(state.selected);
+  els.staleBadge.hidden = !stale;
+  els.charts.classList.toggle('is-stale', stale);
+  document.body.dataset.stale = String(stale);
 }
 
 function statItem(key, value, className = '') {
@@ -227,20 +273,23 @@ function renderStats() {
     const label = document.createElement('span');
     label.className = 'stats-kind';
     label.textContent = kind;
+    row.classList.toggle('stale', m?.stale === true);
     if (!m) {
       row.replaceChildren(label, statItem('', 'no stats yet'));
       continue;
     }
-    const rank = m.rank ?? (m.position ? `${m.position}/${m.total}` : '—');
-    row.replaceChildren(
-      label,
+    const measure = state.measure[kind];
+    const items = [
       statItem('count', fmtCount(m.count)),
       statItem('mean', fmtSig(m.mean, 6)),
       statItem('std', fmtSig(m.std)),
-      statItem('min', fmtSig(m.min, 6)),
-      statItem('max', fmtSig(m.max, 6)),
-      statItem('rank', rank, 'stat-rank'),
-    );
+      statItem('cv', fmtSig(m.cv)),
+    ];
+    if (kind === 'price') items.push(statItem('logret', fmtSig(m.logret)));
+    items.push(statItem('min', fmtSig(m.min, 6)), statItem('max', fmtSig(m.max, 6)));
+    const rank = m.stale ? 'stale' : m.ranks?.[measure]?.rank ?? '—';
+    items.push(statItem(`rank by ${measure}`, rank, m.stale ? 'stat-stale' : 'stat-rank'));
+    row.replaceChildren(label, ...items);
   }
 }
 
@@ -252,7 +301,9 @@ function cell(text, className = '') {
 }
 
 function renderRanks(kind) {
-  const tbody = byTestId(`ranks-${kind}`).tBodies[0];
+  const table = byTestId(`ranks-${kind}`);
+  const measure = state.measure[kind];
+  table.querySelector('.measure-head').textContent = measure;
   const rows = state.ranks[kind] ?? [];
   const frag = document.createDocumentFragment();
   for (const r of rows) {
@@ -262,19 +313,20 @@ function renderRanks(kind) {
       tr.classList.add('selected');
       tr.setAttribute('aria-current', 'true');
     }
-    tr.append(cell(r.label ?? `${r.position}/${r.total}`, 'num'), cell(r.metric, 'metric'), cell(fmtSig(r.std), 'num'));
-    tr.title = `mean ${fmtSig(r.mean, 6)} · count ${fmtCount(r.count)}`;
+    tr.append(cell(r.label ?? `${r.position}/${r.total}`, 'num'), cell(r.metric, 'metric'), cell(fmtSig(r.value), 'num'));
+    const logret = kind === 'price' ? ` · logret ${fmtSig(r.logret)}` : '';
+    tr.title = `std ${fmtSig(r.std)} · cv ${fmtSig(r.cv)}${logret} · mean ${fmtSig(r.mean, 6)} · ${fmtCount(r.count)} minutes`;
     frag.append(tr);
   }
   if (rows.length === 0) {
     const tr = document.createElement('tr');
     tr.className = 'empty';
-    const td = cell(state.ranks[kind] === null ? 'loading…' : 'no metrics yet');
+    const td = cell(state.ranks[kind] === null ? 'loading…' : 'no live metrics');
     td.colSpan = 3;
     tr.append(td);
     frag.append(tr);
   }
-  tbody.replaceChildren(frag);
+  table.tBodies[0].replaceChildren(frag);
 }
 
 function alertRow(alert) {
@@ -285,7 +337,7 @@ function alertRow(alert) {
   const time = document.createElement('time');
   time.className = 'alert-time';
   time.textContent = fmtHHMMSS(alert.exchange_ts);
-  time.title = fmtDateTime(alert.exchange_ts);
+  time.title = `${fmtDateTime(alert.exchange_ts)} (minute ${fmtHHMM(alert.minute)})`;
   const metric = document.createElement('span');
   metric.className = 'alert-metric';
   metric.textContent = alert.metric;
@@ -295,8 +347,8 @@ function alertRow(alert) {
   const ratio = document.createElement('span');
   ratio.className = 'alert-ratio';
   ratio.textContent = fmtRatio(alert.ratio);
-  if (Number.isFinite(alert.window_seconds)) {
-    ratio.title = `threshold ${fmtSig(alert.factor, 3)}x the ${Math.round(alert.window_seconds / 60)} min mean`;
+  if (Number.isFinite(alert.window_minutes)) {
+    ratio.title = `threshold ${fmtSig(alert.factor, 3)}x the mean of the ${alert.window_minutes} minutes before`;
   }
   li.append(time, metric, detail, ratio);
   if (state.freshAlerts.delete(alert.alert_id)) {
@@ -374,23 +426,23 @@ function axisFormatter(step) {
   return (v) => fmt.format(v);
 }
 
-const TIME_STEPS_S = [10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200];
+const TIME_STEPS_MIN = [1, 2, 5, 10, 15, 30, 60, 120, 180, 360, 720];
 function timeTicks(t0, t1, width) {
   const maxTicks = Math.max(2, Math.floor(width / 70));
-  const steps = TIME_STEPS_S.map((s) => s * 1000);
+  const steps = TIME_STEPS_MIN.map((m) => m * MINUTE_MS);
   const step = steps.find((s) => (t1 - t0) / s <= maxTicks) ?? steps[steps.length - 1];
   const ticks = [];
   // Multiples of the step since the epoch fall on round UTC times.
   for (let t = Math.ceil(t0 / step) * step; t <= t1; t += step) ticks.push(t);
-  return { ticks, label: step < 60000 ? fmtHHMMSS : fmtHHMM };
+  return { ticks, label: fmtHHMM };
 }
 
-function valueRange(values, start, zeroBased) {
+function valueRange(values, zeroBased) {
   let lo = Infinity;
   let hi = -Infinity;
-  for (let i = start; i < values.length; i += 1) {
-    if (values[i] < lo) lo = values[i];
-    if (values[i] > hi) hi = values[i];
+  for (const v of values) {
+    if (v < lo) lo = v;
+    if (v > hi) hi = v;
   }
   if (zeroBased) lo = Math.min(0, lo);
   if (hi === lo) return [lo - (Math.abs(lo) * 0.001 || 1), hi + (Math.abs(hi) * 0.001 || 1)];
@@ -406,14 +458,14 @@ function drawChart(canvas, series, values, opts, minPadLeft) {
     ctx.fillStyle = palette.text;
     ctx.textAlign = 'center';
     ctx.textBaseline = 'middle';
-    const message = !state.selected ? 'no market selected' : state.awaitingHistory ? 'waiting for history…' : 'no ticks in the last 24 h';
+    const message = !state.selected ? 'no market selected' : state.awaitingHistory ? 'waiting for history…' : 'no bars in the last 24 h';
     ctx.fillText(message, w / 2, h / 2);
     return 0;
   }
-  const t1 = series.lastTs;
-  // A minute of span at least, so a lone point still gets an axis.
-  const t0 = Math.min(series.ts[series.start], t1 - 60000);
-  const [lo, hi] = valueRange(values, series.start, opts.zeroBased);
+  // The x axis spans bar open times, plus the newest bar's minute so it has room.
+  const t1 = series.lastMinute + MINUTE_MS;
+  const t0 = Math.min(series.minute[0], t1 - 10 * MINUTE_MS);
+  const [lo, hi] = valueRange(values, opts.zeroBased);
   const y = niceTicks(lo, hi, Math.max(2, Math.floor(h / 45)));
   const label = axisFormatter(y.step);
   const labels = y.ticks.map(label);
@@ -461,77 +513,52 @@ function drawAxes(ctx, plot, yTicks, yLabels, yOf, time, xOf) {
   ctx.stroke();
 }
 
+/** The close of each minute, drawn at the middle of its minute. */
 function drawLine(ctx, series, values, xOf, yOf) {
-  const { ts, start } = series;
+  const { minute } = series;
+  const mid = MINUTE_MS / 2;
   ctx.strokeStyle = palette.line;
   ctx.fillStyle = palette.line;
   ctx.lineWidth = 1.5;
   ctx.lineJoin = 'round';
   if (series.size === 1) {
     ctx.beginPath();
-    ctx.arc(xOf(ts[start]), yOf(values[start]), 3, 0, 2 * Math.PI);
+    ctx.arc(xOf(minute[0] + mid), yOf(values[0]), 3, 0, 2 * Math.PI);
     ctx.fill();
     return;
   }
   ctx.beginPath();
-  ctx.moveTo(xOf(ts[start]), yOf(values[start]));
-  if (series.size <= 2 * (ctx.canvas.clientWidth || 1)) {
-    for (let i = start + 1; i < ts.length; i += 1) ctx.lineTo(xOf(ts[i]), yOf(values[i]));
-    ctx.stroke();
-    return;
-  }
-  // Per pixel column draw first/min/max/last only: the same picture at a bounded cost for 86k points.
-  let col = null;
-  let first = 0;
-  let min = 0;
-  let max = 0;
-  let last = 0;
-  const emit = () => {
-    if (col === null) return;
-    if (first === min && min === max) ctx.lineTo(col, yOf(first));
-    else for (const v of [first, min, max, last]) ctx.lineTo(col, yOf(v));
-  };
-  for (let i = start; i < ts.length; i += 1) {
-    const x = Math.round(xOf(ts[i]));
-    const v = values[i];
-    if (x !== col) {
-      emit();
-      col = x;
-      first = min = max = last = v;
-    } else {
-      if (v < min) min = v;
-      if (v > max) max = v;
-      last = v;
-    }
-  }
-  emit();
+  ctx.moveTo(xOf(minute[0] + mid), yOf(values[0]));
+  // At most 1,441 points: every one is drawn; the canvas merges those sharing a pixel.
+  for (let i = 1; i < series.size; i += 1) ctx.lineTo(xOf(minute[i] + mid), yOf(values[i]));
   ctx.stroke();
 }
 
+/** One bar per minute, or the largest per pixel column when the minutes outnumber them. */
 function drawBars(ctx, series, values, xOf, yOf, plot, { t0, t1, base }) {
-  const { ts, start } = series;
+  const { minute } = series;
   const n = series.size;
-  const barPx = 3;
-  const cols = Math.max(1, Math.floor(plot.w / barPx));
+  const minutePx = (MINUTE_MS / (t1 - t0)) * plot.w;
   ctx.fillStyle = palette.bar;
-  if (n <= cols) {
-    const width = Math.min(Math.max((plot.w / n) * 0.7, 1), 10);
-    for (let i = start; i < ts.length; i += 1) {
+  if (minutePx >= 2) {
+    const width = Math.max(1, Math.min(minutePx * 0.7, 12));
+    for (let i = 0; i < n; i += 1) {
       const top = yOf(values[i]);
-      ctx.fillRect(xOf(ts[i]) - width / 2, Math.min(top, base), width, Math.abs(base - top));
+      ctx.fillRect(xOf(minute[i] + MINUTE_MS / 2) - width / 2, Math.min(top, base), width, Math.abs(base - top));
     }
     return;
   }
-  // Too many ticks for one bar each: show the largest per column so spikes stay visible.
+  const barPx = 2;
+  const cols = Math.max(1, Math.floor(plot.w / barPx));
   const peaks = new Float64Array(cols);
-  for (let i = start; i < ts.length; i += 1) {
-    const c = Math.min(cols - 1, Math.floor(((ts[i] - t0) / (t1 - t0)) * cols));
+  for (let i = 0; i < n; i += 1) {
+    const c = Math.min(cols - 1, Math.floor(((minute[i] - t0) / (t1 - t0)) * cols));
     if (values[i] > peaks[c]) peaks[c] = values[i];
   }
   for (let c = 0; c < cols; c += 1) {
     if (peaks[c] <= 0) continue;
     const top = yOf(peaks[c]);
-    ctx.fillRect(plot.x + c * barPx, top, barPx - 1, base - top);
+    ctx.fillRect(plot.x + c * barPx, top, barPx - 0.5, base - top);
   }
 }
 
@@ -544,7 +571,9 @@ const conn = {
   lastFrameAt: 0,
   delay: BACKOFF_MIN_MS,
   retryTimer: 0,
-  subs: new Map(), // what to (re-)subscribe on every open, keyed by channel and target
+  // What to (re-)subscribe on every open. Keyed by channel and market or kind, not by `by`:
+  // the gateway holds one rank subscription per kind, and subscribing again switches it.
+  subs: new Map(),
 };
 
 const subKey = (sub) => `${sub.channel}|${sub.market ?? sub.kind ?? ''}`;
@@ -553,9 +582,19 @@ function send(frame) {
   if (conn.ws && conn.ws.readyState === WebSocket.OPEN) conn.ws.send(JSON.stringify(frame));
 }
 
+/** The subscribe frame for `sub` now: a market we already hold bars of asks only for the rest. */
+function subscribeFrame(sub) {
+  const frame = { op: 'subscribe', ...sub };
+  if (sub.channel === 'market' && sub.market === state.selected && state.series.size > 0) {
+    // The newest held minute was probably still forming: ask for it again.
+    frame.since = state.series.lastMinute;
+  }
+  return frame;
+}
+
 function subscribe(sub) {
   conn.subs.set(subKey(sub), sub);
-  send({ op: 'subscribe', ...sub });
+  send(subscribeFrame(sub));
 }
 
 function unsubscribe(sub) {
@@ -593,9 +632,9 @@ function onOpen(ws) {
   conn.everOpened = true;
   conn.openedAt = conn.lastFrameAt = Date.now();
   setStatus('connected');
-  // The server forgot us: ask again for everything; the market's history replaces the chart.
+  // The server forgot us: ask again for everything; bars since our newest minute are merged.
   if (state.selected) state.awaitingHistory = true;
-  for (const sub of conn.subs.values()) ws.send(JSON.stringify({ op: 'subscribe', ...sub }));
+  for (const sub of conn.subs.values()) ws.send(JSON.stringify(subscribeFrame(sub)));
   if (reconnected) loadAlerts(); // pick up alerts raised while we were away
 }
 
@@ -624,7 +663,7 @@ function heartbeat() {
 
 const frameHandlers = {
   history: onHistory,
-  tick: onTick,
+  bar: onBar,
   ranks: onRanks,
   alert: (msg) => addAlerts([msg.alert], true),
   error: (msg) => toast(`${msg.code ?? 'error'}: ${msg.message ?? 'the server rejected a request'}`),
@@ -654,31 +693,43 @@ function handleFrame(data) {
 }
 
 function onHistory(msg) {
-  if (msg.market !== state.selected || !Array.isArray(msg.ticks)) return;
-  state.series.replace(msg.ticks);
+  if (msg.market !== state.selected || !Array.isArray(msg.bars)) return;
+  // With `since` the frame holds only what we missed; without, it is the whole window.
+  if (msg.since == null) state.series.replace(msg.bars);
+  else state.series.merge(msg.bars);
   state.awaitingHistory = false;
   markDirty('charts');
 }
 
-function onTick(msg) {
+function onBar(msg) {
   if (msg.market !== state.selected || state.awaitingHistory) return;
-  if (state.series.add(msg)) markDirty('charts');
+  if (state.series.put(msg)) markDirty('charts');
 }
 
 function onRanks(msg) {
   if (!KINDS.includes(msg.kind) || !Array.isArray(msg.ranks)) return;
-  applyRanks(msg.kind, msg.ranks);
+  if (msg.by !== state.measure[msg.kind]) return; // a late frame of the previous measure
+  applyRanks(msg.kind, msg.by, msg.ranks);
 }
 
-function applyRanks(kind, ranks) {
+function applyRanks(kind, measure, ranks) {
   state.ranks[kind] = ranks;
-  // Ranks pushes are fresher than the last metrics poll, so patch the stats line with them.
+  // Ranks pushes are fresher than the last metrics poll, so patch the stats with them.
+  const ranked = new Set();
   for (const r of ranks) {
-    const m = state.metrics.get(r.metric) ?? { id: r.metric, market: marketOf(r.metric), kind };
-    Object.assign(m, { std: r.std, mean: r.mean, count: r.count, position: r.position, total: r.total, rank: r.label });
+    ranked.add(r.metric);
+    const m = state.metrics.get(r.metric) ?? { id: r.metric, market: marketOf(r.metric), kind, ranks: {} };
+    Object.assign(m, { std: r.std, cv: r.cv, logret: r.logret, mean: r.mean, count: r.count, stale: false });
+    m.ranks = { ...m.ranks, [measure]: { position: r.position, total: r.total, rank: r.label } };
     state.metrics.set(r.metric, m);
   }
-  markDirty('ranks', 'stats');
+  // A metric of this kind missing from the snapshot is stale or gone: it has no position.
+  for (const m of state.metrics.values()) {
+    if (m.kind === kind && !ranked.has(m.id) && m.ranks) {
+      m.ranks = { ...m.ranks, [measure]: { position: null, total: ranks.length, rank: null } };
+    }
+  }
+  markDirty('ranks', 'stats', 'markets');
 }
 
 function addAlerts(alerts, live) {
@@ -734,7 +785,7 @@ async function pollMetrics() {
     const metrics = Array.isArray(body.metrics) ? body.metrics : [];
     state.metrics = new Map(metrics.map((m) => [m.id, m]));
     setMarkets([...new Set(metrics.map((m) => m.market))].sort());
-    markDirty('stats');
+    markDirty('stats', 'markets');
   });
   setTimeout(pollMetrics, METRICS_POLL_MS);
 }
@@ -745,15 +796,18 @@ function loadAlerts() {
 
 function loadRanks(kind) {
   // Only a fallback for before the first push: a late reply must not overwrite fresher ranks.
-  return load(`${kind} ranks`, `/api/ranks?kind=${kind}`, (body) => {
-    if (state.ranks[kind] === null && Array.isArray(body.ranks)) applyRanks(kind, body.ranks);
+  const measure = state.measure[kind];
+  return load(`${kind} ranks`, `/api/ranks?kind=${kind}&by=${measure}`, (body) => {
+    if (state.ranks[kind] === null && body.by === state.measure[kind] && Array.isArray(body.ranks)) {
+      applyRanks(kind, body.by, body.ranks);
+    }
   });
 }
 
-// ---------------------------------------------------------------- market selection
+// ---------------------------------------------------------------- selection (kept in the URL hash)
 
-function marketFromHash() {
-  const match = /(?:^#|&)market=([^&]*)/.exec(location.hash);
+function hashParam(name) {
+  const match = new RegExp(`(?:^#|&)${name}=([^&]*)`).exec(location.hash);
   if (!match) return null;
   try {
     return decodeURIComponent(match[1]).trim().toLowerCase() || null; // the server's ids are lower case
@@ -762,16 +816,17 @@ function marketFromHash() {
   }
 }
 
+function writeHash() {
+  const parts = state.selected ? [`market=${state.selected}`] : [];
+  for (const kind of KINDS) if (state.measure[kind] !== 'std') parts.push(`${kind}_by=${state.measure[kind]}`);
+  // replaceState: the hash remembers choices without a history entry per switch or a hashchange.
+  window.history.replaceState(null, '', `#${parts.join('&')}`);
+}
+
 function setMarkets(markets) {
   state.markets = markets;
   if (markets.length > 0 && !markets.includes(state.selected)) selectMarket(markets[0]);
-  // Keep a hash-chosen market selectable while the metrics list is still empty.
-  const options = state.selected && !markets.includes(state.selected) ? [state.selected, ...markets] : markets;
-  const current = [...els.select.options].map((o) => o.value);
-  if (current.join('\n') !== options.join('\n')) {
-    els.select.replaceChildren(...options.map((m) => new Option(m, m)));
-  }
-  els.select.value = state.selected ?? '';
+  renderMarkets();
 }
 
 function selectMarket(market) {
@@ -780,12 +835,19 @@ function selectMarket(market) {
   state.selected = market;
   state.series.clear();
   state.awaitingHistory = true;
-  // replaceState: the hash remembers the choice without a history entry per switch or a hashchange.
-  window.history.replaceState(null, '', `#market=${market}`);
+  writeHash();
   subscribe({ channel: 'market', market });
-  if (![...els.select.options].some((o) => o.value === market)) els.select.append(new Option(market, market));
-  els.select.value = market;
-  markDirty('charts', 'stats', 'ranks');
+  markDirty('charts', 'stats', 'ranks', 'markets');
+}
+
+function selectMeasure(kind, measure) {
+  if (!MEASURES[kind].includes(measure) || measure === state.measure[kind]) return;
+  state.measure[kind] = measure;
+  state.ranks[kind] = null; // loading until the snapshot by the new measure arrives
+  byTestId(`rank-measure-${kind}`).value = measure;
+  writeHash();
+  subscribe({ channel: 'ranks', kind, by: measure }); // replaces the kind's rank subscription
+  markDirty('ranks', 'stats');
 }
 
 // ---------------------------------------------------------------- start
@@ -806,8 +868,21 @@ function watchSize() {
 
 function start() {
   els.select.addEventListener('change', () => selectMarket(els.select.value));
-  window.addEventListener('hashchange', () => selectMarket(marketFromHash()));
+  window.addEventListener('hashchange', () => {
+    selectMarket(hashParam('market'));
+    for (const kind of KINDS) selectMeasure(kind, hashParam(`${kind}_by`) ?? 'std');
+  });
   for (const kind of KINDS) {
+    const picker = byTestId(`rank-measure-${kind}`);
+    picker.replaceChildren(...MEASURES[kind].map((m) => {
+      const option = new Option(m, m);
+      option.title = MEASURE_TITLES[m];
+      return option;
+    }));
+    const chosen = hashParam(`${kind}_by`);
+    if (MEASURES[kind].includes(chosen)) state.measure[kind] = chosen;
+    picker.value = state.measure[kind];
+    picker.addEventListener('change', () => selectMeasure(kind, picker.value));
     byTestId(`ranks-${kind}`).addEventListener('click', (event) => {
       const row = event.target.closest('tr[data-metric]');
       if (row) selectMarket(marketOf(row.dataset.metric));
@@ -817,15 +892,15 @@ function start() {
   watchSize();
 
   subscribe({ channel: 'alerts' });
-  for (const kind of KINDS) subscribe({ channel: 'ranks', kind });
-  selectMarket(marketFromHash()); // before the metrics arrive, to save a round trip
+  for (const kind of KINDS) subscribe({ channel: 'ranks', kind, by: state.measure[kind] });
+  selectMarket(hashParam('market')); // before the metrics arrive, to save a round trip
   connect();
   setInterval(heartbeat, PING_EVERY_MS);
 
   pollMetrics();
   loadAlerts();
   KINDS.forEach(loadRanks);
-  markDirty('charts', 'stats', 'ranks', 'alerts');
+  markDirty('charts', 'stats', 'ranks', 'alerts', 'markets');
 }
 
 start();

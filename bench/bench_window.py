@@ -1,0 +1,209 @@
+"""Stats window bench: memory per metric, single-update times, RSS for 1,000 markets x 24h."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+from tickstream_shared.naming import Market
+from tickstream_shared.schemas import MINUTE_MS, Tick
+from tickstream_stats.book import MetricBook
+from tickstream_stats.window import MinuteWindow
+
+START_MINUTE = 28_333_334 * MINUTE_MS  # 2023-11-14, a whole minute
+KIB = 1024
+MIB = 1024 * 1024
+
+
+def one_per_second(market: Market, seconds: int, seed: int) -> Iterator[Tick]:
+    """A random-walk market updated every second: 60 updates per minute, the last one closes
+    the bar; 1% of minutes also get a late closing update of the previous bar."""
+    rng = random.Random(seed)
+    price = 30_000.0
+    volume = 0.0
+    seq = 0
+    previous: Tick | None = None
+    for second in range(seconds):
+        minute = START_MINUTE + (second // 60) * MINUTE_MS
+        if second % 60 == 0:
+            volume = 0.0
+            if previous is not None and rng.random() < 0.01:
+                seq += 1
+                ts = minute + 1_000
+                yield Tick(market.id, previous.minute, seq, ts, ts, *_ohlc(previous.close), 0.1)
+        price *= 1 + rng.gauss(0, 1e-4)
+        volume += rng.expovariate(10.0)
+        seq += 1
+        ts = minute + (second % 60) * 1000
+        tick = Tick(market.id, minute, seq, ts, ts, *_ohlc(price), volume, closed=second % 60 == 59)
+        previous = tick
+        yield tick
+
+
+def _ohlc(price: float) -> tuple[float, float, float, float]:
+    return price, price, price, price
+
+
+def memory(seed: int) -> None:
+    """(a) traced memory of one market's state after 24h and 48h of updates at 1/s."""
+    market = Market("bench", "btc", "usdt")
+    gc.collect()
+    tracemalloc.start()
+    baseline = tracemalloc.get_traced_memory()[0]
+    book = MetricBook(window_minutes=1440)
+    day = 86_400
+    print("(a) one market (price + volume metrics), window 1440 minutes, 1 update/s")
+    for n, tick in enumerate(one_per_second(market, 2 * day, seed), start=1):
+        book.advance_clock(tick.minute)
+        book.apply([tick])
+        if n % day == 0:
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - baseline
+            print(
+                f"    after {n // 3600}h ({n:,} updates): {held / KIB:5.1f} KiB per market,"
+                f" {held / 2 / KIB:5.1f} KiB per metric (bound: 40 KiB per metric)"
+            )
+    tracemalloc.stop()
+
+
+def update_times(hours: int, seed: int) -> None:
+    """(b) wall and CPU time of each single update over `hours` at 1/s."""
+    market = Market("bench", "btc", "usdt")
+    book = MetricBook(window_minutes=1440)
+    wall: list[int] = []
+    cpu: list[int] = []
+    wall_clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
+    for tick in one_per_second(market, hours * 3600, seed):
+        start_wall, start_cpu = wall_clock(), cpu_clock()
+        # What the service does per batch: raise the book to the shared clock, then apply
+        # (which computes the market's stats).
+        book.advance_clock(tick.minute)
+        book.apply([tick])
+        cpu.append(cpu_clock() - start_cpu)
+        wall.append(wall_clock() - start_wall)
+    print(
+        f"(b) single update (advance_clock + apply of one tick + stats), {len(wall):,} updates"
+        f" over {hours}h at 1/s (the window is full after 24h; minute rolls and late bars"
+        " included)"
+    )
+    for name, times in (("CPU time ", cpu), ("wall time", wall)):
+        ordered = sorted(times)
+        p50, p99, p999 = (ordered[int(len(ordered) * q)] for q in (0.5, 0.99, 0.999))
+        print(
+            f"    {name}: median {p50 / 1000:.1f} us, p99 {p99 / 1000:.1f} us,"
+            f" p99.9 {p999 / 1000:.1f} us, worst {ordered[-1] / 1000:.1f} us"
+        )
+    print("    (target: worst < 1000 us; wall time includes preemption by other processes)")
+
+
+def worst_cases() -> None:
+    """(d) the costliest single operations the window allows, on a full day window."""
+
+    def full() -> MinuteWindow:
+        window = MinuteWindow(1440)
+        for i in range(1440):
+            window.set(START_MINUTE + i * MINUTE_MS, 100.0 + i % 7, 1.0)
+        return window
+
+    window = full()
+    start = time.thread_time_ns()
+    window.advance(START_MINUTE + 2878 * MINUTE_MS)  # evicts 1439 minutes one by one
+    jump = time.thread_time_ns() - start
+    window = MinuteWindow(1440)
+    window.set(START_MINUTE, 100.0, 1.0)
+    window.set(START_MINUTE + 1439 * MINUTE_MS, 101.0, 1.0)
+    start = time.thread_time_ns()
+    window.set(START_MINUTE + 1438 * MINUTE_MS, 102.0, 1.0)  # scans a 1437-minute gap
+    late = time.thread_time_ns() - start
+    window = full()
+    start = time.thread_time_ns()
+    window.stats()
+    stats = time.thread_time_ns() - start
+    print("(d) worst cases on a 1440-minute window (CPU time)")
+    print(
+        f"    clock jump evicting 1439 minutes: {jump / 1000:.0f} us;"
+        f" late minute into a 1437-minute gap: {late / 1000:.0f} us;"
+        f" stats() of a full window: {stats / 1000:.0f} us"
+    )
+
+
+def many_markets(markets: int, seed: int) -> None:
+    """(c) RSS of a book holding `markets` x 24h of minutes, (e) one clock minute for all."""
+    rng = random.Random(seed)
+    gc.collect()
+    before = _rss()
+    book = MetricBook(window_minutes=1440)
+    last = START_MINUTE + 1439 * MINUTE_MS
+    book.advance_clock(last)
+    for m in range(markets):
+        market = Market("bench", f"c{m}", "usdt")
+        price = rng.uniform(0.01, 50_000.0)
+        bars = []
+        for i in range(1440):
+            price *= 1 + rng.gauss(0, 1e-3)
+            minute = START_MINUTE + i * MINUTE_MS
+            bars.append(Tick(market.id, minute, i, minute, minute, *_ohlc(price), rng.random()))
+        book.warm(market, bars)
+    gc.collect()
+    after = _rss()
+    print(
+        f"(c) {markets:,} markets x 1440 minutes in one MetricBook:"
+        f" RSS {after / MIB:.1f} MiB (process before the book: {before / MIB:.1f} MiB,"
+        f" book: {(after - before) / MIB:.1f} MiB)"
+    )
+    start = time.thread_time_ns()
+    updates = book.advance_clock(last + MINUTE_MS)
+    elapsed = time.thread_time_ns() - start
+    print(
+        f"(e) clock moves one minute: advance_clock over {markets:,} markets"
+        f" ({len(updates):,} updates) takes {elapsed / 1e6:.1f} ms"
+    )
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hours", type=int, default=48, help="hours fed at 1 update/s (>= 24)")
+    parser.add_argument("--markets", type=int, default=1000, help="markets for the RSS part")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--part", choices=("all", "memory", "updates", "worst", "rss"), default="all"
+    )
+    args = parser.parse_args()
+    if args.hours < 24:
+        parser.error("--hours must be at least 24: the window is a day")
+    if args.part == "memory":
+        memory(args.seed)
+    elif args.part == "updates":
+        update_times(args.hours, args.seed)
+    elif args.part == "worst":
+        worst_cases()
+    elif args.part == "rss":
+        many_markets(args.markets, args.seed)
+    else:
+        print(f"python {platform.python_version()}, seed {args.seed}, {os.cpu_count()} CPUs")
+        # Each part in a fresh process: tracemalloc slows the timed part, and RSS must not
+        # include what earlier parts allocated.
+        for part in ("memory", "updates", "worst", "rss"):
+            command = [sys.executable, __file__, "--part", part, "--hours", str(args.hours)]
+            command += ["--markets", str(args.markets), "--seed", str(args.seed)]
+            subprocess.run(command, check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Metric views for the HTTP API: stats, staleness and positions under every measure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as redis
+
+from tickstream_gateway.ranks import (
+    RANKINGS,
+    MetricStats,
+    parse_stats,
+    positions_json,
+    ranked,
+)
+from tickstream_shared.errors import BadIdentifier
+from tickstream_shared.naming import (
+    MEASURES_BY_KIND,
+    METRICS_KEY,
+    MetricId,
+    RankMeasure,
+    rank_key,
+    stats_key,
+)
+
+
+def metric_json(
+    metric: MetricId,
+    stats: MetricStats,
+    positions: dict[RankMeasure, tuple[int | None, int]],
+) -> dict[str, Any]:
+    return {
+        "id": str(metric),
+        "market": metric.market.id,
+        "kind": metric.kind,
+        **stats.as_json(),
+        **positions_json(positions),
+    }
+
+
+async def list_metrics(client: redis.Redis) -> list[dict[str, Any]]:
+    """Every metric in METRICS_KEY with stats, stale ones too, sorted by id.
+
+    Positions come from the same rank sets and the same filter as the rank snapshots, so a
+    listing agrees with `/api/ranks` read at the same moment.
+    """
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.smembers(METRICS_KEY)
+        for kind, measure in RANKINGS:
+            pipe.zrevrange(rank_key(kind, measure), 0, -1)
+        members, *orders = await pipe.execute()
+    metrics: dict[str, MetricId] = {}
+    for raw_id in sorted(members):
+        try:
+            metrics[raw_id] = MetricId.parse(raw_id)
+        except BadIdentifier:
+            continue  # not written by stats; nothing to show
+    async with client.pipeline(transaction=False) as pipe:
+        for metric_id in metrics:
+            pipe.hgetall(stats_key(metric_id))
+        hashes = await pipe.execute() if metrics else []
+    stats = {
+        metric_id: parse_stats(metric.kind, raw)
+        for (metric_id, metric), raw in zip(metrics.items(), hashes, strict=True)
+    }
+    positions: dict[str, dict[RankMeasure, tuple[int | None, int]]] = {
+        metric_id: {} for metric_id in metrics
+    }
+    for (kind, measure), order in zip(RANKINGS, orders, strict=True):
+        live = ranked(order, stats)
+        index = {metric_id: i + 1 for i, metric_id in enumerate(live)}
+        for metric_id, metric in metrics.items():
+            if metric.kind == kind:
+                positions[metric_id][measure] = (index.get(metric_id), len(live))
+    return [
+        metric_json(metric, s, positions[metric_id])
+        for metric_id, metric in metrics.items()
+        if (s := stats[metric_id]) is not None
+    ]
+
+
+async def metric_detail(client: redis.Redis, metric: MetricId) -> dict[str, Any] | None:
+    """One metric's stats and its position under each measure of its kind; None if no stats.
+
+    A stale metric has position null under every measure.
+    """
+    metric_id = str(metric)
+    measures = MEASURES_BY_KIND[metric.kind]
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.hgetall(stats_key(metric_id))
+        for measure in measures:
+            pipe.zrevrank(rank_key(metric.kind, measure), metric_id)
+            pipe.zcard(rank_key(metric.kind, measure))
+        raw, *ranks = await pipe.execute()
+    stats = parse_stats(metric.kind, raw)
+    if stats is None:
+        return None
+    positions: dict[RankMeasure, tuple[int | None, int]] = {}
+    for i, measure in enumerate(measures):
+        index, total = ranks[2 * i], int(ranks[2 * i + 1])
+        ranked_here = index is not None and not stats.stale
+        positions[measure] = (int(index) + 1 if ranked_here else None, total)
+    return metric_json(metric, stats, positions)

@@ -1,0 +1,118 @@
+"""Alerts service on real broker and PostgreSQL: warm-up from stored bars and stored alerts."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from tests.conftest import deadline, make_data_dir, unique_exchange
+from tickstream_alerts.service import run
+from tickstream_shared import alert_store, db
+from tickstream_shared.kafka import ensure_topics, make_producer
+from tickstream_shared.local_infra import LocalInfra
+from tickstream_shared.naming import Market
+from tickstream_shared.schemas import MINUTE_MS, Alert, Tick
+from tickstream_shared.settings import ServiceSettings
+
+
+@pytest.fixture
+def own_infra() -> Iterator[LocalInfra]:
+    """A broker and PostgreSQL for this test alone: the `alerts` group reads every tick topic."""
+    data_dir = make_data_dir("tickstream-alerts-")
+    try:
+        with LocalInfra(data_dir) as running:
+            yield running
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def bar(market: Market, seq: int, minute: int, volume: float) -> Tick:
+    ts = minute + 59_000
+    return Tick(market.id, minute, seq, ts, ts, 100.0, 100.0, 100.0, 100.0, volume, 5, True)
+
+
+async def test_restart_keeps_the_hour_and_the_cooldown(own_infra: LocalInfra) -> None:
+    """Stored bars form the first tick's baseline and a stored alert's cooldown still holds."""
+    infra = own_infra
+    settings = ServiceSettings.from_env(infra.environment())
+    assert settings.alerts.cooldown_seconds == 3600  # the defaults under test
+    market = Market(unique_exchange(), "btc", "usdt")
+    volume_metric = market.metric_id("volume")
+    now_minute = time.time_ns() // 1_000_000 // MINUTE_MS * MINUTE_MS
+    start = now_minute - 3 * 3_600_000
+
+    def at(index: int) -> int:
+        return start + index * MINUTE_MS
+
+    pool = await db.create_pool(settings.database)
+    try:
+        await db.ensure_schema(pool, settings.database)
+        # What an earlier run left: minutes 0..89 stored by stats, a volume alert at minute 40,
+        # and a stored bar of minute 89 that was updated after the first tick to evaluate.
+        stored = [bar(market, i, at(i), 10.0) for i in range(89)]
+        stored.append(bar(market, 1000, at(89), 10.0))
+        await db.store_bars(pool, stored)
+        earlier = Alert(
+            alert_id=f"{volume_metric}@{at(40)}",
+            metric=volume_metric,
+            kind="volume",
+            minute=at(40),
+            exchange_ts=at(40) + 59_000,
+            seq=40,
+            value=100.0,
+            mean=10.0,
+            factor=3.0,
+            ratio=10.0,
+            window_minutes=60,
+            samples=40,
+        )
+        await alert_store.insert_alerts(pool, [earlier])
+        await alert_store.mark_published(pool, [earlier.alert_id])
+    finally:
+        await pool.close()
+
+    # Minute 90 is 50 minutes after the stored alert (cooldown); minute 100 is 60 after it.
+    ticks = [bar(market, 900, at(90), 100.0), bar(market, 901, at(100), 1000.0)]
+    await ensure_topics(settings.kafka, [market.topic])
+    producer = make_producer(settings.kafka, client_id="test")
+    await producer.start()
+    try:
+        for tick in ticks:
+            await producer.send(market.topic, tick.encode(), key=tick.market.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+    stop = asyncio.Event()
+    service = asyncio.create_task(run(settings, stop))
+    offsets = AIOKafkaConsumer(bootstrap_servers=infra.kafka_bootstrap_servers, group_id="alerts")
+    await offsets.start()
+    conn = await asyncpg.connect(infra.database_url)
+    try:
+        # Committed means evaluated, stored and published: then the table is final.
+        async with asyncio.timeout(deadline(60)):
+            while await offsets.committed(TopicPartition(market.topic, 0)) != len(ticks):
+                assert not service.done(), service
+                await asyncio.sleep(0.1)
+        rows = await conn.fetch(
+            "SELECT alert_id, minute, seq, value, mean, samples, published FROM alerts "
+            "WHERE metric LIKE $1 ORDER BY minute",
+            f"{market.id}:%",
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(service, deadline(30))
+        await conn.close()
+        await offsets.stop()
+    # Minute 89 was left out (seq 1000 is newer than the first tick), so minute 100's hour
+    # holds minutes 40..88 and 90: mean (49 x 10 + 100) / 50 = 11.8.
+    assert [tuple(r) for r in rows] == [
+        (earlier.alert_id, at(40), 40, 100.0, 10.0, 40, True),
+        (f"{volume_metric}@{at(100)}", at(100), 901, 1000.0, 11.8, 50, True),
+    ]

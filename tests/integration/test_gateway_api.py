@@ -1,0 +1,335 @@
+"""The gateway on real Redis, PostgreSQL and broker: HTTP views, ranks, history, live bars."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.conftest import deadline, unique_exchange
+from tickstream_gateway.service import run
+from tickstream_shared import db
+from tickstream_shared.kafka import ensure_topics, make_producer
+from tickstream_shared.local_infra import LocalInfra, free_port
+from tickstream_shared.naming import (
+    METRICS_KEY,
+    Market,
+    MetricKind,
+    RankMeasure,
+    rank_key,
+    stats_key,
+)
+from tickstream_shared.schemas import MINUTE_MS, Tick
+from tickstream_shared.settings import (
+    DatabaseSettings,
+    GatewaySettings,
+    KafkaSettings,
+    RedisSettings,
+    ServiceSettings,
+)
+
+# A Redis database of its own, flushed at the start: rank totals are then exact.
+REDIS_DB = 11
+MINUTE = 1_680_000_000_000
+HISTORY_MINUTES = 30
+BARS = 40  # more minutes than the history holds
+
+
+@dataclass
+class Gateway:
+    base: str
+    redis: redis.Redis
+    settings: ServiceSettings
+
+
+@pytest.fixture(scope="module")
+async def gateway(infra: LocalInfra) -> AsyncIterator[Gateway]:
+    port = free_port()
+    redis_url = f"redis://127.0.0.1:{infra.redis_port}/{REDIS_DB}"
+    settings = ServiceSettings(
+        kafka=KafkaSettings(bootstrap_servers=infra.kafka_bootstrap_servers),
+        redis=RedisSettings(url=redis_url),
+        database=DatabaseSettings(url=infra.database_url),
+        gateway=GatewaySettings(port=port, history_minutes=HISTORY_MINUTES, rank_interval_ms=100),
+    )
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    await client.flushdb()
+    stop = asyncio.Event()
+    serving = asyncio.create_task(run(settings, stop))
+    base = f"127.0.0.1:{port}"
+    try:
+        async with asyncio.timeout(deadline(60)):
+            while (await http_json(base, "/healthz"))[0] != 200:
+                assert not serving.done(), "gateway stopped"
+                await asyncio.sleep(0.1)
+        yield Gateway(base, client, settings)
+    finally:
+        stop.set()
+        await serving
+        await client.aclose()
+
+
+async def http_json(base: str, path: str) -> tuple[int, Any]:
+    def fetch() -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(f"http://{base}{path}", timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+        except OSError:
+            return 0, None
+
+    return await asyncio.to_thread(fetch)
+
+
+def bar(market: Market, index: int, close: float, *, seq: int | None = None) -> Tick:
+    minute = MINUTE + index * MINUTE_MS
+    return Tick(
+        market=market.id,
+        minute=minute,
+        seq=index if seq is None else seq,
+        exchange_ts=minute + 30_000,
+        received_ts=minute + 30_000,
+        open=close,
+        high=close,
+        low=close,
+        close=close,
+        volume=float(index),
+        closed=seq is None,
+    )
+
+
+async def write_stats(
+    client: redis.Redis, market: Market, std: float, cv: float, logret: float, stale: bool
+) -> None:
+    """Redis as stats writes it (the agreed contract): hashes, the metrics set, rank sets."""
+    newest = MINUTE + (BARS - 1) * MINUTE_MS
+    measures: dict[MetricKind, dict[RankMeasure, float]] = {
+        "price": {"std": std, "cv": cv, "logret": logret},
+        "volume": {"std": std / 10, "cv": cv / 10},
+    }
+    for kind, values in measures.items():
+        metric = market.metric_id(kind)
+        fields = {
+            "count": "40",
+            "mean": repr(100.0),
+            "min": repr(90.0),
+            "max": repr(110.0),
+            "last": repr(101.0),
+            "minute": str(newest),
+            "last_ts": str(newest + 30_000),
+            "stale": "1" if stale else "0",
+            "clock": str(newest),
+            **{measure: repr(value) for measure, value in values.items()},
+        }
+        await client.hset(stats_key(metric), mapping=fields)
+        await client.sadd(METRICS_KEY, metric)
+        if not stale:
+            for measure, value in values.items():
+                await client.zadd(rank_key(kind, measure), {metric: value})
+
+
+async def recv_json(ws: ClientConnection) -> dict[str, Any]:
+    async with asyncio.timeout(deadline(10)):
+        frame: dict[str, Any] = json.loads(await ws.recv())
+    return frame
+
+
+async def test_ranks_listing_and_detail_under_every_measure(gateway: Gateway) -> None:
+    """Ranks follow the measure asked for; stale metrics are listed but never ranked."""
+    exchange = unique_exchange()
+    calm, wild, gone = (Market(exchange, base, "usd") for base in ("calm", "wild", "gone"))
+    await write_stats(gateway.redis, calm, std=9.0, cv=0.01, logret=0.002, stale=False)
+    await write_stats(gateway.redis, wild, std=1.0, cv=0.05, logret=0.001, stale=False)
+    await write_stats(gateway.redis, gone, std=50.0, cv=0.5, logret=0.5, stale=True)
+    pool = await db.create_pool(gateway.settings.database)
+    try:
+        await db.store_bars(pool, [bar(calm, i, 100.0 + i) for i in range(BARS)])
+    finally:
+        await pool.close()
+
+    expected = {
+        "std": [calm, wild],
+        "cv": [wild, calm],
+        "logret": [calm, wild],
+    }
+    for measure, order in expected.items():
+        status, body = await http_json(gateway.base, f"/api/ranks?kind=price&by={measure}")
+        assert status == 200
+        assert (body["kind"], body["by"], body["total"]) == ("price", measure, 2)
+        assert [e["metric"] for e in body["ranks"]] == [m.metric_id("price") for m in order]
+        assert [e["label"] for e in body["ranks"]] == ["1/2", "2/2"]
+    status, body = await http_json(gateway.base, "/api/ranks?kind=price&by=cv")
+    assert body["ranks"][0] == {
+        "metric": wild.metric_id("price"),
+        "position": 1,
+        "total": 2,
+        "label": "1/2",
+        "value": 0.05,
+        "std": 1.0,
+        "cv": 0.05,
+        "logret": 0.001,
+        "mean": 100.0,
+        "count": 40,
+    }
+    status, body = await http_json(gateway.base, "/api/ranks?kind=volume")
+    assert body["by"] == "std" and "logret" not in body["ranks"][0]
+    status, body = await http_json(gateway.base, "/api/ranks?kind=volume&by=logret")
+    assert (status, body["error"]) == (400, "bad_measure")
+
+    status, listing = await http_json(gateway.base, "/api/metrics")
+    assert status == 200
+    listed = {m["id"]: m for m in listing["metrics"]}
+    assert sorted(listed) == sorted(
+        m.metric_id(k) for m in (calm, wild, gone) for k in ("price", "volume")
+    )
+    stale = listed[gone.metric_id("price")]
+    assert stale["stale"] is True and stale["position"] is None and stale["rank"] is None
+    assert stale["ranks"] == {
+        measure: {"position": None, "total": 2, "rank": None} for measure in expected
+    }
+    assert listed[wild.metric_id("price")]["ranks"]["cv"] == {
+        "position": 1,
+        "total": 2,
+        "rank": "1/2",
+    }
+    assert set(listed[wild.metric_id("volume")]["ranks"]) == {"std", "cv"}
+
+    status, detail = await http_json(gateway.base, f"/api/metrics/{calm.metric_id('price')}")
+    assert status == 200
+    assert detail["stale"] is False
+    assert (detail["position"], detail["total"], detail["rank"]) == (1, 2, "1/2")
+    assert detail["ranks"] == {
+        "std": {"position": 1, "total": 2, "rank": "1/2"},
+        "cv": {"position": 2, "total": 2, "rank": "2/2"},
+        "logret": {"position": 1, "total": 2, "rank": "1/2"},
+    }
+    assert (detail["window_minutes"], detail["logret"], detail["clock"]) == (
+        1440,
+        0.002,
+        MINUTE + (BARS - 1) * MINUTE_MS,
+    )
+    first = BARS - 1 - HISTORY_MINUTES
+    assert detail["values"] == [[MINUTE + i * MINUTE_MS, 100.0 + i] for i in range(first, BARS)]
+    since = MINUTE + (BARS - 3) * MINUTE_MS
+    status, detail = await http_json(
+        gateway.base, f"/api/metrics/{calm.metric_id('volume')}?since={since}"
+    )
+    assert detail["values"] == [
+        [MINUTE + i * MINUTE_MS, float(i)] for i in (BARS - 3, BARS - 2, BARS - 1)
+    ]
+    status, detail = await http_json(gateway.base, f"/api/metrics/{gone.metric_id('price')}")
+    assert detail["stale"] is True and detail["values"] == []
+    assert all(r["position"] is None for r in detail["ranks"].values())
+    status, body = await http_json(gateway.base, f"/api/metrics/{calm.metric_id('price')}?since=1")
+    assert (status, body["error"]) == (400, "bad_since")
+
+
+async def test_history_since_then_live_bars(gateway: Gateway) -> None:
+    """History holds at most minutes + 1 bars from `since`; live bars continue past its seq."""
+    market = Market(unique_exchange(), "btc", "usdt")
+    kafka = gateway.settings.kafka
+    await ensure_topics(kafka, [market.topic])
+    pool = await db.create_pool(gateway.settings.database)
+    try:
+        await db.store_bars(pool, [bar(market, i, 100.0 + math.sin(i)) for i in range(BARS)])
+    finally:
+        await pool.close()
+    newest = MINUTE + (BARS - 1) * MINUTE_MS
+    async with connect(f"ws://{gateway.base}/ws") as ws:
+        subscribe: dict[str, Any] = {"op": "subscribe", "channel": "market", "market": market.id}
+        await ws.send(json.dumps(subscribe))
+        assert (await recv_json(ws))["type"] == "subscribed"
+        history = await recv_json(ws)
+        assert (history["type"], history["since"]) == ("history", None)
+        assert [p["seq"] for p in history["bars"]] == list(range(BARS - 1 - HISTORY_MINUTES, BARS))
+
+        await ws.send(json.dumps({**subscribe, "since": newest - MINUTE_MS}))
+        assert (await recv_json(ws))["type"] == "subscribed"
+        history = await recv_json(ws)
+        assert history["since"] == newest - MINUTE_MS
+        assert [p["minute"] for p in history["bars"]] == [newest - MINUTE_MS, newest]
+        assert history["bars"][-1] == {
+            "minute": newest,
+            "seq": BARS - 1,
+            "exchange_ts": newest + 30_000,
+            "open": 100.0 + math.sin(BARS - 1),
+            "high": 100.0 + math.sin(BARS - 1),
+            "low": 100.0 + math.sin(BARS - 1),
+            "close": 100.0 + math.sin(BARS - 1),
+            "volume": float(BARS - 1),
+            "trades": None,
+            "closed": True,
+        }
+
+        # Nothing at or after `since`: an empty history, not an unknown market.
+        await ws.send(json.dumps({**subscribe, "since": newest + MINUTE_MS}))
+        assert (await recv_json(ws))["type"] == "subscribed"
+        history = await recv_json(ws)
+        assert history["bars"] == []
+        await ws.send(json.dumps({**subscribe, "since": newest}))
+        assert (await recv_json(ws))["type"] == "subscribed"
+        assert [p["seq"] for p in (await recv_json(ws))["bars"]] == [BARS - 1]
+
+        # Updates of a forming minute arrive as bar frames with growing seq (the feed may
+        # need a metadata refresh to find the new topic, so produce until one arrives).
+        producer = make_producer(kafka, client_id="test-gateway")
+        await producer.start()
+        try:
+            seq = BARS
+            bars: list[dict[str, Any]] = []
+            async with asyncio.timeout(deadline(30)):
+                while len(bars) < 3:
+                    update = bar(market, BARS, 200.0, seq=seq)
+                    await producer.send_and_wait(
+                        market.topic, update.encode(), key=market.id.encode()
+                    )
+                    seq += 1
+                    try:
+                        async with asyncio.timeout(0.2):
+                            frame = json.loads(await ws.recv())
+                    except TimeoutError:
+                        continue
+                    bars.append(frame)
+        finally:
+            await producer.stop()
+    assert {f["type"] for f in bars} == {"bar"}
+    seqs = [f["seq"] for f in bars]
+    assert seqs == sorted(set(seqs)) and seqs[0] >= BARS
+    assert {(f["market"], f["minute"], f["closed"]) for f in bars} == {
+        (market.id, newest + MINUTE_MS, False)
+    }
+
+
+async def test_unknown_market_and_rank_subscription(gateway: Gateway) -> None:
+    """An unknown market gets `unknown_market`; a ranks subscription can switch its measure."""
+    async with connect(f"ws://{gateway.base}/ws") as ws:
+        unknown = Market(unique_exchange(), "nope", "usd").id
+        await ws.send(json.dumps({"op": "subscribe", "channel": "market", "market": unknown}))
+        assert (await recv_json(ws))["type"] == "subscribed"
+        assert (await recv_json(ws))["code"] == "unknown_market"
+        await ws.send(json.dumps({"op": "subscribe", "channel": "ranks", "kind": "price"}))
+        assert await recv_json(ws) == {
+            "type": "subscribed",
+            "channel": "ranks",
+            "kind": "price",
+            "by": "std",
+        }
+        assert (await recv_json(ws))["by"] == "std"
+        await ws.send(
+            json.dumps({"op": "subscribe", "channel": "ranks", "kind": "price", "by": "logret"})
+        )
+        assert (await recv_json(ws))["by"] == "logret"  # the subscribed frame
+        snapshot = await recv_json(ws)
+        assert (snapshot["type"], snapshot["kind"], snapshot["by"]) == ("ranks", "price", "logret")
+        await ws.send(json.dumps({"op": "unsubscribe", "channel": "ranks", "kind": "price"}))
+        assert await recv_json(ws) == {"type": "unsubscribed", "channel": "ranks", "kind": "price"}
