@@ -45,7 +45,7 @@ def make_consumer(
         enable_auto_commit=False,
         auto_offset_reset=offset_reset,
         # New per-pair topics must be seen quickly by regex subscriptions.
-        metadata_max_age_ms=5000,
+        metadata_max_age_ms=settings.metadata_max_age_ms,
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
 

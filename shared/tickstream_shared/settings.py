@@ -50,6 +50,14 @@ class KafkaSettings:
         ge=1,
         le=10,
     )
+    metadata_max_age_ms: int = setting(
+        "KAFKA_METADATA_MAX_AGE_MS",
+        1000,
+        "How often consumers refresh topic metadata: a new market's topic is picked up by"
+        " stats, alerts and the gateway within this time.",
+        ge=100,
+        le=300_000,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +281,15 @@ class ServiceSettings:
     def from_env(cls, environ: Mapping[str, str]) -> ServiceSettings:
         """Read every setting from environ; raises ConfigError naming the bad variable."""
         parts = {f.name: load(_section_type(f), environ) for f in dataclasses.fields(cls)}
-        return cls(**parts)
+        settings = cls(**parts)
+        # A warm-up rebuilds the stats window from stored bars: retention must keep all of it.
+        if settings.database.retention_days * 1440 < settings.stats.window_minutes:
+            raise ConfigError(
+                "STORAGE_RETENTION_DAYS",
+                f"{settings.database.retention_days} days keep less than STATS_WINDOW_MINUTES"
+                f" ({settings.stats.window_minutes} minutes)",
+            )
+        return settings
 
 
 def _section_type(f: dataclasses.Field[Any]) -> type[Any]:

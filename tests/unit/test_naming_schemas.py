@@ -186,6 +186,10 @@ def test_settings_from_env_converts_types() -> None:
         ({"WATCHER_SOURCE": "carrier-pigeon"}, "not one of"),
         ({"ALERTS_FACTOR": "nan"}, "not a finite number"),
         ({"STORAGE_RETENTION_DAYS": "1"}, "below the minimum"),
+        (
+            {"STORAGE_RETENTION_DAYS": "3", "STATS_WINDOW_MINUTES": "5000"},
+            "keep less than STATS_WINDOW_MINUTES",
+        ),
     ],
 )
 def test_settings_out_of_bounds_are_refused(env: dict[str, str], problem: str) -> None:

@@ -118,6 +118,27 @@ def test_advance_clock_updates_every_market_and_never_goes_back() -> None:
     assert book.clock == BASE + 2 * M
 
 
+def test_raised_clock_ages_only_the_markets_that_did_not_tick() -> None:
+    """After raise_clock and apply, age() updates just the markets still behind the clock."""
+    book = MetricBook(window_minutes=3, stale_seconds=60)
+    book.apply([tick(BTC, 0, BASE), tick(ETH, 0, BASE)])
+    assert book.raise_clock(BASE + 2 * M) and not book.raise_clock(BASE + M)
+    ticked = by_id(book.apply([tick(BTC, 1, BASE + 2 * M, 12.0)]))
+    assert set(ticked) == {"binance:btc-usdt:price", "binance:btc-usdt:volume"}
+    aged = by_id([u for updates in book.age() for u in updates])
+    assert set(aged) == {"binance:eth-usdt:price", "binance:eth-usdt:volume"}
+    eth = aged["binance:eth-usdt:price"]
+    assert (eth.clock, eth.stale) == (BASE + 2 * M, True)
+    assert eth.stats is not None and eth.stats.count == 1
+    assert list(book.age()) == []  # every window now ends at the clock
+    # Four minutes on, ETH's only minute has left its window (gone); BTC keeps BASE + 2M.
+    book.raise_clock(BASE + 4 * M)
+    later = by_id([u for updates in book.age() for u in updates])
+    assert later["binance:eth-usdt:volume"].gone
+    btc = later["binance:btc-usdt:price"].stats
+    assert btc is not None and (btc.count, btc.mean) == (1, 12.0)
+
+
 def test_warm_loads_newest_seq_per_minute_without_double_counting() -> None:
     """Stored bars load once (newest seq per minute), twice alike; re-deliveries are skipped."""
     book = MetricBook(window_minutes=10)

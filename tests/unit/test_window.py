@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tickstream_stats.window import ExactMoments, MinuteWindow, WindowStats
+from tickstream_stats.window import MinuteWindow, WindowStats
 
 M = 60_000
 BASE = 28_333_334 * M  # 2023-11-14, a whole minute
@@ -291,30 +291,3 @@ def test_window_minutes_must_be_positive() -> None:
     """A window holds at least one minute."""
     with pytest.raises(ValueError, match="window_minutes"):
         MinuteWindow(0)
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    values=st.lists(
-        st.one_of(
-            st.floats(allow_nan=False, allow_infinity=False, min_value=-1e100, max_value=1e100),
-            st.sampled_from([0.0, 1e-300, 5e-324, 2.5, 1e100]),
-        ),
-        min_size=1,
-        max_size=40,
-    ),
-    removed=st.integers(min_value=0, max_value=39),
-)
-def test_exact_moments_match_fractions(values: list[float], removed: int) -> None:
-    """Adding and removing values at any scale keeps mean and std exactly rounded."""
-    moments = ExactMoments()
-    for value in values:
-        moments.add(value)
-    kept = values[min(removed, len(values) - 1) :]
-    for value in values[: len(values) - len(kept)]:
-        moments.remove(value)
-    assert moments.count == len(kept)
-    assert (moments.mean(), moments.std()) == exact_stats(kept)
-    for value in kept:
-        moments.remove(value)
-    assert (moments.count, moments.s1, moments.s2, moments.scale) == (0, 0, 0, 0)

@@ -7,15 +7,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Final
 
+from tickstream_shared.moments import ExactMoments
 from tickstream_shared.naming import MetricKind
 from tickstream_shared.schemas import MINUTE_MS
 
-# Float verdicts are trusted only when the value is clear of the threshold by this much
-# (relative to the magnitudes involved; float errors here are ~1e-15). Closer than that the
-# verdict is computed with fractions, so it never depends on how a sum was rounded.
-_CLEAR_MARGIN: Final = 1e-9
-# Below this a float threshold may have lost precision to underflow: decide exactly.
-_TINY: Final = 1e-290
 # An Alert's floats are bounded (schemas._Finite); a ratio over a mean that underflowed is capped.
 _MAX_RATIO: Final = 1e300
 
@@ -26,41 +21,9 @@ class Spike:
 
     kind: MetricKind
     value: float
-    mean: float  # math.fsum of the trailing minutes' values / samples
+    mean: float  # the exact mean of the trailing minutes' values, correctly rounded
     ratio: float  # value / mean
     samples: int  # minutes present in the trailing window
-
-
-@dataclass(slots=True)
-class _Baseline:
-    """One metric's trailing values before the judged minute, summarised once per minute."""
-
-    values: list[float]
-    total: float  # math.fsum(values): correctly rounded, so its sign is the exact sum's sign
-    mean: float
-    std: float | None = None  # population std, computed the first time the z guard needs it
-
-    def deviation(self) -> float:
-        if self.std is None:
-            mean = self.mean
-            self.std = math.sqrt(math.fsum((v - mean) ** 2 for v in self.values) / len(self.values))
-        return self.std
-
-
-def _baseline(values: list[float]) -> _Baseline:
-    total = math.fsum(values)
-    return _Baseline(values, total, total / len(values) if values else 0.0)
-
-
-@dataclass(frozen=True, slots=True)
-class _Trailing:
-    """The window before one minute, computed once per minute (not once per update)."""
-
-    minute: int
-    samples: int
-    eligible: bool  # enough samples and enough active minutes
-    price: _Baseline
-    volume: _Baseline
 
 
 class MinuteSpikeRule:
@@ -69,14 +32,19 @@ class MinuteSpikeRule:
     Keeps the values of the newest `window_minutes + 1` minutes in a ring indexed by minute, so
     its size is bounded by time whatever the update rate. Only updates of the market's newest
     minute are judged, against the minutes `minute - window .. minute - 1` that are present
-    (their latest values). A value is a spike if, exactly (fractions on near-ties):
+    (their latest values). A value is a spike if, exactly (integer arithmetic, no rounding):
     at least `min_samples` minutes are present, at least `min_active_minutes` of them have
     non-zero volume, their mean is positive, value > factor x mean, and
     value > mean + min_zscore x (population std of those values). A late update of an earlier
-    minute replaces that minute's value for later windows and is not judged. Not thread-safe.
+    minute replaces that minute's value for later windows and is not judged.
+
+    The trailing window's sums are kept exactly (ExactMoments) and moved, not recomputed: an
+    update of the forming minute costs O(1), a new minute costs the minutes it moves over
+    (each minute enters and leaves once). Not thread-safe.
     """
 
     __slots__ = (
+        "_active",
         "_closes",
         "_factor",
         "_min_active",
@@ -84,8 +52,9 @@ class MinuteSpikeRule:
         "_min_zscore",
         "_minutes",
         "_newest",
+        "_price",
         "_size",
-        "_trailing",
+        "_volume",
         "_volumes",
         "_window",
     )
@@ -108,11 +77,12 @@ class MinuteSpikeRule:
             raise ValueError(f"min_active_minutes must be >= 0, got {min_active_minutes}")
         if not (math.isfinite(min_zscore) and min_zscore >= 0):
             raise ValueError(f"min_zscore must be >= 0 and finite, got {min_zscore!r}")
-        self._factor = factor
+        # Exact rationals of the floats given, so verdicts never depend on rounding.
+        self._factor = Fraction(factor)
+        self._min_zscore = Fraction(min_zscore)
         self._window = window_minutes
         self._min_samples = min_samples
         self._min_active = min_active_minutes
-        self._min_zscore = min_zscore
         # One slot per minute of the window plus the judged one; a slot is valid only while its
         # minute tag matches, so a gap needs no clean-up.
         self._size = window_minutes + 1
@@ -120,7 +90,11 @@ class MinuteSpikeRule:
         self._closes = [0.0] * self._size
         self._volumes = [0.0] * self._size
         self._newest = -1
-        self._trailing: _Trailing | None = None
+        # Sums over the trailing window of the newest minute: the present minutes in
+        # [newest - window, newest - 1], and how many of them have non-zero volume.
+        self._price = ExactMoments()
+        self._volume = ExactMoments()
+        self._active = 0
 
     @property
     def newest_minute(self) -> int | None:
@@ -131,91 +105,90 @@ class MinuteSpikeRule:
         self._store(minute, close, volume)
 
     def observe(self, minute: int, close: float, volume: float) -> tuple[Spike, ...]:
-        """Record the update of `minute`; return the spikes it shows (none, one or both kinds).
-
-        The trailing window is summarised once per judged minute and reused by every further
-        update of that minute, until a late update to an earlier minute changes it.
-        """
+        """Record the update of `minute`; return the spikes it shows (none, one or both kinds)."""
         if not self._store(minute, close, volume):
             return ()
-        trailing = self._trailing
-        if trailing is None or trailing.minute != minute:
-            trailing = self._trailing = self._trail(minute)
-        if not trailing.eligible:
+        samples = self._price.count
+        if samples < self._min_samples or self._active < self._min_active:
             return ()
         spikes: tuple[Spike, ...] = ()
-        if self._exceeds(close, trailing.price):
-            spikes = (_spike("price", close, trailing.price.mean, trailing.samples),)
-        if self._exceeds(volume, trailing.volume):
-            spikes = (*spikes, _spike("volume", volume, trailing.volume.mean, trailing.samples))
+        if self._exceeds(close, self._price):
+            spikes = (_spike("price", close, self._price),)
+        if self._exceeds(volume, self._volume):
+            spikes = (*spikes, _spike("volume", volume, self._volume))
         return spikes
 
     def _store(self, minute: int, close: float, volume: float) -> bool:
-        """Put the value in its slot; True if `minute` is the newest (so it is judged)."""
-        if minute < self._newest - self._window * MINUTE_MS:
+        """Put the value in its slot and keep the sums true; True if `minute` is the newest."""
+        newest = self._newest
+        if minute > newest:
+            if newest >= 0:
+                self._slide(newest, minute)
+            self._newest = minute
+            self._put(minute, close, volume)
+            return True
+        if minute == newest:
+            self._put(minute, close, volume)  # the forming minute: not in its own window
+            return True
+        if minute < newest - self._window * MINUTE_MS:
             return False  # older than any window still to be judged: cannot matter
+        # A late update of a minute inside the newest minute's window changes its baseline.
+        slot = (minute // MINUTE_MS) % self._size
+        if self._minutes[slot] == minute:
+            self._leave(self._closes[slot], self._volumes[slot])
+        self._put(minute, close, volume)
+        self._enter(close, volume)
+        return False
+
+    def _slide(self, newest: int, minute: int) -> None:
+        """Move the trailing window from before `newest` to before `minute` (> newest)."""
+        size = self._size
+        first_kept = minute - self._window * MINUTE_MS
+        if first_kept > newest:
+            # Nothing of the old window, nor the old newest minute, is in the new one.
+            self._price.clear()
+            self._volume.clear()
+            self._active = 0
+            return
+        # Minutes [newest - window, first_kept) leave; the old newest minute enters.
+        leaving = newest - self._window * MINUTE_MS
+        while leaving < first_kept:
+            slot = (leaving // MINUTE_MS) % size
+            if self._minutes[slot] == leaving:
+                self._leave(self._closes[slot], self._volumes[slot])
+                self._minutes[slot] = -1
+            leaving += MINUTE_MS
+        slot = (newest // MINUTE_MS) % size
+        self._enter(self._closes[slot], self._volumes[slot])
+
+    def _put(self, minute: int, close: float, volume: float) -> None:
         slot = (minute // MINUTE_MS) % self._size
         self._minutes[slot] = minute
         self._closes[slot] = close
         self._volumes[slot] = volume
-        if minute >= self._newest:
-            self._newest = minute
-            return True
-        # A late update of a minute inside the newest minute's window changes its baseline.
-        self._trailing = None
-        return False
 
-    def _trail(self, minute: int) -> _Trailing:
-        closes: list[float] = []
-        volumes: list[float] = []
-        ring = self._minutes
-        size = self._size
-        for earlier in range(minute - self._window * MINUTE_MS, minute, MINUTE_MS):
-            slot = (earlier // MINUTE_MS) % size
-            if ring[slot] == earlier:
-                closes.append(self._closes[slot])
-                volumes.append(self._volumes[slot])
-        samples = len(closes)
-        active = sum(1 for v in volumes if v > 0.0)
-        eligible = samples >= self._min_samples and active >= self._min_active
-        return _Trailing(minute, samples, eligible, _baseline(closes), _baseline(volumes))
+    def _enter(self, close: float, volume: float) -> None:
+        self._price.add(close)
+        self._volume.add(volume)
+        if volume != 0.0:
+            self._active += 1
 
-    def _exceeds(self, value: float, base: _Baseline) -> bool:
+    def _leave(self, close: float, volume: float) -> None:
+        self._price.remove(close)
+        self._volume.remove(volume)
+        if volume != 0.0:
+            self._active -= 1
+
+    def _exceeds(self, value: float, window: ExactMoments) -> bool:
         """value > factor x mean and value > mean + min_zscore x std, exactly; mean > 0."""
-        if base.total <= 0.0:
-            return False  # only a positive mean can be exceeded
-        threshold = self._factor * base.mean
-        if threshold >= _TINY and value < threshold * (1.0 - _CLEAR_MARGIN):
+        if window.s1 <= 0 or not window.exceeds_factor(value, self._factor):
             return False
-        if not (threshold >= _TINY and value > threshold * (1.0 + _CLEAR_MARGIN)):
-            exact_total = sum(map(Fraction, base.values), Fraction(0))
-            if Fraction(value) * len(base.values) <= Fraction(self._factor) * exact_total:
-                return False
-        if self._min_zscore == 0.0:
-            return True
-        # The float error of excess and bar is ~1e-16 of value + mean + bar: far inside tolerance.
-        excess = value - base.mean
-        bar = self._min_zscore * base.deviation()
-        tolerance = _CLEAR_MARGIN * (value + base.mean + bar)
-        if excess - bar > tolerance and base.mean >= _TINY:
-            return True
-        if excess - bar < -tolerance and base.mean >= _TINY:
-            return False
-        return _exceeds_zscore_exactly(value, base.values, self._min_zscore)
+        return not self._min_zscore or window.exceeds_zscore(value, self._min_zscore)
 
 
-def _exceeds_zscore_exactly(value: float, values: list[float], zscore: float) -> bool:
-    """value - mean > zscore x population std, in exact rational arithmetic."""
-    count = len(values)
-    exact = [Fraction(v) for v in values]
-    mean = sum(exact, Fraction(0)) / count
-    excess = Fraction(value) - mean
-    if excess <= 0:
-        return False
-    variance = sum(((v - mean) ** 2 for v in exact), Fraction(0)) / count
-    return excess * excess > Fraction(zscore) ** 2 * variance
-
-
-def _spike(kind: MetricKind, value: float, mean: float, samples: int) -> Spike:
+def _spike(kind: MetricKind, value: float, window: ExactMoments) -> Spike:
+    mean = window.mean()
     ratio = value / mean if mean > 0.0 else _MAX_RATIO
-    return Spike(kind=kind, value=value, mean=mean, ratio=min(ratio, _MAX_RATIO), samples=samples)
+    return Spike(
+        kind=kind, value=value, mean=mean, ratio=min(ratio, _MAX_RATIO), samples=window.count
+    )

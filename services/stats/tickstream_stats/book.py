@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from tickstream_shared.naming import Market, MetricKind, market_of
@@ -88,10 +88,32 @@ class MetricBook:
 
         Returns nothing when `minute` is not after the clock.
         """
-        if minute <= self.clock:
+        if not self.raise_clock(minute):
             return []
+        return [update for updates in self.age() for update in updates]
+
+    def raise_clock(self, minute: int) -> bool:
+        """Move the clock to `minute` if that is later; windows follow when applied or aged.
+
+        Returns whether the clock moved.
+        """
+        if minute <= self.clock:
+            return False
         self.clock = minute
-        return self._updates(self._markets.values())
+        return True
+
+    def age(self) -> Iterator[list[MetricUpdate]]:
+        """Yield the updates of each market whose window ended before the clock, aged to it.
+
+        Lets a caller give the event loop a turn between markets (with a thousand markets one
+        clock minute is milliseconds of work) and do it less often than the clock moves (a
+        market that ticks is aged by `apply` anyway). Safe to stop early: a market not aged
+        yet is aged by its next `apply` or `age`.
+        """
+        clock = self.clock
+        for state in list(self._markets.values()):
+            if state.window.clock < clock:
+                yield self._updates((state,))
 
     def apply(self, ticks: Iterable[Tick]) -> list[MetricUpdate]:
         """Apply ticks in order; updates for the markets they changed (all, if the clock moved)."""

@@ -22,10 +22,17 @@ from tickstream_stats.store import raise_clock, read_clock, write_stats
 
 log = logging.getLogger("tickstream.stats")
 _REPORT_EVERY_S = 30.0
-# How often an idle instance reads the shared clock, so its silent markets age and go stale
-# when other instances (or other markets) move the clock.
-_IDLE_CLOCK_EVERY_S = 1.0
+# How often the markets that did not tick are aged to the clock (and written), and how often
+# an idle instance reads the shared clock. Every batch moves the clock during a catch-up;
+# rewriting every market each time would cost O(markets) per batch, so those that did not tick
+# follow at most this late, in wall time.
+_AGE_EVERY_S = 1.0
 _RETENTION_EVERY_S = 3600.0
+# Work done between two turns of the event loop, so heartbeats and the rebalance listener are
+# never held up for long: ticks applied (a few us each) and markets aged when the clock moves
+# (about 6 us each, more when a clock jump evicts many minutes).
+_APPLY_SLICE = 256
+_AGE_SLICE = 64
 
 
 class _Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -152,7 +159,7 @@ async def _consume(
     counters = DecodeCounters()
     stored = 0
     next_report = time.monotonic() + _REPORT_EVERY_S
-    next_clock_read = time.monotonic() + _IDLE_CLOCK_EVERY_S
+    next_aging = time.monotonic() + _AGE_EVERY_S
     while not stop.is_set():
         batch = await consumer.getmany(
             timeout_ms=settings.stats.batch_wait_ms, max_records=settings.stats.batch_max
@@ -160,11 +167,12 @@ async def _consume(
         async with ownership.lock:
             if ownership.failure is not None:
                 raise ownership.failure
+            aging = time.monotonic() >= next_aging
+            if aging:
+                next_aging = time.monotonic() + _AGE_EVERY_S
             if not batch:
-                if time.monotonic() >= next_clock_read:
-                    next_clock_read = time.monotonic() + _IDLE_CLOCK_EVERY_S
-                    if not await _age(stop, redis, book):
-                        return
+                if aging and not await _age(stop, redis, book):
+                    return
                 continue
             owned = _owned_records(batch, book)
             if len(owned) < len(batch):
@@ -175,7 +183,7 @@ async def _consume(
             if not owned:
                 continue
             ticks = decode_batch((r for records in owned.values() for r in records), counters)
-            new_rows = await _apply_batch(stop, pool, redis, book, ticks)
+            new_rows = await _apply_batch(stop, pool, redis, book, ticks, age=aging)
             if new_rows is None:
                 return  # stopping: nothing committed, the batch is re-read on restart
             stored += new_rows
@@ -203,9 +211,13 @@ async def _consume(
 
 
 async def _apply_batch(
-    stop: asyncio.Event, pool: Any, redis: Any, book: MetricBook, ticks: list[Tick]
+    stop: asyncio.Event, pool: Any, redis: Any, book: MetricBook, ticks: list[Tick], *, age: bool
 ) -> int | None:
-    """Store, raise the shared clock, apply and write one batch; None if stopped first."""
+    """Store, raise the shared clock, apply and write one batch; None if stopped first.
+
+    With `age`, the markets the batch did not touch are aged to the clock too and written in
+    the same transaction.
+    """
 
     async def store() -> int:
         return await db.store_bars(pool, ticks)
@@ -223,8 +235,13 @@ async def _apply_batch(
         shared = await retry_until_done("raise clock", clock, stop)
         if shared is None:
             return None
-        updates.update((u.metric_id, u) for u in book.advance_clock(shared))
-        updates.update((u.metric_id, u) for u in book.apply(ticks))
+        book.raise_clock(shared)
+        # The clock is already at the batch's newest minute, so apply ages no other market.
+        for start in range(0, len(ticks), _APPLY_SLICE):
+            updates.update(
+                (u.metric_id, u) for u in book.apply(ticks[start : start + _APPLY_SLICE])
+            )
+            await asyncio.sleep(0)
     if not await _write(stop, redis, list(updates.values())):
         return None
     return new_rows
@@ -235,7 +252,18 @@ async def _age(stop: asyncio.Event, redis: Any, book: MetricBook) -> bool:
     shared = await retry_until_done("read clock", lambda: read_clock(redis), stop)
     if shared is None:
         return not stop.is_set()  # no clock yet, or stopping
-    return await _write(stop, redis, book.advance_clock(shared))
+    book.raise_clock(shared)
+    return await _write(stop, redis, await _age_in_slices(book))
+
+
+async def _age_in_slices(book: MetricBook) -> list[MetricUpdate]:
+    """`book.age()`, giving the event loop a turn every _AGE_SLICE markets."""
+    updates: list[MetricUpdate] = []
+    for count, market_updates in enumerate(book.age(), start=1):
+        updates.extend(market_updates)
+        if count % _AGE_SLICE == 0:
+            await asyncio.sleep(0)
+    return updates
 
 
 async def _write(stop: asyncio.Event, redis: Any, updates: list[MetricUpdate]) -> bool:

@@ -7,11 +7,14 @@ from array import array
 from dataclasses import dataclass
 from typing import Final
 
+from tickstream_shared.moments import ExactMoments
 from tickstream_shared.schemas import MINUTE_MS
 
 # Slots per min/max block: 1440 minutes are 36 blocks, so a rescan reads 40 slots and the
 # global extreme is taken over 36 block extremes.
 BLOCK_SLOTS: Final = 40
+# An advance passing fewer slots than this evicts minute by minute; a longer one in bulk.
+_BULK_SPAN_MS: Final = 8 * MINUTE_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,59 +33,6 @@ class WindowStats:
     max: float
     cv: float
     logret: float | None
-
-
-class ExactMoments:
-    """Count, sum and sum of squares of floats, kept exactly as integers.
-
-    Every float is a binary fraction num / 2**k, so at a common scale s >= k it is the integer
-    num << (s - k). The scale only grows (the sums are shifted up with it) until the set is
-    empty again. Add and remove are exact, so no rounding error builds up and nothing is ever
-    rebuilt; mean and variance are rounded once, correctly, by int / int division.
-    """
-
-    __slots__ = ("count", "s1", "s2", "scale")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.s1 = 0  # sum of x * 2**scale
-        self.s2 = 0  # sum of x**2 * 2**(2 * scale)
-        self.scale = 0
-
-    def add(self, value: float) -> None:
-        num, den = value.as_integer_ratio()
-        k = den.bit_length() - 1
-        if k > self.scale:
-            shift = k - self.scale
-            self.s1 <<= shift
-            self.s2 <<= 2 * shift
-            self.scale = k
-        x = num << (self.scale - k)
-        self.count += 1
-        self.s1 += x
-        self.s2 += x * x
-
-    def remove(self, value: float) -> None:
-        """Remove a value that was added (and not yet removed); anything else corrupts the sums."""
-        num, den = value.as_integer_ratio()
-        x = num << (self.scale - (den.bit_length() - 1))
-        self.count -= 1
-        self.s1 -= x
-        self.s2 -= x * x
-        if self.count == 0:
-            self.scale = 0
-
-    def clear(self) -> None:
-        self.count = self.s1 = self.s2 = self.scale = 0
-
-    def mean(self) -> float:
-        """The mean, correctly rounded; requires count > 0."""
-        return self.s1 / (self.count << self.scale)
-
-    def std(self) -> float:
-        """sqrt of the correctly rounded population variance; requires count > 0."""
-        n = self.count
-        return math.sqrt((n * self.s2 - self.s1 * self.s1) / ((n * n) << (2 * self.scale)))
 
 
 class _BlockExtremes:
@@ -129,6 +79,10 @@ class _BlockExtremes:
         if new > high:
             self._highs[block] = new
 
+    def rescan_all(self) -> None:
+        """Forget every block's extremes: the next `bounds()` reads every slot."""
+        self._dirty.update(range(len(self._lows)))
+
     def clear(self) -> None:
         blocks = len(self._lows)
         self._lows[:] = array("d", [math.inf]) * blocks
@@ -171,7 +125,9 @@ class MinuteWindow:
     for 1440 minutes whatever the update rate. `set` is O(1) for the newest minute (the forming
     one, replaced by each update) and for a new newest minute; a late minute inserted into or
     replaced inside the window scans slots for its neighbours (at most the window). `advance`
-    costs the minutes it moves over, and a jump past the newest minute clears in one step.
+    scans the slots it moves over and then works on the smaller side, in bulk: it removes the
+    minutes that leave, or, when most leave, rebuilds from those that stay; a jump past the
+    newest minute clears in one step.
     Statistics are exact (see ExactMoments); min/max come from block extremes. Not thread-safe.
     """
 
@@ -262,18 +218,15 @@ class MinuteWindow:
             evicted = len(self)
             self._clear()
             return evicted
-        evicted = 0
-        minute = self._oldest
-        # newest > cutoff, so every minute evicted here has a present successor.
-        while minute <= cutoff:
-            following = self._next_present(minute)
-            self._evict(minute, following)
-            evicted += 1
-            minute = following
-        self._oldest = minute
-        if minute == self._newest:
-            self._before_newest = -1
-        return evicted
+        if cutoff - self._oldest < _BULK_SPAN_MS:
+            return self._evict_each(cutoff)  # the usual minute or two: no lists to build
+        leaving = self._present(self._oldest, cutoff)
+        if 2 * len(leaving) > len(self):
+            # Most of the window leaves: rebuilding from the minutes that stay is cheaper.
+            self._rebuild(self._present(cutoff + MINUTE_MS, self._newest))
+        else:
+            self._evict(leaving)
+        return len(leaving)
 
     def stats(self) -> tuple[WindowStats, WindowStats] | None:
         """(price, volume) statistics of the minutes in the window, or None when empty."""
@@ -339,17 +292,75 @@ class MinuteWindow:
         self._close_extremes.put(slot, close)
         self._volume_extremes.put(slot, volume)
 
-    def _evict(self, minute: int, following: int) -> None:
-        slot = (minute // MINUTE_MS) % self._size
-        close, volume = self._closes[slot], self._volumes[slot]
-        self._return_moments.remove(
-            log_return(close, self._closes[(following // MINUTE_MS) % self._size])
-        )
-        self._minutes[slot] = -1
-        self._close_moments.remove(close)
-        self._volume_moments.remove(volume)
-        self._close_extremes.take(slot, close)
-        self._volume_extremes.take(slot, volume)
+    def _evict_each(self, cutoff: int) -> int:
+        """Remove the minutes at or before `cutoff` one by one (a later minute stays)."""
+        evicted = 0
+        minute = self._oldest
+        size, closes = self._size, self._closes
+        while minute <= cutoff:
+            following = self._next_present(minute)
+            slot = (minute // MINUTE_MS) % size
+            close, volume = closes[slot], self._volumes[slot]
+            self._return_moments.remove(log_return(close, closes[(following // MINUTE_MS) % size]))
+            self._minutes[slot] = -1
+            self._close_moments.remove(close)
+            self._volume_moments.remove(volume)
+            self._close_extremes.take(slot, close)
+            self._volume_extremes.take(slot, volume)
+            evicted += 1
+            minute = following
+        self._oldest = minute
+        if minute == self._newest:
+            self._before_newest = -1
+        return evicted
+
+    def _evict(self, leaving: list[int]) -> None:
+        """Remove the oldest minutes `leaving` (ascending; a later minute stays), in bulk."""
+        size, minutes = self._size, self._minutes
+        slots = [(minute // MINUTE_MS) % size for minute in leaving]
+        closes = [self._closes[slot] for slot in slots]
+        volumes = [self._volumes[slot] for slot in slots]
+        following = self._next_present(leaving[-1])
+        # Each leaving minute takes the return to its successor with it.
+        successors = [*closes[1:], self._closes[(following // MINUTE_MS) % size]]
+        self._return_moments.remove_many(map(log_return, closes, successors))
+        self._close_moments.remove_many(closes)
+        self._volume_moments.remove_many(volumes)
+        take_close, take_volume = self._close_extremes.take, self._volume_extremes.take
+        for slot, close, volume in zip(slots, closes, volumes, strict=True):
+            minutes[slot] = -1
+            take_close(slot, close)
+            take_volume(slot, volume)
+        self._oldest = following
+        if following == self._newest:
+            self._before_newest = -1
+
+    def _rebuild(self, staying: list[int]) -> None:
+        """Keep only the minutes `staying` (ascending, not empty): sums and extremes anew."""
+        size = self._size
+        slots = [(minute // MINUTE_MS) % size for minute in staying]
+        closes = [self._closes[slot] for slot in slots]
+        volumes = [self._volumes[slot] for slot in slots]
+        self._clear()
+        minutes = self._minutes
+        for slot, minute in zip(slots, staying, strict=True):
+            minutes[slot] = minute
+        self._close_moments.add_many(closes)
+        self._volume_moments.add_many(volumes)
+        self._return_moments.add_many(map(log_return, closes[:-1], closes[1:]))
+        self._close_extremes.rescan_all()
+        self._volume_extremes.rescan_all()
+        self._oldest, self._newest = staying[0], staying[-1]
+        self._before_newest = staying[-2] if len(staying) > 1 else -1
+
+    def _present(self, first: int, last: int) -> list[int]:
+        """The present minutes from `first` to `last` (inclusive), ascending."""
+        minutes, size = self._minutes, self._size
+        return [
+            minute
+            for minute in range(first, last + MINUTE_MS, MINUTE_MS)
+            if minutes[(minute // MINUTE_MS) % size] == minute
+        ]
 
     def _clear(self) -> None:
         self._minutes[:] = array("q", [-1]) * self._size
