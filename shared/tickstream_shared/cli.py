@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--data-dir",
                 type=Path,
-                default=Path(".tickstream"),
-                help="where broker, Redis and PostgreSQL keep their files (default .tickstream)",
+                default=None,
+                help="where broker, Redis and PostgreSQL keep their files (default"
+                " .tickstream/<source>, so data of different sources never mix)",
             )
             command.add_argument(
                 "--source",
@@ -70,7 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "WATCHER_REPLAY_SPEED": None if args.replay_speed is None else str(args.replay_speed),
             "GATEWAY_PORT": None if args.port is None else str(args.port),
         }
-        return run_up(args.data_dir, {k: v for k, v in overrides.items() if v is not None})
+        # One data directory per source: replayed 2023 candles next to today's synthetic bars
+        # would share one event-time clock and one retention horizon, and hide each other.
+        source = args.source or os.environ.get("WATCHER_SOURCE") or "synthetic"
+        data_dir = args.data_dir or Path(".tickstream") / source
+        return run_up(data_dir, {k: v for k, v in overrides.items() if v is not None})
     if args.command == "init":
         from tickstream_shared.bootstrap import init
 
