@@ -1,0 +1,198 @@
+"""ExchangeFeed: one exchange WebSocket connection kept alive forever, frames parsed to events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import WebSocketException
+
+from tickstream_watcher.exchange import (
+    MAX_FRAME_BYTES,
+    BadFrame,
+    ExchangeProtocol,
+    FeedEvent,
+    Reconnect,
+    Rejected,
+)
+
+log = logging.getLogger(__name__)
+
+FeedState = Literal["connecting", "live", "reconnecting", "stopped"]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedLimits:
+    """How one exchange's connections are paced and watched (exchange-formats.md)."""
+
+    # Shortest wait before a reconnect: keeps a flapping connection inside the exchange's
+    # connection-rate limit (Kraken: about 150 attempts per 10 minutes and 5 s after
+    # maintenance; Binance: 300 per 5 minutes).
+    min_reconnect_s: float
+    # The exponential backoff (doubling from min_reconnect_s, full jitter) stops growing here:
+    # an outage of any length is waited out, and the feed is back within this of its end.
+    max_reconnect_s: float
+    # No frame at all for this long means the connection is dead even if TCP says otherwise.
+    silence_s: float
+    # Reconnect ahead of the exchange's own limit on a connection's life (Binance: 24 h).
+    max_connection_s: float | None = None
+
+
+LIMITS: Final[dict[str, FeedLimits]] = {
+    # klines come every 1-2 s per symbol while the stream is healthy; the server pings every 20 s
+    "binance": FeedLimits(1.0, 60.0, silence_s=30.0, max_connection_s=23.5 * 3600),
+    # heartbeats once a second once subscribed
+    "coinbase": FeedLimits(1.0, 60.0, silence_s=15.0),
+    "kraken": FeedLimits(5.0, 60.0, silence_s=15.0),
+}
+
+
+@dataclass
+class FeedCounters:
+    frames: int = 0
+    bad_frames: int = 0
+    rejected: int = 0
+    connects: int = 0
+    reconnects: int = 0
+
+
+@dataclass
+class ExchangeFeed:
+    """Keeps one connection to `url` subscribed to `symbols` and hands over parsed events.
+
+    `deliver(events, received_us)` is awaited for every frame with events, in order; a slow
+    `deliver` slows reading (back-pressure into the socket, never an unbounded buffer).
+    `on_connected()` is awaited after every successful subscribe (to backfill what was
+    missed). Reconnects forever with exponential backoff and full jitter within `limits`;
+    reconnects at once on the exchange's request and ahead of its connection-age limit; a
+    connection silent for `limits.silence_s` is dropped. A bad frame is counted, logged once
+    and skipped: the connection and the other markets go on. `run` returns when `stop` is set
+    (safe to cancel: the connection is closed on the way out).
+    """
+
+    protocol: ExchangeProtocol
+    url: str
+    symbols: Sequence[str]
+    limits: FeedLimits
+    deliver: Callable[[list[FeedEvent], int], Awaitable[None]]
+    on_connected: Callable[[], Awaitable[None]] | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    state: FeedState = "connecting"
+    counters: FeedCounters = field(default_factory=FeedCounters)
+    rejected: set[str] = field(default_factory=set)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        failures = 0
+        try:
+            while not stop.is_set():
+                got_data = False
+                try:
+                    got_data = await self._session(stop)
+                    reason = "reconnect requested"
+                except (OSError, TimeoutError, WebSocketException) as exc:
+                    reason = f"{type(exc).__name__}: {exc}"
+                if stop.is_set():
+                    break
+                # A connection that delivered data resets the backoff; one that failed before
+                # any data (refused, dropped at once) keeps doubling it.
+                failures = 0 if got_data else failures + 1
+                delay = self._delay(failures)
+                self.state = "reconnecting"
+                self.counters.reconnects += 1
+                log.warning("%s feed: %s; reconnecting in %.1fs", self.protocol.name, reason, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+        finally:
+            self.state = "stopped"
+
+    def _delay(self, failures: int) -> float:
+        """min_reconnect_s, then full jitter over an exponentially growing, capped window."""
+        limits = self.limits
+        ceiling = min(limits.max_reconnect_s, limits.min_reconnect_s * 2.0 ** min(failures, 30))
+        return limits.min_reconnect_s + self.rng.uniform(0.0, ceiling - limits.min_reconnect_s)
+
+    async def _session(self, stop: asyncio.Event) -> bool:
+        """One connection until it fails, goes silent, ages out or is asked to reconnect.
+
+        Returns whether any frame arrived. Raises OSError/TimeoutError/WebSocketException.
+        """
+        self.state = "connecting"
+        url = self.protocol.ws_url(self.url, [s for s in self.symbols if s not in self.rejected])
+        got_data = False
+        async with connect(url, max_size=MAX_FRAME_BYTES, open_timeout=10, close_timeout=5) as ws:
+            self.counters.connects += 1
+            for subscribe in self.protocol.subscribe_frames(
+                [s for s in self.symbols if s not in self.rejected]
+            ):
+                await ws.send(subscribe)
+            self.state = "live"
+            if self.on_connected is not None:
+                await self.on_connected()
+            opened = time.monotonic()
+            max_age = self.limits.max_connection_s
+            while not stop.is_set():
+                timeout = self.limits.silence_s
+                if max_age is not None:
+                    timeout = min(timeout, max_age - (time.monotonic() - opened))
+                    if timeout <= 0:
+                        log.info("%s feed: connection aged out, renewing", self.protocol.name)
+                        return got_data
+                stopped = asyncio.ensure_future(stop.wait())
+                received = asyncio.ensure_future(ws.recv())
+                try:
+                    done, _ = await asyncio.wait(
+                        {stopped, received}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    stopped.cancel()
+                    if not received.done():
+                        received.cancel()
+                if received not in done:
+                    if stop.is_set():
+                        return got_data
+                    if max_age is not None and time.monotonic() - opened >= max_age:
+                        continue  # the age check above renews it
+                    raise TimeoutError(f"no frame for {self.limits.silence_s:.0f}s")
+                frame = received.result()
+                got_data = True
+                if await self._handle(frame):
+                    return got_data
+        return got_data
+
+    async def _handle(self, frame: str | bytes) -> bool:
+        """Parse and deliver one frame; True if the exchange asked for a reconnect."""
+        received_us = time.time_ns() // 1000
+        self.counters.frames += 1
+        try:
+            events = self.protocol.parse(frame)
+        except BadFrame as exc:
+            self.counters.bad_frames += 1
+            log.warning("%s feed: skipping bad frame: %s", self.protocol.name, exc)
+            return False
+        reconnect = False
+        for event in events:
+            if isinstance(event, Reconnect):
+                log.info(
+                    "%s feed: exchange asks to reconnect: %s", self.protocol.name, event.reason
+                )
+                reconnect = True
+            elif isinstance(event, Rejected):
+                self.counters.rejected += 1
+                if event.symbol:
+                    self.rejected.add(event.symbol)
+                log.warning(
+                    "%s feed: %s refused, skipped: %s",
+                    self.protocol.name,
+                    event.symbol or "a subscription",
+                    event.reason,
+                )
+        if events:
+            await self.deliver(events, received_us)
+        return reconnect

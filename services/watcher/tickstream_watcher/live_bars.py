@@ -1,0 +1,235 @@
+"""LiveBars: minute bars of live markets from exchange candles or trades, each closed once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from tickstream_shared.naming import Market
+from tickstream_shared.schemas import MAX_CLOCK_AHEAD_MS, MINUTE_MS, Tick
+from tickstream_watcher.exchange import CandleUpdate, Trade
+
+
+@dataclass(slots=True)
+class _Bar:
+    minute: int
+    open: float
+    high: float
+    low: float
+    close: float
+    volume: float
+    trades: int | None
+    exchange_ts: int
+
+
+@dataclass(slots=True)
+class _MarketState:
+    market_id: str
+    forming: _Bar | None = None
+    closed_through: int = -1  # every minute up to this one is final: never published again
+    last_seq: int = -1
+    last_trade_id: int = -1
+    pending: bool = False  # the forming bar changed since it was last published
+    published_at: int = -1  # received time (ms) of the last published update
+
+
+@dataclass
+class LiveBarCounters:
+    """What the builder refused, by reason (all counted, none fatal)."""
+
+    late: int = 0  # an update or trade of a minute already closed (or older than the forming)
+    duplicate_trades: int = 0  # a trade id at or below the last one seen
+    trade_gaps: int = 0  # trade ids skipped: trades the stream never delivered
+    ahead: int = 0  # stamped more than MAX_CLOCK_AHEAD_MS after the watcher received it
+
+
+@dataclass
+class LiveBars:
+    """Per market, the forming one-minute bar, published as `Tick` updates.
+
+    A bar is built from the exchange's own candle updates (Binance kline, Kraken ohlc: each
+    replaces the bar) or from trades (Coinbase matches: the watcher aggregates). Updates of a
+    forming bar are conflated: at most one per market every `min_interval_ms` of receive time
+    (the rest wait in `pending` and go out with `flush`), so what is published is bounded by
+    time, not by the trade rate. A bar is closed exactly once: when the exchange says so, when a
+    later minute starts, or when `close_due` finds its minute over by `close_grace_ms`; after
+    that nothing of that minute is published again (late data is counted). A minute without
+    data gets no bar. `seq` is the receive time in microseconds (or one more than the last), so
+    it grows per market across restarts and across a standby watcher taking over.
+    """
+
+    min_interval_ms: int = 250
+    close_grace_ms: int = 5_000
+    counters: LiveBarCounters = field(default_factory=LiveBarCounters)
+    _markets: dict[Market, _MarketState] = field(default_factory=dict)
+
+    def candle(self, update: CandleUpdate, received_us: int) -> list[Tick]:
+        """Apply an exchange candle update; the ticks to publish now (maybe none)."""
+        state = self._state(update.market)
+        received_ms = received_us // 1000
+        if update.exchange_ts > received_ms + MAX_CLOCK_AHEAD_MS:
+            self.counters.ahead += 1
+            return []
+        out = self._roll(state, update.minute, received_us)
+        if out is None:
+            return []
+        # A candle sent after its minute ended (a snapshot, a late update) is as of the end.
+        stamp = min(update.exchange_ts, update.minute + MINUTE_MS)
+        state.forming = _Bar(
+            update.minute,
+            update.open,
+            update.high,
+            update.low,
+            update.close,
+            update.volume,
+            update.trades,
+            max(stamp, update.minute),
+        )
+        if update.closed:
+            out.append(self._close(state, received_us))
+        else:
+            state.pending = True
+            out.extend(self._publish_if_due(state, received_us))
+        return out
+
+    def trade(self, trade: Trade, received_us: int) -> list[Tick]:
+        """Add a trade to its minute's bar; the ticks to publish now (maybe none)."""
+        state = self._state(trade.market)
+        if trade.trade_id <= state.last_trade_id:
+            self.counters.duplicate_trades += 1
+            return []
+        if trade.exchange_ts > received_us // 1000 + MAX_CLOCK_AHEAD_MS:
+            self.counters.ahead += 1
+            return []
+        if state.last_trade_id >= 0 and trade.trade_id > state.last_trade_id + 1:
+            self.counters.trade_gaps += trade.trade_id - state.last_trade_id - 1
+        state.last_trade_id = trade.trade_id
+        minute = trade.exchange_ts - trade.exchange_ts % MINUTE_MS
+        out = self._roll(state, minute, received_us)
+        if out is None:
+            return []
+        bar = state.forming
+        price = trade.price
+        if bar is None:
+            bar = state.forming = _Bar(
+                minute, price, price, price, price, 0.0, 0, trade.exchange_ts
+            )
+        bar.high = max(bar.high, price)
+        bar.low = min(bar.low, price)
+        bar.close = price
+        bar.volume += trade.size
+        bar.trades = (bar.trades or 0) + 1
+        bar.exchange_ts = max(bar.exchange_ts, trade.exchange_ts)
+        state.pending = True
+        out.extend(self._publish_if_due(state, received_us))
+        return out
+
+    def flush(self, received_us: int) -> list[Tick]:
+        """Publish every conflated update whose interval has passed."""
+        out: list[Tick] = []
+        for state in self._markets.values():
+            out.extend(self._publish_if_due(state, received_us))
+        return out
+
+    def close_due(self, now_us: int) -> list[Tick]:
+        """Close every forming bar whose minute ended `close_grace_ms` or more before now."""
+        now_ms = now_us // 1000
+        return [
+            self._close(state, now_us)
+            for state in self._markets.values()
+            if state.forming is not None
+            and now_ms >= state.forming.minute + MINUTE_MS + self.close_grace_ms
+        ]
+
+    def backfill(self, market: Market, candles: Iterable[CandleUpdate], now_us: int) -> list[Tick]:
+        """Closed bars for the minutes before the forming one that were never closed.
+
+        `candles` are closed REST candles, oldest first. Minutes at or before the last closed
+        one, and the forming minute and later, are left out (they are or will be published by
+        the stream), so a backfill after a reconnect fills exactly the gap.
+        """
+        state = self._state(market)
+        forming = state.forming.minute if state.forming is not None else None
+        out: list[Tick] = []
+        for candle in candles:
+            if candle.minute <= state.closed_through:
+                continue
+            if forming is not None and candle.minute >= forming:
+                break
+            if candle.minute + MINUTE_MS > now_us // 1000:
+                break  # still forming at the exchange
+            state.closed_through = candle.minute
+            state.last_seq = seq = max(state.last_seq + 1, now_us)
+            out.append(
+                Tick(
+                    state.market_id,
+                    candle.minute,
+                    seq,
+                    candle.minute + MINUTE_MS,
+                    now_us // 1000,
+                    candle.open,
+                    candle.high,
+                    candle.low,
+                    candle.close,
+                    candle.volume,
+                    candle.trades,
+                    True,
+                )
+            )
+        return out
+
+    def closed_through(self, market: Market) -> int | None:
+        """The newest minute of `market` closed so far, or None."""
+        state = self._markets.get(market)
+        return None if state is None or state.closed_through < 0 else state.closed_through
+
+    def _state(self, market: Market) -> _MarketState:
+        state = self._markets.get(market)
+        if state is None:
+            state = self._markets[market] = _MarketState(market.id)
+        return state
+
+    def _roll(self, state: _MarketState, minute: int, received_us: int) -> list[Tick] | None:
+        """Make `minute` the forming one; None if it is too old (counted as late)."""
+        bar = state.forming
+        if minute <= state.closed_through or (bar is not None and minute < bar.minute):
+            self.counters.late += 1
+            return None
+        if bar is not None and minute > bar.minute:
+            return [self._close(state, received_us)]  # a later minute started: this one is done
+        return []
+
+    def _publish_if_due(self, state: _MarketState, received_us: int) -> list[Tick]:
+        received_ms = received_us // 1000
+        if not state.pending or state.forming is None:
+            return []
+        if state.published_at >= 0 and received_ms - state.published_at < self.min_interval_ms:
+            return []
+        return [self._tick(state, received_us, closed=False)]
+
+    def _close(self, state: _MarketState, received_us: int) -> Tick:
+        tick = self._tick(state, received_us, closed=True)
+        state.closed_through = tick.minute
+        state.forming = None
+        return tick
+
+    def _tick(self, state: _MarketState, received_us: int, *, closed: bool) -> Tick:
+        bar = state.forming
+        assert bar is not None
+        state.last_seq = seq = max(state.last_seq + 1, received_us)
+        state.pending = False
+        state.published_at = received_us // 1000
+        return Tick(
+            state.market_id,
+            bar.minute,
+            seq,
+            bar.exchange_ts,
+            received_us // 1000,
+            bar.open,
+            bar.high,
+            bar.low,
+            bar.close,
+            bar.volume,
+            bar.trades,
+            closed,
+        )

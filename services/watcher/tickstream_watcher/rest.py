@@ -1,0 +1,116 @@
+"""RestClient: an exchange's public REST API, paced, size-bounded, honouring Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+import httpx
+
+from tickstream_watcher.exchange import MAX_REST_BYTES, BadFrame
+
+log = logging.getLogger(__name__)
+
+# Answers that mean "slow down": 429 (rate limit) and Binance's 418 (banned for ignoring 429s).
+_THROTTLED: Final = frozenset({429, 418})
+# A Retry-After longer than this is not waited out in place: the caller tries again later.
+MAX_RETRY_AFTER_S: Final = 600.0
+
+
+class RestUnavailable(Exception):
+    """The exchange did not answer usefully after the retries; try again later."""
+
+
+@dataclass
+class RestClient:
+    """GETs on one exchange's REST API, at most one every `min_interval_s`.
+
+    429/418 wait the server's Retry-After (seconds; `default_retry_s` when absent) and retry;
+    connection errors, timeouts and 5xx retry with doubling waits; after `attempts` tries
+    RestUnavailable is raised. Other 4xx raise BadFrame (our request or the symbol is wrong).
+    A body over MAX_REST_BYTES is refused unread. Safe to cancel. Call `aclose` when done.
+    """
+
+    base_url: str
+    min_interval_s: float = 0.2
+    attempts: int = 5
+    default_retry_s: float = 1.0
+    timeout_s: float = 10.0
+    _client: httpx.AsyncClient = field(init=False)
+    _next_at: float = field(default=0.0, init=False)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
+    throttled: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url.rstrip("/"), timeout=self.timeout_s, follow_redirects=False
+        )
+
+    async def aclose(self) -> None:
+        """Close the connection pool; idempotent."""
+        await self._client.aclose()
+
+    async def get(self, path: str) -> bytes:
+        """The body of a 200 answer to GET `path`; raises RestUnavailable or BadFrame."""
+        wait = self.default_retry_s
+        problem = "no attempt"
+        for _ in range(self.attempts):
+            await self._pace()
+            try:
+                status, retry_after, body = await self._fetch(path)
+            except (httpx.TransportError, TimeoutError) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                if status == 200:
+                    return body
+                if status in _THROTTLED:
+                    self.throttled += 1
+                    delay = retry_after if retry_after is not None else self.default_retry_s
+                    if delay > MAX_RETRY_AFTER_S:
+                        raise RestUnavailable(f"{path}: {status}, retry after {delay:.0f}s")
+                    log.warning("%s%s: HTTP %d, waiting %.1fs", self.base_url, path, status, delay)
+                    await asyncio.sleep(delay)
+                    continue
+                if status < 500:
+                    raise BadFrame(f"{path}: HTTP {status}: {body[:200]!r}")
+                problem = f"HTTP {status}"
+            log.warning("%s%s: %s, retrying in %.1fs", self.base_url, path, problem, wait)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 60.0)
+        raise RestUnavailable(f"{path}: {problem}")
+
+    async def _pace(self) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            if now < self._next_at:
+                await asyncio.sleep(self._next_at - now)
+            self._next_at = max(now, self._next_at) + self.min_interval_s
+
+    async def _fetch(self, path: str) -> tuple[int, float | None, bytes]:
+        async with self._client.stream("GET", path) as response:
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > MAX_REST_BYTES:
+                raise BadFrame(f"{path}: body of {declared} bytes exceeds {MAX_REST_BYTES}")
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_REST_BYTES:
+                    raise BadFrame(f"{path}: body exceeds {MAX_REST_BYTES} bytes")
+                chunks.append(chunk)
+            return response.status_code, _retry_after(response.headers), b"".join(chunks)
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Retry-After in seconds (the form exchanges send); None if absent or not a number."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0.0 <= seconds < float("inf") else None

@@ -1,0 +1,188 @@
+"""ExchangeFeed against a local WebSocket server speaking Binance's combined-stream format."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+
+from tests.conftest import SHARED_DATA, deadline
+from tickstream_shared.naming import Market
+from tickstream_watcher.binance import BinanceProtocol
+from tickstream_watcher.exchange import CandleUpdate, FeedEvent
+from tickstream_watcher.feed import ExchangeFeed, FeedLimits
+
+FAST = FeedLimits(min_reconnect_s=0.01, max_reconnect_s=0.05, silence_s=0.5)
+SYMBOLS = {"NKNUSDT": Market("binance", "nkn", "usdt"), "LRCBTC": Market("binance", "lrc", "btc")}
+
+
+def captured_klines() -> list[str]:
+    """The real kline frames of the recorded Binance session, as sent."""
+    path = SHARED_DATA / "captures" / "BINANCE.ws.1.0"
+    if not path.exists():
+        pytest.skip(f"capture not found at {path}")
+    frames = []
+    for line in path.read_text().splitlines()[1:]:
+        _, _, frame = line.partition(": ")
+        if '"e":"kline"' in frame and json.loads(frame)["data"]["s"] in SYMBOLS:
+            frames.append(frame)
+    assert frames, "the capture holds kline frames of these symbols"
+    return frames
+
+
+@dataclass
+class Exchange:
+    """A scripted server: connection i plays scripts[i] (the last one repeats)."""
+
+    scripts: list[list[tuple[str, Any]]]
+    paths: list[str] = field(default_factory=list)
+
+    async def handler(self, ws: ServerConnection) -> None:
+        index = len(self.paths)
+        assert ws.request is not None
+        self.paths.append(ws.request.path)
+        for action, value in self.scripts[min(index, len(self.scripts) - 1)]:
+            if action == "send":
+                await ws.send(value)
+            elif action == "close":
+                return  # the server drops the connection
+            elif action == "silence":
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ws.wait_closed(), timeout=value)
+        await ws.wait_closed()  # hold the connection open until the client or server ends it
+
+
+@dataclass
+class Received:
+    events: list[FeedEvent] = field(default_factory=list)
+    connected: int = 0
+
+    async def deliver(self, events: list[FeedEvent], received_us: int) -> None:
+        assert received_us > 0
+        self.events.extend(events)
+
+    async def on_connected(self) -> None:
+        self.connected += 1
+
+    def candles(self) -> list[CandleUpdate]:
+        return [e for e in self.events if isinstance(e, CandleUpdate)]
+
+
+async def wait_until(condition: Any, within: float) -> None:
+    async with asyncio.timeout(deadline(within)):
+        while not condition():  # noqa: ASYNC110 - the feed's counters have no event
+            await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    exchange: Exchange, received: Received, limits: FeedLimits = FAST
+) -> AsyncIterator[tuple[ExchangeFeed, asyncio.Event]]:
+    async with serve(exchange.handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        feed = ExchangeFeed(
+            BinanceProtocol(SYMBOLS),
+            f"ws://127.0.0.1:{port}",
+            sorted(SYMBOLS),
+            limits,
+            received.deliver,
+            received.on_connected,
+            rng=random.Random(1),
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(feed.run(stop))
+        try:
+            yield feed, stop
+        finally:
+            stop.set()
+            async with asyncio.timeout(deadline(5)):
+                await task
+            assert feed.state == "stopped"
+
+
+async def test_real_frames_arrive_and_a_bad_frame_is_skipped() -> None:
+    """Captured klines become candle events in order; a malformed frame is counted, not fatal."""
+    frames = captured_klines()
+    script = [
+        ("send", frames[0]),
+        ("send", '{"stream":"x","data":{"e":"kline"'),
+        *[("send", f) for f in frames[1:]],
+    ]
+    exchange = Exchange([script])
+    received = Received()
+    async with running(exchange, received) as (feed, _):
+        await wait_until(lambda: len(received.candles()) == len(frames), within=5)
+        assert feed.counters.bad_frames == 1 and feed.state == "live"
+    expected = [json.loads(f)["data"] for f in frames]
+    assert [(c.market, c.minute, c.close, c.exchange_ts) for c in received.candles()] == [
+        (SYMBOLS[d["s"]], d["k"]["t"], float(d["k"]["c"]), d["E"]) for d in expected
+    ]
+    assert exchange.paths[0] == "/stream?streams=lrcbtc@kline_1m/nknusdt@kline_1m"
+
+
+async def test_dropped_connection_reconnects_and_resumes() -> None:
+    """After the server drops the connection, the feed reconnects and receives again."""
+    frames = captured_klines()
+    exchange = Exchange([[("send", frames[0]), ("close", None)], [("send", frames[1])]])
+    received = Received()
+    async with running(exchange, received) as (feed, _):
+        await wait_until(lambda: len(received.candles()) == 2, within=5)
+        assert feed.counters.connects == 2 and received.connected == 2
+
+
+async def test_silent_connection_is_dropped_by_the_watchdog() -> None:
+    """A connection that sends nothing for silence_s is replaced by a new one."""
+    frames = captured_klines()
+    exchange = Exchange([[("silence", 3600)], [("send", frames[0])]])
+    received = Received()
+    async with running(exchange, received) as (feed, _):
+        await wait_until(lambda: len(received.candles()) == 1, within=5)
+        assert feed.counters.connects == 2
+
+
+async def test_server_shutdown_reconnects_at_once() -> None:
+    """Binance's serverShutdown event makes the feed reconnect without waiting for silence."""
+    frames = captured_klines()
+    shutdown = json.dumps({"stream": "x", "data": {"e": "serverShutdown", "E": 1633998512068}})
+    exchange = Exchange([[("send", shutdown)], [("send", frames[0])]])
+    received = Received()
+    patient = FeedLimits(min_reconnect_s=0.01, max_reconnect_s=0.05, silence_s=60.0)
+    async with running(exchange, received, patient) as (feed, _):
+        await wait_until(lambda: len(received.candles()) == 1, within=2)
+        assert feed.counters.connects == 2
+
+
+async def test_refused_connections_back_off_and_recover() -> None:
+    """With nothing listening, attempts back off up to the cap; a returning server is used."""
+    frames = captured_klines()
+    received = Received()
+    async with serve(Exchange([[("send", frames[0])]]).handler, "127.0.0.1", 0) as probe:
+        port = probe.sockets[0].getsockname()[1]
+    feed = ExchangeFeed(
+        BinanceProtocol(SYMBOLS),
+        f"ws://127.0.0.1:{port}",
+        sorted(SYMBOLS),
+        FAST,
+        received.deliver,
+        rng=random.Random(2),
+    )
+    delays = [feed._delay(n) for n in range(12)]
+    assert all(FAST.min_reconnect_s <= d <= FAST.max_reconnect_s for d in delays)
+    stop = asyncio.Event()
+    task = asyncio.create_task(feed.run(stop))
+    try:
+        await wait_until(lambda: feed.counters.reconnects >= 5, within=5)
+        assert feed.state == "reconnecting" and feed.counters.connects == 0
+        async with serve(Exchange([[("send", frames[0])]]).handler, "127.0.0.1", port):
+            await wait_until(lambda: len(received.candles()) == 1, within=5)
+    finally:
+        stop.set()
+        async with asyncio.timeout(deadline(5)):
+            await task

@@ -1,0 +1,199 @@
+"""LiveBars: minute bars from exchange candles and trades, conflated, each closed exactly once."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tickstream_shared.naming import Market
+from tickstream_shared.schemas import Tick, decode_tick
+from tickstream_watcher.exchange import CandleUpdate, Trade
+from tickstream_watcher.live_bars import LiveBars
+
+M = 60_000
+BASE = 28_333_334 * M  # 2023-11-14, a whole minute
+BTC = Market("coinbase", "btc", "usd")
+ETH = Market("binance", "eth", "usdt")
+
+
+def us(ms: int) -> int:
+    return ms * 1000
+
+
+def valid(ticks: list[Tick]) -> list[Tick]:
+    """Every tick the builder publishes passes the consumers' single decode entry point."""
+    for tick in ticks:
+        assert decode_tick(tick.encode(), now_ms=tick.received_ts) == tick
+    return ticks
+
+
+def candle(
+    minute: int, close: float, volume: float, ts: int, *, closed: bool = False
+) -> CandleUpdate:
+    return CandleUpdate(
+        ETH, minute, 10.0, max(10.0, close), min(10.0, close), close, volume, 3, closed, ts
+    )
+
+
+def test_trades_aggregate_into_a_bar_closed_when_the_next_minute_starts() -> None:
+    """OHLC, volume and count follow the trades; a trade of the next minute closes the bar."""
+    bars = LiveBars(min_interval_ms=0)
+    out = []
+    for i, (price, size) in enumerate([(100.0, 1.0), (103.0, 0.5), (99.0, 2.0), (101.0, 0.25)]):
+        ts = BASE + 1_000 + i * 10_000
+        out += valid(bars.trade(Trade(BTC, 7 + i, price, size, ts), us(ts + 5)))
+    assert [t.closed for t in out] == [False] * 4
+    last = out[-1]
+    assert (last.open, last.high, last.low, last.close, last.volume, last.trades) == (
+        100.0,
+        103.0,
+        99.0,
+        101.0,
+        3.75,
+        4,
+    )
+    closing = valid(bars.trade(Trade(BTC, 11, 102.0, 1.0, BASE + M + 500), us(BASE + M + 600)))
+    assert [(t.minute, t.closed) for t in closing] == [(BASE, True), (BASE + M, False)]
+    assert closing[0].volume == 3.75 and closing[0].exchange_ts == BASE + 31_000
+    assert bars.closed_through(BTC) == BASE
+
+
+def test_updates_are_conflated_to_one_per_interval_and_flushed() -> None:
+    """Trades 10 ms apart publish one update per 250 ms; flush sends the newest pending state."""
+    bars = LiveBars(min_interval_ms=250)
+    published = []
+    for i in range(100):  # one second of trades
+        ts = BASE + 1_000 + i * 10
+        published += bars.trade(Trade(BTC, i, 100.0 + i, 1.0, ts), us(ts))
+    assert [t.received_ts - BASE for t in published] == [1_000, 1_250, 1_500, 1_750]
+    assert bars.flush(us(BASE + 1_990)) == []  # the interval since 1,750 has not passed
+    (pending,) = valid(bars.flush(us(BASE + 2_000)))
+    assert (pending.close, pending.volume, pending.trades) == (199.0, 100.0, 100)
+    assert bars.flush(us(BASE + 5_000)) == []  # nothing changed since
+
+
+def test_candles_replace_the_bar_and_the_exchange_close_is_final() -> None:
+    """Candle updates replace the bar; after the closed update, that minute is never sent again."""
+    bars = LiveBars(min_interval_ms=0)
+    first = valid(bars.candle(candle(BASE, 11.0, 5.0, BASE + 2_000), us(BASE + 2_010)))
+    assert [(t.close, t.volume, t.closed) for t in first] == [(11.0, 5.0, False)]
+    final = valid(bars.candle(candle(BASE, 12.0, 7.0, BASE + 59_999, closed=True), us(BASE + M)))
+    assert [(t.close, t.volume, t.closed) for t in final] == [(12.0, 7.0, True)]
+    assert bars.candle(candle(BASE, 13.0, 8.0, BASE + M + 1), us(BASE + M + 2)) == []
+    assert bars.counters.late == 1
+    assert bars.close_due(us(BASE + 10 * M)) == []  # nothing forming: no bar is made up
+
+
+def test_a_silent_minute_is_closed_by_the_timer_after_the_grace() -> None:
+    """Kraken sends no final flag: the bar closes `close_grace_ms` after its minute, not before."""
+    bars = LiveBars(min_interval_ms=0, close_grace_ms=5_000)
+    bars.candle(candle(BASE, 11.0, 5.0, BASE + 30_000), us(BASE + 30_001))
+    assert bars.close_due(us(BASE + M + 4_999)) == []
+    (closed,) = valid(bars.close_due(us(BASE + M + 5_000)))
+    assert (closed.minute, closed.closed, closed.close) == (BASE, True, 11.0)
+    assert bars.close_due(us(BASE + 3 * M)) == []
+
+
+def test_a_snapshot_candle_of_a_past_minute_is_stamped_at_its_end() -> None:
+    """A candle received after its minute ended carries the minute's end as event time."""
+    bars = LiveBars(min_interval_ms=0)
+    (tick,) = valid(bars.candle(candle(BASE, 11.0, 5.0, BASE + 10 * M), us(BASE + 10 * M)))
+    assert tick.exchange_ts == BASE + M
+
+
+def test_backfill_fills_only_the_gap_before_the_forming_minute() -> None:
+    """REST candles before the first closed minute or at/after the forming one are left out."""
+    bars = LiveBars(min_interval_ms=0)
+    bars.candle(candle(BASE, 11.0, 5.0, BASE + 1_000, closed=True), us(BASE + M))
+    bars.candle(candle(BASE + 5 * M, 11.0, 5.0, BASE + 5 * M + 1_000), us(BASE + 5 * M + 1_000))
+    rest = [
+        CandleUpdate(
+            ETH, BASE + i * M, 10.0, 12.0, 9.0, 11.0, float(i), None, True, BASE + (i + 1) * M
+        )
+        for i in range(7)
+    ]
+    filled = valid(bars.backfill(ETH, rest, us(BASE + 5 * M + 2_000)))
+    assert [(t.minute - BASE) // M for t in filled] == [1, 2, 3, 4]
+    assert all(t.closed and t.exchange_ts == t.minute + M for t in filled)
+    assert bars.backfill(ETH, rest, us(BASE + 5 * M + 3_000)) == []  # idempotent
+
+
+def test_backfill_at_start_stops_before_the_minute_still_forming_at_the_exchange() -> None:
+    """With no live bar yet, the backfill takes every closed minute and not the current one."""
+    bars = LiveBars()
+    rest = [
+        CandleUpdate(ETH, BASE + i * M, 10.0, 12.0, 9.0, 11.0, 1.0, None, True, BASE + (i + 1) * M)
+        for i in range(3)
+    ]
+    filled = bars.backfill(ETH, rest, us(BASE + 2 * M + 30_000))
+    assert [(t.minute - BASE) // M for t in filled] == [0, 1]
+
+
+def test_duplicate_and_missing_trade_ids_are_counted() -> None:
+    """A repeated trade id is skipped; a jump in trade ids is counted as a gap."""
+    bars = LiveBars(min_interval_ms=0)
+    bars.trade(Trade(BTC, 10, 100.0, 1.0, BASE + 1_000), us(BASE + 1_000))
+    assert bars.trade(Trade(BTC, 10, 100.0, 1.0, BASE + 1_000), us(BASE + 1_001)) == []
+    bars.trade(Trade(BTC, 14, 100.0, 1.0, BASE + 2_000), us(BASE + 2_000))
+    assert (bars.counters.duplicate_trades, bars.counters.trade_gaps) == (1, 3)
+
+
+def test_an_update_stamped_far_ahead_of_its_receipt_is_refused() -> None:
+    """An exchange clock more than five minutes ahead of the watcher's is bad input."""
+    bars = LiveBars()
+    assert bars.trade(Trade(BTC, 1, 100.0, 1.0, BASE + 10 * M), us(BASE)) == []
+    assert bars.candle(candle(BASE + 10 * M, 11.0, 1.0, BASE + 10 * M), us(BASE)) == []
+    assert bars.counters.ahead == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.integers(min_value=-20_000, max_value=40_000),  # trade time step (ms), may go back
+            st.sampled_from([100.0, 100.5, 99.25, 101.0, 0.001]),
+            st.sampled_from([0.5, 1.0, 2.25, 1e-8]),
+        ),
+        min_size=1,
+        max_size=150,
+    ),
+    interval=st.sampled_from([0, 250, 5_000]),
+)
+def test_closed_bars_equal_an_independent_aggregation_of_the_accepted_trades(
+    steps: list[tuple[int, float, float]], interval: int
+) -> None:
+    """Each minute closes once, with exactly the trades of that minute that were not late."""
+    bars = LiveBars(min_interval_ms=interval)
+    ts = BASE
+    published: list[Tick] = []
+    accepted: dict[int, list[tuple[float, float]]] = {}
+    newest_minute = -1
+    for trade_id, (step, price, size) in enumerate(steps):
+        ts = max(BASE, ts + step)
+        minute = ts - ts % M
+        if minute >= newest_minute:  # the reference: a trade of an older minute is late
+            accepted.setdefault(minute, []).append((price, size))
+            newest_minute = minute
+        published += bars.trade(Trade(BTC, trade_id, price, size, ts), us(ts + 3))
+    published += bars.close_due(us(ts + 10 * M))
+    valid(published)
+    closed = [t for t in published if t.closed]
+    assert [t.minute for t in closed] == sorted(accepted)
+    for tick in closed:
+        trades = accepted[tick.minute]
+        volume = 0.0
+        for _, size in trades:
+            volume += size
+        prices = [p for p, _ in trades]
+        assert (tick.open, tick.high, tick.low, tick.close) == (
+            prices[0],
+            max(prices),
+            min(prices),
+            prices[-1],
+        )
+        assert (tick.volume, tick.trades) == (volume, len(trades))
+    seqs = [t.seq for t in published]
+    assert seqs == sorted(set(seqs))
+    # Nothing of a minute is published after it closed.
+    closed_at = {t.minute: i for i, t in enumerate(published) if t.closed}
+    assert all(i <= closed_at[t.minute] for i, t in enumerate(published))
