@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
             )
             command.add_argument(
                 "--source",
-                choices=("synthetic", "replay"),
+                choices=("synthetic", "replay", "live"),
                 default=None,
                 help="watcher source (default: WATCHER_SOURCE or synthetic)",
             )

@@ -97,13 +97,36 @@ class WatcherSettings:
     source: str = setting(
         "WATCHER_SOURCE",
         "synthetic",
-        "Where ticks come from: `synthetic` or `replay`.",
-        choices=("synthetic", "replay"),
+        "Where ticks come from: `synthetic`, `replay` or `live` (the exchanges' public feeds).",
+        choices=("synthetic", "replay", "live"),
     )
     markets: tuple[str, ...] = setting(
         "WATCHER_MARKETS",
-        ("binance:btc-usdt", "binance:eth-usdt", "binance:sol-usdt", "kraken:btc-usd"),
-        "Markets for the synthetic source, comma separated `<exchange>:<base>-<quote>`.",
+        (
+            "binance:btc-usdt",
+            "binance:eth-usdt",
+            "binance:sol-usdt",
+            "coinbase:btc-usd",
+            "coinbase:eth-usd",
+            "kraken:btc-usd",
+        ),
+        "Markets of the synthetic and live sources, comma separated `<exchange>:<base>-<quote>`;"
+        " the live source also takes patterns such as `binance:*-usdt`.",
+    )
+    max_markets: int = setting(
+        "WATCHER_MAX_MARKETS",
+        100,
+        "Live source: most markets watched in all; patterns fill up to it after exact markets.",
+        ge=1,
+        le=5000,
+    )
+    backfill_minutes: int = setting(
+        "WATCHER_BACKFILL_MINUTES",
+        1440,
+        "Live source: closed minutes fetched from the exchange's REST candles at start (after a"
+        " reconnect: the minutes missed, up to this many).",
+        ge=0,
+        le=1440,
     )
     seed: int = setting("WATCHER_SEED", 7, "Random seed of the synthetic source.")
     tick_interval_ms: int = setting(
@@ -149,6 +172,32 @@ class WatcherSettings:
         "Ticks handed to the producer but not yet acknowledged; the source waits beyond it.",
         ge=1,
         le=1_000_000,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeSettings:
+    """Every exchange endpoint, so tests, proxies and mirrors can point elsewhere."""
+
+    binance_ws_url: str = setting(
+        "BINANCE_WS_URL", "wss://stream.binance.com:9443", "Binance spot WebSocket base URL."
+    )
+    binance_rest_url: str = setting(
+        "BINANCE_REST_URL", "https://api.binance.com", "Binance spot REST base URL."
+    )
+    coinbase_ws_url: str = setting(
+        "COINBASE_WS_URL", "wss://ws-feed.exchange.coinbase.com", "Coinbase Exchange feed URL."
+    )
+    coinbase_rest_url: str = setting(
+        "COINBASE_REST_URL",
+        "https://api.exchange.coinbase.com",
+        "Coinbase Exchange REST base URL.",
+    )
+    kraken_ws_url: str = setting(
+        "KRAKEN_WS_URL", "wss://ws.kraken.com/v2", "Kraken WebSocket v2 URL."
+    )
+    kraken_rest_url: str = setting(
+        "KRAKEN_REST_URL", "https://api.kraken.com", "Kraken REST base URL."
     )
 
 
@@ -273,6 +322,7 @@ class ServiceSettings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     log: LogSettings = field(default_factory=LogSettings)
     watcher: WatcherSettings = field(default_factory=WatcherSettings)
+    exchanges: ExchangeSettings = field(default_factory=ExchangeSettings)
     stats: StatsSettings = field(default_factory=StatsSettings)
     alerts: AlertsSettings = field(default_factory=AlertsSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)

@@ -135,6 +135,8 @@ async def test_dropped_connection_reconnects_and_resumes() -> None:
     async with running(exchange, received) as (feed, _):
         await wait_until(lambda: len(received.candles()) == 2, within=5)
         assert feed.counters.connects == 2 and received.connected == 2
+        # The dropped connection had delivered data: the backoff starts over, no jitter added.
+        assert feed.last_delay == FAST.min_reconnect_s
 
 
 async def test_silent_connection_is_dropped_by_the_watchdog() -> None:
@@ -180,6 +182,7 @@ async def test_refused_connections_back_off_and_recover() -> None:
     try:
         await wait_until(lambda: feed.counters.reconnects >= 5, within=5)
         assert feed.state == "reconnecting" and feed.counters.connects == 0
+        assert feed.last_delay > FAST.min_reconnect_s  # failures keep growing the window
         async with serve(Exchange([[("send", frames[0])]]).handler, "127.0.0.1", port):
             await wait_until(lambda: len(received.candles()) == 1, within=5)
     finally:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tests.conftest import deadline, make_data_dir
 from tickstream_shared.local_infra import free_port
+from tickstream_shared.settings import WatcherSettings
 
 
 def _ranks(port: int) -> dict[str, object] | None:
@@ -51,17 +52,18 @@ def test_up_serves_ranks_and_stops_on_ctrl_c() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    markets = len(WatcherSettings().markets)  # the default WATCHER_MARKETS
     try:
         end = time.monotonic() + deadline(60)
         ranks = None
         while time.monotonic() < end and up.poll() is None:
             ranks = _ranks(port)
-            if ranks and ranks["total"] == 4:
+            if ranks and ranks["total"] == markets:
                 break
             time.sleep(0.5)
-        assert ranks is not None and ranks["total"] == 4, ranks
+        assert ranks is not None and ranks["total"] == markets, ranks
         labels = [entry["label"] for entry in ranks["ranks"]]  # type: ignore[attr-defined]
-        assert labels == ["1/4", "2/4", "3/4", "4/4"]
+        assert labels == [f"{i}/{markets}" for i in range(1, markets + 1)]
         assert _processes_mentioning(str(data_dir)), "infrastructure should be running"
         up.send_signal(signal.SIGINT)
         assert up.wait(deadline(60)) == 0

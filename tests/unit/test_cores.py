@@ -53,8 +53,8 @@ def test_synthetic_market_is_seeded() -> None:
 @pytest.mark.parametrize("bad", ["nope", ""])
 def test_unknown_source_is_rejected(bad: str) -> None:
     """WATCHER_SOURCE must name a real source."""
-    from tickstream_shared.settings import WatcherSettings
+    from tickstream_shared.settings import ExchangeSettings, WatcherSettings
     from tickstream_watcher.sources import make_source
 
     with pytest.raises(ValueError, match="WATCHER_SOURCE"):
-        make_source(WatcherSettings(source=bad))
+        make_source(WatcherSettings(source=bad), ExchangeSettings())

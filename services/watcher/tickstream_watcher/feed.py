@@ -87,14 +87,15 @@ class ExchangeFeed:
     state: FeedState = "connecting"
     counters: FeedCounters = field(default_factory=FeedCounters)
     rejected: set[str] = field(default_factory=set)
+    last_delay: float = 0.0  # the wait before the latest reconnect, seconds
 
     async def run(self, stop: asyncio.Event) -> None:
         failures = 0
         try:
             while not stop.is_set():
-                got_data = False
+                frames_before = self.counters.frames
                 try:
-                    got_data = await self._session(stop)
+                    await self._session(stop)
                     reason = "reconnect requested"
                 except (OSError, TimeoutError, WebSocketException) as exc:
                     reason = f"{type(exc).__name__}: {exc}"
@@ -102,8 +103,8 @@ class ExchangeFeed:
                     break
                 # A connection that delivered data resets the backoff; one that failed before
                 # any data (refused, dropped at once) keeps doubling it.
-                failures = 0 if got_data else failures + 1
-                delay = self._delay(failures)
+                failures = 0 if self.counters.frames > frames_before else failures + 1
+                delay = self.last_delay = self._delay(failures)
                 self.state = "reconnecting"
                 self.counters.reconnects += 1
                 log.warning("%s feed: %s; reconnecting in %.1fs", self.protocol.name, reason, delay)
@@ -118,14 +119,13 @@ class ExchangeFeed:
         ceiling = min(limits.max_reconnect_s, limits.min_reconnect_s * 2.0 ** min(failures, 30))
         return limits.min_reconnect_s + self.rng.uniform(0.0, ceiling - limits.min_reconnect_s)
 
-    async def _session(self, stop: asyncio.Event) -> bool:
+    async def _session(self, stop: asyncio.Event) -> None:
         """One connection until it fails, goes silent, ages out or is asked to reconnect.
 
-        Returns whether any frame arrived. Raises OSError/TimeoutError/WebSocketException.
+        Raises OSError/TimeoutError/WebSocketException.
         """
         self.state = "connecting"
         url = self.protocol.ws_url(self.url, [s for s in self.symbols if s not in self.rejected])
-        got_data = False
         async with connect(url, max_size=MAX_FRAME_BYTES, open_timeout=10, close_timeout=5) as ws:
             self.counters.connects += 1
             for subscribe in self.protocol.subscribe_frames(
@@ -143,7 +143,7 @@ class ExchangeFeed:
                     timeout = min(timeout, max_age - (time.monotonic() - opened))
                     if timeout <= 0:
                         log.info("%s feed: connection aged out, renewing", self.protocol.name)
-                        return got_data
+                        return
                 stopped = asyncio.ensure_future(stop.wait())
                 received = asyncio.ensure_future(ws.recv())
                 try:
@@ -156,15 +156,12 @@ class ExchangeFeed:
                         received.cancel()
                 if received not in done:
                     if stop.is_set():
-                        return got_data
+                        return
                     if max_age is not None and time.monotonic() - opened >= max_age:
                         continue  # the age check above renews it
                     raise TimeoutError(f"no frame for {self.limits.silence_s:.0f}s")
-                frame = received.result()
-                got_data = True
-                if await self._handle(frame):
-                    return got_data
-        return got_data
+                if await self._handle(received.result()):
+                    return
 
     async def _handle(self, frame: str | bytes) -> bool:
         """Parse and deliver one frame; True if the exchange asked for a reconnect."""

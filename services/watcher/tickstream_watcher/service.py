@@ -17,7 +17,8 @@ log = logging.getLogger("tickstream.watcher")
 
 async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     """Publish ticks until `stop` is set; a send failure or source error ends it by raising."""
-    source = make_source(settings.watcher)
+    source = make_source(settings.watcher, settings.exchanges)
+    await source.start()
     await ensure_topics(settings.kafka, [m.topic for m in source.markets])
     producer = make_producer(settings.kafka, client_id="tickstream-watcher")
     await producer.start()
@@ -42,7 +43,9 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
 
 async def _pump(source: TickSource, publisher: TickPublisher) -> None:
     started = time.monotonic()
-    async for chunk in source.chunks():
-        await publisher.publish(chunk)
+    # aclosing: the source's own tasks (live feeds) end with the pump, even when it is cancelled.
+    async with contextlib.aclosing(source.chunks()) as chunks:
+        async for chunk in chunks:
+            await publisher.publish(chunk)
     await publisher.flush()
     log.info("source finished: %d ticks in %.1fs", publisher.published, time.monotonic() - started)

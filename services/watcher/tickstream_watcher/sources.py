@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Protocol
 
 from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MINUTE_MS, Tick
-from tickstream_shared.settings import WatcherSettings
+from tickstream_shared.settings import ExchangeSettings, WatcherSettings
 from tickstream_watcher.candles import Candle, find_candle_files, merged_candles
 from tickstream_watcher.synthetic import SyntheticMarket
 
@@ -33,11 +33,16 @@ def now_ms() -> int:
 
 
 class TickSource(Protocol):
-    """Yields lists of ticks that are due together; the publisher sends each list at once."""
+    """Yields lists of ticks that are due together; the publisher sends each list at once.
+
+    `markets` is complete once `start` has returned.
+    """
 
     markets: list[Market]
 
-    def chunks(self) -> AsyncIterator[list[Tick]]: ...
+    async def start(self) -> None: ...
+
+    def chunks(self) -> AsyncGenerator[list[Tick]]: ...
 
 
 class SyntheticSource:
@@ -57,7 +62,10 @@ class SyntheticSource:
             SyntheticMarket(m.id, m.base, settings.seed, i) for i, m in enumerate(self.markets)
         ]
 
-    async def chunks(self) -> AsyncIterator[list[Tick]]:
+    async def start(self) -> None:
+        """Nothing to resolve: the markets are the configured ones."""
+
+    async def chunks(self) -> AsyncGenerator[list[Tick]]:
         start_ns = time.time_ns()
         for chunk in self._backfill(start_ns // 1_000_000, start_ns // 1000):
             yield chunk
@@ -125,7 +133,10 @@ class ReplaySource:
         self._speed = settings.replay_speed
         self._limit = settings.replay_limit_minutes
 
-    async def chunks(self) -> AsyncIterator[list[Tick]]:
+    async def start(self) -> None:
+        """Nothing to resolve: the markets are the files found."""
+
+    async def chunks(self) -> AsyncGenerator[list[Tick]]:
         progress = ReplayProgress()
         candles = merged_candles(self._files, self._limit)
         paced = self._paced(candles) if self._speed > 0 else _in_chunks(candles)
@@ -181,10 +192,14 @@ def _closed_bar(candle: Candle) -> Tick:
     )
 
 
-def make_source(settings: WatcherSettings) -> TickSource:
+def make_source(settings: WatcherSettings, exchanges: ExchangeSettings) -> TickSource:
     """The source named by WATCHER_SOURCE; ValueError for an unknown name."""
     if settings.source == "synthetic":
         return SyntheticSource(settings)
     if settings.source == "replay":
         return ReplaySource(settings)
-    raise ValueError(f"WATCHER_SOURCE {settings.source!r} is not one of: synthetic, replay")
+    if settings.source == "live":
+        from tickstream_watcher.live import LiveSource  # the exchange stack only when used
+
+        return LiveSource(settings, exchanges)
+    raise ValueError(f"WATCHER_SOURCE {settings.source!r} is not one of: synthetic, replay, live")
