@@ -154,8 +154,9 @@ def infra() -> Iterator[LocalInfra]:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-async def read_topic(bootstrap: str, until: Any, within: float) -> list[Tick]:
-    consumer = AIOKafkaConsumer(TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+async def read_topic(bootstrap: str, until: Any, within: float, topic: str = TOPIC) -> list[Tick]:
+    """Ticks of `topic` from its start until `until(ticks)` holds; TimeoutError after `within`."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
     await consumer.start()
     ticks: list[Tick] = []
     try:

@@ -101,21 +101,41 @@ def test_a_snapshot_candle_of_a_past_minute_is_stamped_at_its_end() -> None:
     assert tick.exchange_ts == BASE + M
 
 
-def test_backfill_fills_only_the_gap_before_the_forming_minute() -> None:
-    """REST candles before the first closed minute or at/after the forming one are left out."""
-    bars = LiveBars(min_interval_ms=0)
-    bars.candle(candle(BASE, 11.0, 5.0, BASE + 1_000, closed=True), us(BASE + M))
-    bars.candle(candle(BASE + 5 * M, 11.0, 5.0, BASE + 5 * M + 1_000), us(BASE + 5 * M + 1_000))
-    rest = [
+def rest_candles(count: int) -> list[CandleUpdate]:
+    return [
         CandleUpdate(
             ETH, BASE + i * M, 10.0, 12.0, 9.0, 11.0, float(i), None, True, BASE + (i + 1) * M
         )
-        for i in range(7)
+        for i in range(count)
     ]
-    filled = valid(bars.backfill(ETH, rest, us(BASE + 5 * M + 2_000)))
+
+
+def test_backfill_fills_the_gap_between_two_connections() -> None:
+    """After a reconnect, REST fills the minutes after the last closed one and before the first
+    minute the new connection delivered; nothing twice."""
+    bars = LiveBars(min_interval_ms=0)
+    bars.connected([ETH])
+    bars.candle(candle(BASE, 11.0, 5.0, BASE + 1_000, closed=True), us(BASE + M))
+    bars.connected([ETH])  # the connection dropped; a new one starts
+    bars.candle(candle(BASE + 5 * M, 11.0, 5.0, BASE + 5 * M + 1_000), us(BASE + 5 * M + 1_000))
+    filled = valid(bars.backfill(ETH, rest_candles(7), us(BASE + 5 * M + 2_000)))
     assert [(t.minute - BASE) // M for t in filled] == [1, 2, 3, 4]
     assert all(t.closed and t.exchange_ts == t.minute + M for t in filled)
-    assert bars.backfill(ETH, rest, us(BASE + 5 * M + 3_000)) == []  # idempotent
+    assert bars.backfill(ETH, rest_candles(7), us(BASE + 5 * M + 3_000)) == []  # idempotent
+    assert bars.gap_after(ETH) == BASE + 4 * M
+
+
+def test_backfill_still_fills_the_gap_when_the_stream_closed_later_minutes_first() -> None:
+    """Live minutes closed before the REST answer came do not hide the older gap behind them."""
+    bars = LiveBars(min_interval_ms=0)
+    bars.connected([ETH])
+    for minute in (3, 4, 5):  # Kraken: each new minute closes the one before
+        bars.candle(candle(BASE + minute * M, 11.0, 5.0, BASE + minute * M + 1), us(BASE + 6 * M))
+    assert bars.closed_through(ETH) == BASE + 4 * M
+    filled = valid(bars.backfill(ETH, rest_candles(7), us(BASE + 6 * M)))
+    assert [(t.minute - BASE) // M for t in filled] == [0, 1, 2]
+    # A late live update of a backfilled minute is not published again.
+    assert bars.candle(candle(BASE + M, 13.0, 8.0, BASE + M + 5), us(BASE + 6 * M)) == []
 
 
 def test_backfill_at_start_stops_before_the_minute_still_forming_at_the_exchange() -> None:

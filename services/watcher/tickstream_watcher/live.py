@@ -161,6 +161,7 @@ class LiveSource:
         tasks: set[asyncio.Task[None]],
     ) -> Callable[[], Awaitable[None]]:
         async def on_connected() -> None:
+            self.bars.connected(markets)  # before the first frame of this connection is read
             # In a task of its own: the connection must keep reading while REST answers come.
             task = asyncio.create_task(self._backfill(exchange, markets, queue))
             tasks.add(task)
@@ -180,9 +181,9 @@ class LiveSource:
             now = now_us() // 1000
             current = now - now % MINUTE_MS
             first = current - self._backfill_minutes * MINUTE_MS
-            closed = self.bars.closed_through(market)
-            if closed is not None:
-                first = max(first, closed + MINUTE_MS)
+            after = self.bars.gap_after(market)
+            if after is not None:
+                first = max(first, after + MINUTE_MS)
             symbol = self._symbols[exchange][market]
             filled = 0
             try:

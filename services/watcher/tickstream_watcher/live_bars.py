@@ -27,6 +27,10 @@ class _MarketState:
     market_id: str
     forming: _Bar | None = None
     closed_through: int = -1  # every minute up to this one is final: never published again
+    # The gap a backfill may fill: minutes after `gap_after` (closed before the connection)
+    # and before `session_first` (the first minute the new connection delivered).
+    gap_after: int = -1
+    session_first: int | None = None
     last_seq: int = -1
     last_trade_id: int = -1
     pending: bool = False  # the forming bar changed since it was last published
@@ -141,24 +145,38 @@ class LiveBars:
             and now_ms >= state.forming.minute + MINUTE_MS + self.close_grace_ms
         ]
 
-    def backfill(self, market: Market, candles: Iterable[CandleUpdate], now_us: int) -> list[Tick]:
-        """Closed bars for the minutes before the forming one that were never closed.
+    def connected(self, markets: Iterable[Market]) -> None:
+        """A new connection delivers `markets` from now on: remember the gap it leaves.
 
-        `candles` are closed REST candles, oldest first. Minutes at or before the last closed
-        one, and the forming minute and later, are left out (they are or will be published by
-        the stream), so a backfill after a reconnect fills exactly the gap.
+        The gap is what a backfill may publish: the minutes after the last one closed so far
+        and before the first minute this connection delivers.
+        """
+        for market in markets:
+            state = self._state(market)
+            state.gap_after = state.closed_through
+            state.session_first = None
+
+    def backfill(self, market: Market, candles: Iterable[CandleUpdate], now_us: int) -> list[Tick]:
+        """Closed bars for the minutes of the gap left by the last connect (see `connected`).
+
+        `candles` are closed REST candles, oldest first. Minutes not in the gap are left out:
+        they were published, or the stream publishes them. A minute still forming at the
+        exchange is left out too. Each minute is published once, however often this is called.
         """
         state = self._state(market)
-        forming = state.forming.minute if state.forming is not None else None
+        limit = state.session_first
+        if limit is None and state.forming is not None:
+            limit = state.forming.minute
         out: list[Tick] = []
         for candle in candles:
-            if candle.minute <= state.closed_through:
+            if candle.minute <= state.gap_after:
                 continue
-            if forming is not None and candle.minute >= forming:
+            if limit is not None and candle.minute >= limit:
                 break
             if candle.minute + MINUTE_MS > now_us // 1000:
                 break  # still forming at the exchange
-            state.closed_through = candle.minute
+            state.gap_after = candle.minute
+            state.closed_through = max(state.closed_through, candle.minute)
             state.last_seq = seq = max(state.last_seq + 1, now_us)
             out.append(
                 Tick(
@@ -178,6 +196,11 @@ class LiveBars:
             )
         return out
 
+    def gap_after(self, market: Market) -> int | None:
+        """The last minute closed before the latest connect (the gap starts after it), or None."""
+        state = self._markets.get(market)
+        return None if state is None or state.gap_after < 0 else state.gap_after
+
     def closed_through(self, market: Market) -> int | None:
         """The newest minute of `market` closed so far, or None."""
         state = self._markets.get(market)
@@ -191,6 +214,8 @@ class LiveBars:
 
     def _roll(self, state: _MarketState, minute: int, received_us: int) -> list[Tick] | None:
         """Make `minute` the forming one; None if it is too old (counted as late)."""
+        if state.session_first is None:
+            state.session_first = minute  # the stream covers this minute on: the gap ends here
         bar = state.forming
         if minute <= state.closed_through or (bar is not None and minute < bar.minute):
             self.counters.late += 1
