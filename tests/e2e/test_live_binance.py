@@ -12,19 +12,17 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 from websockets.asyncio.server import ServerConnection, serve
 
-from tests.conftest import deadline, make_data_dir
+from tests.conftest import make_data_dir
+from tests.e2e.exchange_fakes import read_topic, rest_server
 from tests.e2e.harness import Services
 from tickstream_shared.local_infra import LocalInfra
-from tickstream_shared.schemas import Tick, decode_tick
+from tickstream_shared.schemas import Tick
 
 pytestmark = pytest.mark.e2e
 
@@ -60,43 +58,17 @@ class FakeBinance:
             rows.append(row)
         return rows
 
-    async def http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                target = urlsplit(head.split(b" ", 2)[1].decode())
-                query = {k: v[0] for k, v in parse_qs(target.query).items()}
-                if target.path == "/api/v3/exchangeInfo":
-                    body: Any = {
-                        "symbols": [
-                            {
-                                "symbol": "NKNUSDT",
-                                "status": "TRADING",
-                                "baseAsset": "NKN",
-                                "quoteAsset": "USDT",
-                            },
-                            {
-                                "symbol": "OLDUSDT",
-                                "status": "BREAK",
-                                "baseAsset": "OLD",
-                                "quoteAsset": "USDT",
-                            },
-                        ]
-                    }
-                elif target.path == "/api/v3/klines" and query.get("symbol") == "NKNUSDT":
-                    body = self.rows(int(query["startTime"]), int(query["endTime"]))
-                else:
-                    body = {"code": -1121, "msg": "Invalid symbol."}
-                data = json.dumps(body).encode()
-                status = "200 OK" if not isinstance(body, dict) or "code" not in body else "400 Bad"
-                writer.write(
-                    f"HTTP/1.1 {status}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    def route(self, path: str, query: dict[str, str]) -> tuple[int, Any]:
+        if path == "/api/v3/exchangeInfo":
+            listed = [("NKNUSDT", "TRADING", "NKN"), ("OLDUSDT", "BREAK", "OLD")]
+            symbols = [
+                {"symbol": symbol, "status": status, "baseAsset": base, "quoteAsset": "USDT"}
+                for symbol, status, base in listed
+            ]
+            return 200, {"symbols": symbols}
+        if path == "/api/v3/klines" and query.get("symbol") == "NKNUSDT":
+            return 200, self.rows(int(query["startTime"]), int(query["endTime"]))
+        return 400, {"code": -1121, "msg": "Invalid symbol."}
 
     def kline(self, closed: bool, volume: str) -> str:
         now = time.time_ns() // 1_000_000
@@ -144,42 +116,15 @@ class FakeBinance:
         await connection.wait_closed()
 
 
-@pytest.fixture(scope="module")
-def infra() -> Iterator[LocalInfra]:
-    data_dir = make_data_dir("tickstream-live-")
-    try:
-        with LocalInfra(data_dir / "infra") as running:
-            yield running
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
-
-
-async def read_topic(bootstrap: str, until: Any, within: float, topic: str = TOPIC) -> list[Tick]:
-    """Ticks of `topic` from its start until `until(ticks)` holds; TimeoutError after `within`."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
-    await consumer.start()
-    ticks: list[Tick] = []
-    try:
-        async with asyncio.timeout(deadline(within)):
-            while not until(ticks):
-                batch = await consumer.getmany(timeout_ms=200)
-                for records in batch.values():
-                    ticks += [
-                        decode_tick(r.value, now_ms=time.time_ns() // 1_000_000) for r in records
-                    ]
-    finally:
-        await consumer.stop()
-    return ticks
-
-
 async def test_live_binance_backfills_streams_and_recovers(infra: LocalInfra) -> None:
     """Backfilled and live bars arrive once each, closed once, equal to what the exchange sent."""
     now = time.time_ns() // 1_000_000
     exchange = FakeBinance(now_minute=now - now % M)
-    rest = await asyncio.start_server(exchange.http, "127.0.0.1", 0)
-    rest_port = rest.sockets[0].getsockname()[1]
     data_dir = make_data_dir("tickstream-live-logs-")
-    async with serve(exchange.ws, "127.0.0.1", 0) as ws_server:
+    async with (
+        rest_server(exchange.route) as rest_url,
+        serve(exchange.ws, "127.0.0.1", 0) as ws_server,
+    ):
         ws_port = ws_server.sockets[0].getsockname()[1]
         env = {
             **os.environ,
@@ -188,7 +133,7 @@ async def test_live_binance_backfills_streams_and_recovers(infra: LocalInfra) ->
             "WATCHER_MARKETS": "binance:nkn-usdt,binance:old-usdt,binance:zzz-usdt",
             "WATCHER_BACKFILL_MINUTES": str(BACKFILL),
             "BINANCE_WS_URL": f"ws://127.0.0.1:{ws_port}",
-            "BINANCE_REST_URL": f"http://127.0.0.1:{rest_port}",
+            "BINANCE_REST_URL": rest_url,
         }
         services = Services(env, data_dir)
         services.start("watcher")
@@ -198,11 +143,10 @@ async def test_live_binance_backfills_streams_and_recovers(infra: LocalInfra) ->
                 closed_live = [t for t in ticks if t.closed and t.volume == 4.0]
                 return bool(closed_live) and sum(t.closed for t in ticks) >= BACKFILL - 1
 
-            ticks = await read_topic(infra.kafka_bootstrap_servers, done, within=60)
+            ticks = await read_topic(infra.kafka_bootstrap_servers, TOPIC, done, within=60)
             services.assert_running()
         finally:
             codes = services.stop_all()
-            rest.close()
             log = services.tail("watcher")
             shutil.rmtree(data_dir, ignore_errors=True)
     assert codes == {"watcher": 0}, log

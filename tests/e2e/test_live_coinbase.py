@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -21,8 +20,8 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from tests.conftest import SHARED_DATA, make_data_dir
+from tests.e2e.exchange_fakes import read_topic, rest_server
 from tests.e2e.harness import Services
-from tests.e2e.test_live_binance import read_topic
 from tickstream_shared.local_infra import LocalInfra
 from tickstream_shared.schemas import Tick
 
@@ -59,32 +58,18 @@ class FakeCoinbase:
     trades: list[dict[str, Any]]
     subscribed: list[dict[str, Any]] = field(default_factory=list)
 
-    async def http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                path = head.split(b" ", 2)[1].decode()
-                if path == "/products":
-                    body: Any = [
-                        {
-                            "id": p,
-                            "base_currency": p.split("-")[0],
-                            "quote_currency": p.split("-")[1],
-                            "status": "online",
-                        }
-                        for p in PRODUCTS
-                    ]
-                else:
-                    body = []  # no candles: the minutes before the trades stay without bars
-                data = json.dumps(body).encode()
-                writer.write(
-                    f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    def route(self, path: str, query: dict[str, str]) -> tuple[int, Any]:
+        if path == "/products":
+            return 200, [
+                {
+                    "id": p,
+                    "base_currency": p[: p.index("-")],
+                    "quote_currency": p[p.index("-") + 1 :],
+                    "status": "online",
+                }
+                for p in PRODUCTS
+            ]
+        return 200, []  # no candles: the minutes before the trades stay without bars
 
     async def ws(self, connection: ServerConnection) -> None:
         async with asyncio.timeout(5):  # Coinbase drops clients that do not subscribe in 5 s
@@ -93,16 +78,6 @@ class FakeCoinbase:
         for trade in self.trades:
             await connection.send(json.dumps(trade))
         await connection.wait_closed()
-
-
-@pytest.fixture(scope="module")
-def infra() -> Iterator[LocalInfra]:
-    data_dir = make_data_dir("tickstream-live-cb-")
-    try:
-        with LocalInfra(data_dir / "infra") as running:
-            yield running
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def aggregate(trades: list[dict[str, Any]]) -> dict[tuple[str, int], tuple[float, ...]]:
@@ -145,9 +120,11 @@ async def test_live_coinbase_aggregates_recorded_trades_into_bars(infra: LocalIn
         for p in PRODUCTS
     ]
     exchange = FakeCoinbase(trades)
-    rest = await asyncio.start_server(exchange.http, "127.0.0.1", 0)
     data_dir = make_data_dir("tickstream-live-cb-logs-")
-    async with serve(exchange.ws, "127.0.0.1", 0) as ws_server:
+    async with (
+        rest_server(exchange.route) as rest_url,
+        serve(exchange.ws, "127.0.0.1", 0) as ws_server,
+    ):
         env = {
             **os.environ,
             **infra.environment(),
@@ -155,7 +132,7 @@ async def test_live_coinbase_aggregates_recorded_trades_into_bars(infra: LocalIn
             "WATCHER_MARKETS": ",".join(PRODUCTS.values()),
             "WATCHER_BACKFILL_MINUTES": "10",
             "COINBASE_WS_URL": f"ws://127.0.0.1:{ws_server.sockets[0].getsockname()[1]}",
-            "COINBASE_REST_URL": f"http://127.0.0.1:{rest.sockets[0].getsockname()[1]}",
+            "COINBASE_REST_URL": rest_url,
         }
         services = Services(env, data_dir)
         services.start("watcher")
@@ -170,11 +147,10 @@ async def test_live_coinbase_aggregates_recorded_trades_into_bars(infra: LocalIn
                     closed = {(t.market, t.minute) for t in ticks if t.closed}
                     return {k for k in closed_wanted if k[0] == market} <= closed
 
-                results[market] = await read_topic(infra.kafka_bootstrap_servers, done, 60, topic)
+                results[market] = await read_topic(infra.kafka_bootstrap_servers, topic, done, 60)
             services.assert_running()
         finally:
             codes = services.stop_all()
-            rest.close()
             log = services.tail("watcher")
             shutil.rmtree(data_dir, ignore_errors=True)
     assert codes == {"watcher": 0}, log

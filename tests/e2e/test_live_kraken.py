@@ -12,18 +12,16 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from tests.conftest import make_data_dir
+from tests.e2e.exchange_fakes import read_topic, rest_server
 from tests.e2e.harness import Services
-from tests.e2e.test_live_binance import read_topic
 from tickstream_shared.local_infra import LocalInfra
 from tickstream_shared.schemas import Tick
 
@@ -51,36 +49,21 @@ class FakeKraken:
     sent: list[dict[str, Any]] = field(default_factory=list)  # ohlc entries sent live
     subscribe: list[dict[str, Any]] = field(default_factory=list)
 
-    async def http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                target = urlsplit(head.split(b" ", 2)[1].decode())
-                query = {k: v[0] for k, v in parse_qs(target.query).items()}
-                if target.path == "/0/public/AssetPairs":
-                    result: Any = {
-                        key: {"altname": key, "wsname": wsname, "status": "online"}
-                        for key, wsname in PAIRS.values()
-                    }
-                    result["ETH2.SETH"] = {
-                        "altname": "ETH2.SETH",
-                        "wsname": "ETH2.S/ETH",
-                        "status": "online",
-                    }
-                    body: Any = {"error": [], "result": result}
-                elif target.path == "/0/public/OHLC":
-                    body = self.ohlc(query["pair"])
-                else:
-                    body = {"error": ["EGeneral:Unknown method"]}
-                data = json.dumps(body).encode()
-                writer.write(
-                    f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data
-                )
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+    def route(self, path: str, query: dict[str, str]) -> tuple[int, Any]:
+        if path == "/0/public/AssetPairs":
+            result: Any = {
+                key: {"altname": key, "wsname": wsname, "status": "online"}
+                for key, wsname in PAIRS.values()
+            }
+            result["ETH2.SETH"] = {
+                "altname": "ETH2.SETH",
+                "wsname": "ETH2.S/ETH",
+                "status": "online",
+            }
+            return 200, {"error": [], "result": result}
+        if path == "/0/public/OHLC":
+            return 200, self.ohlc(query["pair"])
+        return 200, {"error": ["EGeneral:Unknown method"]}
 
     def ohlc(self, pair: str) -> dict[str, Any]:
         symbol = {"XBTUSD": "BTC/USD", "XDGUSD": "DOGE/USD"}[pair]
@@ -160,25 +143,17 @@ class FakeKraken:
                 await connection.send(json.dumps({"channel": "heartbeat"}))
 
 
-@pytest.fixture(scope="module")
-def infra() -> Iterator[LocalInfra]:
-    data_dir = make_data_dir("tickstream-live-kr-")
-    try:
-        with LocalInfra(data_dir / "infra") as running:
-            yield running
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
-
-
 async def test_live_kraken_maps_names_backfills_and_closes_on_the_next_minute(
     infra: LocalInfra,
 ) -> None:
     """REST backfill and live ohlc bars arrive closed once each, equal to what Kraken sent."""
     now = time.time_ns() // 1_000_000
     exchange = FakeKraken(now_minute=now - now % M)
-    rest = await asyncio.start_server(exchange.http, "127.0.0.1", 0)
     data_dir = make_data_dir("tickstream-live-kr-logs-")
-    async with serve(exchange.ws, "127.0.0.1", 0) as ws_server:
+    async with (
+        rest_server(exchange.route) as rest_url,
+        serve(exchange.ws, "127.0.0.1", 0) as ws_server,
+    ):
         env = {
             **os.environ,
             **infra.environment(),
@@ -186,7 +161,7 @@ async def test_live_kraken_maps_names_backfills_and_closes_on_the_next_minute(
             "WATCHER_MARKETS": "kraken:btc-usd,kraken:doge-usd",
             "WATCHER_BACKFILL_MINUTES": "60",
             "KRAKEN_WS_URL": f"ws://127.0.0.1:{ws_server.sockets[0].getsockname()[1]}",
-            "KRAKEN_REST_URL": f"http://127.0.0.1:{rest.sockets[0].getsockname()[1]}",
+            "KRAKEN_REST_URL": rest_url,
         }
         services = Services(env, data_dir)
         services.start("watcher")
@@ -199,11 +174,10 @@ async def test_live_kraken_maps_names_backfills_and_closes_on_the_next_minute(
                     return exchange.now_minute - M in closed and len(closed) >= REST_MINUTES + 2
 
                 topic = f"ticks.{market.replace(':', '.')}"
-                results[symbol] = await read_topic(infra.kafka_bootstrap_servers, done, 60, topic)
+                results[symbol] = await read_topic(infra.kafka_bootstrap_servers, topic, done, 60)
             services.assert_running()
         finally:
             codes = services.stop_all()
-            rest.close()
             log = services.tail("watcher")
             shutil.rmtree(data_dir, ignore_errors=True)
     assert codes == {"watcher": 0}, log

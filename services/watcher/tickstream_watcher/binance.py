@@ -14,9 +14,13 @@ import msgspec
 from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MAX_TS_MS, MIN_TS_MS, MINUTE_MS
 from tickstream_watcher.exchange import (
+    MAX_PRICE,
     MAX_REST_BYTES,
+    MAX_VOLUME,
+    NAME_RE,
     BadFrame,
     CandleUpdate,
+    DecimalText,
     FeedEvent,
     Heartbeat,
     Reconnect,
@@ -31,16 +35,9 @@ EXCHANGE: Final = "binance"
 MAX_STREAMS: Final = 1024
 # Binance answers a klines request with at most this many rows (minutes): callers page.
 MAX_CANDLES_PER_REQUEST: Final = 1000
-# The bounds `decode_tick` enforces: refused here, where the offending frame is still known.
-_MAX_PRICE: Final = 1e12
-_MAX_VOLUME: Final = 1e18
-_NAME_RE: Final = re.compile(r"[a-z0-9]+")
 # Binance's symbols: they go into stream names and URLs as they are.
 _SYMBOL_RE: Final = re.compile(r"[A-Z0-9]+")
 
-# Binance writes prices and volumes as plain decimal strings; refusing every other spelling here
-# keeps float() from accepting "nan", "inf", "1e400", "-1" or "1_0".
-_Decimal = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,40}(?:\.[0-9]{1,40})?\Z")]
 _Count = Annotated[int, msgspec.Meta(ge=0, le=2**40)]
 _T = TypeVar("_T")
 
@@ -52,11 +49,11 @@ class _Kline(msgspec.Struct, frozen=True, gc=False):
     end: int = msgspec.field(name="T")
     symbol: str = msgspec.field(name="s")
     interval: str = msgspec.field(name="i")
-    open: _Decimal = msgspec.field(name="o")
-    high: _Decimal = msgspec.field(name="h")
-    low: _Decimal = msgspec.field(name="l")
-    close: _Decimal = msgspec.field(name="c")
-    volume: _Decimal = msgspec.field(name="v")  # base units
+    open: DecimalText = msgspec.field(name="o")
+    high: DecimalText = msgspec.field(name="h")
+    low: DecimalText = msgspec.field(name="l")
+    close: DecimalText = msgspec.field(name="c")
+    volume: DecimalText = msgspec.field(name="v")  # base units
     trades: _Count = msgspec.field(name="n")
     closed: bool = msgspec.field(name="x")
 
@@ -94,11 +91,11 @@ class _Row(msgspec.Struct, array_like=True, frozen=True, gc=False):
     """A `/api/v3/klines` row; the taker volumes after `trades` are not used."""
 
     start: int
-    open: _Decimal
-    high: _Decimal
-    low: _Decimal
-    close: _Decimal
-    volume: _Decimal
+    open: DecimalText
+    high: DecimalText
+    low: DecimalText
+    close: DecimalText
+    volume: DecimalText
     end: int
     quote_volume: str
     trades: _Count
@@ -208,8 +205,8 @@ class BinanceProtocol:
             base, quote_ = entry.base.lower(), entry.quote.lower()
             if (
                 entry.status == "TRADING"
-                and _NAME_RE.fullmatch(base)
-                and _NAME_RE.fullmatch(quote_)
+                and NAME_RE.fullmatch(base)
+                and NAME_RE.fullmatch(quote_)
                 and _SYMBOL_RE.fullmatch(entry.symbol)
             ):
                 listing[Market(EXCHANGE, base, quote_)] = entry.symbol
@@ -285,7 +282,7 @@ def _candle(market: Market, k: _Kline | _Row, *, closed: bool, ts: int) -> Candl
         raise ValueError(f"close time {k.end} does not end the minute {k.start}")
     open_, high, low, close = float(k.open), float(k.high), float(k.low), float(k.close)
     volume = float(k.volume)
-    if not (low > 0 and high <= _MAX_PRICE and 0 <= volume <= _MAX_VOLUME):
+    if not (low > 0 and high <= MAX_PRICE and 0 <= volume <= MAX_VOLUME):
         raise ValueError(f"candle {k.start}: prices must be in (0, 1e12], volume in [0, 1e18]")
     if not (low <= open_ <= high and low <= close <= high):
         raise ValueError(f"candle {k.start}: open and close must lie within low..high")

@@ -14,9 +14,13 @@ import msgspec
 from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MAX_TS_MS, MIN_TS_MS, MINUTE_MS
 from tickstream_watcher.exchange import (
+    MAX_PRICE,
     MAX_REST_BYTES,
+    MAX_VOLUME,
+    NAME_RE,
     BadFrame,
     CandleUpdate,
+    DecimalText,
     FeedEvent,
     Heartbeat,
     Rejected,
@@ -30,19 +34,12 @@ if TYPE_CHECKING:
 EXCHANGE: Final = "coinbase"
 # Coinbase answers a candles request with at most this many rows (minutes): callers page.
 MAX_CANDLES_PER_REQUEST: Final = 300
-# The bounds `decode_tick` enforces: refused here, where the offending frame is still known.
-_MAX_PRICE: Final = 1e12
-_MAX_SIZE: Final = 1e18
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS: Final = timedelta(milliseconds=1)
-_NAME_RE: Final = re.compile(r"[a-z0-9]+")
 _SYMBOL_RE: Final = re.compile(r"[A-Za-z0-9]+-[A-Za-z0-9]+")
 # Coinbase names a refused product only inside its error text ("XYZ-USD is not a valid product").
 _NAMED_PRODUCT_RE: Final = re.compile(r"\b[A-Z0-9]{1,20}-[A-Z0-9]{1,20}\b")
 
-# Coinbase writes quantities as plain decimal strings; refusing every other spelling here keeps
-# float() from accepting "nan", "inf", "1e400", "-1" or "1_0".
-_Decimal = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,40}(?:\.[0-9]{1,40})?\Z")]
 _TradeId = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
 _Time = Annotated[datetime, msgspec.Meta(tz=True)]
 
@@ -50,8 +47,8 @@ _Time = Annotated[datetime, msgspec.Meta(tz=True)]
 class _Match(msgspec.Struct, tag_field="type", tag="match", frozen=True, gc=False):
     product_id: str
     trade_id: _TradeId
-    price: _Decimal
-    size: _Decimal  # base units
+    price: DecimalText
+    size: DecimalText  # base units
     time: _Time
 
 
@@ -173,8 +170,8 @@ class CoinbaseProtocol:
             if (
                 product.status == "online"
                 and not product.trading_disabled
-                and _NAME_RE.fullmatch(base)
-                and _NAME_RE.fullmatch(quote_)
+                and NAME_RE.fullmatch(base)
+                and NAME_RE.fullmatch(quote_)
                 and _SYMBOL_RE.fullmatch(product.id)
             ):
                 listing[Market(EXCHANGE, base, quote_)] = product.id
@@ -211,8 +208,8 @@ class CoinbaseProtocol:
                 return Trade(
                     self._market(message.product_id),
                     message.trade_id,
-                    _quantity("price", message.price, _MAX_PRICE),
-                    _quantity("size", message.size, _MAX_SIZE),
+                    _quantity("price", message.price, MAX_PRICE),
+                    _quantity("size", message.size, MAX_VOLUME),
                     _ms(message.time),
                 )
             case _Heartbeat():
@@ -278,7 +275,7 @@ def _candle(market: Market, row: _Row) -> CandleUpdate:
     minute = time_s * 1000
     if minute % MINUTE_MS or not MIN_TS_MS <= minute <= MAX_TS_MS - MINUTE_MS:
         raise ValueError(f"candle time {time_s} is not a plausible minute start")
-    if not (low > 0 and high <= _MAX_PRICE and 0 <= volume <= _MAX_SIZE):
+    if not (low > 0 and high <= MAX_PRICE and 0 <= volume <= MAX_VOLUME):
         raise ValueError(f"candle {time_s}: prices must be in (0, 1e12], volume in [0, 1e18]")
     if not (low <= open_ <= high and low <= close <= high):
         raise ValueError(f"candle {time_s}: open and close must lie within low..high")

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Annotated, Final, Protocol
+
+import msgspec
 
 from tickstream_shared.errors import BadMessage
 from tickstream_shared.naming import Market
@@ -13,6 +16,15 @@ from tickstream_shared.naming import Market
 MAX_FRAME_BYTES: Final = 1 << 20
 # A REST body (24h of candles, a full listing of some thousand symbols) stays far below this.
 MAX_REST_BYTES: Final = 16 << 20
+# The bounds `decode_tick` enforces on prices and volumes, checked by every protocol where the
+# offending frame is still at hand.
+MAX_PRICE: Final = 1e12
+MAX_VOLUME: Final = 1e18
+# A base or quote name usable in market ids (after lower-casing the exchange's).
+NAME_RE: Final = re.compile(r"[a-z0-9]+")
+# Exchanges that write numbers as text write plain decimals; refusing every other spelling keeps
+# float() from accepting "nan", "inf", "1e400", "-1" or "1_0".
+DecimalText = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,40}(?:\.[0-9]{1,40})?\Z")]
 
 
 class BadFrame(BadMessage):

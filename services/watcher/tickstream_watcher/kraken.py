@@ -13,7 +13,10 @@ import msgspec
 from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MAX_TS_MS, MIN_TS_MS, MINUTE_MS
 from tickstream_watcher.exchange import (
+    MAX_PRICE,
     MAX_REST_BYTES,
+    MAX_VOLUME,
+    NAME_RE,
     BadFrame,
     CandleUpdate,
     FeedEvent,
@@ -29,12 +32,8 @@ SUBSCRIBE_BATCH: Final = 100
 # Legacy asset codes: AssetPairs `wsname` and REST pair names use them, WS v2 symbols do not.
 _V2_ASSET: Final = {"XBT": "BTC", "XDG": "DOGE"}
 _LEGACY_ASSET: Final = {v2: legacy for legacy, v2 in _V2_ASSET.items()}
-# The bounds `decode_tick` enforces, refused here where the exchange frame is still at hand.
-_MAX_PRICE: Final = 1e12
-_MAX_VOLUME: Final = 1e18
 _MAX_TRADES: Final = 2**40
 _NS_PER_MS: Final = 1_000_000
-_NAME_RE: Final = re.compile(r"[a-z0-9]+")
 _RFC3339_RE: Final = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?Z"
 )
@@ -203,7 +202,7 @@ class KrakenProtocol:
                 continue  # a pair whose status the listing does not give is not known to trade
             symbol = v2_symbol(pair.wsname)
             assets = symbol.lower().split("/")
-            if len(assets) == 2 and all(_NAME_RE.fullmatch(asset) for asset in assets):
+            if len(assets) == 2 and all(NAME_RE.fullmatch(asset) for asset in assets):
                 markets.setdefault(Market(self.name, assets[0], assets[1]), symbol)
         return markets
 
@@ -274,7 +273,7 @@ def _checked(candle: CandleUpdate) -> CandleUpdate:
     minute, low, high, volume = candle.minute, candle.low, candle.high, candle.volume
     if minute % MINUTE_MS or not MIN_TS_MS <= minute <= MAX_TS_MS - MINUTE_MS:
         raise BadFrame(f"{candle.market.id}: {minute} is not a plausible minute start")
-    if not (low > 0 and high <= _MAX_PRICE and 0 <= volume <= _MAX_VOLUME):
+    if not (low > 0 and high <= MAX_PRICE and 0 <= volume <= MAX_VOLUME):
         raise BadFrame(
             f"{candle.market.id} {minute}: prices not in (0, 1e12] or volume in [0, 1e18]"
         )
