@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import asyncpg.exceptions as pg_errors
 import redis.exceptions as redis_errors
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, KafkaTimeoutError
 
 from tickstream_shared.errors import BadMessage
 from tickstream_shared.naming import market_of
@@ -108,3 +108,19 @@ async def retry_until_done(
             return None
         except TimeoutError:
             delay = min(delay * 2, RETRY_MAX_DELAY_S)
+
+
+async def commit_batch(consumer: Any, offsets: dict[Any, int] | None = None) -> bool:
+    """Commit a batch's offsets (all consumed positions when None); False if refused.
+
+    A commit is refused when the group rebalanced under the batch (CommitFailedError) or a
+    new topic changed the pattern subscription, which drops the assignment until the group is
+    joined again (IllegalStateError). Neither is an error of the batch: it is logged, and the
+    partition's owner reads the batch again and skips by seq what was already applied.
+    """
+    try:
+        await consumer.commit(offsets)
+    except (CommitFailedError, IllegalStateError) as exc:
+        log.warning("commit refused during a rebalance, the batch will be re-read: %s", exc)
+        return False
+    return True

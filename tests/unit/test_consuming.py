@@ -8,9 +8,20 @@ from dataclasses import dataclass
 import asyncpg.exceptions as pg_errors
 import pytest
 import redis.exceptions as redis_errors
-from aiokafka.errors import KafkaConnectionError, RecordTooLargeError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaConnectionError,
+    RecordTooLargeError,
+)
 
-from tickstream_shared.consuming import DecodeCounters, decode_batch, is_transient, retry_until_done
+from tickstream_shared.consuming import (
+    DecodeCounters,
+    commit_batch,
+    decode_batch,
+    is_transient,
+    retry_until_done,
+)
 from tickstream_shared.schemas import Tick
 
 
@@ -91,3 +102,26 @@ def test_decode_batch_counts_bad_and_misrouted_ticks() -> None:
     counters = DecodeCounters()
     assert decode_batch(records, counters) == [tick]
     assert (counters.decoded, counters.skipped_bad) == (1, 3)
+
+
+class _Consumer:
+    """Stands in for aiokafka's consumer.commit: records offsets or raises what it is given."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.committed: list[dict[str, int] | None] = []
+
+    async def commit(self, offsets: dict[str, int] | None = None) -> None:
+        if self.error is not None:
+            raise self.error
+        self.committed.append(offsets)
+
+
+async def test_commit_batch_survives_a_rebalance_and_raises_anything_else() -> None:
+    """A commit refused by a rebalance returns False; other errors propagate."""
+    ok = _Consumer()
+    assert await commit_batch(ok, {"tp": 5}) is True and ok.committed == [{"tp": 5}]
+    for refused in (CommitFailedError("rebalanced"), IllegalStateError("no assignment")):
+        assert await commit_batch(_Consumer(refused)) is False
+    with pytest.raises(KafkaConnectionError):
+        await commit_batch(_Consumer(KafkaConnectionError("down")))

@@ -121,3 +121,19 @@ async def test_ranks_go_to_the_measure_subscribed() -> None:
     assert by_std.queue.empty() and volume_only.queue.empty()
     assert by_cv.queue.get_nowait() == '{"type":"ranks","kind":"price","by":"cv"}'
     assert hub.latest_ranks == {("price", "cv"): '{"type":"ranks","kind":"price","by":"cv"}'}
+
+
+async def test_routing_state_is_bounded_by_subscriptions() -> None:
+    """Unsubscribing made-up markets keeps no state; the last subscriber leaving frees a market."""
+    hub = Hub(client_queue=10)
+    session = hub.connect()
+    for i in range(1000):
+        hub.drop_market(session, f"binance:made{i}-usdt")
+    assert hub._by_market == {}
+    hub.hold_market(session, BTC)
+    other = hub.connect()
+    hub.hold_market(other, BTC)
+    hub.drop_market(session, BTC)
+    assert set(hub._by_market) == {BTC}
+    hub.disconnect(other)
+    assert hub._by_market == {}

@@ -13,6 +13,7 @@ from tickstream_alerts.detector import SpikeDetector
 from tickstream_shared import alert_store, db
 from tickstream_shared.consuming import (
     DecodeCounters,
+    commit_batch,
     decode_batch,
     records_in_order,
     retry_until_done,
@@ -156,7 +157,7 @@ async def _consume(
                     alert.mean,
                     alert.ratio,
                 )
-        await consumer.commit()
+        await commit_batch(consumer)
         if time.monotonic() >= next_report:
             next_report = time.monotonic() + _REPORT_EVERY_S
             log.info(

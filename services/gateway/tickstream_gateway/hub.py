@@ -73,7 +73,7 @@ class Hub:
     def disconnect(self, session: ClientSession) -> None:
         self.sessions.discard(session)
         for market_id in session.markets:
-            self._by_market[market_id].discard(session)
+            self._unroute(session, market_id)
         if session.overflowed.is_set():
             self.dropped_slow_clients += 1
 
@@ -95,7 +95,16 @@ class Hub:
 
     def drop_market(self, session: ClientSession, market_id: str) -> None:
         session.markets.pop(market_id, None)
-        self._by_market[market_id].discard(session)
+        self._unroute(session, market_id)
+
+    def _unroute(self, session: ClientSession, market_id: str) -> None:
+        # No entry is made for a market nobody watches (an unsubscribe of a made-up market),
+        # and the last subscriber's leaving removes the market's entry: bounded by subscriptions.
+        sessions = self._by_market.get(market_id)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._by_market[market_id]
 
     def publish_tick(self, tick: Tick, now: float | None = None) -> None:
         """Remember the update and send it, encoded once, to every live subscriber behind it.

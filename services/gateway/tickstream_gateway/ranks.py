@@ -40,9 +40,6 @@ class MetricStats:
     stale: bool
     clock: int
 
-    def measure(self, measure: RankMeasure) -> float | None:
-        return self.std if measure == "std" else self.cv if measure == "cv" else self.logret
-
     def as_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "count": self.count,

@@ -121,9 +121,14 @@ async def _subscribe_market(
     try:
         stored = await db.recent_bars(state.pool, market_id, minutes, since_minute=since)
         history = merge_history(stored, hub.recent.of(market_id), minutes, since)
-        # Nothing at or after `since` is not the same as a market never seen.
+        # Nothing at or after `since` is not the same as a market never seen: one seen live
+        # by this gateway, or stored, is known.
         known = bool(history) or (
-            since is not None and bool(await db.recent_bars(state.pool, market_id, 0))
+            since is not None
+            and (
+                bool(hub.recent.of(market_id))
+                or bool(await db.recent_bars(state.pool, market_id, 0))
+            )
         )
     except BaseException:
         hub.drop_market(session, market_id)  # nothing held for a subscription that failed

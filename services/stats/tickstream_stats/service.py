@@ -9,10 +9,14 @@ import time
 from typing import Any
 
 from aiokafka import ConsumerRebalanceListener
-from aiokafka.errors import CommitFailedError, IllegalStateError
 
 from tickstream_shared import db, redis_client
-from tickstream_shared.consuming import DecodeCounters, decode_batch, retry_until_done
+from tickstream_shared.consuming import (
+    DecodeCounters,
+    commit_batch,
+    decode_batch,
+    retry_until_done,
+)
 from tickstream_shared.kafka import make_consumer
 from tickstream_shared.naming import TICK_TOPIC_PATTERN, Market
 from tickstream_shared.schemas import Tick
@@ -187,14 +191,9 @@ async def _consume(
             if new_rows is None:
                 return  # stopping: nothing committed, the batch is re-read on restart
             stored += new_rows
-            try:
-                await consumer.commit({tp: records[-1].offset + 1 for tp, records in owned.items()})
-            except (CommitFailedError, IllegalStateError) as exc:
-                # The group rebalanced under this batch (CommitFailedError), or a new topic
-                # changed the pattern subscription, which drops the assignment until the group
-                # is joined again (IllegalStateError). The batch is read again by the
-                # partition's owner, and skipped by seq where it was already applied.
-                log.warning("commit failed during a rebalance, batch will be re-read: %s", exc)
+            await commit_batch(
+                consumer, {tp: records[-1].offset + 1 for tp, records in owned.items()}
+            )
         if time.monotonic() >= next_report:
             next_report = time.monotonic() + _REPORT_EVERY_S
             log.info(

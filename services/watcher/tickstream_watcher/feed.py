@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from websockets.asyncio.client import connect
-from websockets.exceptions import WebSocketException
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from tickstream_watcher.exchange import (
     MAX_FRAME_BYTES,
@@ -135,33 +135,37 @@ class ExchangeFeed:
             self.state = "live"
             if self.on_connected is not None:
                 await self.on_connected()
-            opened = time.monotonic()
-            max_age = self.limits.max_connection_s
-            while not stop.is_set():
-                timeout = self.limits.silence_s
-                if max_age is not None:
-                    timeout = min(timeout, max_age - (time.monotonic() - opened))
-                    if timeout <= 0:
-                        log.info("%s feed: connection aged out, renewing", self.protocol.name)
-                        return
-                stopped = asyncio.ensure_future(stop.wait())
-                received = asyncio.ensure_future(ws.recv())
-                try:
-                    done, _ = await asyncio.wait(
-                        {stopped, received}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    stopped.cancel()
-                    if not received.done():
-                        received.cancel()
-                if received not in done:
-                    if stop.is_set():
-                        return
-                    if max_age is not None and time.monotonic() - opened >= max_age:
-                        continue  # the age check above renews it
-                    raise TimeoutError(f"no frame for {self.limits.silence_s:.0f}s")
-                if await self._handle(received.result()):
+            # One watcher per connection, not per frame: `stop` closes the socket, which ends
+            # the pending recv (frames arrive at trade rate; per-frame futures would cost more).
+            closer = asyncio.create_task(_close_on(stop, ws))
+            try:
+                await self._read(ws, stop)
+            finally:
+                closer.cancel()
+
+    async def _read(self, ws: ClientConnection, stop: asyncio.Event) -> None:
+        opened = time.monotonic()
+        max_age = self.limits.max_connection_s
+        while not stop.is_set():
+            timeout = self.limits.silence_s
+            if max_age is not None:
+                timeout = min(timeout, max_age - (time.monotonic() - opened))
+                if timeout <= 0:
+                    log.info("%s feed: connection aged out, renewing", self.protocol.name)
                     return
+            try:
+                async with asyncio.timeout(timeout):
+                    frame = await ws.recv()
+            except TimeoutError:
+                if max_age is not None and time.monotonic() - opened >= max_age:
+                    continue  # the age check above renews it
+                raise TimeoutError(f"no frame for {self.limits.silence_s:.0f}s") from None
+            except ConnectionClosed:
+                if stop.is_set():
+                    return  # closed by `_close_on`
+                raise
+            if await self._handle(frame):
+                return
 
     async def _handle(self, frame: str | bytes) -> bool:
         """Parse and deliver one frame; True if the exchange asked for a reconnect."""
@@ -193,3 +197,8 @@ class ExchangeFeed:
         if events:
             await self.deliver(events, received_us)
         return reconnect
+
+
+async def _close_on(stop: asyncio.Event, ws: ClientConnection) -> None:
+    await stop.wait()
+    await ws.close()
