@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, get_type_hints
+from typing import Any, Final, TypeVar, get_type_hints
 
 from tickstream_shared.errors import ConfigError
 
@@ -62,7 +63,11 @@ class KafkaSettings:
 
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
-    url: str = setting("REDIS_URL", "redis://127.0.0.1:6379/0", "Redis URL for latest stats.")
+    url: str = setting(
+        "REDIS_URL",
+        "redis://127.0.0.1:6379/0",
+        "Redis URL: latest stats and ranks; the watchers' lease, checkpoints and feed status.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +132,29 @@ class WatcherSettings:
         " reconnect: the minutes missed, up to this many).",
         ge=0,
         le=1440,
+    )
+    feed_silence_ms: int = setting(
+        "WATCHER_FEED_SILENCE_MS",
+        0,
+        "Live source: a connection with no frame (data or heartbeat) for this long is dropped"
+        " and reconnected; 0 = each exchange's own bound (Binance 30 s, Coinbase and Kraken"
+        " 15 s).",
+        ge=0,
+        le=600_000,
+    )
+    group: str = setting(
+        "WATCHER_GROUP",
+        "main",
+        "Watchers with the same group and the same Redis share one lease: one publishes, the"
+        " others stand by and take over when it stops renewing.",
+    )
+    lease_ms: int = setting(
+        "WATCHER_LEASE_MS",
+        5000,
+        "How long the publishing watcher's lease lasts without renewal (renewed every fifth of"
+        " it): a standby takes over at most this long, plus its start, after the active one dies.",
+        ge=1000,
+        le=60_000,
     )
     seed: int = setting("WATCHER_SEED", 7, "Random seed of the synthetic source.")
     tick_interval_ms: int = setting(
@@ -339,7 +367,14 @@ class ServiceSettings:
                 f"{settings.database.retention_days} days keep less than STATS_WINDOW_MINUTES"
                 f" ({settings.stats.window_minutes} minutes)",
             )
+        if not _GROUP_RE.fullmatch(settings.watcher.group):
+            raise ConfigError("WATCHER_GROUP", "use 1-32 characters of a-z, 0-9 and -")
+        if 0 < settings.watcher.feed_silence_ms < 1000:
+            raise ConfigError("WATCHER_FEED_SILENCE_MS", "use 0 (the exchange's bound) or >= 1000")
         return settings
+
+
+_GROUP_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 
 
 def _section_type(f: dataclasses.Field[Any]) -> type[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -74,6 +75,7 @@ class LiveSource:
         self._specs = parse_specs(settings.markets)
         self._max_markets = settings.max_markets
         self._backfill_minutes = settings.backfill_minutes
+        self._silence_ms = settings.feed_silence_ms
         self._endpoints = _endpoints(exchanges)
         unknown = {spec.exchange for spec in self._specs} - set(self._endpoints)
         if unknown:
@@ -149,9 +151,10 @@ class LiveSource:
             if ticks:
                 await queue.put(ticks)
 
-        return ExchangeFeed(
-            protocol, self._endpoints[exchange].ws, symbols, LIMITS[exchange], deliver
-        )
+        limits = LIMITS[exchange]
+        if self._silence_ms:
+            limits = dataclasses.replace(limits, silence_s=self._silence_ms / 1000)
+        return ExchangeFeed(protocol, self._endpoints[exchange].ws, symbols, limits, deliver)
 
     def _backfill_on_connect(
         self,
