@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,16 @@ class Services:
     """The four services as child processes, with logs kept for failure reports."""
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env = env
+        # Tests share one Redis: a watcher group of their own keeps leases and checkpoints apart.
+        self.env = {"WATCHER_GROUP": f"t{uuid.uuid4().hex[:12]}", **env}
         self.log_dir = log_dir
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, **extra_env: str) -> None:
-        with (self.log_dir / f"{name}.log").open("wb") as log:  # the child keeps its own fd
-            self.processes[name] = subprocess.Popen(
+    def start(self, name: str, *, instance: str | None = None, **extra_env: str) -> None:
+        """Start service `name` as process `instance` (default: the name; logs by instance)."""
+        instance = instance or name
+        with (self.log_dir / f"{instance}.log").open("wb") as log:  # the child keeps its fd
+            self.processes[instance] = subprocess.Popen(
                 [sys.executable, "-m", f"tickstream_{name}"],
                 env={**self.env, **extra_env},
                 stdout=log,
@@ -46,10 +50,7 @@ class Services:
 
     def stop_all(self) -> dict[str, int]:
         codes = {}
-        for name in ("watcher", "stats", "alerts", "gateway"):
-            process = self.processes.get(name)
-            if process is None:
-                continue
+        for name, process in self.processes.items():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
             try:

@@ -70,6 +70,11 @@ async def test_published_ticks_arrive_in_order_with_key_and_event_time(
                 await publisher.publish(merged[start : start + chunk])
             await publisher.flush()
         assert publisher.published == len(merged)
+        # Every tick here is a closed bar: the newest per market is the acknowledged close.
+        assert publisher.take_acknowledged_closes() == {
+            m.id: ticks[-1] for m, ticks in per_market.items()
+        }
+        assert publisher.take_acknowledged_closes() == {}
     finally:
         await producer.stop()
     for market, sent in per_market.items():

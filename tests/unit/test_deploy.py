@@ -5,8 +5,10 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import json
+import re
 import shlex
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from tickstream_shared.settings import documented_settings
+from tickstream_shared.settings import ServiceSettings, documented_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -29,15 +31,20 @@ DEFAULTS = {env: default for _, env, default, _ in documented_settings()}
 
 # Which infrastructure each process talks to, named by the variable that locates it.
 KAFKA, REDIS, DATABASE = "KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL", "DATABASE_URL"
+# The watcher's Redis holds the lease that lets only one of its instances publish.
 NEEDS = {
     "init": {KAFKA, DATABASE},
-    "watcher": {KAFKA},
+    "watcher": {KAFKA, REDIS},
     "stats": {KAFKA, REDIS, DATABASE},
     "alerts": {KAFKA, DATABASE},
     "gateway": {KAFKA, REDIS, DATABASE},
 }
+# Instances per process: two watchers, one publishing and one standing by; one of the others.
+INSTANCES = {"init": 1, "watcher": 2, "stats": 1, "alerts": 1, "gateway": 1}
 REDIS_PORT = 6379
 POSTGRES_PORT = 5432
+# The operator's environment for the synthetic source, as documented in docs/operations.md.
+SYNTHETIC = {"WATCHER_SOURCE": "synthetic"}
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +55,16 @@ def cli_commands() -> frozenset[str]:
 
 
 @pytest.fixture(scope="module")
-def compose() -> dict[str, Any]:
+def raw_compose() -> dict[str, Any]:
+    """docker-compose.yml as written, before Compose substitutes `${...}`."""
     data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+@pytest.fixture(scope="module")
+def compose(raw_compose: dict[str, Any]) -> dict[str, Any]:
+    """docker-compose.yml as `docker compose up` reads it when the operator sets nothing."""
+    data: dict[str, Any] = _interpolate(raw_compose, {})
     return data
 
 
@@ -81,6 +96,42 @@ def _is_tickstream(svc: dict[str, Any]) -> bool:
     return svc.get("image", "").split(":")[0] == "tickstream" or dockerfile == BUILD["dockerfile"]
 
 
+# `$$`, `${VAR}`, `${VAR:-default}`, `${VAR-default}` or `$VAR`; anything else after `$` fails.
+_SUBSTITUTION = re.compile(r"\$(?:(\$)|\{(\w+)(?:(:?-)([^$}]*))?\}|(\w+))")
+
+
+def _interpolate(value: Any, environ: Mapping[str, str]) -> Any:
+    """Compose's variable substitution applied to every string in `value`, from `environ`."""
+    if isinstance(value, dict):
+        return {k: _interpolate(v, environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, environ) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        escaped, name, operator, default, bare = match.groups()
+        if escaped:
+            return "$"
+        if bare:
+            return environ.get(bare, "")
+        if operator == ":-":
+            return environ.get(name) or default
+        if operator == "-":
+            return environ.get(name, default)
+        return environ.get(name, "")
+
+    result = _SUBSTITUTION.sub(substitute, value)
+    unsupported = _SUBSTITUTION.sub("", value)
+    assert "$" not in unsupported, f"substitution this test cannot read: {value!r}"
+    return result
+
+
+def _substituted_names(value: str) -> set[str]:
+    """Variables of the operator's environment that a compose string reads."""
+    return {m[1] or m[4] for m in _SUBSTITUTION.findall(value) if not m[0]}
+
+
 def _only(services: dict[str, dict[str, Any]], image_prefix: str) -> str:
     names = [n for n, svc in services.items() if svc.get("image", "").startswith(image_prefix)]
     assert len(names) == 1, f"expected one service with image {image_prefix}*, found {names}"
@@ -96,6 +147,10 @@ def _environment(svc: dict[str, Any]) -> dict[str, str]:
 
 def _words(command: str | list[str]) -> list[str]:
     return shlex.split(command) if isinstance(command, str) else [str(w) for w in command]
+
+
+def _replicas(svc: dict[str, Any]) -> int:
+    return int(svc.get("deploy", {}).get("replicas", svc.get("scale", 1)))
 
 
 def _depends_on(svc: dict[str, Any]) -> dict[str, str]:
@@ -258,9 +313,36 @@ def test_compose_gateway_is_published_and_health_checked(
     assert f"urlopen('http://127.0.0.1:{port}/healthz'" in test[3]
 
 
-def test_compose_watcher_needs_no_files(tickstream: dict[str, dict[str, Any]]) -> None:
-    """The watcher uses the synthetic source, so the compose file works without candle CSVs."""
-    assert _environment(tickstream["watcher"])["WATCHER_SOURCE"] == "synthetic"
+def test_compose_watcher_is_live_unless_the_operator_chooses_synthetic(
+    raw_compose: dict[str, Any],
+) -> None:
+    """The watcher runs the live source; WATCHER_SOURCE=synthetic in the shell overrides it."""
+    default = _interpolate(raw_compose, {})["services"]["watcher"]
+    synthetic = _interpolate(raw_compose, SYNTHETIC)["services"]["watcher"]
+    assert _environment(default)["WATCHER_SOURCE"] == "live"
+    assert _environment(synthetic)["WATCHER_SOURCE"] == "synthetic"
+
+
+def test_compose_substitutions_read_the_variable_they_set(raw_compose: dict[str, Any]) -> None:
+    """A `${VAR...}` in a tickstream service's environment reads the operator's VAR, no other."""
+    for name, svc in raw_compose["services"].items():
+        if _is_tickstream(svc):
+            for key, value in _environment(svc).items():
+                assert _substituted_names(value) <= {key}, (name, key)
+
+
+def test_compose_environments_are_valid_settings(raw_compose: dict[str, Any]) -> None:
+    """Each tickstream service's environment loads as settings, with and without the override."""
+    for environ in ({}, SYNTHETIC):
+        services = _interpolate(raw_compose, environ)["services"]
+        for svc in services.values():
+            if _is_tickstream(svc):
+                ServiceSettings.from_env(_environment(svc))
+
+
+def test_compose_runs_a_standby_watcher(tickstream: dict[str, dict[str, Any]]) -> None:
+    """Two watcher instances (alike, so they share the lease in Redis) and one of the others."""
+    assert {name: _replicas(svc) for name, svc in tickstream.items()} == INSTANCES
 
 
 def _dockerfile() -> list[tuple[str, str]]:
@@ -335,23 +417,48 @@ def _k8s_workloads(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]
     ]
 
 
-def _k8s_env_names(docs: list[dict[str, Any]], container: dict[str, Any]) -> set[str]:
-    """Variables a container gets: its own `env` plus the keys of referenced ConfigMaps/Secrets."""
+def _k8s_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """Environment of a container: referenced ConfigMaps/Secrets in order, then its own `env`."""
     sources = {
         (doc["kind"], doc["metadata"]["name"]): {
-            *doc.get("data", {}),
-            *doc.get("stringData", {}),
+            **doc.get("data", {}),
+            **doc.get("stringData", {}),
         }
         for doc in docs
         if doc["kind"] in {"ConfigMap", "Secret"}
     }
-    names = {item["name"] for item in container.get("env", [])}
+    env: dict[str, str] = {}
     for ref in container.get("envFrom", []):
         if "configMapRef" in ref:
-            names |= sources[("ConfigMap", ref["configMapRef"]["name"])]
+            env |= sources[("ConfigMap", ref["configMapRef"]["name"])]
         else:
-            names |= sources[("Secret", ref["secretRef"]["name"])]
-    return names
+            env |= sources[("Secret", ref["secretRef"]["name"])]
+    env |= {item["name"]: item.get("value", "") for item in container.get("env", [])}
+    return env
+
+
+def _k8s_env_names(docs: list[dict[str, Any]], container: dict[str, Any]) -> set[str]:
+    return set(_k8s_env(docs, container))
+
+
+def _k8s_deployments(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Deployments by the subcommand their one container runs."""
+    result = {}
+    for doc in docs:
+        if doc["kind"] == "Deployment":
+            [container] = doc["spec"]["template"]["spec"]["containers"]
+            result[container["args"][0]] = doc
+    return result
+
+
+def _with_config(docs: list[dict[str, Any]], key: str, value: str) -> list[dict[str, Any]]:
+    """The manifest with `key` set to `value` in every ConfigMap that has it."""
+    return [
+        {**doc, "data": {**doc["data"], key: value}}
+        if doc["kind"] == "ConfigMap" and key in doc.get("data", {})
+        else doc
+        for doc in docs
+    ]
 
 
 def test_k8s_containers_use_real_settings_and_commands(
@@ -407,3 +514,29 @@ def test_k8s_service_links_do_not_shadow_settings(k8s: list[dict[str, Any]]) -> 
             prefix = doc["metadata"]["name"].upper().replace("-", "_")
             injected = {f"{prefix}_PORT", f"{prefix}_SERVICE_HOST", f"{prefix}_SERVICE_PORT"}
             assert injected & SETTINGS == set(), doc["metadata"]["name"]
+
+
+def test_k8s_environments_are_valid_settings(k8s: list[dict[str, Any]]) -> None:
+    """Each container's environment, from ConfigMaps, Secret and `env`, loads as settings."""
+    for _, container in _k8s_workloads(k8s):
+        ServiceSettings.from_env(_k8s_env(k8s, container))
+
+
+def test_k8s_watcher_is_live_unless_its_configmap_says_synthetic(
+    k8s: list[dict[str, Any]],
+) -> None:
+    """The watcher runs the live source, and setting the ConfigMap value switches it."""
+    [watcher] = _k8s_deployments(k8s)["watcher"]["spec"]["template"]["spec"]["containers"]
+    assert _k8s_env(k8s, watcher)["WATCHER_SOURCE"] == "live"
+    switched = _with_config(k8s, "WATCHER_SOURCE", SYNTHETIC["WATCHER_SOURCE"])
+    assert _k8s_env(switched, watcher)["WATCHER_SOURCE"] == "synthetic"
+
+
+def test_k8s_runs_a_standby_watcher(k8s: list[dict[str, Any]]) -> None:
+    """Two watcher replicas, never both stopped by a rollout; one replica of the others."""
+    deployments = _k8s_deployments(k8s)
+    replicas = {name: doc["spec"].get("replicas", 1) for name, doc in deployments.items()}
+    assert replicas == {name: n for name, n in INSTANCES.items() if name != "init"}
+    strategy = deployments["watcher"]["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate"
+    assert strategy["rollingUpdate"]["maxUnavailable"] == 0

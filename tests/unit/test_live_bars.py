@@ -217,3 +217,22 @@ def test_closed_bars_equal_an_independent_aggregation_of_the_accepted_trades(
     # Nothing of a minute is published after it closed.
     closed_at = {t.minute: i for i, t in enumerate(published) if t.closed}
     assert all(i <= closed_at[t.minute] for i, t in enumerate(published))
+
+
+def test_resume_continues_a_previous_publisher_without_closing_its_minutes_again() -> None:
+    """Backfill starts after the checkpoint, skips the republished minute; seqs stay above."""
+    bars = LiveBars(min_interval_ms=0)
+    bars.resume(ETH, BASE + 2 * M, 5_000_000, BASE + 4 * M)
+    bars.connected([ETH])
+    now = us(BASE + 10 * M)
+    rest = [candle(BASE + i * M, 11.0, 1.0, BASE + (i + 1) * M, closed=True) for i in range(8)]
+    out = valid(bars.backfill(ETH, rest, now))
+    assert [t.minute for t in out] == [BASE + i * M for i in (3, 5, 6, 7)]
+    assert all(t.seq > 5_000_000 for t in out)
+    # Before any backfill, the stream's copy of the republished minute is refused too.
+    fresh = LiveBars(min_interval_ms=0)
+    fresh.resume(ETH, BASE + 2 * M, 5_000_000, BASE + 4 * M)
+    assert fresh.candle(candle(BASE + 4 * M, 12.0, 1.0, BASE + 5 * M, closed=True), now) == []
+    assert fresh.counters.late == 1
+    (streamed,) = fresh.candle(candle(BASE + 3 * M, 12.0, 1.0, BASE + 4 * M, closed=True), now)
+    assert streamed.minute == BASE + 3 * M and streamed.seq > 5_000_000

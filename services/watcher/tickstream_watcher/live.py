@@ -11,10 +11,12 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
+from tickstream_shared.feed_status import FeedStatus, ReportedState
 from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_shared.settings import ExchangeSettings, WatcherSettings
 from tickstream_watcher.binance import MAX_STREAMS, BinanceProtocol
+from tickstream_watcher.checkpoints import ResumePlan
 from tickstream_watcher.coinbase import CoinbaseProtocol
 from tickstream_watcher.exchange import BadFrame, CandleUpdate, ExchangeProtocol, FeedEvent, Trade
 from tickstream_watcher.feed import LIMITS, ExchangeFeed
@@ -71,6 +73,8 @@ class LiveSource:
     by `chunks` and cancelled when it ends.
     """
 
+    resumable = True
+
     def __init__(self, settings: WatcherSettings, exchanges: ExchangeSettings) -> None:
         self._specs = parse_specs(settings.markets)
         self._max_markets = settings.max_markets
@@ -86,6 +90,7 @@ class LiveSource:
         self._symbols: dict[str, dict[Market, str]] = {}
         self._rest: dict[str, RestClient] = {}
         self.feeds: list[ExchangeFeed] = []
+        self._feed_of: dict[Market, ExchangeFeed] = {}
 
     async def start(self) -> None:
         """Resolve the markets against the listings; raises RestUnavailable or BadFrame."""
@@ -106,6 +111,26 @@ class LiveSource:
         self.markets = resolution.markets
         log.info("watching %d live markets: %s", len(self.markets), [m.id for m in self.markets])
 
+    def resume(self, plan: ResumePlan) -> None:
+        """Continue where the previous publisher of these markets stopped (see `leadership`)."""
+        for market in self.markets:
+            point, again = plan.points.get(market.id), plan.republish.get(market.id)
+            self.bars.resume(
+                market,
+                point.minute if point else None,
+                max(point.seq if point else -1, again.seq if again else -1),
+                again.minute if again else None,
+            )
+
+    def feed_reports(self, now_ms: int) -> dict[str, FeedStatus]:
+        reports = {}
+        for market in self.markets:
+            feed = self._feed_of.get(market)
+            state: ReportedState = "live" if feed and feed.state == "live" else "reconnecting"
+            last = self.bars.last_update_ms(market)
+            reports[market.id] = FeedStatus("live", market.exchange, state, now_ms, last)
+        return reports
+
     async def chunks(self) -> AsyncGenerator[list[Tick]]:
         queue: asyncio.Queue[list[Tick]] = asyncio.Queue(_QUEUE_CHUNKS)
         stop = asyncio.Event()
@@ -120,6 +145,10 @@ class LiveSource:
                     feed = self._feed(exchange, protocol, symbols[start : start + size], queue)
                     feed.on_connected = self._backfill_on_connect(exchange, markets, queue, tasks)
                     self.feeds.append(feed)
+                    served = set(feed.symbols)
+                    for market, symbol in self._symbols[exchange].items():
+                        if symbol in served:
+                            self._feed_of[market] = feed
                     tasks.add(asyncio.create_task(feed.run(stop)))
             tasks.add(asyncio.create_task(self._clock(queue, stop)))
             while True:

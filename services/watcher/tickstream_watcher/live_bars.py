@@ -32,6 +32,9 @@ class _MarketState:
     gap_after: int = -1
     session_first: int | None = None
     last_seq: int = -1
+    # A minute closed by the previous publisher, published again as it was (see `resume`):
+    # never closed from the stream or the backfill.
+    republished: int = -1
     last_trade_id: int = -1
     pending: bool = False  # the forming bar changed since it was last published
     published_at: int = -1  # received time (ms) of the last published update
@@ -169,7 +172,7 @@ class LiveBars:
             limit = state.forming.minute
         out: list[Tick] = []
         for candle in candles:
-            if candle.minute <= state.gap_after:
+            if candle.minute <= state.gap_after or candle.minute == state.republished:
                 continue
             if limit is not None and candle.minute >= limit:
                 break
@@ -196,6 +199,20 @@ class LiveBars:
             )
         return out
 
+    def resume(
+        self, market: Market, closed_through: int | None, last_seq: int, republished: int | None
+    ) -> None:
+        """Continue a previous publisher: minutes up to `closed_through` are final, seqs stay
+        above `last_seq`, and the minute `republished` (one of its closes, sent again as it
+        was) is left alone too. Call before any data of `market`.
+        """
+        state = self._state(market)
+        if closed_through is not None:
+            state.closed_through = state.gap_after = max(state.closed_through, closed_through)
+        state.last_seq = max(state.last_seq, last_seq)
+        if republished is not None and republished > state.closed_through:
+            state.republished = republished
+
     def gap_after(self, market: Market) -> int | None:
         """The last minute closed before the latest connect (the gap starts after it), or None."""
         state = self._markets.get(market)
@@ -205,6 +222,11 @@ class LiveBars:
         """The newest minute of `market` closed so far, or None."""
         state = self._markets.get(market)
         return None if state is None or state.closed_through < 0 else state.closed_through
+
+    def last_update_ms(self, market: Market) -> int | None:
+        """Receive time (ms) of the newest update of `market` published, or None."""
+        state = self._markets.get(market)
+        return None if state is None or state.published_at < 0 else state.published_at
 
     def _state(self, market: Market) -> _MarketState:
         state = self._markets.get(market)
@@ -217,7 +239,11 @@ class LiveBars:
         if state.session_first is None:
             state.session_first = minute  # the stream covers this minute on: the gap ends here
         bar = state.forming
-        if minute <= state.closed_through or (bar is not None and minute < bar.minute):
+        if (
+            minute <= state.closed_through
+            or minute == state.republished
+            or (bar is not None and minute < bar.minute)
+        ):
             self.counters.late += 1
             return None
         if bar is not None and minute > bar.minute:

@@ -20,15 +20,28 @@ log = logging.getLogger(__name__)
 class _Route:
     """One market's destination, computed once, with its batch being filled and the one sent."""
 
-    __slots__ = ("batch", "count", "key", "partition", "sending", "topic")
+    __slots__ = (
+        "batch",
+        "batch_close",
+        "count",
+        "key",
+        "market_id",
+        "partition",
+        "sending",
+        "sending_close",
+        "topic",
+    )
 
-    def __init__(self, topic: str, partition: int, key: bytes) -> None:
+    def __init__(self, market_id: str, topic: str, partition: int) -> None:
+        self.market_id = market_id
         self.topic = topic
         self.partition = partition
-        self.key = key
+        self.key = market_id.encode()
         self.batch: Any = None  # aiokafka BatchBuilder being filled, not yet sent
         self.count = 0  # ticks in `batch`
         self.sending = 0  # ticks of the batch sent and not yet acknowledged (0 = none)
+        self.batch_close: Tick | None = None  # the newest closed bar in `batch`
+        self.sending_close: Tick | None = None  # the newest closed bar in the batch sent
 
 
 class TickPublisher:
@@ -63,6 +76,7 @@ class TickPublisher:
         self._wake_sender = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
+        self._acknowledged_closes: dict[str, Tick] = {}
         self.published = 0
 
     async def __aenter__(self) -> TickPublisher:
@@ -111,6 +125,8 @@ class TickPublisher:
                 if batch.append(timestamp=tick.exchange_ts, key=route.key, value=value) is None:
                     raise ValueError(f"a tick of {len(value)} bytes does not fit in a batch")
             route.count += 1
+            if tick.closed:
+                route.batch_close = tick
             self._unacknowledged += 1
         await self._send_idle()
         # Let the producer's sender take the batches now, while the source makes the next ones.
@@ -125,13 +141,17 @@ class TickPublisher:
             await self._wait_for_acknowledgement()
         self._raise_failure()
 
+    def take_acknowledged_closes(self) -> dict[str, Tick]:
+        """Per market, the newest closed bar acknowledged since the last call."""
+        closes, self._acknowledged_closes = self._acknowledged_closes, {}
+        return closes
+
     async def _add_route(self, market_id: str) -> _Route:
         topic = market_of(market_id).topic
-        key = market_id.encode()
         # Chosen as `producer.send()` would choose it (murmur2 of the key), but only once.
         partitions = sorted(await self._producer.partitions_for(topic))
-        partition = DefaultPartitioner()(key, partitions, partitions)
-        route = self._routes[market_id] = _Route(topic, partition, key)
+        partition = DefaultPartitioner()(market_id.encode(), partitions, partitions)
+        route = self._routes[market_id] = _Route(market_id, topic, partition)
         return route
 
     async def _wait_for_room(self) -> None:
@@ -178,8 +198,9 @@ class TickPublisher:
                         return  # recorded by _send: publish and flush raise it
 
     async def _send(self, route: _Route) -> None:
-        batch, count = route.batch, route.count
+        batch, count, close = route.batch, route.count, route.batch_close
         route.batch, route.count, route.sending = None, 0, count
+        route.batch_close, route.sending_close = None, close
         del self._open[route.topic]
         try:
             delivery = await self._producer.send_batch(
@@ -188,9 +209,9 @@ class TickPublisher:
         except asyncio.CancelledError:
             # Not handed over (only possible on shutdown): keep it for `flush` if nothing newer
             # is open, so that no count of unacknowledged ticks is left waiting forever.
-            route.sending = 0
+            route.sending, route.sending_close = 0, None
             if route.batch is None:
-                route.batch, route.count = batch, count
+                route.batch, route.count, route.batch_close = batch, count, close
                 self._open[route.topic] = route
             else:
                 self._unacknowledged -= count
@@ -205,6 +226,7 @@ class TickPublisher:
     def _delivered(self, route: _Route, delivery: asyncio.Future[Any]) -> None:
         self._deliveries.discard(delivery)
         count, route.sending = route.sending, 0
+        close, route.sending_close = route.sending_close, None
         self._unacknowledged -= count
         if delivery.cancelled():
             self._fail(RuntimeError("tick batch delivery was cancelled"), count)
@@ -212,6 +234,8 @@ class TickPublisher:
             self._fail(error, count)
         else:
             self.published += count
+            if close is not None:
+                self._acknowledged_closes[route.market_id] = close
             if route.batch is not None:
                 self._freed.append(route)
                 self._wake_sender.set()

@@ -1,51 +1,222 @@
-"""Watcher lifecycle: create topics, then stream ticks from the source until stopped."""
+"""Watcher lifecycle: stand by until the group's lease is ours, then publish ticks while it is."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
+from dataclasses import dataclass, field
+from typing import Final
 
+import redis.asyncio as redis
+
+from tickstream_shared.feed_status import REPORT_INTERVAL_S
 from tickstream_shared.kafka import ensure_topics, make_producer
+from tickstream_shared.redis_client import connect
+from tickstream_shared.schemas import Tick
 from tickstream_shared.settings import ServiceSettings
+from tickstream_watcher.checkpoints import ResumePlan, ResumePoint
+from tickstream_watcher.exchange import BadFrame
+from tickstream_watcher.leadership import GroupState, Lease, wait_for_lease
 from tickstream_watcher.publisher import TickPublisher
+from tickstream_watcher.rest import RestUnavailable
 from tickstream_watcher.sources import TickSource, make_source
 
 log = logging.getLogger("tickstream.watcher")
 
+# Waits between attempts to resolve the markets while an exchange's listing is unreachable.
+_START_RETRY_S: Final = (1.0, 2.0, 5.0, 10.0, 30.0)
+_REDIS_ERRORS: Final = (redis.RedisError, OSError, TimeoutError)
+
 
 async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
-    """Publish ticks until `stop` is set; a send failure or source error ends it by raising."""
-    source = make_source(settings.watcher, settings.exchanges)
-    await source.start()
-    await ensure_topics(settings.kafka, [m.topic for m in source.markets])
-    producer = make_producer(settings.kafka, client_id="tickstream-watcher")
-    await producer.start()
+    """Publish while holding the lease, stand by otherwise, until `stop` is set.
+
+    A send failure or a source error ends it by raising.
+    """
+    client = connect(settings.redis)
+    lease = Lease(client, settings.watcher.group, settings.watcher.lease_ms)
+    group = GroupState(client, settings.watcher.group)
     try:
-        async with TickPublisher(producer, settings.watcher.max_in_flight) as publisher:
-            pump = asyncio.create_task(_pump(source, publisher))
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({pump, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if pump.done() and pump.exception() is None:
-                # A finite source (replay) ended: stay up until stopped, so that a supervisor
-                # (compose, Kubernetes, `tickstream up`) does not restart and replay it again.
-                await stopper
-            stopper.cancel()
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pump  # surfaces a send failure or a source error
-            await publisher.flush()
-            log.info("published %d ticks", publisher.published)
+        while await wait_for_lease(lease, stop):
+            log.info("took the lease %s: publishing", lease.key)
+            if await _term(settings, lease, group, stop):
+                break
+            log.warning("lost the lease %s: stopped publishing, standing by", lease.key)
     finally:
-        await producer.stop()
+        # Released on the way out, so that a standby takes over now rather than at expiry.
+        with contextlib.suppress(*_REDIS_ERRORS):
+            async with asyncio.timeout(2):
+                await lease.release()
+        await client.aclose()
 
 
-async def _pump(source: TickSource, publisher: TickPublisher) -> None:
+@dataclass
+class _Term:
+    """What one holding of the lease publishes with; the keeper reads it as it fills in."""
+
+    source: TickSource | None = None
+    publisher: TickPublisher | None = None
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    unsaved_closes: dict[str, Tick] = field(default_factory=dict)
+
+
+async def _term(
+    settings: ServiceSettings, lease: Lease, group: GroupState, stop: asyncio.Event
+) -> bool:
+    """Publish until `stop` (True) or until the lease is lost (False).
+
+    Redis failing under it counts as losing the lease: the watcher stands by again.
+    """
+    term = _Term()
+    keeper = asyncio.create_task(_keep(lease, group, term), name="watcher-lease-keeper")
+    try:
+        source = await _start_source(settings, term, stop)
+        if source is None:
+            return stop.is_set()
+        plan = await group.load(m.id for m in source.markets) if source.resumable else None
+        if plan is not None:
+            source.resume(plan)
+        await ensure_topics(settings.kafka, [m.topic for m in source.markets])
+        producer = make_producer(settings.kafka, client_id="tickstream-watcher")
+        await producer.start()
+        try:
+            async with TickPublisher(producer, settings.watcher.max_in_flight) as publisher:
+                term.publisher = publisher
+                await _publish(source, publisher, group, plan, term.lost, stop)
+                if term.lost.is_set():
+                    return False
+                await publisher.flush()  # the keeper still renews the lease meanwhile
+                await _stop_keeper(keeper)
+                await _save_closes(group, term)  # so that the next holder resumes after them
+                log.info("published %d ticks", publisher.published)
+        finally:
+            await producer.stop()
+        return True
+    except _REDIS_ERRORS as exc:
+        log.error("Redis failed under the lease: %r", exc)
+        return False
+    finally:
+        await _stop_keeper(keeper)
+
+
+async def _stop_keeper(keeper: asyncio.Task[None]) -> None:
+    keeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await keeper
+
+
+async def _start_source(
+    settings: ServiceSettings, term: _Term, stop: asyncio.Event
+) -> TickSource | None:
+    """The started source; retried while a listing is unreachable. None if stopped or lost."""
+    for attempt in itertools.count():
+        source = make_source(settings.watcher, settings.exchanges)
+        try:
+            await source.start()
+        except (RestUnavailable, BadFrame) as exc:
+            delay = _START_RETRY_S[min(attempt, len(_START_RETRY_S) - 1)]
+            log.error("cannot resolve the markets: %s; retrying in %.0fs", exc, delay)
+            await _wait_any(stop, term.lost, within=delay)
+            if stop.is_set() or term.lost.is_set():
+                return None
+            continue
+        term.source = source
+        return source
+    raise AssertionError("unreachable")
+
+
+async def _publish(
+    source: TickSource,
+    publisher: TickPublisher,
+    group: GroupState,
+    plan: ResumePlan | None,
+    lost: asyncio.Event,
+    stop: asyncio.Event,
+) -> None:
+    """Run the pump until `stop` or `lost`; a finite source's end keeps it waiting for those."""
+    pump = asyncio.create_task(_pump(source, publisher, group, plan))
+    try:
+        await _wait_any(stop, lost, also=pump)
+        if pump.done() and pump.exception() is None:
+            # A finite source (replay) ended: stay up until stopped, so that a supervisor
+            # (compose, Kubernetes, `tickstream up`) does not restart and replay it again.
+            await _wait_any(stop, lost)
+    finally:
+        pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pump  # surfaces a send failure or a source error
+
+
+async def _pump(
+    source: TickSource, publisher: TickPublisher, group: GroupState, plan: ResumePlan | None
+) -> None:
     started = time.monotonic()
+    if plan is not None and plan.republish:
+        # The previous holder's last closes, maybe never acknowledged: as they were, first.
+        await publisher.publish(list(plan.republish.values()))
     # aclosing: the source's own tasks (live feeds) end with the pump, even when it is cancelled.
     async with contextlib.aclosing(source.chunks()) as chunks:
         async for chunk in chunks:
+            if source.resumable:
+                await group.closing(chunk)  # before the producer has it: see `leadership`
             await publisher.publish(chunk)
     await publisher.flush()
     log.info("source finished: %d ticks in %.1fs", publisher.published, time.monotonic() - started)
+
+
+async def _keep(lease: Lease, group: GroupState, term: _Term) -> None:
+    """Renew the lease, save acknowledged closes and report the feeds, until cancelled.
+
+    Sets `term.lost` once the lease is not ours any more (taken, or not renewed in time).
+    """
+    interval = min(lease.renew_interval_s, REPORT_INTERVAL_S)
+    while True:
+        try:
+            async with asyncio.timeout(interval):
+                if not await lease.renew():
+                    log.error("the lease %s is held by another watcher", lease.key)
+                    term.lost.set()
+                    return
+        except _REDIS_ERRORS as exc:
+            log.warning("cannot renew the lease: %r", exc)
+        if not lease.held():
+            term.lost.set()
+            return
+        try:
+            async with asyncio.timeout(interval):
+                await _save_closes(group, term)
+                if term.source is not None:
+                    await group.report_feeds(term.source.feed_reports(time.time_ns() // 1_000_000))
+        except _REDIS_ERRORS as exc:
+            log.warning("cannot save checkpoints or feed reports: %r", exc)
+        await asyncio.sleep(interval)
+
+
+async def _save_closes(group: GroupState, term: _Term) -> None:
+    """Checkpoint the closes acknowledged since the last save; kept for the next try on error."""
+    if term.publisher is None or term.source is None or not term.source.resumable:
+        return
+    term.unsaved_closes.update(term.publisher.take_acknowledged_closes())
+    if term.unsaved_closes:
+        points = {m: ResumePoint(t.minute, t.seq) for m, t in term.unsaved_closes.items()}
+        await group.closed(points)
+        term.unsaved_closes.clear()
+
+
+async def _wait_any(
+    *events: asyncio.Event, also: asyncio.Task[None] | None = None, within: float | None = None
+) -> None:
+    """Return when any event is set, `also` is done, or `within` seconds pass."""
+    waiters = {asyncio.ensure_future(event.wait()) for event in events}
+    try:
+        await asyncio.wait(
+            waiters | ({also} if also else set()),
+            timeout=within,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -10,10 +10,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Protocol
 
+from tickstream_shared.feed_status import FeedSource, FeedStatus, ReportedState
 from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_shared.settings import ExchangeSettings, WatcherSettings
 from tickstream_watcher.candles import Candle, find_candle_files, merged_candles
+from tickstream_watcher.checkpoints import ResumePlan
 from tickstream_watcher.synthetic import SyntheticMarket
 
 log = logging.getLogger(__name__)
@@ -35,14 +37,27 @@ def now_ms() -> int:
 class TickSource(Protocol):
     """Yields lists of ticks that are due together; the publisher sends each list at once.
 
-    `markets` is complete once `start` has returned.
+    `markets` is complete once `start` has returned. A source with `resumable` continues a
+    previous publisher's markets from a `ResumePlan` (given to `resume` before `chunks`);
+    the others start afresh. `feed_reports` says, per market id, how its feed is doing.
     """
 
     markets: list[Market]
+    resumable: bool
 
     async def start(self) -> None: ...
 
+    def resume(self, plan: ResumePlan) -> None: ...
+
     def chunks(self) -> AsyncGenerator[list[Tick]]: ...
+
+    def feed_reports(self, now_ms: int) -> dict[str, FeedStatus]: ...
+
+
+def _reports(
+    markets: list[Market], source: FeedSource, state: ReportedState, now: int, last: int | None
+) -> dict[str, FeedStatus]:
+    return {m.id: FeedStatus(source, source, state, now, last) for m in markets}
 
 
 class SyntheticSource:
@@ -54,8 +69,11 @@ class SyntheticSource:
     more than the market's last seq), so seqs grow across restarts too.
     """
 
+    resumable = False  # a standby taking over starts a new walk (with its own backfill)
+
     def __init__(self, settings: WatcherSettings) -> None:
         self.markets = [Market.parse(m) for m in settings.markets]
+        self._last_ms: int | None = None
         self._interval_s = settings.tick_interval_ms / 1000
         self._backfill_minutes = settings.synthetic_backfill_minutes
         self._models = [
@@ -65,6 +83,12 @@ class SyntheticSource:
     async def start(self) -> None:
         """Nothing to resolve: the markets are the configured ones."""
 
+    def resume(self, plan: ResumePlan) -> None:
+        """Not resumable."""
+
+    def feed_reports(self, now_ms: int) -> dict[str, FeedStatus]:
+        return _reports(self.markets, "synthetic", "live", now_ms, self._last_ms)
+
     async def chunks(self) -> AsyncGenerator[list[Tick]]:
         start_ns = time.time_ns()
         for chunk in self._backfill(start_ns // 1_000_000, start_ns // 1000):
@@ -73,6 +97,7 @@ class SyntheticSource:
         while True:
             wall_ns = time.time_ns()
             wall_ms, wall_us = wall_ns // 1_000_000, wall_ns // 1000
+            self._last_ms = wall_ms
             yield [tick for model in self._models for tick in model.update(wall_ms, wall_us)]
             now = time.monotonic()
             next_at = max(next_at + self._interval_s, now)
@@ -119,8 +144,11 @@ class ReplayProgress:
 class ReplaySource:
     """Real 1-minute candles from CSV files as closed bars, merged by event time, at a set speed.
 
-    A bar's seq is its data row number in its file, so a re-run emits identical keys.
+    A bar's seq is its data row number in its file, so a re-run emits identical keys (and a
+    standby taking over replays from the start: the same ticks again, absorbed downstream).
     """
+
+    resumable = False
 
     def __init__(self, settings: WatcherSettings) -> None:
         folder = Path(settings.replay_dir)
@@ -132,9 +160,17 @@ class ReplaySource:
         self.markets = list(self._files)
         self._speed = settings.replay_speed
         self._limit = settings.replay_limit_minutes
+        self._state: ReportedState = "live"
+        self._last_ms: int | None = None
 
     async def start(self) -> None:
         """Nothing to resolve: the markets are the files found."""
+
+    def resume(self, plan: ResumePlan) -> None:
+        """Not resumable: a replay starts from the first row."""
+
+    def feed_reports(self, now_ms: int) -> dict[str, FeedStatus]:
+        return _reports(self.markets, "replay", self._state, now_ms, self._last_ms)
 
     async def chunks(self) -> AsyncGenerator[list[Tick]]:
         progress = ReplayProgress()
@@ -142,7 +178,9 @@ class ReplaySource:
         paced = self._paced(candles) if self._speed > 0 else _in_chunks(candles)
         async for chunk in paced:
             yield [_closed_bar(candle) for candle in chunk]
+            self._last_ms = now_ms()
             progress.emitted(len(chunk), chunk[-1].minute + MINUTE_MS)
+        self._state = "finished"
 
     async def _paced(self, candles: Iterator[Candle]) -> AsyncIterator[list[Candle]]:
         start_wall = time.monotonic()
