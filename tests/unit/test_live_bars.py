@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from tickstream_shared.naming import Market
 from tickstream_shared.schemas import Tick, decode_tick
 from tickstream_watcher.exchange import CandleUpdate, Trade
-from tickstream_watcher.live_bars import LiveBars
+from tickstream_watcher.live_bars import REPAIR_DELAY_MS, REPAIR_GIVE_UP_MS, LiveBars
 
 M = 60_000
 BASE = 28_333_334 * M  # 2023-11-14, a whole minute
@@ -53,9 +53,17 @@ def test_trades_aggregate_into_a_bar_closed_when_the_next_minute_starts() -> Non
         4,
     )
     closing = valid(bars.trade(Trade(BTC, 11, 102.0, 1.0, BASE + M + 500), us(BASE + M + 600)))
-    assert [(t.minute, t.closed) for t in closing] == [(BASE, True), (BASE + M, False)]
-    assert closing[0].volume == 3.75 and closing[0].exchange_ts == BASE + 31_000
+    assert [(t.minute, t.closed) for t in closing] == [(BASE + M, False)]
     assert bars.closed_through(BTC) == BASE
+    # The first minute seen lacks the trades before the connection: it waits for REST, and
+    # with no candle in time it closes from the trades seen.
+    due = BASE + M + REPAIR_DELAY_MS
+    assert bars.repairs_due(due - 1) == {} and bars.repairs_due(due) == {BTC: (BASE, BASE)}
+    assert bars.repair(BTC, [], us(due)) == []
+    (closed,) = valid(bars.repair(BTC, [], us(BASE + M + REPAIR_GIVE_UP_MS)))
+    assert (closed.minute, closed.closed, closed.volume) == (BASE, True, 3.75)
+    assert closed.exchange_ts == BASE + 31_000 and bars.counters.unrepaired == 1
+    assert bars.repairs_due(BASE + 9 * M) == {}
 
 
 def test_updates_are_conflated_to_one_per_interval_and_flushed() -> None:
@@ -196,8 +204,10 @@ def test_closed_bars_equal_an_independent_aggregation_of_the_accepted_trades(
             newest_minute = minute
         published += bars.trade(Trade(BTC, trade_id, price, size, ts), us(ts + 3))
     published += bars.close_due(us(ts + 10 * M))
+    # The first minute seen waits for its REST candle; with none, it closes from its trades.
+    published += bars.repair(BTC, [], us(ts + 10 * M + REPAIR_GIVE_UP_MS))
     valid(published)
-    closed = [t for t in published if t.closed]
+    closed = sorted((t for t in published if t.closed), key=lambda t: t.minute)
     assert [t.minute for t in closed] == sorted(accepted)
     for tick in closed:
         trades = accepted[tick.minute]
@@ -236,3 +246,32 @@ def test_resume_continues_a_previous_publisher_without_closing_its_minutes_again
     assert fresh.counters.late == 1
     (streamed,) = fresh.candle(candle(BASE + 3 * M, 12.0, 1.0, BASE + 4 * M, closed=True), now)
     assert streamed.minute == BASE + 3 * M and streamed.seq > 5_000_000
+
+
+def test_a_trade_id_gap_closes_the_minutes_it_spans_from_the_rest_candles() -> None:
+    """Missed trades: those minutes close once, from the exchange's candles, not the trades."""
+    bars = LiveBars(min_interval_ms=0)
+    out = bars.trade(Trade(BTC, 1, 100.0, 1.0, BASE - M + 1), us(BASE - M + 2))
+    out += bars.trade(Trade(BTC, 2, 100.0, 1.0, BASE + 1_000), us(BASE + 1_001))  # no gap
+    out += bars.trade(Trade(BTC, 5, 104.0, 1.0, BASE + M + 1_000), us(BASE + M + 1_001))
+    out += bars.trade(Trade(BTC, 6, 105.0, 1.0, BASE + 2 * M + 1), us(BASE + 2 * M + 2))
+    assert bars.counters.trade_gaps == 2
+    assert [t.minute for t in out if t.closed] == []  # BASE - M: first seen; BASE, BASE + M: gap
+    now = BASE + 2 * M + REPAIR_DELAY_MS
+    assert bars.repairs_due(now) == {BTC: (BASE - M, BASE + M)}
+    rest = [
+        candle(BASE + i * M, 101.0 + i, 9.0, BASE + (i + 1) * M, closed=True) for i in (-1, 0, 1)
+    ]
+    repaired = valid(bars.repair(BTC, rest, us(now)))
+    assert [(t.minute, t.close, t.volume, t.closed) for t in repaired] == [
+        (BASE - M, 100.0, 9.0, True),
+        (BASE, 101.0, 9.0, True),
+        (BASE + M, 102.0, 9.0, True),
+    ]
+    assert bars.counters.repaired == 3 and bars.repairs_due(now + M) == {}
+    # Late trades of repaired minutes are refused; the minute after closes from its trades.
+    assert bars.trade(Trade(BTC, 7, 1.0, 1.0, BASE + M + 5), us(now)) == []
+    (closed,) = [
+        t for t in bars.trade(Trade(BTC, 8, 106.0, 1.0, BASE + 3 * M), us(now)) if t.closed
+    ]
+    assert (closed.minute, closed.close) == (BASE + 2 * M, 105.0)

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 _QUEUE_CHUNKS: Final = 256
 # How often forming bars are flushed (conflated updates) and silent minutes closed.
 _CLOCK_TICK_S: Final = 0.25
+# How often minutes with missed trades are looked for and repaired from REST candles.
+_REPAIR_EVERY_S: Final = 2.0
 # Candles per REST request, per exchange (their documented maxima), and the pacing of requests
 # (Coinbase: 8 requests/s per IP; Kraken's public API: about 1/s; Binance: weight 2 per klines
 # call out of 6,000 a minute).
@@ -151,6 +153,7 @@ class LiveSource:
                             self._feed_of[market] = feed
                     tasks.add(asyncio.create_task(feed.run(stop)))
             tasks.add(asyncio.create_task(self._clock(queue, stop)))
+            tasks.add(asyncio.create_task(self._repairs(queue, stop)))
             while True:
                 yield await queue.get()
         finally:
@@ -236,6 +239,30 @@ class LiveSource:
                 filled,
                 max(missing, 0),
             )
+
+    async def _repairs(self, queue: asyncio.Queue[list[Tick]], stop: asyncio.Event) -> None:
+        """Close minutes whose trades the stream missed from REST candles (see LiveBars).
+
+        One market at a time, through the exchange's paced REST client: repairs are rare (a
+        trade-id gap, the first minute seen), and this keeps them inside the request limits.
+        """
+        while not stop.is_set():
+            for market, (first, last) in self.bars.repairs_due(now_us() // 1000).items():
+                exchange = market.exchange
+                protocol, symbol = self._protocols[exchange], self._symbols[exchange][market]
+                candles: list[CandleUpdate] = []
+                try:
+                    body = await self._rest[exchange].get(
+                        protocol.candles_path(symbol, first, last)
+                    )
+                    candles = protocol.parse_candles(market, body)
+                except (RestUnavailable, BadFrame) as exc:
+                    log.warning("repair of %s: no candles: %s", market.id, exc)
+                ticks = self.bars.repair(market, candles, now_us())
+                if ticks:
+                    await queue.put(ticks)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=_REPAIR_EVERY_S)
 
     async def _clock(self, queue: asyncio.Queue[list[Tick]], stop: asyncio.Event) -> None:
         while not stop.is_set():

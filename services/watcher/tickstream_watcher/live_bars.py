@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Final
 
 from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MAX_CLOCK_AHEAD_MS, MINUTE_MS, Tick
 from tickstream_watcher.exchange import CandleUpdate, Trade
+
+# A minute whose trades the stream is known to have missed is closed from the exchange's REST
+# candle instead: asked for this long after the minute ends (the exchange needs a moment to
+# finish its candle), and if none comes within REPAIR_GIVE_UP_MS, closed from the trades seen.
+REPAIR_DELAY_MS: Final = 10_000
+REPAIR_GIVE_UP_MS: Final = 180_000
+# Most minutes one trade-id gap marks for repair (the newest ones); older are counted only.
+MAX_REPAIR_MINUTES: Final = 10
 
 
 @dataclass(slots=True)
@@ -35,7 +44,12 @@ class _MarketState:
     # A minute closed by the previous publisher, published again as it was (see `resume`):
     # never closed from the stream or the backfill.
     republished: int = -1
+    # Minutes (forming or later) the stream missed trades of: closed from REST, not the trades.
+    unfinished: set[int] = field(default_factory=set)
+    # Ended unfinished minutes waiting for their REST candle, with the bar from the trades seen.
+    awaiting: dict[int, _Bar] = field(default_factory=dict)
     last_trade_id: int = -1
+    last_trade_minute: int = -1
     pending: bool = False  # the forming bar changed since it was last published
     published_at: int = -1  # received time (ms) of the last published update
 
@@ -47,6 +61,9 @@ class LiveBarCounters:
     late: int = 0  # an update or trade of a minute already closed (or older than the forming)
     duplicate_trades: int = 0  # a trade id at or below the last one seen
     trade_gaps: int = 0  # trade ids skipped: trades the stream never delivered
+    repaired: int = 0  # minutes with missed trades closed from the exchange's REST candle
+    unrepaired: int = 0  # ... closed from the trades seen: no candle came in time
+    unrepairable: int = 0  # minutes a gap spans beyond MAX_REPAIR_MINUTES
     ahead: int = 0  # stamped more than MAX_CLOCK_AHEAD_MS after the watcher received it
 
 
@@ -61,7 +78,10 @@ class LiveBars:
     time, not by the trade rate. A bar is closed exactly once: when the exchange says so, when a
     later minute starts, or when `close_due` finds its minute over by `close_grace_ms`; after
     that nothing of that minute is published again (late data is counted). A minute without
-    data gets no bar. `seq` is the receive time in microseconds (or one more than the last), so
+    data gets no bar. A trade-built minute the stream is known to have missed trades of (a
+    trade-id gap, or the first minute seen) is not closed from the trades: it waits for the
+    exchange's REST candle (`repairs_due`, `repair`), so its bar is complete when it closes.
+    `seq` is the receive time in microseconds (or one more than the last), so
     it grows per market across restarts and across a standby watcher taking over.
     """
 
@@ -93,7 +113,7 @@ class LiveBars:
             max(stamp, update.minute),
         )
         if update.closed:
-            out.append(self._close(state, received_us))
+            out.extend(self._close(state, received_us))
         else:
             state.pending = True
             out.extend(self._publish_if_due(state, received_us))
@@ -108,10 +128,16 @@ class LiveBars:
         if trade.exchange_ts > received_us // 1000 + MAX_CLOCK_AHEAD_MS:
             self.counters.ahead += 1
             return []
-        if state.last_trade_id >= 0 and trade.trade_id > state.last_trade_id + 1:
-            self.counters.trade_gaps += trade.trade_id - state.last_trade_id - 1
-        state.last_trade_id = trade.trade_id
         minute = trade.exchange_ts - trade.exchange_ts % MINUTE_MS
+        if state.last_trade_id < 0:
+            # The first trade seen: its minute's earlier trades were before the connection.
+            # (After a reconnect, trade ids tell whether any were missed: a gap, below.)
+            self._mark_unfinished(state, minute, minute)
+        elif trade.trade_id > state.last_trade_id + 1:
+            self.counters.trade_gaps += trade.trade_id - state.last_trade_id - 1
+            self._mark_unfinished(state, state.last_trade_minute, minute)
+        state.last_trade_id = trade.trade_id
+        state.last_trade_minute = max(state.last_trade_minute, minute)
         out = self._roll(state, minute, received_us)
         if out is None:
             return []
@@ -141,12 +167,12 @@ class LiveBars:
     def close_due(self, now_us: int) -> list[Tick]:
         """Close every forming bar whose minute ended `close_grace_ms` or more before now."""
         now_ms = now_us // 1000
-        return [
-            self._close(state, now_us)
-            for state in self._markets.values()
-            if state.forming is not None
-            and now_ms >= state.forming.minute + MINUTE_MS + self.close_grace_ms
-        ]
+        out = []
+        for state in self._markets.values():
+            bar = state.forming
+            if bar is not None and now_ms >= bar.minute + MINUTE_MS + self.close_grace_ms:
+                out.extend(self._close(state, now_us))
+        return out
 
     def connected(self, markets: Iterable[Market]) -> None:
         """A new connection delivers `markets` from now on: remember the gap it leaves.
@@ -178,6 +204,8 @@ class LiveBars:
                 break
             if candle.minute + MINUTE_MS > now_us // 1000:
                 break  # still forming at the exchange
+            if state.awaiting.pop(candle.minute, None) is not None:
+                self.counters.repaired += 1  # a minute with missed trades, repaired early
             state.gap_after = candle.minute
             state.closed_through = max(state.closed_through, candle.minute)
             state.last_seq = seq = max(state.last_seq + 1, now_us)
@@ -197,6 +225,48 @@ class LiveBars:
                     True,
                 )
             )
+        return out
+
+    def repairs_due(self, now_ms: int) -> dict[Market, tuple[int, int]]:
+        """Markets with minutes to repair now: the first and last such minute of each."""
+        due = {}
+        for market, state in self._markets.items():
+            minutes = [m for m in state.awaiting if now_ms >= m + MINUTE_MS + REPAIR_DELAY_MS]
+            if minutes:
+                due[market] = (min(minutes), max(minutes))
+        return due
+
+    def repair(self, market: Market, candles: Iterable[CandleUpdate], now_us: int) -> list[Tick]:
+        """Close the market's minutes with missed trades from the exchange's REST `candles`.
+
+        A minute without a candle waits for a later call, until REPAIR_GIVE_UP_MS after its
+        end: then it is closed from the trades seen (counted). Call with no candles when the
+        exchange cannot be asked, so that nothing waits forever.
+        """
+        state = self._state(market)
+        by_minute = {candle.minute: candle for candle in candles}
+        out = []
+        for minute in sorted(state.awaiting):
+            candle = by_minute.get(minute)
+            if candle is not None:
+                bar = _Bar(
+                    minute,
+                    candle.open,
+                    candle.high,
+                    candle.low,
+                    candle.close,
+                    candle.volume,
+                    candle.trades,
+                    minute + MINUTE_MS,
+                )
+                self.counters.repaired += 1
+            elif now_us // 1000 >= minute + MINUTE_MS + REPAIR_GIVE_UP_MS:
+                bar = state.awaiting[minute]
+                self.counters.unrepaired += 1
+            else:
+                continue
+            del state.awaiting[minute]
+            out.append(self._bar_tick(state, bar, now_us, closed=True))
         return out
 
     def resume(
@@ -247,7 +317,7 @@ class LiveBars:
             self.counters.late += 1
             return None
         if bar is not None and minute > bar.minute:
-            return [self._close(state, received_us)]  # a later minute started: this one is done
+            return self._close(state, received_us)  # a later minute started: this one is done
         return []
 
     def _publish_if_due(self, state: _MarketState, received_us: int) -> list[Tick]:
@@ -258,18 +328,39 @@ class LiveBars:
             return []
         return [self._tick(state, received_us, closed=False)]
 
-    def _close(self, state: _MarketState, received_us: int) -> Tick:
+    def _close(self, state: _MarketState, received_us: int) -> list[Tick]:
+        """Close the forming bar: published now, or held for its REST candle if unfinished."""
+        bar = state.forming
+        assert bar is not None
+        if bar.minute in state.unfinished:
+            state.unfinished.discard(bar.minute)
+            state.awaiting[bar.minute] = bar
+            state.closed_through = bar.minute  # final for the stream: never reopened
+            state.forming = None
+            return []
         tick = self._tick(state, received_us, closed=True)
         state.closed_through = tick.minute
         state.forming = None
-        return tick
+        return [tick]
+
+    def _mark_unfinished(self, state: _MarketState, first: int, last: int) -> None:
+        """Minutes first..last lack trades: close them from REST (newest MAX_REPAIR_MINUTES)."""
+        first = max(first, state.closed_through + MINUTE_MS)
+        oldest = last - (MAX_REPAIR_MINUTES - 1) * MINUTE_MS
+        if first < oldest:
+            self.counters.unrepairable += (oldest - first) // MINUTE_MS
+            first = oldest
+        state.unfinished.update(range(first, last + MINUTE_MS, MINUTE_MS))
 
     def _tick(self, state: _MarketState, received_us: int, *, closed: bool) -> Tick:
         bar = state.forming
         assert bar is not None
-        state.last_seq = seq = max(state.last_seq + 1, received_us)
         state.pending = False
         state.published_at = received_us // 1000
+        return self._bar_tick(state, bar, received_us, closed=closed)
+
+    def _bar_tick(self, state: _MarketState, bar: _Bar, received_us: int, *, closed: bool) -> Tick:
+        state.last_seq = seq = max(state.last_seq + 1, received_us)
         return Tick(
             state.market_id,
             bar.minute,
