@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from tests.conftest import deadline, unique_exchange
 from tickstream_gateway.service import run
 from tickstream_shared import db
+from tickstream_shared.feed_status import FEEDS_KEY, STALE_AFTER_MS, FeedStatus
 from tickstream_shared.kafka import ensure_topics, make_producer
 from tickstream_shared.local_infra import LocalInfra, free_port
 from tickstream_shared.naming import (
@@ -333,3 +335,75 @@ async def test_unknown_market_and_rank_subscription(gateway: Gateway) -> None:
         assert (snapshot["type"], snapshot["kind"], snapshot["by"]) == ("ranks", "price", "logret")
         await ws.send(json.dumps({"op": "unsubscribe", "channel": "ranks", "kind": "price"}))
         assert await recv_json(ws) == {"type": "unsubscribed", "channel": "ranks", "kind": "price"}
+
+
+async def test_metrics_show_each_markets_feed(gateway: Gateway) -> None:
+    """`feeds` holds every good report aged by the gateway; `feed` is null without one."""
+    exchange = unique_exchange()
+    fresh, old, bare, garbled, quiet = (
+        Market(exchange, base, "usd") for base in ("fresh", "old", "bare", "garbled", "quiet")
+    )
+    with_stats = (fresh, old, bare, garbled)
+    now_ms = time.time_ns() // 1_000_000
+    reports = {
+        fresh.id.encode(): FeedStatus("live", exchange, "live", now_ms, now_ms - 500).encode(),
+        old.id.encode(): FeedStatus(
+            "replay", "replay", "live", now_ms - STALE_AFTER_MS - 5_000
+        ).encode(),
+        quiet.id.encode(): FeedStatus("live", exchange, "reconnecting", now_ms).encode(),
+        garbled.id.encode(): b"{not a report",
+        f"{exchange}:no id".encode(): FeedStatus("live", exchange, "live", now_ms).encode(),
+        f"{exchange}:\xff-usd".encode("latin-1"): b"\xff\xfe not UTF-8",
+    }
+    try:
+        for market in with_stats:
+            await write_stats(gateway.redis, market, std=1.0, cv=0.1, logret=0.1, stale=True)
+        await gateway.redis.hset(FEEDS_KEY, mapping=reports)
+
+        status, body = await http_json(gateway.base, "/api/metrics")
+        assert status == 200
+        feeds = {m: f for m, f in body["feeds"].items() if m.startswith(f"{exchange}:")}
+        assert feeds == {
+            fresh.id: {
+                "source": "live",
+                "origin": exchange,
+                "state": "live",
+                "reported_ms": now_ms,
+                "last_data_ms": now_ms - 500,
+            },
+            old.id: {
+                "source": "replay",
+                "origin": "replay",
+                "state": "stale",
+                "reported_ms": now_ms - STALE_AFTER_MS - 5_000,
+                "last_data_ms": None,
+            },
+            quiet.id: {
+                "source": "live",
+                "origin": exchange,
+                "state": "reconnecting",
+                "reported_ms": now_ms,
+                "last_data_ms": None,
+            },
+        }
+        shown = {
+            m["id"]: m["feed"] for m in body["metrics"] if m["market"].startswith(f"{exchange}:")
+        }
+        assert shown == {
+            market.metric_id(kind): state
+            for market, state in ((fresh, "live"), (old, "stale"), (bare, None), (garbled, None))
+            for kind in ("price", "volume")
+        }
+
+        status, detail = await http_json(gateway.base, f"/api/metrics/{fresh.metric_id('price')}")
+        assert (status, detail["feed"]) == (200, "live")
+        status, detail = await http_json(
+            gateway.base, f"/api/metrics/{garbled.metric_id('volume')}"
+        )
+        assert (status, detail["feed"]) == (200, None)
+    finally:
+        # Other tests list every metric of this database: leave none of ours behind.
+        metric_ids = [m.metric_id(k) for m in with_stats for k in ("price", "volume")]
+        await gateway.redis.delete(*(stats_key(m) for m in metric_ids))
+        await gateway.redis.srem(METRICS_KEY, *metric_ids)
+        await gateway.redis.hdel(FEEDS_KEY, *reports)

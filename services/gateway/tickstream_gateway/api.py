@@ -34,7 +34,7 @@ def _state(request: Request) -> GatewayState:
 
 
 async def list_metrics(request: Request) -> Response:
-    return json_response({"metrics": await metrics.list_metrics(_state(request).redis)})
+    return json_response(await metrics.metrics_listing(_state(request).redis))
 
 
 async def get_metric(request: Request) -> Response:

@@ -1,11 +1,14 @@
-"""Metric views for the HTTP API: stats, staleness and positions under every measure."""
+"""Metric views for the HTTP API: stats, staleness, positions under every measure, feed state."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import redis.asyncio as redis
+from redis.client import NEVER_DECODE
 
+from tickstream_gateway.feeds import decode_feeds, feeds_json, shown_state
 from tickstream_gateway.ranks import (
     RANKINGS,
     MetricStats,
@@ -14,6 +17,7 @@ from tickstream_gateway.ranks import (
     ranked,
 )
 from tickstream_shared.errors import BadIdentifier
+from tickstream_shared.feed_status import FEEDS_KEY, ShownState, decode_feed_status
 from tickstream_shared.naming import (
     MEASURES_BY_KIND,
     METRICS_KEY,
@@ -28,6 +32,7 @@ def metric_json(
     metric: MetricId,
     stats: MetricStats,
     positions: dict[RankMeasure, tuple[int | None, int]],
+    feed: ShownState | None,
 ) -> dict[str, Any]:
     return {
         "id": str(metric),
@@ -35,12 +40,19 @@ def metric_json(
         "kind": metric.kind,
         **stats.as_json(),
         **positions_json(positions),
+        "feed": feed,
     }
 
 
-async def list_metrics(client: redis.Redis) -> list[dict[str, Any]]:
-    """Every metric in METRICS_KEY with stats, stale ones too, sorted by id.
+def _wall_ms() -> int:
+    # Reports carry the watcher's wall clock, so their age is measured on the wall clock too.
+    return time.time_ns() // 1_000_000
 
+
+async def metrics_listing(client: redis.Redis) -> dict[str, Any]:
+    """The body of `/api/metrics`: `metrics` and the feed reports, `feeds`.
+
+    `metrics` holds every metric in METRICS_KEY with stats, stale ones too, sorted by id.
     Positions come from the same rank sets and the same filter as the rank snapshots, so a
     listing agrees with `/api/ranks` read at the same moment.
     """
@@ -56,9 +68,14 @@ async def list_metrics(client: redis.Redis) -> list[dict[str, Any]]:
         except BadIdentifier:
             continue  # not written by stats; nothing to show
     async with client.pipeline(transaction=False) as pipe:
+        # Undecoded: a field or value that is not UTF-8 is skipped by decode_feeds rather
+        # than failing the whole reply.
+        pipe.execute_command("HGETALL", FEEDS_KEY, **{NEVER_DECODE: True})
         for metric_id in metrics:
             pipe.hgetall(stats_key(metric_id))
-        hashes = await pipe.execute() if metrics else []
+        raw_feeds, *hashes = await pipe.execute()
+    now_ms = _wall_ms()
+    feeds = decode_feeds(raw_feeds)
     stats = {
         metric_id: parse_stats(metric.kind, raw)
         for (metric_id, metric), raw in zip(metrics.items(), hashes, strict=True)
@@ -72,15 +89,18 @@ async def list_metrics(client: redis.Redis) -> list[dict[str, Any]]:
         for metric_id, metric in metrics.items():
             if metric.kind == kind:
                 positions[metric_id][measure] = (index.get(metric_id), len(live))
-    return [
-        metric_json(metric, s, positions[metric_id])
+    listed = [
+        metric_json(
+            metric, s, positions[metric_id], shown_state(feeds.get(metric.market.id), now_ms)
+        )
         for metric_id, metric in metrics.items()
         if (s := stats[metric_id]) is not None
     ]
+    return {"metrics": listed, "feeds": feeds_json(feeds, now_ms)}
 
 
 async def metric_detail(client: redis.Redis, metric: MetricId) -> dict[str, Any] | None:
-    """One metric's stats and its position under each measure of its kind; None if no stats.
+    """One metric's stats, position under each measure of its kind, feed; None if no stats.
 
     A stale metric has position null under every measure.
     """
@@ -95,9 +115,14 @@ async def metric_detail(client: redis.Redis, metric: MetricId) -> dict[str, Any]
     stats = parse_stats(metric.kind, raw)
     if stats is None:
         return None
+    # Undecoded, as in metrics_listing; outside the transaction, whose reply is decoded whole.
+    report = await client.execute_command(  # type: ignore[no-untyped-call]
+        "HGET", FEEDS_KEY, metric.market.id, **{NEVER_DECODE: True}
+    )
+    feed = shown_state(None if report is None else decode_feed_status(report), _wall_ms())
     positions: dict[RankMeasure, tuple[int | None, int]] = {}
     for i, measure in enumerate(measures):
         index, total = ranks[2 * i], int(ranks[2 * i + 1])
         ranked_here = index is not None and not stats.stale
         positions[measure] = (int(index) + 1 if ranked_here else None, total)
-    return metric_json(metric, stats, positions)
+    return metric_json(metric, stats, positions, feed)

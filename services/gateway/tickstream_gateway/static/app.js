@@ -1,4 +1,6 @@
-// tickstream dashboard: minute-bar charts, rank tables by a chosen measure, alerts; one WebSocket.
+// tickstream dashboard: minute-bar charts, rank tables by a chosen measure, alerts, feed states.
+
+import { FEED_TITLES, feedStateOf, sourceSummary } from './feeds.js';
 
 const MINUTE_MS = 60000;
 const WINDOW_MINUTES = 1440; // history is at most this + 1 bars (the forming one)
@@ -24,6 +26,8 @@ const byTestId = (id) => document.querySelector(`[data-testid="${id}"]`);
 const els = {
   select: byTestId('market-select'),
   staleBadge: byTestId('stale-badge'),
+  selectedFeed: byTestId('selected-feed'),
+  dataSource: byTestId('data-source'),
   status: byTestId('status'),
   lastUpdate: byTestId('last-update-time'),
   charts: byTestId('charts'),
@@ -155,6 +159,7 @@ const state = {
   awaitingHistory: false, // bars before the market's history would be overwritten by it anyway
   series: new Series(),
   metrics: new Map(), // metric id -> view from /api/metrics, patched by ranks pushes
+  feeds: null, // market id -> feed report from /api/metrics; null until the first poll
   measure: { price: 'std', volume: 'std' }, // what each rank table is ordered by
   ranks: { price: null, volume: null },
   alerts: [], // newest first
@@ -198,6 +203,7 @@ const renderers = {
   ranks: () => KINDS.forEach(renderRanks),
   stats: renderStats,
   markets: renderMarkets,
+  feeds: renderFeeds,
   alerts: renderAlerts,
 };
 
@@ -254,6 +260,31 @@ function renderMarkets() {
   els.staleBadge.hidden = !stale;
   els.charts.classList.toggle('is-stale', stale);
   document.body.dataset.stale = String(stale);
+}
+
+function showFeed(badge, feed) {
+  badge.dataset.feed = feed;
+  badge.textContent = feed;
+  badge.title = FEED_TITLES[feed];
+}
+
+function feedBadge(feed) {
+  const span = document.createElement('span');
+  span.className = 'feed-badge';
+  showFeed(span, feed);
+  return span;
+}
+
+/** The header: where the data comes from, and the selected market's feed state. */
+function renderFeeds() {
+  const source = sourceSummary(state.feeds);
+  const text = source.text ?? (state.feeds ? 'unknown' : '—');
+  els.dataSource.textContent = source.stale ? `${text} (stale)` : text;
+  els.dataSource.classList.toggle('stale', source.stale);
+  els.dataSource.title = source.stale ? 'no watcher has reported any market for over 10 s' : '';
+  const feed = state.selected ? feedStateOf(state.feeds, state.selected) : null;
+  els.selectedFeed.hidden = feed === null;
+  if (feed !== null) showFeed(els.selectedFeed.querySelector('.feed-badge'), feed);
 }
 
 function statItem(key, value, className = '') {
@@ -313,7 +344,10 @@ function renderRanks(kind) {
       tr.classList.add('selected');
       tr.setAttribute('aria-current', 'true');
     }
-    tr.append(cell(r.label ?? `${r.position}/${r.total}`, 'num'), cell(r.metric, 'metric'), cell(fmtSig(r.value), 'num'));
+    const feed = cell('', 'feed');
+    const feedState = feedStateOf(state.feeds, marketOf(r.metric));
+    if (feedState !== null) feed.append(feedBadge(feedState));
+    tr.append(cell(r.label ?? `${r.position}/${r.total}`, 'num'), cell(r.metric, 'metric'), feed, cell(fmtSig(r.value), 'num'));
     const logret = kind === 'price' ? ` · logret ${fmtSig(r.logret)}` : '';
     tr.title = `std ${fmtSig(r.std)} · cv ${fmtSig(r.cv)}${logret} · mean ${fmtSig(r.mean, 6)} · ${fmtCount(r.count)} minutes`;
     frag.append(tr);
@@ -322,7 +356,7 @@ function renderRanks(kind) {
     const tr = document.createElement('tr');
     tr.className = 'empty';
     const td = cell(state.ranks[kind] === null ? 'loading…' : 'no live metrics');
-    td.colSpan = 3;
+    td.colSpan = 4;
     tr.append(td);
     frag.append(tr);
   }
@@ -784,8 +818,9 @@ async function pollMetrics() {
   await load('metrics', '/api/metrics', (body) => {
     const metrics = Array.isArray(body.metrics) ? body.metrics : [];
     state.metrics = new Map(metrics.map((m) => [m.id, m]));
+    state.feeds = body.feeds !== null && typeof body.feeds === 'object' ? body.feeds : {};
     setMarkets([...new Set(metrics.map((m) => m.market))].sort());
-    markDirty('stats', 'markets');
+    markDirty('stats', 'markets', 'feeds', 'ranks');
   });
   setTimeout(pollMetrics, METRICS_POLL_MS);
 }
@@ -837,7 +872,7 @@ function selectMarket(market) {
   state.awaitingHistory = true;
   writeHash();
   subscribe({ channel: 'market', market });
-  markDirty('charts', 'stats', 'ranks', 'markets');
+  markDirty('charts', 'stats', 'ranks', 'markets', 'feeds');
 }
 
 function selectMeasure(kind, measure) {
@@ -900,7 +935,7 @@ function start() {
   pollMetrics();
   loadAlerts();
   KINDS.forEach(loadRanks);
-  markDirty('charts', 'stats', 'ranks', 'alerts', 'markets');
+  markDirty('charts', 'stats', 'ranks', 'alerts', 'markets', 'feeds');
 }
 
 start();
