@@ -1,4 +1,4 @@
-"""Batch decoding and retry helpers for the consuming services (stats, alerts)."""
+"""The consumer runtime of stats and alerts: batches decoded, dead-lettered, handled, committed."""
 
 from __future__ import annotations
 
@@ -8,20 +8,23 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg.exceptions as pg_errors
 import redis.exceptions as redis_errors
+from aiokafka import ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, KafkaTimeoutError
 
+from tickstream_shared.deadletter import DeadLetter, DeadLetterSender
 from tickstream_shared.errors import BadMessage
-from tickstream_shared.naming import market_of
+from tickstream_shared.naming import Market, market_of
 from tickstream_shared.schemas import Tick, decode_tick
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRY_MAX_DELAY_S = 5.0
+_REPORT_EVERY_S = 30.0
 
 # Failures of a server or the network, worth waiting out. Anything else (a bug, a constraint
 # violation) is raised: the service stops loudly, and uncommitted offsets lose nothing.
@@ -56,8 +59,10 @@ def _topic_of(market_id: str) -> str:
     return market_of(market_id).topic
 
 
-def decode_batch(records: Iterable[Any], counters: DecodeCounters) -> list[Tick]:
-    """Decode consumer records in order; bad ones are counted, logged with their key, skipped."""
+def decode_batch(
+    records: Iterable[Any], counters: DecodeCounters, dead: list[DeadLetter] | None = None
+) -> list[Tick]:
+    """Decode consumer records in order; bad ones are counted, logged, skipped (into `dead`)."""
     ticks = []
     now_ms = time.time_ns() // 1_000_000
     for record in records:
@@ -70,6 +75,8 @@ def decode_batch(records: Iterable[Any], counters: DecodeCounters) -> list[Tick]
             ticks.append(tick)
         except BadMessage as exc:
             counters.skipped_bad += 1
+            if dead is not None:
+                dead.append(DeadLetter.of(record, exc.problem))
             log.warning(
                 "skipping bad tick topic=%s partition=%s offset=%s key=%r: %s",
                 record.topic,
@@ -124,3 +131,167 @@ async def commit_batch(consumer: Any, offsets: dict[Any, int] | None = None) -> 
         log.warning("commit refused during a rebalance, the batch will be re-read: %s", exc)
         return False
     return True
+
+
+class BatchHandler(Protocol):
+    """What a consuming service does with its batches; the runtime does the rest.
+
+    `assigned` prepares newly owned markets (warm-up; transient errors are retried by the
+    runtime, others stop the service); `revoked` forgets markets that left. `handle` makes one
+    batch's effects durable and returns False only when `stop` interrupted it (nothing is
+    committed then); `idle` runs when a poll returned nothing (same convention). None of them
+    runs concurrently with another: the runtime holds one lock around each.
+    """
+
+    async def assigned(self, markets: set[Market]) -> None: ...
+
+    def revoked(self, markets: set[Market]) -> None: ...
+
+    async def handle(self, ticks: list[Tick], stop: asyncio.Event) -> bool: ...
+
+    async def idle(self, stop: asyncio.Event) -> bool: ...
+
+
+@dataclass
+class RuntimeCounters:
+    batches: int = 0
+    commits_refused: int = 0
+    skipped_unowned: int = 0  # records of partitions not owned when their batch was handled
+
+
+class ConsumerRuntime:
+    """The one consume loop of stats and alerts: poll a batch, make it durable, commit.
+
+    Per batch, under one lock: only records of partitions this instance owns (assigned and
+    prepared) are used; bad records are sent to the dead-letter topic and acknowledged; the
+    handler makes the batch's effects durable; then exactly the offsets of the records used
+    are committed. A rebalance takes the same lock, so a revoke waits for the batch in
+    flight, which commits what it did, and then the handler forgets only the partitions that
+    left; an assignment prepares only the partitions that arrived. A refused commit (the group
+    rebalanced under the batch) is logged, not fatal: the new owner reads those records again
+    and the handlers' effects are idempotent (rows upserted by seq, alerts keyed by minute).
+
+    aiokafka (0.14) calls the rebalance listener from its coordination task, concurrently with
+    the loop; the lock cannot deadlock with the loop's commit(), which takes only the
+    coordinator's commit lock, not held while the coordinator awaits the listener.
+    """
+
+    def __init__(
+        self,
+        consumer: Any,
+        handler: BatchHandler,
+        dead_letters: DeadLetterSender,
+        *,
+        batch_max: int,
+        batch_wait_ms: int,
+        stop: asyncio.Event,
+    ) -> None:
+        self.consumer = consumer
+        self.stop = stop
+        self.handler = handler
+        self.dead_letters = dead_letters
+        self.batch_max = batch_max
+        self.batch_wait_ms = batch_wait_ms
+        self.owned: set[Any] = set()  # TopicPartitions assigned and prepared
+        self.decode = DecodeCounters()
+        self.counters = RuntimeCounters()
+        self.lock = asyncio.Lock()
+        self.listener = _RebalanceListener(self)
+        # aiokafka only logs what a listener raises; the loop re-raises it, so a market that
+        # cannot be prepared stops the service instead of being skipped for good.
+        self._failure: Exception | None = None
+
+    async def run(self) -> None:
+        """Consume until `stop`; raises what the handler or a preparation raised."""
+        stop = self.stop
+        next_report = time.monotonic() + _REPORT_EVERY_S
+        while not stop.is_set():
+            if time.monotonic() >= next_report:
+                next_report = time.monotonic() + _REPORT_EVERY_S
+                self._report()
+            batch = await self.consumer.getmany(
+                timeout_ms=self.batch_wait_ms, max_records=self.batch_max
+            )
+            async with self.lock:
+                if self._failure is not None:
+                    raise self._failure
+                if not batch:
+                    if not await self.handler.idle(stop):
+                        return
+                    continue
+                if not await self._handle(batch, stop):
+                    return
+
+    def _report(self) -> None:
+        log.info(
+            "batches=%d ticks decoded=%d skipped_bad=%d dead_lettered=%d commits_refused=%d"
+            " skipped_unowned=%d",
+            self.counters.batches,
+            self.decode.decoded,
+            self.decode.skipped_bad,
+            self.dead_letters.sent,
+            self.counters.commits_refused,
+            self.counters.skipped_unowned,
+        )
+
+    async def _handle(self, batch: dict[Any, list[Any]], stop: asyncio.Event) -> bool:
+        used = {tp: records for tp, records in batch.items() if tp in self.owned and records}
+        skipped = sum(len(records) for tp, records in batch.items() if tp not in used)
+        if skipped:
+            # Revoked, or assigned but not prepared yet, while this batch was fetched: its
+            # owner reads these records again from the committed offset.
+            self.counters.skipped_unowned += skipped
+            log.info("skipped %d records of partitions not owned (mid-rebalance)", skipped)
+        if not used:
+            return True
+        dead: list[DeadLetter] = []
+        ticks = decode_batch(records_in_order(used), self.decode, dead)
+        if dead:
+
+            async def send_dead() -> bool:
+                await self.dead_letters.send(dead)
+                return True
+
+            if await retry_until_done("send dead letters", send_dead, stop) is None:
+                return False
+        if not await self.handler.handle(ticks, stop):
+            return False
+        self.counters.batches += 1
+        offsets = {tp: records[-1].offset + 1 for tp, records in used.items()}
+        if not await commit_batch(self.consumer, offsets):
+            self.counters.commits_refused += 1
+        return True
+
+    async def _revoked(self, partitions: set[Any]) -> None:
+        async with self.lock:
+            gone = partitions & self.owned
+            self.owned -= gone
+            self.handler.revoked({Market.from_topic(tp.topic) for tp in gone})
+
+    async def _assigned(self, partitions: set[Any]) -> None:
+        async with self.lock:
+            new = partitions - self.owned
+            markets = {Market.from_topic(tp.topic) for tp in new}
+
+            async def prepare() -> bool:
+                await self.handler.assigned(markets)
+                return True
+
+            try:
+                done = await retry_until_done("prepare markets", prepare, self.stop)
+            except Exception as exc:
+                self._failure = exc
+                raise
+            if done:
+                self.owned |= new
+
+
+class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, runtime: ConsumerRuntime) -> None:
+        self.runtime = runtime
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.runtime._revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.runtime._assigned(set(assigned))

@@ -26,6 +26,8 @@ TICK_TOPIC_PREFIX: Final = "ticks."
 # Regex subscriptions (stats, alerts, gateway) match every per-pair tick topic, now and future.
 TICK_TOPIC_PATTERN: Final = r"^ticks\.[a-z0-9]+\.[a-z0-9]+-[a-z0-9]+$"
 ALERTS_TOPIC: Final = "alerts"
+# Records a consumer could not use, with where they came from and why (see deadletter.py).
+DEADLETTER_TOPIC: Final = "deadletter"
 
 _PART = r"[a-z0-9]+"
 _MARKET_RE: Final = re.compile(rf"^(?P<exchange>{_PART}):(?P<base>{_PART})-(?P<quote>{_PART})$")

@@ -7,20 +7,14 @@ import logging
 import time
 from typing import Any
 
-from aiokafka import ConsumerRebalanceListener
-
 from tickstream_alerts.detector import SpikeDetector
 from tickstream_shared import alert_store, db
-from tickstream_shared.consuming import (
-    DecodeCounters,
-    commit_batch,
-    decode_batch,
-    records_in_order,
-    retry_until_done,
-)
+from tickstream_shared.consuming import ConsumerRuntime, retry_until_done
+from tickstream_shared.deadletter import DeadLetterSender
 from tickstream_shared.kafka import ensure_topics, make_consumer, make_producer
 from tickstream_shared.naming import (
     ALERTS_TOPIC,
+    DEADLETTER_TOPIC,
     METRIC_KINDS,
     TICK_TOPIC_PATTERN,
     Market,
@@ -33,18 +27,61 @@ log = logging.getLogger("tickstream.alerts")
 _REPORT_EVERY_S = 30.0
 
 
-class _Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Drops rule state for markets that moved to another instance."""
+class _AlertsHandler:
+    """Alerts' part of each batch (see ConsumerRuntime): judge, store, publish.
 
-    def __init__(self, detector: SpikeDetector) -> None:
+    A market's rule state is built lazily at its first tick (see `_warm_new_markets`) and
+    forgotten when its partition leaves.
+    """
+
+    def __init__(self, pool: Any, producer: Any, detector: SpikeDetector) -> None:
+        self.pool = pool
+        self.producer = producer
         self.detector = detector
+        self.raised = 0
+        self._next_report = time.monotonic() + _REPORT_EVERY_S
 
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        for tp in revoked:
-            self.detector.forget(Market.from_topic(tp.topic).id)
+    async def assigned(self, markets: set[Market]) -> None:
+        """Nothing yet: warmed at each market's first tick."""
 
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        pass  # warmed lazily at each market's first tick, see _warm_new_markets
+    def revoked(self, markets: set[Market]) -> None:
+        for market in markets:
+            self.detector.forget(market.id)
+
+    async def idle(self, stop: asyncio.Event) -> bool:
+        return True
+
+    async def handle(self, ticks: list[Tick], stop: asyncio.Event) -> bool:
+        async def warm() -> bool:
+            await _warm_new_markets(self.pool, self.detector, ticks)
+            return True
+
+        if await retry_until_done("warm rules", warm, stop) is None:
+            return False
+        alerts = self.detector.observe(ticks)
+        if alerts:
+
+            async def insert() -> bool:
+                await alert_store.insert_alerts(self.pool, alerts)
+                return True
+
+            if await retry_until_done("store alerts", insert, stop) is None:
+                return False
+            if await _publish_pending(self.pool, self.producer, stop) is None:
+                return False
+            self.raised += len(alerts)
+            for alert in alerts:
+                log.debug(
+                    "alert %s value=%.6g mean=%.6g ratio=%.1fx",
+                    alert.alert_id,
+                    alert.value,
+                    alert.mean,
+                    alert.ratio,
+                )
+        if time.monotonic() >= self._next_report:
+            self._next_report = time.monotonic() + _REPORT_EVERY_S
+            log.info("alerts=%d skipped_stale=%d", self.raised, self.detector.skipped_stale)
+        return True
 
 
 async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
@@ -53,16 +90,24 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     consumer = make_consumer(settings.kafka, group_id="alerts", client_id="tickstream-alerts")
     producer = make_producer(settings.kafka, client_id="tickstream-alerts")
     detector = SpikeDetector(settings.alerts)
+    runtime = ConsumerRuntime(
+        consumer,
+        _AlertsHandler(pool, producer, detector),
+        DeadLetterSender(producer, "alerts"),
+        batch_max=settings.alerts.batch_max,
+        batch_wait_ms=200,
+        stop=stop,
+    )
     try:
         await db.ensure_schema(pool, settings.database)
-        await ensure_topics(settings.kafka, [ALERTS_TOPIC])
+        await ensure_topics(settings.kafka, [ALERTS_TOPIC, DEADLETTER_TOPIC])
         await producer.start()
-        consumer.subscribe(pattern=TICK_TOPIC_PATTERN, listener=_Ownership(detector))
+        consumer.subscribe(pattern=TICK_TOPIC_PATTERN, listener=runtime.listener)
         await consumer.start()
         # Alerts stored by an earlier run that crashed before publishing them go out first.
         if await _publish_pending(pool, producer, stop) is None:
             return
-        await _consume(settings, stop, consumer, producer, pool, detector)
+        await runtime.run()
     finally:
         await consumer.stop()
         await producer.stop()
@@ -112,58 +157,3 @@ async def _publish_pending(pool: Any, producer: Any, stop: asyncio.Event) -> int
         return len(pending)
 
     return await retry_until_done("publish alerts", attempt, stop)
-
-
-async def _consume(
-    settings: ServiceSettings,
-    stop: asyncio.Event,
-    consumer: Any,
-    producer: Any,
-    pool: Any,
-    detector: SpikeDetector,
-) -> None:
-    counters = DecodeCounters()
-    raised = 0
-    next_report = time.monotonic() + _REPORT_EVERY_S
-    while not stop.is_set():
-        batch = await consumer.getmany(timeout_ms=200, max_records=settings.alerts.batch_max)
-        if not batch:
-            continue
-        ticks = decode_batch(records_in_order(batch), counters)
-
-        async def warm(ticks: list[Tick] = ticks) -> bool:
-            await _warm_new_markets(pool, detector, ticks)
-            return True
-
-        if await retry_until_done("warm rules", warm, stop) is None:
-            return
-        alerts = detector.observe(ticks)
-        if alerts:
-
-            async def insert(alerts: list[Any] = alerts) -> bool:
-                await alert_store.insert_alerts(pool, alerts)
-                return True
-
-            if await retry_until_done("store alerts", insert, stop) is None:
-                return
-            if await _publish_pending(pool, producer, stop) is None:
-                return
-            raised += len(alerts)
-            for alert in alerts:
-                log.debug(
-                    "alert %s value=%.6g mean=%.6g ratio=%.1fx",
-                    alert.alert_id,
-                    alert.value,
-                    alert.mean,
-                    alert.ratio,
-                )
-        await commit_batch(consumer)
-        if time.monotonic() >= next_report:
-            next_report = time.monotonic() + _REPORT_EVERY_S
-            log.info(
-                "ticks decoded=%d alerts=%d skipped_bad=%d skipped_stale=%d",
-                counters.decoded,
-                raised,
-                counters.skipped_bad,
-                detector.skipped_stale,
-            )

@@ -8,17 +8,11 @@ import logging
 import time
 from typing import Any
 
-from aiokafka import ConsumerRebalanceListener
-
 from tickstream_shared import db, redis_client
-from tickstream_shared.consuming import (
-    DecodeCounters,
-    commit_batch,
-    decode_batch,
-    retry_until_done,
-)
-from tickstream_shared.kafka import make_consumer
-from tickstream_shared.naming import TICK_TOPIC_PATTERN, Market
+from tickstream_shared.consuming import ConsumerRuntime, retry_until_done
+from tickstream_shared.deadletter import DeadLetterSender
+from tickstream_shared.kafka import ensure_topics, make_consumer, make_producer
+from tickstream_shared.naming import DEADLETTER_TOPIC, TICK_TOPIC_PATTERN, Market
 from tickstream_shared.schemas import Tick
 from tickstream_shared.settings import DatabaseSettings, ServiceSettings
 from tickstream_stats.book import MetricBook, MetricUpdate
@@ -39,51 +33,63 @@ _APPLY_SLICE = 256
 _AGE_SLICE = 64
 
 
-class _Ownership(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Keeps the book to the markets this instance owns: forget on revoke, warm on assign.
+class _StatsHandler:
+    """Stats' part of each batch (see ConsumerRuntime): store, raise the clock, apply, write.
 
-    aiokafka (0.14) calls the listener from its coordination task, concurrently with the
-    batch loop; both hold `lock`, so forget/warm never interleaves with a batch's store, apply
-    and write (a batch fetched before a revoke used to be applied to a forgotten market, which
-    then skipped its warm-up and kept a partial window). This cannot deadlock with the loop's
-    commit(): commit takes only the coordinator's own commit lock, which the coordination task
-    does not hold while it awaits this listener, and it looks the coordinator up by itself if
-    needed. getmany() returns nothing while a reassignment is in progress.
+    The book holds exactly the markets of the owned partitions: warmed from stored bars when
+    they arrive, forgotten when they leave. Markets that did not tick are aged to the clock at
+    most once every _AGE_EVERY_S.
     """
 
-    def __init__(
-        self, book: MetricBook, pool: Any, redis: Any, lock: asyncio.Lock, stop: asyncio.Event
-    ) -> None:
-        self.book = book
+    def __init__(self, pool: Any, redis: Any, book: MetricBook) -> None:
         self.pool = pool
         self.redis = redis
-        self.lock = lock
-        self.stop = stop
-        # aiokafka only logs what a listener raises; the batch loop re-raises it, so a market
-        # that cannot be warmed stops the service instead of being skipped for good.
-        self.failure: Exception | None = None
+        self.book = book
+        self.stored = 0
+        self._next_aging = time.monotonic() + _AGE_EVERY_S
+        self._next_report = time.monotonic() + _REPORT_EVERY_S
 
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        async with self.lock:
-            for tp in revoked:
-                self.book.forget(Market.from_topic(tp.topic))
+    async def assigned(self, markets: set[Market]) -> None:
+        await _warm(self.pool, self.redis, self.book, {m for m in markets if m not in self.book})
 
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        # Transient failures are retried in place: a market's ticks are applied only once it
-        # is warmed (see _owned_records).
-        markets = {Market.from_topic(tp.topic) for tp in assigned}
-        async with self.lock:
-            new = {m for m in markets if m not in self.book}
+    def revoked(self, markets: set[Market]) -> None:
+        for market in markets:
+            self.book.forget(market)
 
-            async def warm() -> bool:
-                await _warm(self.pool, self.redis, self.book, new)
-                return True
+    async def handle(self, ticks: list[Tick], stop: asyncio.Event) -> bool:
+        new_rows = await _apply_batch(
+            stop, self.pool, self.redis, self.book, ticks, age=self._aging_due()
+        )
+        if new_rows is None:
+            return False  # stopping: nothing committed, the batch is re-read on restart
+        self.stored += new_rows
+        self._report()
+        return True
 
-            try:
-                await retry_until_done("warm windows", warm, self.stop)
-            except Exception as exc:
-                self.failure = exc
-                raise
+    async def idle(self, stop: asyncio.Event) -> bool:
+        if self._aging_due() and not await _age(stop, self.redis, self.book):
+            return False
+        self._report()
+        return True
+
+    def _aging_due(self) -> bool:
+        if time.monotonic() < self._next_aging:
+            return False
+        self._next_aging = time.monotonic() + _AGE_EVERY_S
+        return True
+
+    def _report(self) -> None:
+        if time.monotonic() < self._next_report:
+            return
+        self._next_report = time.monotonic() + _REPORT_EVERY_S
+        log.info(
+            "stored=%d skipped_stale=%d skipped_old=%d clock=%d markets=%d",
+            self.stored,
+            self.book.skipped_stale,
+            self.book.skipped_old,
+            self.book.clock,
+            len(self.book.markets),
+        )
 
 
 async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
@@ -91,21 +97,31 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     pool = await db.create_pool(settings.database)
     redis = redis_client.connect(settings.redis)
     consumer = make_consumer(settings.kafka, group_id="stats", client_id="tickstream-stats")
+    producer = make_producer(settings.kafka, client_id="tickstream-stats")
     book = MetricBook(settings.stats.window_minutes, settings.stats.stale_seconds)
-    lock = asyncio.Lock()
-    ownership = _Ownership(book, pool, redis, lock, stop)
+    runtime = ConsumerRuntime(
+        consumer,
+        _StatsHandler(pool, redis, book),
+        DeadLetterSender(producer, "stats"),
+        batch_max=settings.stats.batch_max,
+        batch_wait_ms=settings.stats.batch_wait_ms,
+        stop=stop,
+    )
     retention: asyncio.Task[None] | None = None
     try:
         await db.ensure_schema(pool, settings.database)
-        consumer.subscribe(pattern=TICK_TOPIC_PATTERN, listener=ownership)
+        await ensure_topics(settings.kafka, [DEADLETTER_TOPIC])
+        await producer.start()
+        consumer.subscribe(pattern=TICK_TOPIC_PATTERN, listener=runtime.listener)
         await consumer.start()
         retention = asyncio.create_task(_retention(pool, settings.database, stop))
-        await _consume(settings, stop, consumer, pool, redis, book, ownership)
+        await runtime.run()
     finally:
         if retention is not None:
             retention.cancel()
             await asyncio.wait([retention])
         await consumer.stop()
+        await producer.stop()
         await redis.aclose()
         await pool.close()
 
@@ -143,70 +159,6 @@ async def _warm(pool: Any, redis: Any, book: MetricBook, markets: set[Market]) -
         updates.update((u.metric_id, u) for u in book.warm(market, bars))
         log.info("warmed %s with %d stored bars", market.id, len(bars))
     await write_stats(redis, list(updates.values()))
-
-
-def _owned_records(batch: dict[Any, list[Any]], book: MetricBook) -> dict[Any, list[Any]]:
-    # A partition revoked, or assigned but not yet warmed, while this batch was fetched is
-    # skipped and not committed: its owner reads it again from the committed offset.
-    return {tp: records for tp, records in batch.items() if Market.from_topic(tp.topic) in book}
-
-
-async def _consume(
-    settings: ServiceSettings,
-    stop: asyncio.Event,
-    consumer: Any,
-    pool: Any,
-    redis: Any,
-    book: MetricBook,
-    ownership: _Ownership,
-) -> None:
-    counters = DecodeCounters()
-    stored = 0
-    next_report = time.monotonic() + _REPORT_EVERY_S
-    next_aging = time.monotonic() + _AGE_EVERY_S
-    while not stop.is_set():
-        batch = await consumer.getmany(
-            timeout_ms=settings.stats.batch_wait_ms, max_records=settings.stats.batch_max
-        )
-        async with ownership.lock:
-            if ownership.failure is not None:
-                raise ownership.failure
-            aging = time.monotonic() >= next_aging
-            if aging:
-                next_aging = time.monotonic() + _AGE_EVERY_S
-            if not batch:
-                if aging and not await _age(stop, redis, book):
-                    return
-                continue
-            owned = _owned_records(batch, book)
-            if len(owned) < len(batch):
-                log.info(
-                    "skipped records of %d partitions not owned (mid-rebalance); not committed",
-                    len(batch) - len(owned),
-                )
-            if not owned:
-                continue
-            ticks = decode_batch((r for records in owned.values() for r in records), counters)
-            new_rows = await _apply_batch(stop, pool, redis, book, ticks, age=aging)
-            if new_rows is None:
-                return  # stopping: nothing committed, the batch is re-read on restart
-            stored += new_rows
-            await commit_batch(
-                consumer, {tp: records[-1].offset + 1 for tp, records in owned.items()}
-            )
-        if time.monotonic() >= next_report:
-            next_report = time.monotonic() + _REPORT_EVERY_S
-            log.info(
-                "ticks decoded=%d stored=%d skipped_bad=%d skipped_stale=%d skipped_old=%d"
-                " clock=%d markets=%d",
-                counters.decoded,
-                stored,
-                counters.skipped_bad,
-                book.skipped_stale,
-                book.skipped_old,
-                book.clock,
-                len(book.markets),
-            )
 
 
 async def _apply_batch(
