@@ -9,11 +9,11 @@ its topic until retention, and in the dead-letter topic for an operator to inspe
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from tickstream_shared.kafka import Message, RenewableProducer
 from tickstream_shared.naming import DEADLETTER_TOPIC
 
 # A reason is a short text; longer ones are cut (it is a header, not a log).
@@ -46,9 +46,9 @@ class DeadLetter:
 
 
 class DeadLetterSender:
-    """Sends dead letters with `producer` (an idempotent aiokafka producer the caller owns)."""
+    """Sends dead letters with `producer`, which the caller owns (started and stopped)."""
 
-    def __init__(self, producer: Any, consumer: str) -> None:
+    def __init__(self, producer: RenewableProducer, consumer: str) -> None:
         self._producer = producer
         self._consumer = consumer
         self.sent = 0
@@ -57,14 +57,8 @@ class DeadLetterSender:
         """Send every letter and wait for the broker's acknowledgements; raises a failure."""
         if not letters:
             return
-        deliveries = [
-            await self._producer.send(
-                DEADLETTER_TOPIC,
-                value=letter.value,
-                key=letter.key,
-                headers=letter.headers(self._consumer),
-            )
+        await self._producer.send_all(
+            Message(DEADLETTER_TOPIC, letter.value, letter.key, letter.headers(self._consumer))
             for letter in letters
-        ]
-        await asyncio.gather(*deliveries)
+        )
         self.sent += len(letters)

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    InvalidProducerIdMapping,
+    KafkaConnectionError,
+    OutOfOrderSequenceNumber,
+    TopicAlreadyExistsError,
+    UnknownProducerId,
+)
 
 from tickstream_shared import kafka_compat
 from tickstream_shared.settings import KafkaSettings
@@ -80,3 +90,85 @@ async def ensure_topics(settings: KafkaSettings, topics: Iterable[str]) -> list[
         return created
     finally:
         await admin.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    value: bytes | None
+    key: bytes | None = None
+    headers: list[tuple[str, bytes]] | None = None
+    timestamp_ms: int | None = None
+
+
+# The broker no longer knows this producer's id or sequence (it restarted, or its memory-only
+# state is gone): the idempotent producer cannot go on, a new one must be made.
+_PRODUCER_STATE_ERRORS: Final = (
+    UnknownProducerId,
+    OutOfOrderSequenceNumber,
+    InvalidProducerIdMapping,
+    InvalidProducerEpoch,
+)
+# Stopping a producer flushes what it holds; with the broker gone that would never end.
+_STOP_TIMEOUT_S: Final = 10.0
+
+
+class RenewableProducer:
+    """An idempotent producer (see `make_producer`) that replaces itself when it must.
+
+    `send_all` sends messages and waits for every acknowledgement. When the broker has lost
+    the producer's state (after a restart), the producer is replaced by a new one and the call
+    raises KafkaConnectionError, which `is_transient` callers retry: the retried messages get
+    a new producer id, and consumers' idempotent effects absorb any that had arrived.
+    """
+
+    def __init__(self, settings: KafkaSettings, client_id: str) -> None:
+        self._settings = settings
+        self._client_id = client_id
+        self._producer: AIOKafkaProducer | None = None
+        self.renewals = 0
+
+    async def start(self) -> None:
+        self._producer = make_producer(self._settings, self._client_id)
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await stop_producer(producer)
+
+    async def send_all(self, messages: Iterable[Message]) -> None:
+        producer = self._producer
+        if producer is None:
+            raise RuntimeError("producer not started")
+        try:
+            deliveries = [
+                await producer.send(
+                    m.topic,
+                    value=m.value,
+                    key=m.key,
+                    headers=m.headers,
+                    timestamp_ms=m.timestamp_ms,
+                )
+                for m in messages
+            ]
+            await asyncio.gather(*deliveries)
+        except _PRODUCER_STATE_ERRORS as exc:
+            log.warning(
+                "producer %s lost its broker state (%r): replacing it", self._client_id, exc
+            )
+            self.renewals += 1
+            await self.stop()
+            await self.start()
+            raise KafkaConnectionError(f"producer replaced after {exc!r}") from exc
+
+
+async def stop_producer(producer: AIOKafkaProducer) -> None:
+    """Stop `producer`, giving up on what it still holds after _STOP_TIMEOUT_S."""
+    try:
+        async with asyncio.timeout(_STOP_TIMEOUT_S):
+            await producer.stop()
+    except TimeoutError:
+        log.error(
+            "producer did not flush within %.0fs (broker gone?): closed anyway", _STOP_TIMEOUT_S
+        )

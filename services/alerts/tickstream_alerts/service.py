@@ -11,7 +11,7 @@ from tickstream_alerts.detector import SpikeDetector
 from tickstream_shared import alert_store, db
 from tickstream_shared.consuming import ConsumerRuntime, retry_until_done
 from tickstream_shared.deadletter import DeadLetterSender
-from tickstream_shared.kafka import ensure_topics, make_consumer, make_producer
+from tickstream_shared.kafka import Message, RenewableProducer, ensure_topics, make_consumer
 from tickstream_shared.naming import (
     ALERTS_TOPIC,
     DEADLETTER_TOPIC,
@@ -34,7 +34,7 @@ class _AlertsHandler:
     forgotten when its partition leaves.
     """
 
-    def __init__(self, pool: Any, producer: Any, detector: SpikeDetector) -> None:
+    def __init__(self, pool: Any, producer: RenewableProducer, detector: SpikeDetector) -> None:
         self.pool = pool
         self.producer = producer
         self.detector = detector
@@ -88,7 +88,7 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     """Consume until `stop`; offsets are committed after alerts are stored and published."""
     pool = await db.create_pool(settings.database)
     consumer = make_consumer(settings.kafka, group_id="alerts", client_id="tickstream-alerts")
-    producer = make_producer(settings.kafka, client_id="tickstream-alerts")
+    producer = RenewableProducer(settings.kafka, client_id="tickstream-alerts")
     detector = SpikeDetector(settings.alerts)
     runtime = ConsumerRuntime(
         consumer,
@@ -139,20 +139,19 @@ async def _warm_new_markets(pool: Any, detector: SpikeDetector, ticks: list[Tick
         detector.warm(market_id, (bar for bar in bars if bar.seq < tick.seq), last_alerts)
 
 
-async def _publish_pending(pool: Any, producer: Any, stop: asyncio.Event) -> int | None:
+async def _publish_pending(
+    pool: Any, producer: RenewableProducer, stop: asyncio.Event
+) -> int | None:
     """Publish every stored-but-unpublished alert, then mark them; None if stopped first."""
 
     async def attempt() -> int:
         pending = await alert_store.unpublished_alerts(pool)
         if not pending:
             return 0
-        deliveries = [
-            await producer.send(
-                ALERTS_TOPIC, value=a.encode(), key=a.metric.encode(), timestamp_ms=a.exchange_ts
-            )
+        await producer.send_all(
+            Message(ALERTS_TOPIC, a.encode(), a.metric.encode(), timestamp_ms=a.exchange_ts)
             for a in pending
-        ]
-        await asyncio.gather(*deliveries)
+        )
         await alert_store.mark_published(pool, [a.alert_id for a in pending])
         return len(pending)
 

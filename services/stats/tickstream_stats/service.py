@@ -11,7 +11,7 @@ from typing import Any
 from tickstream_shared import db, redis_client
 from tickstream_shared.consuming import ConsumerRuntime, retry_until_done
 from tickstream_shared.deadletter import DeadLetterSender
-from tickstream_shared.kafka import ensure_topics, make_consumer, make_producer
+from tickstream_shared.kafka import RenewableProducer, ensure_topics, make_consumer
 from tickstream_shared.naming import DEADLETTER_TOPIC, TICK_TOPIC_PATTERN, Market
 from tickstream_shared.schemas import Tick
 from tickstream_shared.settings import DatabaseSettings, ServiceSettings
@@ -97,7 +97,7 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     pool = await db.create_pool(settings.database)
     redis = redis_client.connect(settings.redis)
     consumer = make_consumer(settings.kafka, group_id="stats", client_id="tickstream-stats")
-    producer = make_producer(settings.kafka, client_id="tickstream-stats")
+    producer = RenewableProducer(settings.kafka, client_id="tickstream-stats")
     book = MetricBook(settings.stats.window_minutes, settings.stats.stale_seconds)
     runtime = ConsumerRuntime(
         consumer,

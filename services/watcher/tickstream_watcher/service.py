@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import redis.asyncio as redis
+from aiokafka.errors import KafkaError
 
 from tickstream_shared.feed_status import REPORT_INTERVAL_S
-from tickstream_shared.kafka import ensure_topics, make_producer
+from tickstream_shared.kafka import ensure_topics, make_producer, stop_producer
 from tickstream_shared.redis_client import connect
 from tickstream_shared.schemas import Tick
 from tickstream_shared.settings import ServiceSettings
@@ -29,6 +30,10 @@ log = logging.getLogger("tickstream.watcher")
 # Waits between attempts to resolve the markets while an exchange's listing is unreachable.
 _START_RETRY_S: Final = (1.0, 2.0, 5.0, 10.0, 30.0)
 _REDIS_ERRORS: Final = (redis.RedisError, OSError, TimeoutError)
+_BROKER_ERRORS: Final = (KafkaError,)
+_BROKER_RETRY_S: Final = 2.0
+# How long a stopping watcher waits for the broker to acknowledge what it handed over.
+_FLUSH_AT_STOP_S: Final = 10.0
 
 
 async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
@@ -42,9 +47,18 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     try:
         while await wait_for_lease(lease, stop):
             log.info("took the lease %s: publishing", lease.key)
-            if await _term(settings, lease, group, stop):
-                break
-            log.warning("lost the lease %s: stopped publishing, standing by", lease.key)
+            try:
+                if await _term(settings, lease, group, stop):
+                    break
+                log.warning("lost the lease %s: stopped publishing, standing by", lease.key)
+            except _BROKER_ERRORS as exc:
+                # The broker is down or lost the producer's state: hand the lease on (a standby
+                # may do better), wait a little, and stand by for it again with a new producer.
+                log.error("publishing stopped by the broker: %r; standing by", exc)
+                with contextlib.suppress(*_REDIS_ERRORS):
+                    await lease.release()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=_BROKER_RETRY_S)
     finally:
         # Released on the way out, so that a standby takes over now rather than at expiry.
         with contextlib.suppress(*_REDIS_ERRORS):
@@ -88,12 +102,18 @@ async def _term(
                 await _publish(source, publisher, group, plan, term.lost, stop)
                 if term.lost.is_set():
                     return False
-                await publisher.flush()  # the keeper still renews the lease meanwhile
+                try:
+                    async with asyncio.timeout(_FLUSH_AT_STOP_S):
+                        await publisher.flush()  # the keeper still renews the lease meanwhile
+                except TimeoutError:
+                    # The broker does not answer: stop anyway. Live closes not acknowledged
+                    # are not in the `closed` checkpoint, so the next holder publishes them.
+                    log.error("ticks not acknowledged within %.0fs of stopping", _FLUSH_AT_STOP_S)
                 await _stop_keeper(keeper)
                 await _save_closes(group, term)  # so that the next holder resumes after them
                 log.info("published %d ticks", publisher.published)
         finally:
-            await producer.stop()
+            await stop_producer(producer)
         return True
     except _REDIS_ERRORS as exc:
         log.error("Redis failed under the lease: %r", exc)
