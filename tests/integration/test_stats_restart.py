@@ -206,6 +206,16 @@ async def test_kill_and_restart_stores_once_and_counts_once(
 
         await check_redis()
 
+        # Wiped under a running stats with no new ticks: every metric is back within 10 s.
+        await client.flushdb()
+
+        async def rewritten() -> bool:
+            assert stats.poll() is None, log.read_text()
+            return await client.hget(price_key, "count") == str(WINDOW)
+
+        await poll_until(rewritten, within=10)
+        await check_redis()
+
         # Redis is derived state: wiped, with no new ticks, a restart restores it from storage.
         stats.send_signal(signal.SIGTERM)
         assert stats.wait(deadline(30)) == 0, "stats did not stop cleanly on SIGTERM"

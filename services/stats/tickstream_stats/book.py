@@ -115,6 +115,11 @@ class MetricBook:
             if state.window.clock < clock:
                 yield self._updates((state,))
 
+    def current(self) -> Iterator[list[MetricUpdate]]:
+        """Yield every market's updates as they stand (aged to the clock): a full rewrite."""
+        for state in list(self._markets.values()):
+            yield self._updates((state,))
+
     def apply(self, ticks: Iterable[Tick]) -> list[MetricUpdate]:
         """Apply ticks in order; updates for the markets they changed (all, if the clock moved)."""
         clock_before = self.clock

@@ -16,7 +16,7 @@ from tickstream_shared.naming import DEADLETTER_TOPIC, TICK_TOPIC_PATTERN, Marke
 from tickstream_shared.schemas import Tick
 from tickstream_shared.settings import DatabaseSettings, ServiceSettings
 from tickstream_stats.book import MetricBook, MetricUpdate
-from tickstream_stats.store import raise_clock, read_clock, write_stats
+from tickstream_stats.store import clock_present, raise_clock, read_clock, write_stats
 
 log = logging.getLogger("tickstream.stats")
 _REPORT_EVERY_S = 30.0
@@ -26,6 +26,8 @@ _REPORT_EVERY_S = 30.0
 # follow at most this late, in wall time.
 _AGE_EVERY_S = 1.0
 _RETENTION_EVERY_S = 3600.0
+# How often stats checks that Redis still holds its derived state (see _repair_redis_if_lost).
+_REDIS_CHECK_EVERY_S = 2.0
 # Work done between two turns of the event loop, so heartbeats and the rebalance listener are
 # never held up for long: ticks applied (a few us each) and markets aged when the clock moves
 # (about 6 us each, more when a clock jump evicts many minutes).
@@ -47,6 +49,7 @@ class _StatsHandler:
         self.book = book
         self.stored = 0
         self._next_aging = time.monotonic() + _AGE_EVERY_S
+        self._next_redis_check = time.monotonic() + _REDIS_CHECK_EVERY_S
         self._next_report = time.monotonic() + _REPORT_EVERY_S
 
     async def assigned(self, markets: set[Market]) -> None:
@@ -57,6 +60,8 @@ class _StatsHandler:
             self.book.forget(market)
 
     async def handle(self, ticks: list[Tick], stop: asyncio.Event) -> bool:
+        if not await self._repair_redis_if_lost(stop):
+            return False
         new_rows = await _apply_batch(
             stop, self.pool, self.redis, self.book, ticks, age=self._aging_due()
         )
@@ -67,10 +72,45 @@ class _StatsHandler:
         return True
 
     async def idle(self, stop: asyncio.Event) -> bool:
+        if not await self._repair_redis_if_lost(stop):
+            return False
         if self._aging_due() and not await _age(stop, self.redis, self.book):
             return False
         self._report()
         return True
+
+    async def _repair_redis_if_lost(self, stop: asyncio.Event) -> bool:
+        """Rewrite every owned metric if Redis lost its content; False if stopped first.
+
+        Redis holds derived state only: after a flush or a restart without persistence the
+        shared clock is gone, so every _REDIS_CHECK_EVERY_S the clock's key is looked for, and
+        if missing the clock and all of this instance's metrics (ticking or not) are written.
+        """
+        if time.monotonic() < self._next_redis_check or self.book.clock < 0:
+            return True
+        self._next_redis_check = time.monotonic() + _REDIS_CHECK_EVERY_S
+        present = await retry_until_done("check redis", lambda: clock_present(self.redis), stop)
+        if present is None:
+            return False
+        if present:
+            return True
+        log.warning(
+            "Redis lost the stats (flushed or restarted): rewriting %d markets",
+            len(self.book.markets),
+        )
+        clock = self.book.clock
+
+        async def restore_clock() -> int:
+            return await raise_clock(self.redis, clock)
+
+        if await retry_until_done("restore clock", restore_clock, stop) is None:
+            return False
+        updates: list[MetricUpdate] = []
+        for count, market_updates in enumerate(self.book.current(), start=1):
+            updates.extend(market_updates)
+            if count % _AGE_SLICE == 0:
+                await asyncio.sleep(0)
+        return await _write(stop, self.redis, updates)
 
     def _aging_due(self) -> bool:
         if time.monotonic() < self._next_aging:

@@ -93,3 +93,8 @@ async def read_clock(client: redis.Redis) -> int | None:
     """The shared event-time clock, or None if no stats instance has set it yet."""
     score = await client.zscore(CLOCK_KEY, CLOCK_MEMBER)
     return None if score is None else int(score)
+
+
+async def clock_present(client: redis.Redis) -> bool:
+    """Whether the shared clock exists: gone means Redis lost the derived state."""
+    return bool(await client.exists(CLOCK_KEY))
