@@ -26,6 +26,10 @@ TICK_TOPIC_PREFIX: Final = "ticks."
 # Regex subscriptions (stats, alerts, gateway) match every per-pair tick topic, now and future.
 TICK_TOPIC_PATTERN: Final = r"^ticks\.[a-z0-9]+\.[a-z0-9]+-[a-z0-9]+$"
 ALERTS_TOPIC: Final = "alerts"
+# Consumer groups of the tick topics. Alerts reads the stats group's committed offsets: they
+# say which ticks stats has stored (it commits only after storing).
+STATS_GROUP: Final = "stats"
+ALERTS_GROUP: Final = "alerts"
 # Records a consumer could not use, with where they came from and why (see deadletter.py).
 DEADLETTER_TOPIC: Final = "deadletter"
 

@@ -116,3 +116,80 @@ async def test_restart_keeps_the_hour_and_the_cooldown(own_infra: LocalInfra) ->
         (earlier.alert_id, at(40), 40, 100.0, 10.0, 40, True),
         (f"{volume_metric}@{at(100)}", at(100), 901, 1000.0, 11.8, 50, True),
     ]
+
+
+async def commit_as(bootstrap: str, group: str, tp: TopicPartition, offset: int) -> None:
+    """Commit `offset` for `group` as a consumer that never joins it."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        await consumer.commit({tp: offset})
+    finally:
+        await consumer.stop()
+
+
+async def test_warm_up_waits_for_what_stats_has_not_stored_yet(
+    own_infra: LocalInfra, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Alerts restarted ahead of a lagging stats waits, then judges the whole hour."""
+    infra = own_infra
+    settings = ServiceSettings.from_env(infra.environment())
+    market = Market(unique_exchange(), "eth", "usdt")
+    now_minute = time.time_ns() // 1_000_000 // MINUTE_MS * MINUTE_MS
+    start = now_minute - 3 * 3_600_000
+
+    def volume(i: int) -> float:
+        return 100.0 if i == 69 else 40.0 if 60 <= i <= 64 else 10.0
+
+    ticks = [bar(market, i, start + i * MINUTE_MS, volume(i)) for i in range(70)]
+    await ensure_topics(settings.kafka, [market.topic])
+    producer = make_producer(settings.kafka, client_id="test")
+    await producer.start()
+    try:
+        for tick in ticks:
+            await producer.send(market.topic, tick.encode(), key=tick.market.encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+    tp = TopicPartition(market.topic, 0)
+    # Before the restart: alerts had consumed minutes 0..64; stats had stored only 0..59.
+    pool = await db.create_pool(settings.database)
+    try:
+        await db.ensure_schema(pool, settings.database)
+        await db.store_bars(pool, ticks[:60])
+        await commit_as(infra.kafka_bootstrap_servers, "alerts", tp, 65)
+        await commit_as(infra.kafka_bootstrap_servers, "stats", tp, 60)
+
+        stop = asyncio.Event()
+        service = asyncio.create_task(run(settings, stop))
+        offsets = AIOKafkaConsumer(
+            bootstrap_servers=infra.kafka_bootstrap_servers, group_id="alerts"
+        )
+        await offsets.start()
+        try:
+            async with asyncio.timeout(deadline(30)):  # joined, polled, waiting for stats
+                while "waiting for stats to store" not in caplog.text:
+                    assert not service.done(), service
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(1)
+            assert await offsets.committed(tp) == 65
+            # stats catches up
+            await db.store_bars(pool, ticks[60:])
+            await commit_as(infra.kafka_bootstrap_servers, "stats", tp, 70)
+            async with asyncio.timeout(deadline(60)):
+                while await offsets.committed(tp) != 70:
+                    assert not service.done(), service
+                    await asyncio.sleep(0.1)
+            rows = await pool.fetch(
+                "SELECT minute, mean, samples FROM alerts WHERE metric = $1",
+                market.metric_id("volume"),
+            )
+        finally:
+            stop.set()
+            await asyncio.wait_for(service, deadline(30))
+            await offsets.stop()
+    finally:
+        await pool.close()
+    # The hour before minute 69 is minutes 9..68: 51 x 10, 5 x 40 (stored late), 4 x 10.
+    assert [tuple(r) for r in rows] == [(start + 69 * MINUTE_MS, 12.5, 60)]

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
 from tickstream_alerts.detector import SpikeDetector
 from tickstream_shared import alert_store, db
-from tickstream_shared.consuming import ConsumerRuntime, retry_until_done
+from tickstream_shared.consuming import ConsumerRuntime, DecodedBatch, retry_until_done
 from tickstream_shared.deadletter import DeadLetterSender
 from tickstream_shared.kafka import Message, RenewableProducer, ensure_topics, make_consumer
 from tickstream_shared.naming import (
+    ALERTS_GROUP,
     ALERTS_TOPIC,
     DEADLETTER_TOPIC,
     METRIC_KINDS,
+    STATS_GROUP,
     TICK_TOPIC_PATTERN,
     Market,
     market_of,
@@ -34,10 +37,17 @@ class _AlertsHandler:
     forgotten when its partition leaves.
     """
 
-    def __init__(self, pool: Any, producer: RenewableProducer, detector: SpikeDetector) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        producer: RenewableProducer,
+        detector: SpikeDetector,
+        stored_by_stats: StatsProgress,
+    ) -> None:
         self.pool = pool
         self.producer = producer
         self.detector = detector
+        self.stored_by_stats = stored_by_stats
         self.raised = 0
         self._next_report = time.monotonic() + _REPORT_EVERY_S
 
@@ -51,7 +61,17 @@ class _AlertsHandler:
     async def idle(self, stop: asyncio.Event) -> bool:
         return True
 
-    async def handle(self, ticks: list[Tick], stop: asyncio.Event) -> bool:
+    async def handle(self, batch: DecodedBatch, stop: asyncio.Event) -> bool:
+        ticks = batch.ticks
+        new = {t.market for t in ticks if t.market not in self.detector}
+        # A market's rule is rebuilt from the bars stats stored before its first tick here:
+        # wait until stats has stored everything before that tick, or the hour would miss
+        # minutes and the rule judge against data that is not there yet.
+        for market_id in sorted(new):
+            tp, offset = batch.first_offsets[market_id]
+            if not await self.stored_by_stats.wait_until_stored(tp, offset, stop):
+                return False
+
         async def warm() -> bool:
             await _warm_new_markets(self.pool, self.detector, ticks)
             return True
@@ -84,16 +104,60 @@ class _AlertsHandler:
         return True
 
 
+class StatsProgress:
+    """What stats has stored, from its consumer group's committed offsets (it commits after
+    storing). A consumer of that group that never joins it only reads those offsets."""
+
+    _POLL_S = 0.5
+    _WARN_EVERY_S = 10.0
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self._consumer = make_consumer(
+            settings.kafka, group_id=STATS_GROUP, client_id="tickstream-alerts-stats-progress"
+        )
+
+    async def start(self) -> None:
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def wait_until_stored(self, tp: Any, offset: int, stop: asyncio.Event) -> bool:
+        """Wait until stats has stored the records of `tp` before `offset`; False if stopped."""
+        warn_at = time.monotonic()  # say at once that it waits, then every _WARN_EVERY_S
+        while offset > 0:
+
+            async def committed() -> int:
+                return int(await self._consumer.committed(tp) or 0)
+
+            done = await retry_until_done("read stats progress", committed, stop)
+            if done is None:
+                return False
+            if done >= offset:
+                break
+            if time.monotonic() >= warn_at:
+                warn_at = time.monotonic() + self._WARN_EVERY_S
+                log.warning(
+                    "waiting for stats to store %s up to offset %d (at %d)", tp, offset, done
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self._POLL_S)
+            if stop.is_set():
+                return False
+        return True
+
+
 async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     """Consume until `stop`; offsets are committed after alerts are stored and published."""
     pool = await db.create_pool(settings.database)
-    consumer = make_consumer(settings.kafka, group_id="alerts", client_id="tickstream-alerts")
+    consumer = make_consumer(settings.kafka, group_id=ALERTS_GROUP, client_id="tickstream-alerts")
     producer = RenewableProducer(settings.kafka, client_id="tickstream-alerts")
     detector = SpikeDetector(settings.alerts)
+    stats_progress = StatsProgress(settings)
     runtime = ConsumerRuntime(
         consumer,
-        _AlertsHandler(pool, producer, detector),
-        DeadLetterSender(producer, "alerts"),
+        _AlertsHandler(pool, producer, detector, stats_progress),
+        DeadLetterSender(producer, ALERTS_GROUP),
         batch_max=settings.alerts.batch_max,
         batch_wait_ms=200,
         stop=stop,
@@ -102,6 +166,7 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
         await db.ensure_schema(pool, settings.database)
         await ensure_topics(settings.kafka, [ALERTS_TOPIC, DEADLETTER_TOPIC])
         await producer.start()
+        await stats_progress.start()
         consumer.subscribe(pattern=TICK_TOPIC_PATTERN, listener=runtime.listener)
         await consumer.start()
         # Alerts stored by an earlier run that crashed before publishing them go out first.
@@ -110,6 +175,7 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
         await runtime.run()
     finally:
         await consumer.stop()
+        await stats_progress.stop()
         await producer.stop()
         await pool.close()
 

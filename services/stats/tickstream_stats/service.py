@@ -9,10 +9,10 @@ import time
 from typing import Any
 
 from tickstream_shared import db, redis_client
-from tickstream_shared.consuming import ConsumerRuntime, retry_until_done
+from tickstream_shared.consuming import ConsumerRuntime, DecodedBatch, retry_until_done
 from tickstream_shared.deadletter import DeadLetterSender
 from tickstream_shared.kafka import RenewableProducer, ensure_topics, make_consumer
-from tickstream_shared.naming import DEADLETTER_TOPIC, TICK_TOPIC_PATTERN, Market
+from tickstream_shared.naming import DEADLETTER_TOPIC, STATS_GROUP, TICK_TOPIC_PATTERN, Market
 from tickstream_shared.schemas import Tick
 from tickstream_shared.settings import DatabaseSettings, ServiceSettings
 from tickstream_stats.book import MetricBook, MetricUpdate
@@ -59,11 +59,11 @@ class _StatsHandler:
         for market in markets:
             self.book.forget(market)
 
-    async def handle(self, ticks: list[Tick], stop: asyncio.Event) -> bool:
+    async def handle(self, batch: DecodedBatch, stop: asyncio.Event) -> bool:
         if not await self._repair_redis_if_lost(stop):
             return False
         new_rows = await _apply_batch(
-            stop, self.pool, self.redis, self.book, ticks, age=self._aging_due()
+            stop, self.pool, self.redis, self.book, batch.ticks, age=self._aging_due()
         )
         if new_rows is None:
             return False  # stopping: nothing committed, the batch is re-read on restart
@@ -136,13 +136,13 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     """Consume until `stop`; a batch's offsets are committed only after Redis and PostgreSQL."""
     pool = await db.create_pool(settings.database)
     redis = redis_client.connect(settings.redis)
-    consumer = make_consumer(settings.kafka, group_id="stats", client_id="tickstream-stats")
+    consumer = make_consumer(settings.kafka, group_id=STATS_GROUP, client_id="tickstream-stats")
     producer = RenewableProducer(settings.kafka, client_id="tickstream-stats")
     book = MetricBook(settings.stats.window_minutes, settings.stats.stale_seconds)
     runtime = ConsumerRuntime(
         consumer,
         _StatsHandler(pool, redis, book),
-        DeadLetterSender(producer, "stats"),
+        DeadLetterSender(producer, STATS_GROUP),
         batch_max=settings.stats.batch_max,
         batch_wait_ms=settings.stats.batch_wait_ms,
         stop=stop,
