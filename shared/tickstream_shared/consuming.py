@@ -36,6 +36,8 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     pg_errors.InterfaceError,  # connection lost mid-operation
     pg_errors.InsufficientResourcesError,  # too many connections, disk full
     pg_errors.OperatorInterventionError,  # server shutting down
+    # asyncpg raises this when a pooled connection's server went away under it (a restart).
+    pg_errors.InternalClientError,
     redis_errors.ConnectionError,
     redis_errors.TimeoutError,
 )
@@ -147,9 +149,21 @@ class BatchHandler(Protocol):
 
     def revoked(self, markets: set[Market]) -> None: ...
 
-    async def handle(self, ticks: list[Tick], stop: asyncio.Event) -> bool: ...
+    async def handle(self, batch: DecodedBatch, stop: asyncio.Event) -> bool: ...
 
     async def idle(self, stop: asyncio.Event) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    """A batch's good ticks, in order per partition, and where each market's records began.
+
+    `first_offsets[market_id]` is (TopicPartition, offset) of the market's first record in the
+    batch: everything of that market before it was consumed in earlier batches.
+    """
+
+    ticks: list[Tick]
+    first_offsets: dict[str, tuple[Any, int]]
 
 
 @dataclass
@@ -254,7 +268,10 @@ class ConsumerRuntime:
 
             if await retry_until_done("send dead letters", send_dead, stop) is None:
                 return False
-        if not await self.handler.handle(ticks, stop):
+        first_offsets = {
+            Market.from_topic(tp.topic).id: (tp, records[0].offset) for tp, records in used.items()
+        }
+        if not await self.handler.handle(DecodedBatch(ticks, first_offsets), stop):
             return False
         self.counters.batches += 1
         offsets = {tp: records[-1].offset + 1 for tp, records in used.items()}
