@@ -132,6 +132,11 @@ async def commit_batch(consumer: Any, offsets: dict[Any, int] | None = None) -> 
     except (CommitFailedError, IllegalStateError) as exc:
         log.warning("commit refused during a rebalance, the batch will be re-read: %s", exc)
         return False
+    except KafkaError as exc:
+        # The broker or the group coordinator is away: the effects are durable and
+        # idempotent, so the batch is simply read again if nothing later gets committed.
+        log.warning("commit failed (%r): the batch may be read again", exc)
+        return False
     return True
 
 

@@ -117,11 +117,15 @@ class _Consumer:
         self.committed.append(offsets)
 
 
-async def test_commit_batch_survives_a_rebalance_and_raises_anything_else() -> None:
-    """A commit refused by a rebalance returns False; other errors propagate."""
+async def test_commit_batch_survives_a_rebalance_or_an_outage_and_raises_a_bug() -> None:
+    """A commit refused by a rebalance or an absent broker returns False; a bug propagates."""
     ok = _Consumer()
     assert await commit_batch(ok, {"tp": 5}) is True and ok.committed == [{"tp": 5}]
-    for refused in (CommitFailedError("rebalanced"), IllegalStateError("no assignment")):
+    for refused in (
+        CommitFailedError("rebalanced"),
+        IllegalStateError("no assignment"),
+        KafkaConnectionError("down"),
+    ):
         assert await commit_batch(_Consumer(refused)) is False
-    with pytest.raises(KafkaConnectionError):
-        await commit_batch(_Consumer(KafkaConnectionError("down")))
+    with pytest.raises(TypeError):
+        await commit_batch(_Consumer(TypeError("a bug")))
