@@ -172,6 +172,22 @@ class LocalInfra:
         while self._children:
             self._children.pop().stop(timeout)
 
+    def stop_server(self, name: str, timeout: float = 15.0) -> None:
+        """Stop one server (`broker`, `redis` or `postgres`), as an outage would."""
+        for child in [c for c in self._children if c.name == name]:
+            child.stop(timeout)
+            self._children.remove(child)
+
+    def start_server(self, name: str) -> None:
+        """Start a stopped server again on its port (PostgreSQL keeps its data; the memory-only
+        broker and Redis come back empty)."""
+        starts = {
+            "broker": self._start_broker,
+            "redis": self._start_redis,
+            "postgres": self._start_postgres,
+        }
+        starts[name]()
+
     def _spawn(
         self, name: str, argv: list[str], *, stop_signal: int, user: str | None = None
     ) -> _Child:
