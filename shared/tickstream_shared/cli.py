@@ -14,7 +14,8 @@ from tickstream_shared.lifecycle import run_service
 SERVICES = ("watcher", "stats", "alerts", "gateway")
 
 COMMANDS: dict[str, str] = {
-    "up": "start broker, Redis and PostgreSQL locally, then all four services; Ctrl-C stops all",
+    "up": "start broker, Redis and PostgreSQL locally, then all four services, restarting any"
+    " that exits; Ctrl-C stops all",
     "init": "create Kafka topics and the database schema, then exit",
     "watcher": "stream ticks from a source into per-pair Kafka topics",
     "stats": "keep rolling 24h stats and ranks in Redis; store ticks in PostgreSQL",
