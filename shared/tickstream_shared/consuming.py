@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import asyncpg.exceptions as pg_errors
 import redis.exceptions as redis_errors
@@ -18,6 +18,19 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, Ka
 from tickstream_shared.deadletter import DeadLetter, DeadLetterSender
 from tickstream_shared.errors import BadMessage
 from tickstream_shared.naming import Market, market_of
+from tickstream_shared.observability import (
+    ALERTS_RAISED,
+    BATCH_SECONDS,
+    BATCHES,
+    COMMITS_REFUSED,
+    CONSUMER_LAG,
+    READINGS,
+    RECORDS_DEAD_LETTERED,
+    RECORDS_DECODED,
+    RECORDS_SKIPPED_BAD,
+    RECORDS_SKIPPED_UNOWNED,
+    Reading,
+)
 from tickstream_shared.schemas import Tick, decode_tick
 
 log = logging.getLogger(__name__)
@@ -54,6 +67,14 @@ def is_transient(error: BaseException) -> bool:
 class DecodeCounters:
     decoded: int = 0
     skipped_bad: int = 0
+
+
+def decode_readings(*counters: DecodeCounters) -> list[Reading]:
+    """The metrics of decode counters (added up), for `observability.READINGS`."""
+    return [
+        (RECORDS_DECODED, (), sum(c.decoded for c in counters)),
+        (RECORDS_SKIPPED_BAD, (), sum(c.skipped_bad for c in counters)),
+    ]
 
 
 @functools.lru_cache(maxsize=8192)
@@ -159,6 +180,13 @@ class BatchHandler(Protocol):
     async def idle(self, stop: asyncio.Event) -> bool: ...
 
 
+@runtime_checkable
+class RaisesAlerts(Protocol):
+    """A handler that counts the alerts it raised; exported as tickstream_alerts_raised_total."""
+
+    raised: int
+
+
 @dataclass(frozen=True, slots=True)
 class DecodedBatch:
     """A batch's good ticks, in order per partition, and where each market's records began.
@@ -219,6 +247,16 @@ class ConsumerRuntime:
         # aiokafka only logs what a listener raises; the loop re-raises it, so a market that
         # cannot be prepared stops the service instead of being skipped for good.
         self._failure: Exception | None = None
+        # Per owned partition, the offset after the last record handled: the consumer lag
+        # metric is the partition's highwater minus this.
+        self.handled: dict[Any, int] = {}
+        READINGS.track(
+            self,
+            totals=functools.partial(
+                _runtime_totals, self.decode, self.counters, dead_letters, handler
+            ),
+            current=ConsumerRuntime._lag_readings,
+        )
 
     async def run(self) -> None:
         """Consume until `stop`; raises what the handler or a preparation raised."""
@@ -263,6 +301,7 @@ class ConsumerRuntime:
             log.info("skipped %d records of partitions not owned (mid-rebalance)", skipped)
         if not used:
             return True
+        started = time.perf_counter()
         dead: list[DeadLetter] = []
         ticks = decode_batch(records_in_order(used), self.decode, dead)
         if dead:
@@ -280,14 +319,30 @@ class ConsumerRuntime:
             return False
         self.counters.batches += 1
         offsets = {tp: records[-1].offset + 1 for tp, records in used.items()}
+        self.handled.update(offsets)
         if not await commit_batch(self.consumer, offsets):
             self.counters.commits_refused += 1
+        BATCH_SECONDS.observe(time.perf_counter() - started)
         return True
+
+    def _lag_readings(self) -> list[Reading]:
+        readings: list[Reading] = []
+        for tp, handled in self.handled.items():
+            try:
+                highwater = self.consumer.highwater(tp)
+            except Exception:  # aiokafka asserts: the partition left, its revoke is on its way
+                continue
+            if highwater is not None:
+                lag = max(highwater - handled, 0)
+                readings.append((CONSUMER_LAG, (tp.topic, str(tp.partition)), lag))
+        return readings
 
     async def _revoked(self, partitions: set[Any]) -> None:
         async with self.lock:
             gone = partitions & self.owned
             self.owned -= gone
+            for tp in gone:
+                self.handled.pop(tp, None)
             self.handler.revoked({Market.from_topic(tp.topic) for tp in gone})
 
     async def _assigned(self, partitions: set[Any]) -> None:
@@ -306,6 +361,24 @@ class ConsumerRuntime:
                 raise
             if done:
                 self.owned |= new
+
+
+def _runtime_totals(
+    decode: DecodeCounters,
+    counters: RuntimeCounters,
+    dead_letters: DeadLetterSender,
+    handler: BatchHandler,
+) -> list[Reading]:
+    readings = [
+        *decode_readings(decode),
+        (RECORDS_DEAD_LETTERED, (), dead_letters.sent),
+        (RECORDS_SKIPPED_UNOWNED, (), counters.skipped_unowned),
+        (BATCHES, (), counters.batches),
+        (COMMITS_REFUSED, (), counters.commits_refused),
+    ]
+    if isinstance(handler, RaisesAlerts):
+        readings.append((ALERTS_RAISED, (), handler.raised))
+    return readings
 
 
 class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]

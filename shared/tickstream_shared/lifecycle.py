@@ -1,4 +1,4 @@
-"""Service entry plumbing: logging setup, settings, and SIGTERM/SIGINT to a stop event."""
+"""Service entry plumbing: logging, settings, SIGTERM/SIGINT to a stop event, metrics and probes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 
+from tickstream_shared import observability
 from tickstream_shared.errors import ConfigError
+from tickstream_shared.probes import serve_probes
 from tickstream_shared.settings import ServiceSettings
 
 
@@ -33,7 +35,11 @@ def install_stop_signals(stop: asyncio.Event) -> None:
 def run_service(
     name: str, body: Callable[[ServiceSettings, asyncio.Event], Awaitable[None]]
 ) -> int:
-    """Read settings once, run `body` until a stop signal, and return the exit code."""
+    """Read settings once, run `body` until a stop signal, and return the exit code.
+
+    While `body` runs, watcher, stats and alerts serve /metrics, /livez and /readyz on their
+    `<SERVICE>_METRICS_PORT` when it is set (the gateway serves them on its own port).
+    """
     try:
         settings = ServiceSettings.from_env(os.environ)
     except ConfigError as exc:
@@ -44,7 +50,9 @@ def run_service(
     async def _main() -> None:
         stop = asyncio.Event()
         install_stop_signals(stop)
-        await body(settings, stop)
+        observability.describe_service(name)
+        async with serve_probes(name, settings):
+            await body(settings, stop)
 
     asyncio.run(_main())
     logging.getLogger(name).info("stopped cleanly")

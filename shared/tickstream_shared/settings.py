@@ -156,7 +156,9 @@ class WatcherSettings:
         ge=1000,
         le=60_000,
     )
-    seed: int = setting("WATCHER_SEED", 7, "Random seed of the synthetic source.")
+    seed: int = setting(
+        "WATCHER_SEED", 7, "Random seed of the synthetic source.", ge=0, le=2**32 - 1
+    )
     tick_interval_ms: int = setting(
         "WATCHER_TICK_INTERVAL_MS",
         1000,
@@ -187,12 +189,14 @@ class WatcherSettings:
         0.0,
         "Replay source: event time per wall time (600 = ten minutes a second); 0 = unthrottled.",
         ge=0,
+        le=1e9,
     )
     replay_limit_minutes: int = setting(
         "WATCHER_REPLAY_LIMIT_MINUTES",
         0,
         "Replay source: stop after this many minutes of candles per market; 0 = all.",
         ge=0,
+        le=100_000_000,
     )
     max_in_flight: int = setting(
         "WATCHER_MAX_IN_FLIGHT",
@@ -342,6 +346,50 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ObservabilitySettings:
+    """Where watcher, stats and alerts serve /metrics, /livez and /readyz."""
+
+    host: str = setting(
+        "METRICS_HOST",
+        "127.0.0.1",
+        "Address the metrics and health server of watcher, stats and alerts listens on.",
+    )
+    watcher_port: int = setting(
+        "WATCHER_METRICS_PORT",
+        0,
+        "Port of the watcher's /metrics, /livez and /readyz; 0 = no such server.",
+        ge=0,
+        le=65535,
+    )
+    stats_port: int = setting(
+        "STATS_METRICS_PORT",
+        0,
+        "Port of the stats service's /metrics, /livez and /readyz; 0 = no such server.",
+        ge=0,
+        le=65535,
+    )
+    alerts_port: int = setting(
+        "ALERTS_METRICS_PORT",
+        0,
+        "Port of the alerts service's /metrics, /livez and /readyz; 0 = no such server.",
+        ge=0,
+        le=65535,
+    )
+    readiness_timeout_ms: int = setting(
+        "READINESS_TIMEOUT_MS",
+        2000,
+        "How long /readyz (and the gateway's /healthz) waits for each dependency to answer.",
+        ge=100,
+        le=60_000,
+    )
+
+    def port_of(self, service: str) -> int:
+        """The metrics port of `service`; 0 for none (the gateway serves them on its own port)."""
+        ports = {"watcher": self.watcher_port, "stats": self.stats_port, "alerts": self.alerts_port}
+        return ports.get(service, 0)
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceSettings:
     """Everything any service may need; each service reads the parts it uses."""
 
@@ -354,6 +402,7 @@ class ServiceSettings:
     stats: StatsSettings = field(default_factory=StatsSettings)
     alerts: AlertsSettings = field(default_factory=AlertsSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ServiceSettings:
@@ -367,6 +416,13 @@ class ServiceSettings:
                 f"{settings.database.retention_days} days keep less than STATS_WINDOW_MINUTES"
                 f" ({settings.stats.window_minutes} minutes)",
             )
+        for env, value, schemes in _url_settings(settings):
+            if not value.startswith(schemes) or any(c.isspace() for c in value):
+                raise ConfigError(env, f"{value!r} is not a {' or '.join(schemes)} URL")
+        for server in settings.kafka.bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError("KAFKA_BOOTSTRAP_SERVERS", f"{server!r} is not host:port")
         if not _GROUP_RE.fullmatch(settings.watcher.group):
             raise ConfigError("WATCHER_GROUP", "use 1-32 characters of a-z, 0-9 and -")
         if 0 < settings.watcher.feed_silence_ms < 1000:
@@ -375,6 +431,22 @@ class ServiceSettings:
 
 
 _GROUP_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+
+def _url_settings(settings: ServiceSettings) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(variable, value, allowed schemes) of every URL setting."""
+    ws, http = ("ws://", "wss://"), ("http://", "https://")
+    ex = settings.exchanges
+    return [
+        ("REDIS_URL", settings.redis.url, ("redis://", "rediss://", "unix://")),
+        ("DATABASE_URL", settings.database.url, ("postgresql://", "postgres://")),
+        ("BINANCE_WS_URL", ex.binance_ws_url, ws),
+        ("BINANCE_REST_URL", ex.binance_rest_url, http),
+        ("COINBASE_WS_URL", ex.coinbase_ws_url, ws),
+        ("COINBASE_REST_URL", ex.coinbase_rest_url, http),
+        ("KRAKEN_WS_URL", ex.kraken_ws_url, ws),
+        ("KRAKEN_REST_URL", ex.kraken_rest_url, http),
+    ]
 
 
 def _section_type(f: dataclasses.Field[Any]) -> type[Any]:

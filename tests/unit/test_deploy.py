@@ -313,6 +313,30 @@ def test_compose_gateway_is_published_and_health_checked(
     assert f"urlopen('http://127.0.0.1:{port}/healthz'" in test[3]
 
 
+def _probe_port(name: str, env: Mapping[str, str]) -> int:
+    """The port a service serves /metrics, /livez and /readyz on, as its settings say."""
+    settings = ServiceSettings.from_env(env)
+    return settings.gateway.port if name == "gateway" else settings.observability.port_of(name)
+
+
+def test_compose_services_serve_probes_on_ports_of_their_own(
+    tickstream: dict[str, dict[str, Any]],
+) -> None:
+    """Watcher, stats and alerts serve probes on unpublished ports of their own; health: /readyz."""
+    ports = {}
+    for name in ("watcher", "stats", "alerts"):
+        svc = tickstream[name]
+        env = _environment(svc)
+        port = ports[name] = _probe_port(name, env)
+        assert port != 0 and env["METRICS_HOST"] == "0.0.0.0", name
+        assert "ports" not in svc, name  # two watcher replicas could not publish one host port
+        test = svc["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "python", "-c"], name
+        assert f"urlopen('http://127.0.0.1:{port}/readyz'" in test[3], name
+    ports["gateway"] = _probe_port("gateway", _environment(tickstream["gateway"]))
+    assert len(set(ports.values())) == len(ports), ports
+
+
 def test_compose_watcher_is_live_unless_the_operator_chooses_synthetic(
     raw_compose: dict[str, Any],
 ) -> None:
@@ -483,7 +507,7 @@ def test_k8s_runs_each_service_and_init_once(k8s: list[dict[str, Any]]) -> None:
 
 
 def test_k8s_gateway_service_and_probes(k8s: list[dict[str, Any]]) -> None:
-    """The gateway Service reaches the gateway pods on their port; probes hit /healthz there."""
+    """The gateway Service reaches the gateway pods on their port; probes hit it there."""
     [deployment] = [
         doc
         for doc in k8s
@@ -501,10 +525,36 @@ def test_k8s_gateway_service_and_probes(k8s: list[dict[str, Any]]) -> None:
     [service_port] = service["spec"]["ports"]
     assert service_port["port"] == port
     assert ports[service_port["targetPort"]] == port
-    for probe in ("readinessProbe", "livenessProbe"):
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
         http = container[probe]["httpGet"]
-        assert http["path"] == "/healthz", probe
+        assert http["path"] == path, probe
         assert ports[http["port"]] == port, probe
+
+
+def test_k8s_every_service_is_probed_and_scraped_where_it_serves(
+    k8s: list[dict[str, Any]],
+) -> None:
+    """Probes and prometheus.io annotations of each Deployment name the port its settings serve."""
+    for name, deployment in _k8s_deployments(k8s).items():
+        pod = deployment["spec"]["template"]
+        [container] = pod["spec"]["containers"]
+        env = _k8s_env(k8s, container)
+        port = _probe_port(name, env)
+        assert port != 0, name
+        if name != "gateway":
+            assert env["METRICS_HOST"] == "0.0.0.0", name
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
+            http = container[probe]["httpGet"]
+            assert (http["path"], ports[http["port"]]) == (path, port), (name, probe)
+        timeout_ms = int(env.get("READINESS_TIMEOUT_MS", DEFAULTS["READINESS_TIMEOUT_MS"]))
+        assert container["readinessProbe"]["timeoutSeconds"] * 1000 > timeout_ms, name
+        annotations = pod["metadata"]["annotations"]
+        assert annotations == {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(port),
+            "prometheus.io/path": "/metrics",
+        }, name
 
 
 def test_k8s_service_links_do_not_shadow_settings(k8s: list[dict[str, Any]]) -> None:

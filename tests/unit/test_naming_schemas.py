@@ -190,6 +190,15 @@ def test_settings_from_env_converts_types() -> None:
             {"STORAGE_RETENTION_DAYS": "3", "STATS_WINDOW_MINUTES": "5000"},
             "keep less than STATS_WINDOW_MINUTES",
         ),
+        ({"REDIS_URL": "http://127.0.0.1:6379"}, "not a redis:// or rediss://"),
+        ({"DATABASE_URL": "mysql://x"}, "not a postgresql://"),
+        ({"KRAKEN_WS_URL": "https://ws.kraken.com"}, "not a ws:// or wss:// URL"),
+        ({"BINANCE_REST_URL": "https://api.binance.com /x"}, "not a http:// or https:// URL"),
+        ({"KAFKA_BOOTSTRAP_SERVERS": "broker"}, "is not host:port"),
+        ({"KAFKA_BOOTSTRAP_SERVERS": "a:9092,b:99999"}, "is not host:port"),
+        ({"WATCHER_GROUP": "Main Group"}, "a-z, 0-9"),
+        ({"WATCHER_FEED_SILENCE_MS": "10"}, "or >= 1000"),
+        ({"WATCHER_SEED": "-1"}, "below the minimum"),
     ],
 )
 def test_settings_out_of_bounds_are_refused(env: dict[str, str], problem: str) -> None:

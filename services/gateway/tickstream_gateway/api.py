@@ -1,7 +1,9 @@
-"""HTTP endpoints: metrics, one metric's bars, rank snapshots, alerts, health."""
+"""HTTP endpoints: metrics, one metric's bars, rank snapshots, alerts, health, Prometheus."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from typing import Any
 
 from starlette.requests import Request
@@ -12,7 +14,7 @@ from tickstream_gateway.bars import merge_history
 from tickstream_gateway.protocol import ProtocolError, encode, parse_by, parse_since
 from tickstream_gateway.ranks import rank_snapshot
 from tickstream_gateway.state import GatewayState
-from tickstream_shared import alert_store, db
+from tickstream_shared import alert_store, db, health, observability
 from tickstream_shared.errors import BadIdentifier
 from tickstream_shared.naming import MetricId, parse_kind
 
@@ -85,25 +87,39 @@ async def get_alerts(request: Request) -> Response:
     return json_response({"alerts": alerts})
 
 
-async def healthz(request: Request) -> Response:
+async def readyz(request: Request) -> Response:
+    """Ready: broker, Redis and PostgreSQL answer, the feed runs (also served as /healthz)."""
     state = _state(request)
-    checks: dict[str, str] = {}
-    try:
-        await state.redis.ping()
-        checks["redis"] = "ok"
-    except Exception as exc:  # any failure means unhealthy; the reason is reported
-        checks["redis"] = f"error: {exc!r}"
-    try:
-        async with state.pool.acquire() as conn:
-            await conn.fetchval("SELECT 1")
-        checks["database"] = "ok"
-    except Exception as exc:
-        checks["database"] = f"error: {exc!r}"
-    if state.failed_tasks:
-        checks["feed"] = f"error: {state.failed_tasks[0]}"
-    else:
-        checks["feed"] = "ok" if state.feed_ready.is_set() else "starting"
-    healthy = all(v == "ok" for v in checks.values())
-    return json_response(
-        {"status": "ok" if healthy else "unhealthy", **checks}, 200 if healthy else 503
+    timeout_s = state.settings.observability.readiness_timeout_ms / 1000
+    broker, redis, database = await asyncio.gather(
+        health.outcome(functools.partial(health.check_broker, state.settings), timeout_s),
+        health.outcome(state.redis.ping, timeout_s),
+        health.outcome(functools.partial(_select_one, state.pool), timeout_s),
     )
+    checks = {"broker": broker, "redis": redis, "database": database, "feed": _feed_check(state)}
+    status, body = health.health_body(checks)
+    return json_response(body, status)
+
+
+async def livez(request: Request) -> Response:
+    """Alive: the event loop answers and no background task has failed for good."""
+    state = _state(request)
+    if state.failed_tasks:
+        return json_response({"status": "unhealthy", "feed": _feed_check(state)}, 503)
+    return json_response({"status": "ok"})
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    body, content_type = observability.exposition()
+    return Response(body, headers={"Content-Type": content_type})
+
+
+async def _select_one(pool: Any) -> None:
+    async with pool.acquire() as conn:
+        await conn.fetchval("SELECT 1")
+
+
+def _feed_check(state: GatewayState) -> str:
+    if state.failed_tasks:
+        return f"error: {state.failed_tasks[0]}"
+    return health.OK if state.feed_ready.is_set() else "starting"

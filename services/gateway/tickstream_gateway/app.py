@@ -11,12 +11,13 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from tickstream_gateway import api
+from tickstream_gateway import api, telemetry
 from tickstream_gateway.bars import RecentBars
 from tickstream_gateway.feed import run_feed, run_rank_poller
 from tickstream_gateway.hub import Hub
@@ -37,6 +38,7 @@ def create_app(settings: ServiceSettings) -> Starlette:
         redis = redis_client.connect(settings.redis)
         recent = RecentBars(max_bars=settings.gateway.history_minutes + 1)
         hub = Hub(settings.gateway.client_queue, recent=recent)
+        telemetry.track_hub(hub)
         state = GatewayState(settings, redis, pool, hub, asyncio.Event())
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -68,7 +70,10 @@ def create_app(settings: ServiceSettings) -> Starlette:
 
     routes = [
         Route("/", index),
-        Route("/healthz", api.healthz),
+        Route("/healthz", api.readyz),
+        Route("/livez", api.livez),
+        Route("/readyz", api.readyz),
+        Route("/metrics", api.prometheus_metrics),
         Route("/api/metrics", api.list_metrics),
         Route("/api/metrics/{metric_id:str}", api.get_metric),
         Route("/api/ranks", api.get_ranks),
@@ -77,5 +82,8 @@ def create_app(settings: ServiceSettings) -> Starlette:
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
     return Starlette(
-        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
+        routes=routes,
+        middleware=[Middleware(telemetry.CountRequests)],
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error},
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 
@@ -11,10 +12,11 @@ import redis.asyncio as redis
 from tickstream_gateway.hub import Hub
 from tickstream_gateway.protocol import ranks_frame
 from tickstream_gateway.ranks import RANKINGS, rank_snapshot
-from tickstream_shared.consuming import DecodeCounters, decode_batch
+from tickstream_shared.consuming import DecodeCounters, decode_batch, decode_readings
 from tickstream_shared.errors import BadMessage
 from tickstream_shared.kafka import make_consumer
 from tickstream_shared.naming import ALERTS_TOPIC, TICK_TOPIC_PATTERN, MetricKind, RankMeasure
+from tickstream_shared.observability import READINGS
 from tickstream_shared.schemas import decode_alert
 from tickstream_shared.settings import ServiceSettings
 
@@ -37,7 +39,9 @@ async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) ->
     await consumer.start()
     ready.set()
     counters = DecodeCounters()
-    bad_alerts = 0
+    alert_counters = DecodeCounters()
+    # Exported while the consumer lives, and added to the totals when it is gone.
+    READINGS.track(consumer, totals=functools.partial(decode_readings, counters, alert_counters))
     try:
         while True:
             batch = await consumer.getmany(timeout_ms=500, max_records=5000)
@@ -46,8 +50,9 @@ async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) ->
                     for record in records:
                         try:
                             hub.publish_alert(decode_alert(record.value))
+                            alert_counters.decoded += 1
                         except BadMessage as exc:
-                            bad_alerts += 1
+                            alert_counters.skipped_bad += 1
                             log.warning("skipping bad alert offset=%s: %s", record.offset, exc)
                     continue
                 now = time.monotonic()

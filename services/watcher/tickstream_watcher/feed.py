@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -14,6 +15,7 @@ from typing import Final, Literal
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 
+from tickstream_shared.observability import READINGS, Family, Reading
 from tickstream_watcher.exchange import (
     MAX_FRAME_BYTES,
     BadFrame,
@@ -63,6 +65,45 @@ class FeedCounters:
     reconnects: int = 0
 
 
+FEED_FRAMES: Final = Family(
+    "tickstream_feed_frames_total", "Frames received from the exchange.", "counter", ("exchange",)
+)
+FEED_BAD_FRAMES: Final = Family(
+    "tickstream_feed_bad_frames_total",
+    "Frames that could not be parsed, skipped.",
+    "counter",
+    ("exchange",),
+)
+FEED_REJECTED: Final = Family(
+    "tickstream_feed_rejected_total",
+    "Subscriptions the exchange refused.",
+    "counter",
+    ("exchange",),
+)
+FEED_RECONNECTS: Final = Family(
+    "tickstream_feed_reconnects_total",
+    "Connections lost, dropped or renewed, and made again.",
+    "counter",
+    ("exchange",),
+)
+FEED_LIVE: Final = Family(
+    "tickstream_feed_connections_live",
+    "Exchange connections subscribed and reading.",
+    "gauge",
+    ("exchange",),
+)
+
+
+def _feed_totals(counters: FeedCounters, exchange: str) -> list[Reading]:
+    labels = (exchange,)
+    return [
+        (FEED_FRAMES, labels, counters.frames),
+        (FEED_BAD_FRAMES, labels, counters.bad_frames),
+        (FEED_REJECTED, labels, counters.rejected),
+        (FEED_RECONNECTS, labels, counters.reconnects),
+    ]
+
+
 @dataclass
 class ExchangeFeed:
     """Keeps one connection to `url` subscribed to `symbols` and hands over parsed events.
@@ -88,6 +129,16 @@ class ExchangeFeed:
     counters: FeedCounters = field(default_factory=FeedCounters)
     rejected: set[str] = field(default_factory=set)
     last_delay: float = 0.0  # the wait before the latest reconnect, seconds
+
+    def __post_init__(self) -> None:
+        READINGS.track(
+            self,
+            totals=functools.partial(_feed_totals, self.counters, self.protocol.name),
+            current=ExchangeFeed._live_readings,
+        )
+
+    def _live_readings(self) -> list[Reading]:
+        return [(FEED_LIVE, (self.protocol.name,), 1.0 if self.state == "live" else 0.0)]
 
     async def run(self, stop: asyncio.Event) -> None:
         failures = 0

@@ -7,14 +7,31 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 from aiokafka.partitioner import DefaultPartitioner
 
 from tickstream_shared.naming import market_of
+from tickstream_shared.observability import READINGS, Family, Reading
 from tickstream_shared.schemas import Tick
 
 log = logging.getLogger(__name__)
+
+TICKS_PUBLISHED: Final = Family(
+    "tickstream_ticks_published_total", "Ticks the broker acknowledged.", "counter"
+)
+
+
+class PublishedCount:
+    """Ticks acknowledged; kept apart from the publisher so the metric outlives it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def readings(self) -> list[Reading]:
+        return [(TICKS_PUBLISHED, (), self.value)]
 
 
 class _Route:
@@ -77,7 +94,13 @@ class TickPublisher:
         self._sender: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self._acknowledged_closes: dict[str, Tick] = {}
-        self.published = 0
+        self._published = PublishedCount()
+        READINGS.track(self, totals=self._published.readings)
+
+    @property
+    def published(self) -> int:
+        """Ticks acknowledged by the broker so far."""
+        return self._published.value
 
     async def __aenter__(self) -> TickPublisher:
         self._sender = asyncio.create_task(self._send_freed(), name="tick-publisher-sender")
@@ -233,7 +256,7 @@ class TickPublisher:
         elif (error := delivery.exception()) is not None:
             self._fail(error, count)
         else:
-            self.published += count
+            self._published.value += count
             if close is not None:
                 self._acknowledged_closes[route.market_id] = close
             if route.batch is not None:
