@@ -81,12 +81,13 @@ class FakeCoinbase:
 
 
 def aggregate(trades: list[dict[str, Any]]) -> dict[tuple[str, int], tuple[float, ...]]:
-    """(market, minute) -> (open, high, low, close, volume, count), by a plain loop."""
+    """(market, minute) -> (open, high, low, close, volume, count), by a plain loop; `last_match`
+    (a trade from before the subscription) and a trade sent twice are not counted."""
     bars: dict[tuple[str, int], list[Any]] = {}
     seen: dict[str, int] = {}
     for trade in trades:
-        if trade["trade_id"] <= seen.get(trade["product_id"], -1):
-            continue  # a trade sent twice (last_match, then match) counts once
+        if trade["type"] != "match" or trade["trade_id"] <= seen.get(trade["product_id"], -1):
+            continue
         seen[trade["product_id"]] = trade["trade_id"]
         moment = datetime.strptime(trade["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
         ms = int(moment.replace(microsecond=0).timestamp()) * 1000 + moment.microsecond // 1000
@@ -116,7 +117,8 @@ async def test_live_coinbase_aggregates_recorded_trades_into_bars(infra: LocalIn
         last_ids[m["product_id"]] = max(last_ids.get(m["product_id"], 0), m["trade_id"])
     closing = now - now % M + 1
     trades += [
-        {**matches[0], "product_id": p, "trade_id": last_ids[p] + 1, "time": iso(closing)}
+        {**matches[0], "type": "match", "product_id": p, "trade_id": last_ids[p] + 1}
+        | {"time": iso(closing)}
         for p in PRODUCTS
     ]
     exchange = FakeCoinbase(trades)
