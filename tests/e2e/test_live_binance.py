@@ -1,26 +1,38 @@
 """The live source against a local Binance (REST and WebSocket in Binance's formats), end to end.
 
 The real watcher process resolves its markets from the fake exchangeInfo, backfills closed
-minutes from the fake klines, streams kline frames, survives a bad frame and a dropped
-connection, and publishes to the real broker; the test reads the topic back.
+minutes from the fake klines, streams kline frames, survives bad frames, dropped and silent
+connections, serverShutdown and rate limits, and publishes to the real broker; the test reads
+the topic back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import ServerConnection
 
-from tests.conftest import make_data_dir
-from tests.e2e.exchange_fakes import read_topic, rest_server
-from tests.e2e.harness import Services
+from tests.e2e.exchange_fakes import (
+    Bar,
+    BarValues,
+    Outage,
+    Throttle,
+    assert_no_gap,
+    assert_waited_out,
+    closed_once,
+    history,
+    keep_sending,
+    live_watcher,
+    read_all,
+    read_topic,
+    rest_values,
+    topic_of,
+)
 from tickstream_shared.local_infra import LocalInfra
 from tickstream_shared.schemas import Tick
 
@@ -120,36 +132,21 @@ async def test_live_binance_backfills_streams_and_recovers(infra: LocalInfra) ->
     """Backfilled and live bars arrive once each, closed once, equal to what the exchange sent."""
     now = time.time_ns() // 1_000_000
     exchange = FakeBinance(now_minute=now - now % M)
-    data_dir = make_data_dir("tickstream-live-logs-")
-    async with (
-        rest_server(exchange.route) as rest_url,
-        serve(exchange.ws, "127.0.0.1", 0) as ws_server,
-    ):
-        ws_port = ws_server.sockets[0].getsockname()[1]
-        env = {
-            **os.environ,
-            **infra.environment(),
-            "WATCHER_SOURCE": "live",
-            "WATCHER_MARKETS": "binance:nkn-usdt,binance:old-usdt,binance:zzz-usdt",
-            "WATCHER_BACKFILL_MINUTES": str(BACKFILL),
-            "BINANCE_WS_URL": f"ws://127.0.0.1:{ws_port}",
-            "BINANCE_REST_URL": rest_url,
-        }
-        services = Services(env, data_dir)
-        services.start("watcher")
-        try:
+    async with live_watcher(
+        infra,
+        "binance",
+        exchange.route,
+        exchange.ws,
+        WATCHER_MARKETS="binance:nkn-usdt,binance:old-usdt,binance:zzz-usdt",
+        WATCHER_BACKFILL_MINUTES=str(BACKFILL),
+    ) as watcher:
 
-            def done(ticks: list[Tick]) -> bool:
-                closed_live = [t for t in ticks if t.closed and t.volume == 4.0]
-                return bool(closed_live) and sum(t.closed for t in ticks) >= BACKFILL - 1
+        def done(ticks: list[Tick]) -> bool:
+            closed_live = [t for t in ticks if t.closed and t.volume == 4.0]
+            return bool(closed_live) and sum(t.closed for t in ticks) >= BACKFILL - 1
 
-            ticks = await read_topic(infra.kafka_bootstrap_servers, TOPIC, done, within=60)
-            services.assert_running()
-        finally:
-            codes = services.stop_all()
-            log = services.tail("watcher")
-            shutil.rmtree(data_dir, ignore_errors=True)
-    assert codes == {"watcher": 0}, log
+        ticks = await read_topic(infra.kafka_bootstrap_servers, TOPIC, done, within=60)
+    log = watcher.log_text
     assert exchange.connections == 2
     closed = [t for t in ticks if t.closed]
     minutes = [t.minute for t in closed]
@@ -175,3 +172,132 @@ async def test_live_binance_backfills_streams_and_recovers(infra: LocalInfra) ->
     assert seqs == sorted(set(seqs)), "seq must grow per market"
     assert "skipping bad frame" in log and "binance:zzz-usdt is not listed" in log
     assert "binance:old-usdt is not listed" in log
+
+
+OUTAGE_MARKET = "binance:lrc-btc"
+
+
+@dataclass
+class BinanceOutages:
+    """Binance REST and the kline stream of LRCBTC playing the `Outage` script."""
+
+    outage: Outage
+    bars: dict[int, Bar]
+    sent: dict[int, dict[str, Any]] = field(default_factory=dict)  # minute -> last kline sent
+    stamps: dict[int, int] = field(default_factory=dict)  # minute -> its event time
+
+    def route(self, path: str, query: dict[str, str]) -> tuple[int, Any]:
+        if path == "/api/v3/exchangeInfo":
+            lrc = {"symbol": "LRCBTC", "status": "TRADING", "baseAsset": "LRC", "quoteAsset": "BTC"}
+            return 200, {"symbols": [lrc]}
+        if path == "/api/v3/klines" and query.get("symbol") == "LRCBTC":
+            start, end = int(query["startTime"]), int(query["endTime"])
+            minutes = [
+                m for m in sorted(self.bars) if start <= m <= end and m < self.outage.rest_before
+            ][: int(query["limit"])]
+            return 200, [self.row(m) for m in minutes]
+        return 400, {"code": -1121, "msg": "Invalid symbol."}
+
+    def row(self, minute: int) -> list[Any]:
+        bar = self.bars[minute]
+        prices = [f"{p:.8f}" for p in (bar.open, bar.high, bar.low, bar.close)]
+        volume = f"{bar.volume:.8f}"
+        return [minute, *prices, volume, minute + M - 1, "0.1", bar.trades, "0.5", "0.05", "0"]
+
+    def kline(self, minute: int) -> str:
+        """The minute's final state, stamped when first sent (at the latest its last
+        millisecond): sent again, it is the same, whichever of them the watcher last took."""
+        bar = self.bars[minute]
+        now = time.time_ns() // 1_000_000
+        data = {
+            "e": "kline",
+            "E": self.stamps.setdefault(minute, min(now, minute + M - 1)),
+            "s": "LRCBTC",
+            "k": {
+                "t": minute,
+                "T": minute + M - 1,
+                "s": "LRCBTC",
+                "i": "1m",
+                "f": 100,
+                "L": 100 + bar.trades - 1,
+                "o": f"{bar.open:.8f}",
+                "c": f"{bar.close:.8f}",
+                "h": f"{bar.high:.8f}",
+                "l": f"{bar.low:.8f}",
+                "v": f"{bar.volume:.8f}",
+                "n": bar.trades,
+                "x": False,
+                "q": "0.1",
+                "V": "0.5",
+                "Q": "0.05",
+                "B": "0",
+            },
+        }
+        self.sent[minute] = data
+        return json.dumps({"stream": "lrcbtc@kline_1m", "data": data})
+
+    async def ws(self, connection: ServerConnection) -> None:
+        assert connection.request is not None
+        assert connection.request.path == "/stream?streams=lrcbtc@kline_1m"
+        step = self.outage.connect()
+        await connection.send(self.kline(step.minute))
+        if step.end == "drop":
+            await connection.send('{"stream":"lrcbtc@kline_1m","data":{"e":"kline"')  # malformed
+            return
+        if step.end == "silence":
+            await connection.wait_closed()
+            return
+        if step.end == "reconnect request":
+            shutdown = {"e": "serverShutdown", "E": time.time_ns() // 1_000_000}
+            await connection.send(json.dumps(shutdown))
+        await keep_sending(connection, lambda: self.kline(step.minute))
+
+    def expected(self) -> dict[int, BarValues]:
+        """Streamed minutes as their last kline says, the others as REST's candles."""
+        out = {minute: rest_values(minute, bar) for minute, bar in self.bars.items()}
+        for minute, data in self.sent.items():
+            k = data["k"]
+            prices = (float(k["o"]), float(k["h"]), float(k["l"]), float(k["c"]), float(k["v"]))
+            out[minute] = (*prices, k["n"], min(data["E"], minute + M))
+        return out
+
+
+async def test_live_binance_repairs_drops_silence_shutdown_and_rate_limits(
+    infra: LocalInfra,
+) -> None:
+    """Through a dropped, a silent and a shut-down connection, and 429s on listing and klines,
+    every minute Binance traded is closed exactly once, with its values; bad frames skipped."""
+    now = time.time_ns() // 1_000_000
+    outage = Outage(now - now % M, asks_reconnect=True)
+    exchange = BinanceOutages(outage, history(outage.now_minute, 0.0000064))
+    rest = Throttle(exchange.route, frozenset({"/api/v3/exchangeInfo", "/api/v3/klines"}))
+    topic = topic_of(OUTAGE_MARKET)
+    async with live_watcher(
+        infra,
+        "binance",
+        rest,
+        exchange.ws,
+        WATCHER_MARKETS=f"{OUTAGE_MARKET},binance:zzz-usdt",
+        WATCHER_BACKFILL_MINUTES=str(BACKFILL),
+        WATCHER_FEED_SILENCE_MS="2000",
+    ) as watcher:
+        past = {m for m in exchange.bars if m < outage.now_minute}
+
+        def done(ticks: list[Tick]) -> bool:
+            # Every connection's backfill has answered, and every past minute is closed.
+            backfills = watcher.log().count(f"backfilled {OUTAGE_MARKET}:")
+            closed = {t.minute for t in ticks if t.closed}
+            return outage.finished and backfills == outage.connections and past <= closed
+
+        await read_topic(infra.kafka_bootstrap_servers, topic, done, within=45)
+    ticks = await read_all(infra.kafka_bootstrap_servers, topic)
+    log = watcher.log_text
+    assert outage.connections == len(outage.steps) == 4
+    assert_no_gap(closed_once(ticks), exchange.expected(), outage.now_minute)
+    assert log.count("binance feed: skipping bad frame") == 1
+    assert log.count("binance feed: TimeoutError: no frame for 2s") == 1  # the silent one only
+    assert "binance feed: exchange asks to reconnect: serverShutdown" in log
+    assert "binance:zzz-usdt is not listed" in log
+    assert_waited_out(
+        log, rest, "/api/v3/exchangeInfo", "/api/v3/klines?symbol=LRCBTC&", OUTAGE_MARKET
+    )

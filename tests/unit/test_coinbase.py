@@ -20,6 +20,7 @@ from tickstream_watcher.exchange import (
     BadFrame,
     CandleUpdate,
     Heartbeat,
+    Reconnect,
     Rejected,
     Trade,
 )
@@ -90,24 +91,29 @@ def frame(**changes: Any) -> str:
 
 
 def test_capture_matches_are_exact_trades(capture: Capture) -> None:
-    """Every match and last_match of the recorded session becomes the Trade its fields say."""
+    """Every match of the recorded session becomes the Trade its fields say; every last_match
+    (a trade before the subscription) a Heartbeat with its trade id."""
     protocol = capture_protocol(capture)
-    matches = 0
+    seen: defaultdict[str, int] = defaultdict(int)
     for text in capture.frames:
         message = json.loads(text)
-        if message["type"] not in ("match", "last_match"):
+        if message["type"] == "last_match":
+            market = market_of_product(message["product_id"])
+            assert protocol.parse(text) == [Heartbeat(market, message["trade_id"])]
+        elif message["type"] == "match":
+            assert protocol.parse(text) == [
+                Trade(
+                    market=market_of_product(message["product_id"]),
+                    trade_id=message["trade_id"],
+                    price=float(message["price"]),
+                    size=float(message["size"]),
+                    exchange_ts=ms_of(message["time"]),
+                )
+            ]
+        else:
             continue
-        matches += 1
-        assert protocol.parse(text) == [
-            Trade(
-                market=market_of_product(message["product_id"]),
-                trade_id=message["trade_id"],
-                price=float(message["price"]),
-                size=float(message["size"]),
-                exchange_ts=ms_of(message["time"]),
-            )
-        ]
-    assert matches == 107
+        seen[message["type"]] += 1
+    assert seen == {"last_match": 10, "match": 97}
 
 
 def test_capture_other_frames_carry_nothing_or_a_heartbeat(capture: Capture) -> None:
@@ -137,6 +143,10 @@ def test_capture_trade_ids_are_continuous_per_product(capture: Capture) -> None:
         for event in protocol.parse(text):
             if isinstance(event, Trade):
                 ids[event.market].append(event.trade_id)
+            elif message["type"] == "last_match":
+                assert isinstance(event, Heartbeat) and event.market is not None
+                assert event.last_trade_id is not None
+                ids[event.market].append(event.last_trade_id)
     assert set(first_types.values()) == {"last_match"}
     assert len(ids) == len(capture.product_ids) == 10
     for trade_ids in ids.values():
@@ -148,7 +158,7 @@ def test_match_from_bytes_and_str() -> None:
     expected = [Trade(BTC, 10, 400.23, 5.23512, MATCH_MS)]
     assert PROTOCOL.parse(frame()) == expected
     assert PROTOCOL.parse(frame().encode()) == expected
-    assert PROTOCOL.parse(frame(type="last_match")) == expected
+    assert PROTOCOL.parse(frame(type="last_match")) == [Heartbeat(BTC, 10)]
 
 
 def test_heartbeat_carries_last_trade_id() -> None:
@@ -161,7 +171,8 @@ def test_heartbeat_carries_last_trade_id() -> None:
 
 
 def test_error_naming_a_product_is_rejected() -> None:
-    """An error whose reason names a product id becomes Rejected for that product."""
+    """An error naming a product rejects it and asks to reconnect: Coinbase ignores the whole
+    subscribe, so the other products are subscribed again without it."""
     text = json.dumps(
         {
             "type": "error",
@@ -170,7 +181,8 @@ def test_error_naming_a_product_is_rejected() -> None:
         }
     )
     assert PROTOCOL.parse(text) == [
-        Rejected("XYZ-USD", "Failed to subscribe: XYZ-USD is not a valid product")
+        Rejected("XYZ-USD", "Failed to subscribe: XYZ-USD is not a valid product"),
+        Reconnect("subscribe refused for XYZ-USD"),
     ]
 
 

@@ -130,7 +130,7 @@ def test_backfill_fills_the_gap_between_two_connections() -> None:
     assert [(t.minute - BASE) // M for t in filled] == [1, 2, 3, 4]
     assert all(t.closed and t.exchange_ts == t.minute + M for t in filled)
     assert bars.backfill(ETH, rest_candles(7), us(BASE + 5 * M + 3_000)) == []  # idempotent
-    assert bars.gap_after(ETH) == BASE + 4 * M
+    assert bars.backfilled_through(ETH) == BASE + 4 * M
 
 
 def test_backfill_still_fills_the_gap_when_the_stream_closed_later_minutes_first() -> None:
@@ -144,6 +144,58 @@ def test_backfill_still_fills_the_gap_when_the_stream_closed_later_minutes_first
     assert [(t.minute - BASE) // M for t in filled] == [0, 1, 2]
     # A late live update of a backfilled minute is not published again.
     assert bars.candle(candle(BASE + M, 13.0, 8.0, BASE + M + 5), us(BASE + 6 * M)) == []
+
+
+def test_a_reconnect_during_a_backfill_leaves_the_rest_of_its_gap_to_be_filled() -> None:
+    """A backfill answering after the next reconnect still fills its gap, and only that."""
+    bars = LiveBars(min_interval_ms=0)
+    bars.connected([ETH])  # the first connection: its backfill (minutes 0-9) has not answered
+    for minute in (10, 11):
+        bars.candle(candle(BASE + minute * M, 11.0, 5.0, BASE + minute * M + 1), us(BASE + 12 * M))
+    bars.connected([ETH])  # dropped while minute 11 was forming; the new one starts at 13
+    bars.candle(candle(BASE + 13 * M, 11.0, 5.0, BASE + 13 * M + 1), us(BASE + 13 * M + 1))
+    assert bars.closed_through(ETH) == BASE + 11 * M  # 11 closed by the stream, once
+    late = valid(bars.backfill(ETH, rest_candles(14), us(BASE + 13 * M + 2)))
+    assert [(t.minute - BASE) // M for t in late] == [*range(10), 12]
+    assert bars.backfill(ETH, rest_candles(14), us(BASE + 13 * M + 3)) == []  # nothing twice
+
+
+def test_a_bar_forming_at_a_drop_closes_once_whenever_the_backfill_answers() -> None:
+    """The minute a dropped connection was forming is the stream's: closed once, and the
+    minutes after it are backfilled, before or after the new connection's first update."""
+    for backfill_first in (True, False):
+        bars = LiveBars(min_interval_ms=0)
+        bars.connected([ETH])
+        bars.candle(candle(BASE + 5 * M, 11.0, 5.0, BASE + 5 * M + 1), us(BASE + 5 * M + 1))
+        bars.connected([ETH])  # dropped in minute 5; back in minute 8
+        now = us(BASE + 8 * M + 2_000)
+        published: list[Tick] = []
+        first_update = candle(BASE + 8 * M, 11.0, 5.0, BASE + 8 * M + 1)
+        if backfill_first:
+            published += bars.backfill(ETH, rest_candles(9), now)
+            published += bars.candle(first_update, now)
+        else:
+            published += bars.candle(first_update, now)
+            published += bars.backfill(ETH, rest_candles(9), now)
+        closed = sorted((t.minute - BASE) // M for t in valid(published) if t.closed)
+        assert closed == [0, 1, 2, 3, 4, 5, 6, 7], backfill_first
+
+
+def test_after_a_completed_backfill_the_next_one_starts_after_the_streamed_minutes() -> None:
+    """Once a backfill fetched everything before a connection's first minute, a reconnect
+    leaves the next backfill only what came after that connection's last minute; until the
+    connection delivered a minute, nothing without a candle counts as done."""
+    bars = LiveBars(min_interval_ms=0)
+    bars.connected([ETH])
+    bars.backfill(ETH, rest_candles(6), us(BASE + 10 * M))  # minutes 0-5: REST had no more
+    bars.backfilled(ETH, BASE + 9 * M)  # nothing streamed yet: 6-9 may just be missing
+    assert bars.backfilled_through(ETH) == BASE + 5 * M
+    for minute in (10, 11, 12):
+        bars.candle(candle(BASE + minute * M, 11.0, 5.0, BASE + minute * M + 1), us(BASE + 12 * M))
+    bars.backfilled(ETH, BASE + 11 * M)  # stops before the connection's first minute
+    assert bars.backfilled_through(ETH) == BASE + 9 * M
+    bars.connected([ETH])
+    assert bars.backfilled_through(ETH) == BASE + 12 * M
 
 
 def test_backfill_at_start_stops_before_the_minute_still_forming_at_the_exchange() -> None:

@@ -23,6 +23,7 @@ from tickstream_watcher.exchange import (
     DecimalText,
     FeedEvent,
     Heartbeat,
+    Reconnect,
     Rejected,
     Trade,
     frame_bytes,
@@ -136,8 +137,9 @@ class CoinbaseProtocol:
         return [_encoder.encode(frame).decode()]
 
     def parse(self, frame: str | bytes) -> list[FeedEvent]:
-        """A Trade per `match`/`last_match`, a Heartbeat per `heartbeat` or `subscriptions`, a
-        Rejected per `error` naming a product; [] for other types (ticker, l2update, ...).
+        """A Trade per `match`; a Heartbeat per `heartbeat`, `subscriptions` or `last_match`
+        (with its trade id); a Rejected and a Reconnect per `error` naming a product; [] for
+        other types (ticker, l2update, ...).
 
         Raises only BadFrame.
         """
@@ -151,7 +153,7 @@ class CoinbaseProtocol:
         except (msgspec.DecodeError, RecursionError) as exc:
             raise BadFrame(f"not JSON: {str(exc)[:100]}", frame[:64]) from None
         try:
-            return [self._event(message)]
+            return self._events(message)
         except ValueError as exc:
             raise BadFrame(str(exc), frame[:64]) from None
 
@@ -202,22 +204,31 @@ class CoinbaseProtocol:
             raise BadFrame("candle rows are not strictly newest first", body[:64])
         return candles
 
-    def _event(self, message: _Message) -> FeedEvent:
+    def _events(self, message: _Message) -> list[FeedEvent]:
         match message:
-            case _Match():  # and _LastMatch: both are trades
-                return Trade(
+            case _LastMatch():
+                # The newest trade before the subscription: it belongs to the time the feed was
+                # not subscribed, whose minutes a backfill repairs from REST; counted as a trade
+                # it would put a one-trade bar in such a minute (after a reconnect: in the gap).
+                return [Heartbeat(self._market(message.product_id), message.trade_id)]
+            case _Match():
+                trade = Trade(
                     self._market(message.product_id),
                     message.trade_id,
                     _quantity("price", message.price, MAX_PRICE),
                     _quantity("size", message.size, MAX_VOLUME),
                     _ms(message.time),
                 )
+                return [trade]
             case _Heartbeat():
-                return Heartbeat(self._market(message.product_id), message.last_trade_id)
+                return [Heartbeat(self._market(message.product_id), message.last_trade_id)]
             case _Subscriptions():
-                return Heartbeat()
+                return [Heartbeat()]
             case _Error():
-                return _rejection(message)
+                # Coinbase ignores a whole subscribe that names a product it refuses: the others
+                # get nothing until subscribed again, without it.
+                rejection = _rejection(message)
+                return [rejection, Reconnect(f"subscribe refused for {rejection.symbol}")]
 
     def _market(self, product_id: str) -> Market:
         market = self._markets.get(product_id)

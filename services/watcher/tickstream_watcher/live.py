@@ -216,7 +216,7 @@ class LiveSource:
             now = now_us() // 1000
             current = now - now % MINUTE_MS
             first = current - self._backfill_minutes * MINUTE_MS
-            after = self.bars.gap_after(market)
+            after = self.bars.backfilled_through(market)
             if after is not None:
                 first = max(first, after + MINUTE_MS)
             symbol = self._symbols[exchange][market]
@@ -230,7 +230,9 @@ class LiveSource:
                     filled += len(ticks)
                     if ticks:
                         await queue.put(ticks)
+                self.bars.backfilled(market, current - MINUTE_MS)
             except (RestUnavailable, BadFrame) as exc:
+                # Not marked as backfilled: the next connect's backfill asks again.
                 log.warning("backfill of %s stopped: %s", market.id, exc)
             missing = (current - first) // MINUTE_MS - filled
             log.info(

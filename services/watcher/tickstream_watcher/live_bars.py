@@ -17,6 +17,9 @@ REPAIR_DELAY_MS: Final = 10_000
 REPAIR_GIVE_UP_MS: Final = 180_000
 # Most minutes one trade-id gap marks for repair (the newest ones); older are counted only.
 MAX_REPAIR_MINUTES: Final = 10
+# No backfill reaches further back (WATCHER_BACKFILL_MINUTES is at most 1440): what earlier
+# connections delivered before that is forgotten.
+_BACKFILL_HORIZON_MS: Final = 1440 * MINUTE_MS
 
 
 @dataclass(slots=True)
@@ -35,11 +38,21 @@ class _Bar:
 class _MarketState:
     market_id: str
     forming: _Bar | None = None
-    closed_through: int = -1  # every minute up to this one is final: never published again
-    # The gap a backfill may fill: minutes after `gap_after` (closed before the connection)
-    # and before `session_first` (the first minute the new connection delivered).
-    gap_after: int = -1
+    # The newest minute closed (by the stream or a backfill): the stream's updates of it and
+    # of older minutes are late.
+    closed_through: int = -1
+    # Every minute up to this one is dealt with: published, left to the stream, or fetched
+    # from REST without a candle; the next backfill starts after it. A reconnect moves it only
+    # when nothing before it is missing, so one while a backfill runs does not hide its gap.
+    backfilled_through: int = -1
+    # The minutes earlier connections delivered after `backfilled_through`, as (first, last):
+    # the stream closes those itself (also the one forming when a connection dropped), so a
+    # backfill leaves them out.
+    streamed: list[tuple[int, int]] = field(default_factory=list)
+    # The first and newest minute the current connection delivered; a backfill stops at the
+    # first (None: nothing yet).
     session_first: int | None = None
+    session_last: int = -1
     last_seq: int = -1
     # A minute closed by the previous publisher, published again as it was (see `resume`):
     # never closed from the stream or the backfill.
@@ -175,38 +188,51 @@ class LiveBars:
         return out
 
     def connected(self, markets: Iterable[Market]) -> None:
-        """A new connection delivers `markets` from now on: remember the gap it leaves.
+        """A new connection delivers `markets` from now on: remember what the last one did.
 
-        The gap is what a backfill may publish: the minutes after the last one closed so far
-        and before the first minute this connection delivers.
+        What a backfill may publish is then every closed minute not yet backfilled, not
+        delivered by an earlier connection, and before the first minute this one delivers.
         """
         for market in markets:
             state = self._state(market)
-            state.gap_after = state.closed_through
+            if state.session_first is None:
+                pass  # the last connection delivered nothing of this market
+            elif state.backfilled_through >= state.session_first - MINUTE_MS:
+                # Nothing before its first minute is missing, and it delivered every minute
+                # with trades from there on: a later backfill need not look before its last.
+                state.backfilled_through = max(state.backfilled_through, state.session_last)
+            else:
+                state.streamed.append((state.session_first, state.session_last))
+                horizon = state.session_last - _BACKFILL_HORIZON_MS
+                state.streamed = [span for span in state.streamed if span[1] >= horizon]
             state.session_first = None
+            state.session_last = -1
 
     def backfill(self, market: Market, candles: Iterable[CandleUpdate], now_us: int) -> list[Tick]:
-        """Closed bars for the minutes of the gap left by the last connect (see `connected`).
+        """Closed bars for the minutes the stream missed (see `connected`).
 
-        `candles` are closed REST candles, oldest first. Minutes not in the gap are left out:
-        they were published, or the stream publishes them. A minute still forming at the
-        exchange is left out too. Each minute is published once, however often this is called.
+        `candles` are closed REST candles, oldest first. Left out: minutes an earlier backfill
+        dealt with, minutes a connection delivered (the stream closes them), minutes from the
+        first one the current connection delivered on, and a minute still forming at the
+        exchange. Each minute is published once, however often and in whatever order with the
+        stream this is called (also by two backfills at once, page by page).
         """
         state = self._state(market)
-        limit = state.session_first
-        if limit is None and state.forming is not None:
-            limit = state.forming.minute
         out: list[Tick] = []
         for candle in candles:
-            if candle.minute <= state.gap_after or candle.minute == state.republished:
-                continue
-            if limit is not None and candle.minute >= limit:
-                break
+            if state.session_first is not None and candle.minute >= state.session_first:
+                break  # the current connection delivers this minute on
             if candle.minute + MINUTE_MS > now_us // 1000:
                 break  # still forming at the exchange
+            if candle.minute <= state.backfilled_through:
+                continue
+            state.backfilled_through = candle.minute
+            if candle.minute == state.republished:
+                continue  # closed by the previous publisher, already published again
             if state.awaiting.pop(candle.minute, None) is not None:
                 self.counters.repaired += 1  # a minute with missed trades, repaired early
-            state.gap_after = candle.minute
+            elif any(first <= candle.minute <= last for first, last in state.streamed):
+                continue
             state.closed_through = max(state.closed_through, candle.minute)
             state.last_seq = seq = max(state.last_seq + 1, now_us)
             out.append(
@@ -225,6 +251,7 @@ class LiveBars:
                     True,
                 )
             )
+        state.streamed = [span for span in state.streamed if span[1] > state.backfilled_through]
         return out
 
     def repairs_due(self, now_ms: int) -> dict[Market, tuple[int, int]]:
@@ -278,15 +305,31 @@ class LiveBars:
         """
         state = self._state(market)
         if closed_through is not None:
-            state.closed_through = state.gap_after = max(state.closed_through, closed_through)
+            state.closed_through = max(state.closed_through, closed_through)
+            state.backfilled_through = max(state.backfilled_through, closed_through)
         state.last_seq = max(state.last_seq, last_seq)
         if republished is not None and republished > state.closed_through:
             state.republished = republished
 
-    def gap_after(self, market: Market) -> int | None:
-        """The last minute closed before the latest connect (the gap starts after it), or None."""
+    def backfilled(self, market: Market, through: int) -> None:
+        """A backfill has passed every candle REST had up to minute `through` to `backfill`.
+
+        If the current connection has delivered its first minute, every minute before that
+        one (and up to `through`) is then dealt with: one without a candle had no trade, and
+        no later backfill asks for it again. The exchange had reached that first minute, so
+        its REST held the ones before; before it, REST may not have the newest minutes yet.
+        """
+        state = self._state(market)
+        if state.session_first is None:
+            return
+        through = min(through, state.session_first - MINUTE_MS)
+        state.backfilled_through = max(state.backfilled_through, through)
+        state.streamed = [span for span in state.streamed if span[1] > state.backfilled_through]
+
+    def backfilled_through(self, market: Market) -> int | None:
+        """The newest minute backfills have dealt with (the next one starts after it), or None."""
         state = self._markets.get(market)
-        return None if state is None or state.gap_after < 0 else state.gap_after
+        return None if state is None or state.backfilled_through < 0 else state.backfilled_through
 
     def closed_through(self, market: Market) -> int | None:
         """The newest minute of `market` closed so far, or None."""
@@ -306,8 +349,6 @@ class LiveBars:
 
     def _roll(self, state: _MarketState, minute: int, received_us: int) -> list[Tick] | None:
         """Make `minute` the forming one; None if it is too old (counted as late)."""
-        if state.session_first is None:
-            state.session_first = minute  # the stream covers this minute on: the gap ends here
         bar = state.forming
         if (
             minute <= state.closed_through
@@ -316,6 +357,9 @@ class LiveBars:
         ):
             self.counters.late += 1
             return None
+        if state.session_first is None:
+            state.session_first = minute  # the stream covers this minute on: backfills stop here
+        state.session_last = max(state.session_last, minute)
         if bar is not None and minute > bar.minute:
             return self._close(state, received_us)  # a later minute started: this one is done
         return []
@@ -335,11 +379,12 @@ class LiveBars:
         if bar.minute in state.unfinished:
             state.unfinished.discard(bar.minute)
             state.awaiting[bar.minute] = bar
-            state.closed_through = bar.minute  # final for the stream: never reopened
+            state.closed_through = max(state.closed_through, bar.minute)  # never reopened
             state.forming = None
             return []
         tick = self._tick(state, received_us, closed=True)
-        state.closed_through = tick.minute
+        # max: a backfill may have closed later minutes before this one (out of order).
+        state.closed_through = max(state.closed_through, tick.minute)
         state.forming = None
         return [tick]
 
