@@ -1,4 +1,5 @@
-"""Service entry plumbing: logging, settings, SIGTERM/SIGINT to a stop event, metrics and probes."""
+"""Service entry plumbing: logging, settings, SIGTERM/SIGINT to a stop event, metrics and probes,
+and the restart policy of supervised work (child processes, background tasks)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,62 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from tickstream_shared import observability
 from tickstream_shared.errors import ConfigError
 from tickstream_shared.probes import serve_probes
 from tickstream_shared.settings import ServiceSettings
+
+
+@dataclass(frozen=True)
+class RestartBackoff:
+    """Delays between restarts of one service: `first_s` doubling up to `max_s`.
+
+    A run that lasted `reset_after_s` counts as healthy, so its exit starts again at `first_s`;
+    a service that keeps crashing at start is retried at most every `max_s`.
+    """
+
+    first_s: float = 1.0
+    max_s: float = 30.0
+    reset_after_s: float = 60.0
+
+    def next_delay(self, previous_s: float | None, ran_for_s: float) -> float:
+        if previous_s is None or ran_for_s >= self.reset_after_s:
+            return self.first_s
+        return min(previous_s * 2, self.max_s)
+
+
+async def supervise(
+    name: str,
+    work: Callable[[], Awaitable[None]],
+    backoff: RestartBackoff | None = None,
+    on_failure: Callable[[BaseException], None] | None = None,
+) -> None:
+    """Run `work()` again each time it ends or fails, after `backoff`'s delay; until cancelled.
+
+    Every failure is logged (and given to `on_failure`); a background task supervised this way
+    never stays down because of one bad moment (a broker restart, a bug hit by one record).
+    """
+    backoff = backoff or RestartBackoff()
+    delay: float | None = None
+    log = logging.getLogger("tickstream.supervise")
+    while True:
+        started = time.monotonic()
+        try:
+            await work()
+            problem = "ended"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            problem = f"failed: {exc!r}"
+            if on_failure is not None:
+                on_failure(exc)
+        delay = backoff.next_delay(delay, time.monotonic() - started)
+        log.error("%s %s; restarting in %.0fs", name, problem, delay)
+        await asyncio.sleep(delay)
 
 
 def setup_logging(level: str, service: str) -> None:

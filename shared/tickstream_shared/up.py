@@ -20,7 +20,7 @@ from types import FrameType
 
 from tickstream_shared.bootstrap import init
 from tickstream_shared.errors import ConfigError, InfraError
-from tickstream_shared.lifecycle import setup_logging
+from tickstream_shared.lifecycle import RestartBackoff, setup_logging
 from tickstream_shared.local_infra import LocalInfra, die_with_parent, stop_process, wait_until
 from tickstream_shared.settings import ServiceSettings
 
@@ -34,24 +34,6 @@ STOP_TIMEOUT_S = 20.0
 GATEWAY_READY_TIMEOUT_S = 60.0
 # How soon an exit is noticed and a due restart made, and how soon Ctrl-C takes effect.
 SUPERVISE_INTERVAL_S = 0.2
-
-
-@dataclass(frozen=True)
-class RestartBackoff:
-    """Delays between restarts of one service: `first_s` doubling up to `max_s`.
-
-    A run that lasted `reset_after_s` counts as healthy, so its exit starts again at `first_s`;
-    a service that keeps crashing at start is retried at most every `max_s`.
-    """
-
-    first_s: float = 1.0
-    max_s: float = 30.0
-    reset_after_s: float = 60.0
-
-    def next_delay(self, previous_s: float | None, ran_for_s: float) -> float:
-        if previous_s is None or ran_for_s >= self.reset_after_s:
-            return self.first_s
-        return min(previous_s * 2, self.max_s)
 
 
 RESTART_BACKOFF = RestartBackoff()

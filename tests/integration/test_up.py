@@ -14,9 +14,10 @@ import urllib.request
 from pathlib import Path
 
 from tests.conftest import deadline, make_data_dir
+from tickstream_shared.lifecycle import RestartBackoff
 from tickstream_shared.local_infra import free_port
 from tickstream_shared.settings import WatcherSettings
-from tickstream_shared.up import RestartBackoff, listening_sockets_held_by
+from tickstream_shared.up import listening_sockets_held_by
 
 
 def _ranks(port: int) -> dict[str, object] | None:

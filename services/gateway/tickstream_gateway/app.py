@@ -24,6 +24,7 @@ from tickstream_gateway.hub import Hub
 from tickstream_gateway.state import GatewayState
 from tickstream_gateway.ws import websocket_endpoint
 from tickstream_shared import db, redis_client
+from tickstream_shared.lifecycle import supervise
 from tickstream_shared.settings import ServiceSettings
 
 log = logging.getLogger("tickstream.gateway")
@@ -43,10 +44,16 @@ def create_app(settings: ServiceSettings) -> Starlette:
         tasks: list[asyncio.Task[None]] = []
         try:
             await db.ensure_schema(pool)
-            tasks.append(asyncio.create_task(run_feed(settings, state.hub, state.feed_ready)))
-            tasks.append(asyncio.create_task(run_rank_poller(settings, state.hub, redis)))
-            for task in tasks:
-                task.add_done_callback(state.background_task_ended)
+            # Each background task is restarted with backoff if it fails or ends: one bad
+            # moment (a broker restart, a bug hit by one record) never leaves clients without
+            # live data until the process restarts.
+            work = {
+                "gateway feed": lambda: run_feed(settings, state.hub, state.feed_ready),
+                "rank poller": lambda: run_rank_poller(settings, state.hub, redis),
+            }
+            for name, run in work.items():
+                supervised = supervise(name, run, on_failure=state.task_failed)
+                tasks.append(asyncio.create_task(supervised, name=name))
             yield {"gateway": state}
         finally:
             for task in tasks:

@@ -8,14 +8,27 @@ import logging
 import time
 
 import redis.asyncio as redis
+from aiokafka.errors import KafkaError
 
 from tickstream_gateway.hub import Hub
 from tickstream_gateway.protocol import ranks_frame
 from tickstream_gateway.ranks import RANKINGS, rank_snapshot
-from tickstream_shared.consuming import DecodeCounters, decode_batch, decode_readings
+from tickstream_shared.consuming import (
+    DecodeCounters,
+    decode_batch,
+    decode_readings,
+    is_transient,
+)
+from tickstream_shared.deadletter import DeadLetter, DeadLetterSender
 from tickstream_shared.errors import BadMessage
-from tickstream_shared.kafka import make_consumer
-from tickstream_shared.naming import ALERTS_TOPIC, TICK_TOPIC_PATTERN, MetricKind, RankMeasure
+from tickstream_shared.kafka import RenewableProducer, ensure_topics, make_consumer
+from tickstream_shared.naming import (
+    ALERTS_TOPIC,
+    DEADLETTER_TOPIC,
+    TICK_TOPIC_PATTERN,
+    MetricKind,
+    RankMeasure,
+)
 from tickstream_shared.observability import READINGS
 from tickstream_shared.schemas import decode_alert
 from tickstream_shared.settings import ServiceSettings
@@ -24,19 +37,32 @@ log = logging.getLogger("tickstream.gateway.feed")
 
 # One consumer for both streams: every per-pair tick topic (now and future) and alerts.
 FEED_PATTERN = rf"({TICK_TOPIC_PATTERN})|(^{ALERTS_TOPIC}$)"
+_DEAD_LETTER_TIMEOUT_S = 10.0
 
 
 async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) -> None:
     """Forward live bar updates and alerts to the hub until cancelled.
 
     No consumer group: every gateway instance sees every message, starting from the newest
-    (history comes from PostgreSQL). Nothing is committed because nothing is owned.
+    (history comes from PostgreSQL). Nothing is committed because nothing is owned. A bad
+    alert record is skipped and dead-lettered (no group reads `alerts`, so the gateways are
+    the ones to report it: one dead letter per gateway instance); bad tick records are
+    dead-lettered by stats and alerts and only counted here.
     """
     consumer = make_consumer(
         settings.kafka, group_id=None, client_id="tickstream-gateway", offset_reset="latest"
     )
     consumer.subscribe(pattern=FEED_PATTERN)
-    await consumer.start()
+    producer = RenewableProducer(settings.kafka, client_id="tickstream-gateway")
+    dead_letters = DeadLetterSender(producer, "gateway")
+    try:
+        await ensure_topics(settings.kafka, [DEADLETTER_TOPIC])
+        await producer.start()
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()
+        await producer.stop()
+        raise
     ready.set()
     counters = DecodeCounters()
     alert_counters = DecodeCounters()
@@ -47,19 +73,44 @@ async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) ->
             batch = await consumer.getmany(timeout_ms=500, max_records=5000)
             for tp, records in batch.items():
                 if tp.topic == ALERTS_TOPIC:
+                    bad: list[DeadLetter] = []
                     for record in records:
                         try:
                             hub.publish_alert(decode_alert(record.value))
                             alert_counters.decoded += 1
                         except BadMessage as exc:
                             alert_counters.skipped_bad += 1
+                            bad.append(DeadLetter.of(record, exc.problem))
                             log.warning("skipping bad alert offset=%s: %s", record.offset, exc)
+                    await _send_dead_letters(dead_letters, bad)
                     continue
                 now = time.monotonic()
                 for tick in decode_batch(records, counters):
                     hub.publish_tick(tick, now)
     finally:
+        ready.clear()  # /readyz says the feed is down until the supervisor has restarted it
         await consumer.stop()
+        await producer.stop()
+
+
+async def _send_dead_letters(sender: DeadLetterSender, letters: list[DeadLetter]) -> None:
+    """Dead-letter bad alerts without holding up live data for long: the record stays in
+    `alerts` anyway, so a failure is logged and the feed goes on."""
+    if not letters:
+        return
+    try:
+        async with asyncio.timeout(_DEAD_LETTER_TIMEOUT_S):
+            while True:
+                try:
+                    await sender.send(letters)
+                    return
+                except KafkaError as exc:
+                    if not is_transient(exc):
+                        raise
+                    log.warning("dead-lettering bad alerts failed, retrying: %r", exc)
+                    await asyncio.sleep(0.2)
+    except (TimeoutError, KafkaError) as exc:
+        log.error("could not dead-letter %d bad alerts: %r", len(letters), exc)
 
 
 async def run_rank_poller(settings: ServiceSettings, hub: Hub, client: redis.Redis) -> None:

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
 
 from tickstream_gateway.hub import Hub
 from tickstream_shared.settings import ServiceSettings
-
-log = logging.getLogger("tickstream.gateway")
 
 
 @dataclass
@@ -22,13 +19,11 @@ class GatewayState:
     pool: Any  # asyncpg.Pool
     hub: Hub
     feed_ready: asyncio.Event
-    failed_tasks: list[str] = field(default_factory=list)
+    # The newest failure of a background task (each is supervised and restarted).
+    last_task_failure: str | None = None
+    task_failures: int = 0
 
-    def background_task_ended(self, task: asyncio.Task[None]) -> None:
-        """Log a background task's failure when it happens; /healthz then reports it."""
-        if task.cancelled():
-            return
-        error = task.exception()
-        if error is not None:
-            log.error("background task %s failed: %r", task.get_coro(), error)
-            self.failed_tasks.append(repr(error))
+    def task_failed(self, error: BaseException) -> None:
+        """Remember a background task's failure for /readyz; the supervisor restarts it."""
+        self.task_failures += 1
+        self.last_task_failure = repr(error)[:200]
