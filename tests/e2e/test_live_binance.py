@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection
 
+from tests.conftest import SHARED_DATA
 from tests.e2e.exchange_fakes import (
     Bar,
     BarValues,
@@ -301,3 +302,81 @@ async def test_live_binance_repairs_drops_silence_shutdown_and_rate_limits(
     assert_waited_out(
         log, rest, "/api/v3/exchangeInfo", "/api/v3/klines?symbol=LRCBTC&", OUTAGE_MARKET
     )
+
+
+CAPTURE_MARKETS = {"NKNUSDT": "binance:nkn-usdt", "LRCBTC": "binance:lrc-btc"}
+
+
+def captured_session() -> list[dict[str, Any]]:
+    """The frames of the recorded Binance session (combined streams: depth, kline, ...)."""
+    path = SHARED_DATA / "captures" / "BINANCE.ws.1.0"
+    if not path.exists():
+        pytest.skip(f"capture not found at {path}")
+    frames = []
+    for line in path.read_text().splitlines()[1:]:
+        _, _, frame = line.partition(": ")
+        if frame.startswith("{"):
+            frames.append(json.loads(frame))
+    return frames
+
+
+def retimed(frame: dict[str, Any], shift: int) -> dict[str, Any]:
+    """`frame` with every time moved by `shift` ms (kline open/close times and event time)."""
+    data = dict(frame["data"])
+    if "E" in data:
+        data["E"] += shift
+    if "k" in data:
+        data["k"] = {**data["k"], "t": data["k"]["t"] + shift, "T": data["k"]["T"] + shift}
+    return {**frame, "data": data}
+
+
+async def test_live_binance_replays_the_recorded_session(infra: LocalInfra) -> None:
+    """The recorded combined-stream session, re-timed: klines become bars, the rest is ignored."""
+    frames = captured_session()
+    klines = [f for f in frames if f["stream"].endswith("@kline_1m")]
+    assert klines, "the capture holds kline frames"
+    now = time.time_ns() // 1_000_000
+    # The captured minute becomes the one before this, so the watcher closes it on its clock.
+    shift = (now - now % M - M) - klines[0]["data"]["k"]["t"]
+    session = [retimed(f, shift) for f in frames]
+
+    def route(path: str, query: dict[str, str]) -> tuple[int, Any]:
+        if path == "/api/v3/exchangeInfo":
+            listed = [("NKNUSDT", "NKN", "USDT"), ("LRCBTC", "LRC", "BTC")]
+            symbols = [
+                {"symbol": s, "status": "TRADING", "baseAsset": b, "quoteAsset": q}
+                for s, b, q in listed
+            ]
+            return 200, {"symbols": symbols}
+        return 200, []  # no candles before the recorded minute
+
+    async def ws(connection: ServerConnection) -> None:
+        for frame in session:
+            await connection.send(json.dumps(frame))
+        await connection.wait_closed()
+
+    async with live_watcher(
+        infra,
+        "binance",
+        route,
+        ws,
+        WATCHER_MARKETS=",".join(CAPTURE_MARKETS.values()),
+        WATCHER_BACKFILL_MINUTES="5",
+    ):
+        results = {}
+        for symbol, market in CAPTURE_MARKETS.items():
+            results[symbol] = await read_topic(
+                infra.kafka_bootstrap_servers,
+                topic_of(market),
+                lambda ticks: any(t.closed for t in ticks),
+                within=30,
+            )
+    for symbol, ticks in results.items():
+        # The last kline of the symbol's minute, as the exchange sent it, closed once.
+        last = [f["data"]["k"] for f in session if f["data"].get("k", {}).get("s") == symbol][-1]
+        (closed,) = closed_once(ticks).values()
+        assert closed.minute == last["t"]
+        assert (closed.open, closed.high, closed.low, closed.close, closed.volume) == tuple(
+            float(last[k]) for k in "ohlcv"
+        )
+        assert closed.trades == last["n"]
