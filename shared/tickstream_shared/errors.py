@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Final
+
+# Error messages quote untrusted input (a client's frame, a record's key) at most this long,
+# so a client never gets kilobytes of its own frame back and logs stay readable.
+MAX_ECHO_CHARS: Final = 64
+
+
+def echo(value: str) -> str:
+    """The repr of at most MAX_ECHO_CHARS characters of `value`, marked `…` when cut."""
+    if len(value) <= MAX_ECHO_CHARS:
+        return repr(value)
+    return f"{value[:MAX_ECHO_CHARS]!r}…"
+
 
 class TickstreamError(Exception):
     """Base class of every error tickstream raises on purpose."""

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Final, Literal, get_args
 
-from tickstream_shared.errors import BadIdentifier
+from tickstream_shared.errors import BadIdentifier, echo
 
 MetricKind = Literal["price", "volume"]
 METRIC_KINDS: Final[tuple[MetricKind, ...]] = get_args(MetricKind)
@@ -67,14 +67,14 @@ class Market:
         """Parse `<exchange>:<base>-<quote>` (case-insensitive); raises BadIdentifier."""
         match = _MARKET_RE.match(market_id.strip().lower())
         if match is None:
-            raise BadIdentifier(f"market id {market_id!r} is not <exchange>:<base>-<quote>")
+            raise BadIdentifier(f"market id {echo(market_id)} is not <exchange>:<base>-<quote>")
         return cls(match["exchange"], match["base"], match["quote"])
 
     @classmethod
     def from_topic(cls, topic: str) -> Market:
         """Parse `ticks.<exchange>.<base>-<quote>`; raises BadIdentifier."""
         if _TOPIC_RE.match(topic) is None:
-            raise BadIdentifier(f"topic {topic!r} is not ticks.<exchange>.<base>-<quote>")
+            raise BadIdentifier(f"topic {echo(topic)} is not ticks.<exchange>.<base>-<quote>")
         exchange, pair = topic[len(TICK_TOPIC_PREFIX) :].split(".", 1)
         base, quote = pair.split("-", 1)
         return cls(exchange, base, quote)
@@ -96,7 +96,7 @@ class MetricId:
         match = _METRIC_RE.match(metric_id.strip().lower())
         if match is None:
             raise BadIdentifier(
-                f"metric id {metric_id!r} is not <exchange>:<base>-<quote>:<price|volume>"
+                f"metric id {echo(metric_id)} is not <exchange>:<base>-<quote>:<price|volume>"
             )
         market = Market(match["exchange"], match["base"], match["quote"])
         kind: MetricKind = "price" if match["kind"] == "price" else "volume"
@@ -108,7 +108,7 @@ def parse_kind(value: str) -> MetricKind:
     for kind in METRIC_KINDS:
         if value == kind:
             return kind
-    raise BadIdentifier(f"kind {value!r} is not one of {', '.join(METRIC_KINDS)}")
+    raise BadIdentifier(f"kind {echo(value)} is not one of {', '.join(METRIC_KINDS)}")
 
 
 def parse_measure(kind: MetricKind, value: str) -> RankMeasure:
@@ -117,7 +117,7 @@ def parse_measure(kind: MetricKind, value: str) -> RankMeasure:
         if value == measure:
             return measure
     allowed = ", ".join(MEASURES_BY_KIND[kind])
-    raise BadIdentifier(f"measure {value[:40]!r} is not one of {allowed} for kind {kind}")
+    raise BadIdentifier(f"measure {echo(value)} is not one of {allowed} for kind {kind}")
 
 
 @functools.lru_cache(maxsize=8192)

@@ -21,6 +21,8 @@ MAX_CLOCK_AHEAD_MS: Final = 5 * MINUTE_MS
 MAX_BAR_LATENESS_MS: Final = 2 * MINUTE_MS
 # A tick is ~300 bytes; anything far larger is not one of ours and is refused before parsing.
 MAX_MESSAGE_BYTES: Final = 4096
+# Market and metric ids in messages: no market longer than this can exist anywhere.
+MAX_ID_CHARS: Final = 120
 
 _Ts = Annotated[int, msgspec.Meta(ge=MIN_TS_MS, le=MAX_TS_MS)]
 _Seq = Annotated[int, msgspec.Meta(ge=0, le=2**62)]
@@ -28,7 +30,7 @@ _Price = Annotated[float, msgspec.Meta(gt=0.0, le=1e12)]
 _Volume = Annotated[float, msgspec.Meta(ge=0.0, le=1e18)]
 _Count = Annotated[int, msgspec.Meta(ge=0, le=2**40)]
 _Finite = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]
-_Id = Annotated[str, msgspec.Meta(max_length=120)]
+_Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
 
 
 class Tick(msgspec.Struct, frozen=True, gc=False):

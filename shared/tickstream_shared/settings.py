@@ -22,14 +22,16 @@ def setting(
     ge: float | None = None,
     le: float | None = None,
     choices: tuple[str, ...] = (),
+    secret: bool = False,
 ) -> Any:
     """Declare one setting: its environment variable, default, documentation line and bounds.
 
     `ge`/`le` bound numbers (inclusive) and `choices` lists the allowed strings; `load`
-    refuses anything else with a ConfigError naming the variable.
+    refuses anything else with a ConfigError naming the variable. A `secret` is left out of
+    the settings' repr, so logging the settings never prints it.
     """
     metadata = {"env": env, "doc": doc, "ge": ge, "le": le, "choices": choices}
-    return field(default=default, metadata=metadata)
+    return field(default=default, metadata=metadata, repr=not secret)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +320,23 @@ class AlertsSettings:
     )
 
 
+# The gateway's own pages, and pages served from this machine on any port.
+DEFAULT_ALLOWED_ORIGINS: Final = (
+    "self",
+    "http://localhost:*",
+    "https://localhost:*",
+    "http://127.0.0.1:*",
+    "https://127.0.0.1:*",
+)
+# One allowed-origin entry: what a browser sends as Origin (a scheme, a host, maybe a port;
+# no path, no trailing slash), a port `*`, or the words `self` and `*`.
+_ORIGIN_RE: Final = re.compile(
+    r"\*|self|https?://([a-z0-9.-]+|\[[0-9a-f:.]+\])(:([0-9]{1,5}|\*))?", re.IGNORECASE
+)
+# RFC 7518 3.2: an HS256 key has at least as many bits as the hash (256).
+MIN_JWT_SECRET_BYTES: Final = 32
+
+
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
     host: str = setting("GATEWAY_HOST", "127.0.0.1", "Address the gateway listens on.")
@@ -342,6 +361,53 @@ class GatewaySettings:
         "Minutes of bars sent as history before live updates (at most this + 1 bars).",
         ge=1,
         le=1440,
+    )
+    allowed_origins: tuple[str, ...] = setting(
+        "GATEWAY_ALLOWED_ORIGINS",
+        DEFAULT_ALLOWED_ORIGINS,
+        "Origins whose pages may open the WebSocket, comma separated: `self` (the Origin names"
+        " the Host the request was sent to), `scheme://host[:port]`, `scheme://host:*` (any"
+        " port) or `*` (any origin). An upgrade with another Origin header is refused with"
+        " 403; clients that send no Origin (programs) are not affected.",
+    )
+    jwt_secret: str = setting(
+        "GATEWAY_JWT_SECRET",
+        "",
+        "HS256 key of the tokens the WebSocket and every `/api/` route then require (query"
+        " parameter `token` or `Authorization: Bearer`); empty = no authentication. At least"
+        " 32 bytes.",
+        secret=True,
+    )
+    max_connections: int = setting(
+        "GATEWAY_MAX_CONNECTIONS",
+        10_000,
+        "WebSocket connections open at once; an upgrade beyond it is refused with 503.",
+        ge=1,
+        le=1_000_000,
+    )
+    max_subscriptions: int = setting(
+        "GATEWAY_MAX_SUBSCRIPTIONS",
+        100,
+        "Subscriptions (markets, rank kinds, alerts) one connection may hold; a subscribe"
+        " beyond it gets the error `too_many_subscriptions`.",
+        ge=1,
+        le=100_000,
+    )
+    max_commands_per_s: float = setting(
+        "GATEWAY_MAX_COMMANDS_PER_S",
+        20.0,
+        "Commands per second one connection may send on average (token bucket refill); a"
+        " command beyond it gets the error `rate_limited`.",
+        ge=0.1,
+        le=100_000,
+    )
+    command_burst: int = setting(
+        "GATEWAY_COMMAND_BURST",
+        100,
+        "Commands one connection may send at once (token bucket size); after this many more"
+        " refused with `rate_limited` without a pause, the connection is closed with 1008.",
+        ge=1,
+        le=100_000,
     )
 
 
@@ -427,10 +493,26 @@ class ServiceSettings:
             raise ConfigError("WATCHER_GROUP", "use 1-32 characters of a-z, 0-9 and -")
         if 0 < settings.watcher.feed_silence_ms < 1000:
             raise ConfigError("WATCHER_FEED_SILENCE_MS", "use 0 (the exchange's bound) or >= 1000")
+        _check_gateway_access(settings.gateway)
         return settings
 
 
 _GROUP_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+
+def _check_gateway_access(gateway: GatewaySettings) -> None:
+    for origin in gateway.allowed_origins:
+        if not _ORIGIN_RE.fullmatch(origin):
+            raise ConfigError(
+                "GATEWAY_ALLOWED_ORIGINS",
+                f"{origin[:64]!r} is not `*`, `self`, `scheme://host[:port]` or `scheme://host:*`",
+            )
+    secret_bytes = len(gateway.jwt_secret.encode())
+    if 0 < secret_bytes < MIN_JWT_SECRET_BYTES:
+        raise ConfigError(
+            "GATEWAY_JWT_SECRET",
+            f"{secret_bytes} bytes; an HS256 key needs at least {MIN_JWT_SECRET_BYTES}",
+        )
 
 
 def _url_settings(settings: ServiceSettings) -> list[tuple[str, str, tuple[str, ...]]]:

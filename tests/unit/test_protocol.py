@@ -8,6 +8,7 @@ import pytest
 
 from tickstream_gateway.protocol import (
     MAX_FRAME_BYTES,
+    MAX_JSON_DEPTH,
     Ping,
     ProtocolError,
     Subscribe,
@@ -17,11 +18,13 @@ from tickstream_gateway.protocol import (
     encode,
     error_frame,
     history_frame,
+    nesting_exceeds,
     parse_by,
     parse_command,
     parse_since,
     status_frame,
 )
+from tickstream_shared.errors import MAX_ECHO_CHARS, echo
 from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MAX_TS_MS, MIN_TS_MS, Tick
 
@@ -103,13 +106,79 @@ def test_subscribe_carries_since_and_by() -> None:
         ('{"op":"subscribe","channel":"market","market":"a:b-c","since":true}', "bad_since"),
         ('{"op":"subscribe","channel":"market","market":"a:b-c","since":-60000}', "bad_since"),
         ("x" * (MAX_FRAME_BYTES + 1), "frame_too_large"),
+        ("[" * 2048 + "]" * 2048, "bad_json"),  # 4 KB of nesting: once a RecursionError
+        ('{"op":"ping","x":' + "[" * (MAX_JSON_DEPTH) + "]" * MAX_JSON_DEPTH + "}", "bad_json"),
+        (b'{"op":"ping"}', "bad_request"),  # binary frames are refused, whatever they hold
+        ('{"op":"subscribe","channel":"market","market":"a:b-' + "c" * 200 + '"}', "bad_market"),
     ],
 )
-def test_bad_frames_get_a_code(frame: str, code: str) -> None:
+def test_bad_frames_get_a_code(frame: str | bytes, code: str) -> None:
     """Every malformed frame raises ProtocolError with a specific code."""
     with pytest.raises(ProtocolError) as info:
         parse_command(frame)
     assert info.value.code == code
+
+
+def test_frame_limit_counts_utf8_bytes() -> None:
+    """4096 bytes of UTF-8 pass, one more fails, though multibyte text has fewer characters."""
+    padding = 4096 - len('{"op":"ping","pad":""}')
+    assert padding % 2 == 0
+    fits = '{"op":"ping","pad":"' + "é" * (padding // 2) + '"}'
+    assert (len(fits), len(fits.encode())) == (2059, 4096)
+    assert parse_command(fits) == Ping()
+    with pytest.raises(ProtocolError) as info:
+        parse_command('{"op":"ping","pad":"' + "€" * (padding // 3 + 1) + '"}')
+    assert (info.value.code, info.value.message) == (
+        "frame_too_large",
+        "frames are limited to 4096 bytes",
+    )
+
+
+def test_nesting_is_counted_outside_strings() -> None:
+    """Brackets inside strings, escaped quotes included, do not count as nesting."""
+    deep = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert not nesting_exceeds(deep, MAX_JSON_DEPTH)
+    assert nesting_exceeds("[" + deep + "]", MAX_JSON_DEPTH)
+    quoted = '{"op":"ping","pad":"\\"' + "[{" * 100 + '"}'
+    assert nesting_exceeds(quoted.replace('"', ""), MAX_JSON_DEPTH)
+    assert not nesting_exceeds(quoted, MAX_JSON_DEPTH)
+    assert parse_command(quoted) == Ping()
+
+
+@pytest.mark.parametrize(
+    ("frame", "expected"),
+    [
+        (
+            '{"op":"subscribe","channel":"ranks","kind":"price","by":"' + "b" * 3000 + '"}',
+            f"measure {echo('b' * 3000)} is not one of std, cv, logret for kind price",
+        ),
+        (
+            '{"op":"subscribe","channel":"ranks","kind":"' + "k" * 3000 + '"}',
+            f"channel 'ranks' needs 'kind': kind {echo('k' * 3000)} is not one of price, volume",
+        ),
+        (
+            '{"op":"subscribe","channel":"market","market":"a:b-c","since":"' + "9" * 3000 + '"}',
+            f"since {echo('9' * 3000)} is not an integer (ms)",
+        ),
+        (
+            '{"op":"subscribe","channel":"market","market":"' + "M" * 100 + '"}',
+            f"market id {echo('M' * 100)} is not <exchange>:<base>-<quote>",
+        ),
+    ],
+)
+def test_error_messages_echo_a_short_prefix(frame: str, expected: str) -> None:
+    """Errors quote at most MAX_ECHO_CHARS characters of what the client sent."""
+    with pytest.raises(ProtocolError) as info:
+        parse_command(frame)
+    assert info.value.message == expected
+    assert len(info.value.message) < MAX_ECHO_CHARS + 80
+
+
+def test_echo_cuts_long_input_and_marks_it() -> None:
+    """Short input is quoted whole; long input is cut to its first characters and marked."""
+    assert echo("abc") == "'abc'"
+    assert echo("x" * MAX_ECHO_CHARS) == repr("x" * MAX_ECHO_CHARS)
+    assert echo("x" * 5000) == repr("x" * MAX_ECHO_CHARS) + "…"
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from tickstream_gateway.protocol import ProtocolError, encode, parse_by, parse_s
 from tickstream_gateway.ranks import rank_snapshot
 from tickstream_gateway.state import GatewayState
 from tickstream_shared import alert_store, db, health, observability
-from tickstream_shared.errors import BadIdentifier
+from tickstream_shared.errors import BadIdentifier, echo
 from tickstream_shared.naming import MetricId, parse_kind
 
 MAX_ALERTS = 1000
@@ -51,7 +51,7 @@ async def get_metric(request: Request) -> Response:
         return error(400, exc.code, exc.message)
     body = await metrics.metric_detail(state.redis, metric)
     if body is None:
-        return error(404, "unknown_metric", f"no metric {str(metric)!r}; see GET /api/metrics")
+        return error(404, "unknown_metric", f"no metric {echo(str(metric))}; see GET /api/metrics")
     minutes = state.settings.gateway.history_minutes
     market_id = metric.market.id
     stored = await db.recent_bars(state.pool, market_id, minutes, since_minute=since)
@@ -80,7 +80,7 @@ async def get_alerts(request: Request) -> Response:
     try:
         limit = int(raw_limit)
     except ValueError:
-        return error(400, "bad_limit", f"limit {raw_limit!r} is not an integer")
+        return error(400, "bad_limit", f"limit {echo(raw_limit)} is not an integer")
     if not 1 <= limit <= MAX_ALERTS:
         return error(400, "bad_limit", f"limit must be between 1 and {MAX_ALERTS}")
     alerts = await alert_store.recent_alerts(_state(request).pool, limit)

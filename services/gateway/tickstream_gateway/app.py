@@ -18,12 +18,14 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from tickstream_gateway import api, telemetry
+from tickstream_gateway.access import AccessControl
 from tickstream_gateway.bars import RecentBars
 from tickstream_gateway.feed import run_feed, run_rank_poller
 from tickstream_gateway.hub import Hub
 from tickstream_gateway.state import GatewayState
 from tickstream_gateway.ws import websocket_endpoint
 from tickstream_shared import db, redis_client
+from tickstream_shared.errors import MAX_ECHO_CHARS
 from tickstream_shared.lifecycle import supervise
 from tickstream_shared.settings import ServiceSettings
 
@@ -71,9 +73,15 @@ def create_app(settings: ServiceSettings) -> Starlette:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return api.error(
-            exc.status_code, code, f"{exc.detail}: {request.method} {request.url.path}"
-        )
+        path = request.url.path  # the client's input: quote only its start
+        if len(path) > MAX_ECHO_CHARS:
+            path = f"{path[:MAX_ECHO_CHARS]}…"
+        response = api.error(exc.status_code, code, f"{exc.detail}: {request.method} {path}")
+        for name, value in (exc.headers or {}).items():
+            if name.lower() == "allow":  # a 405's; Starlette lists a set: sort it, keep it stable
+                value = ", ".join(sorted(m.strip() for m in value.split(",")))
+            response.headers[name] = value
+        return response
 
     routes = [
         Route("/", index),
@@ -90,7 +98,11 @@ def create_app(settings: ServiceSettings) -> Starlette:
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(telemetry.CountRequests)],
+        # Outermost first: refused requests are counted too.
+        middleware=[
+            Middleware(telemetry.CountRequests),
+            Middleware(AccessControl, settings=settings.gateway),
+        ],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error},
     )

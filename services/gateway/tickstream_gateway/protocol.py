@@ -10,7 +10,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from tickstream_shared.errors import BadIdentifier
+from tickstream_shared.errors import BadIdentifier, echo
 from tickstream_shared.naming import (
     DEFAULT_MEASURE,
     Market,
@@ -19,10 +19,14 @@ from tickstream_shared.naming import (
     parse_kind,
     parse_measure,
 )
-from tickstream_shared.schemas import MAX_TS_MS, MIN_TS_MS, Alert, Tick
+from tickstream_shared.schemas import MAX_ID_CHARS, MAX_TS_MS, MIN_TS_MS, Alert, Tick
 
 Channel = Literal["market", "ranks", "alerts"]
-MAX_FRAME_BYTES = 4096
+# A client frame's limits: its UTF-8 size (a command is ~100 bytes), and how deeply its JSON
+# nests (a command nests once; json.loads recurses per level, so a few KB of brackets would
+# otherwise end in RecursionError instead of an answer).
+MAX_FRAME_BYTES: Final = 4096
+MAX_JSON_DEPTH: Final = 16
 _DIGITS: Final = re.compile(r"[0-9]{1,30}")
 
 
@@ -79,12 +83,20 @@ Command = Subscribe | Unsubscribe | Ping
 
 
 def parse_command(frame: str | bytes) -> Command:
-    """Parse one client frame; raises ProtocolError saying exactly what is wrong."""
-    if len(frame) > MAX_FRAME_BYTES:
+    """Parse one client frame (text, or bytes of a binary frame); raises ProtocolError.
+
+    The error's code and message say exactly what is wrong, echoing at most
+    MAX_ECHO_CHARS characters of the client's input.
+    """
+    if isinstance(frame, bytes):
+        raise ProtocolError("bad_request", "frames must be text (JSON), not binary")
+    if over_frame_limit(frame):
         raise ProtocolError("frame_too_large", f"frames are limited to {MAX_FRAME_BYTES} bytes")
+    if nesting_exceeds(frame, MAX_JSON_DEPTH):
+        raise ProtocolError("bad_json", f"frame nests deeper than {MAX_JSON_DEPTH} levels")
     try:
         obj = json.loads(frame)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise ProtocolError("bad_json", f"frame is not JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise ProtocolError("bad_request", "frame must be a JSON object with an 'op' field")
@@ -101,6 +113,44 @@ def parse_command(frame: str | bytes) -> Command:
     return Subscribe(subscription, since)
 
 
+def over_frame_limit(text: str) -> bool:
+    """Whether `text` is more than MAX_FRAME_BYTES in UTF-8, the size the client sent."""
+    if len(text) > MAX_FRAME_BYTES:
+        return True  # at least one byte per character
+    if len(text) * 4 <= MAX_FRAME_BYTES:
+        return False  # at most four
+    return len(text.encode("utf-8", "surrogatepass")) > MAX_FRAME_BYTES
+
+
+def nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether JSON `text` opens more than `limit` arrays or objects inside each other.
+
+    Brackets inside strings do not count. Malformed JSON is left to the parser: this only
+    decides whether parsing is safe.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False  # every real command: no need to look closer
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
 def _parse_subscription(obj: dict[str, Any], subscribing: bool) -> Subscription:
     channel = obj.get("channel")
     if channel == "alerts":
@@ -109,6 +159,8 @@ def _parse_subscription(obj: dict[str, Any], subscribing: bool) -> Subscription:
         market = obj.get("market")
         if not isinstance(market, str):
             raise ProtocolError("bad_request", "channel 'market' needs 'market': '<ex>:<b>-<q>'")
+        if len(market) > MAX_ID_CHARS:  # no tick can name it: such a market cannot exist
+            raise ProtocolError("bad_market", f"market ids are at most {MAX_ID_CHARS} characters")
         try:
             return Subscription("market", market=Market.parse(market))
         except BadIdentifier as exc:
@@ -150,7 +202,7 @@ def parse_since(value: object) -> int | None:
     if isinstance(value, str) and _DIGITS.fullmatch(value):
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ProtocolError("bad_since", f"since {str(value)[:40]!r} is not an integer (ms)")
+        raise ProtocolError("bad_since", f"since {echo(str(value))} is not an integer (ms)")
     if not MIN_TS_MS <= value <= MAX_TS_MS:
         raise ProtocolError(
             "bad_since", f"since {value} is outside {MIN_TS_MS}..{MAX_TS_MS} (ms since the epoch)"

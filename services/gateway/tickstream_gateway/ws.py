@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from starlette.websockets import WebSocket
 
+from tickstream_gateway import api
+from tickstream_gateway.access import refuse_websocket
 from tickstream_gateway.bars import merge_history
 from tickstream_gateway.hub import ClientSession, Hub
 from tickstream_gateway.protocol import (
@@ -24,18 +27,31 @@ from tickstream_gateway.protocol import (
 )
 from tickstream_gateway.ranks import rank_snapshot
 from tickstream_gateway.state import GatewayState
+from tickstream_gateway.token_bucket import TokenBucket, Verdict
 from tickstream_shared import db
 from tickstream_shared.consuming import is_transient
+from tickstream_shared.errors import echo
 
 log = logging.getLogger("tickstream.gateway.ws")
 
 CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_POLICY_VIOLATION = 1008
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
     state: GatewayState = websocket.state.gateway
-    await websocket.accept()
+    limit = state.settings.gateway.max_connections
+    if len(state.hub.sessions) >= limit:
+        full = api.error(503, "too_many_connections", f"the gateway serves at most {limit}")
+        await refuse_websocket(websocket.scope, websocket.receive, websocket.send, full)
+        return
+    # Counted before the first await: upgrades arriving together cannot overshoot the limit.
     session = state.hub.connect()
+    try:
+        await websocket.accept()
+    except BaseException:
+        state.hub.disconnect(session)
+        raise
     reader = asyncio.create_task(_read(websocket, session, state))
     writer = asyncio.create_task(_write(websocket, session))
     overflow = asyncio.create_task(session.overflowed.wait())
@@ -62,15 +78,28 @@ async def _write(websocket: WebSocket, session: ClientSession) -> None:
 
 
 async def _read(websocket: WebSocket, session: ClientSession, state: GatewayState) -> None:
+    limits = state.settings.gateway
+    commands = TokenBucket(limits.max_commands_per_s, limits.command_burst, time.monotonic())
     while True:
         message = await websocket.receive()
         if message["type"] == "websocket.disconnect":
             return
+        # Every frame counts, malformed ones too: refusing costs the gateway little, but a
+        # client must not make it parse and answer without bound.
+        verdict = commands.take(time.monotonic())
+        if verdict is Verdict.CLOSE:
+            log.warning("closing a client that kept sending past the command rate limit")
+            await websocket.close(CLOSE_POLICY_VIOLATION, "too many commands")
+            return
         text = message.get("text")
         try:
-            if text is None:
-                raise ProtocolError("bad_request", "frames must be text (JSON), not binary")
-            command = parse_command(text)
+            if verdict is Verdict.REFUSE:
+                raise ProtocolError(
+                    "rate_limited",
+                    f"more than {limits.max_commands_per_s:g} commands/s"
+                    f" (bursts of {limits.command_burst}); this one was ignored, slow down",
+                )
+            command = parse_command(message.get("bytes", b"") if text is None else text)
             if isinstance(command, Ping):
                 session.offer(PONG_FRAME)
             elif isinstance(command, Subscribe):
@@ -91,6 +120,11 @@ async def _read(websocket: WebSocket, session: ClientSession, state: GatewayStat
 async def _subscribe(session: ClientSession, command: Subscribe, state: GatewayState) -> None:
     sub = command.subscription
     hub = state.hub
+    limit = state.settings.gateway.max_subscriptions
+    if not _holds(session, sub) and _subscription_count(session) >= limit:
+        raise ProtocolError(
+            "too_many_subscriptions", f"a connection holds at most {limit}; unsubscribe first"
+        )
     session.offer(status_frame("subscribed", sub))
     if sub.channel == "alerts":
         session.alerts = True
@@ -136,11 +170,24 @@ async def _subscribe_market(
     if not known:
         hub.drop_market(session, market_id)
         session.offer(
-            error_frame("unknown_market", f"no bars for market {market_id!r}; see GET /api/metrics")
+            error_frame("unknown_market", f"no bars for market {echo(market_id)}; see /api/metrics")
         )
         return
     session.offer(history_frame(market_id, history, since))
     hub.release_market(session, market_id, max((bar.seq for bar in history), default=-1))
+
+
+def _holds(session: ClientSession, sub: Subscription) -> bool:
+    """Whether subscribing to `sub` again replaces a subscription rather than adding one."""
+    if sub.channel == "alerts":
+        return session.alerts
+    if sub.kind is not None:
+        return sub.kind in session.rank_measures
+    return sub.market is not None and sub.market.id in session.markets
+
+
+def _subscription_count(session: ClientSession) -> int:
+    return len(session.markets) + len(session.rank_measures) + int(session.alerts)
 
 
 def _unsubscribe(session: ClientSession, sub: Subscription, hub: Hub) -> None:

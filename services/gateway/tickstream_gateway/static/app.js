@@ -22,6 +22,9 @@ const MEASURE_TITLES = {
   logret: 'std of minute-to-minute log returns: volatility',
 };
 
+// With GATEWAY_JWT_SECRET set, open the page as /?token=<token>: it is passed on to /api and /ws.
+const TOKEN = new URLSearchParams(location.search).get('token');
+
 const byTestId = (id) => document.querySelector(`[data-testid="${id}"]`);
 const els = {
   select: byTestId('market-select'),
@@ -640,7 +643,8 @@ function connect() {
   const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
   let ws;
   try {
-    ws = new WebSocket(`${scheme}//${location.host}/ws`);
+    const query = TOKEN ? `?token=${encodeURIComponent(TOKEN)}` : '';
+    ws = new WebSocket(`${scheme}//${location.host}/ws${query}`);
   } catch (err) {
     console.error('cannot open WebSocket', err);
     scheduleReconnect();
@@ -787,7 +791,9 @@ function addAlerts(alerts, live) {
 // ---------------------------------------------------------------- REST
 
 async function fetchJson(url) {
-  const res = await fetch(url, { headers: { Accept: 'application/json' }, cache: 'no-store' });
+  const headers = { Accept: 'application/json' };
+  if (TOKEN) headers.Authorization = `Bearer ${TOKEN}`;
+  const res = await fetch(url, { headers, cache: 'no-store' });
   let body = null;
   try {
     body = await res.json();

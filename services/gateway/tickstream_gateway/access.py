@@ -1,0 +1,158 @@
+"""Who may use the gateway: the WebSocket's Origin check and the token on `/ws` and `/api/*`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from starlette.datastructures import Headers, QueryParams
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tickstream_gateway import api
+from tickstream_gateway.tokens import TokenError, verify_token
+from tickstream_shared.settings import GatewaySettings
+
+# Besides every WebSocket, only these paths need a token: the dashboard, /static, health and
+# Prometheus stay open, as probes and scrapers carry no token and the page holds no data.
+PROTECTED_HTTP_PREFIX: Final = "/api/"
+
+
+@dataclass(frozen=True, slots=True)
+class OriginPolicy:
+    """Which browser pages may open the WebSocket, from GATEWAY_ALLOWED_ORIGINS.
+
+    Entries are `*`, `self` (the Origin's host[:port] is the request's Host header),
+    `scheme://host[:port]` (exactly that origin) or `scheme://host:*` (that scheme and host,
+    any port or none); matching ignores case, as browsers send them in lower case anyway.
+    """
+
+    anything: bool
+    own_host: bool
+    exact: frozenset[str]
+    any_port: frozenset[str]  # "scheme://host" of the `:*` entries
+
+    @classmethod
+    def parse(cls, entries: tuple[str, ...]) -> OriginPolicy:
+        """The policy of validated entries (settings.py refuses malformed ones at start)."""
+        lowered = [entry.lower() for entry in entries]
+        return cls(
+            anything="*" in lowered,
+            own_host="self" in lowered,
+            exact=frozenset(e for e in lowered if "://" in e and not e.endswith(":*")),
+            any_port=frozenset(e.removesuffix(":*") for e in lowered if e.endswith(":*")),
+        )
+
+    def allows(self, origin: str | None, host: str | None) -> bool:
+        """Whether an upgrade with this Origin header, sent to this Host, may proceed.
+
+        No Origin means the client is not a browser page (a program): the check exists to
+        keep other sites' pages out, not to authenticate; that is the token's job.
+        """
+        if origin is None or self.anything:
+            return True
+        origin = origin.lower()
+        if origin in self.exact:
+            return True
+        scheme, sep, authority = origin.partition("://")
+        if not sep or scheme not in ("http", "https"):
+            return False  # "null" (sandboxed frames, files) and anything odd
+        if self.own_host and host is not None and authority == host.lower():
+            return True
+        return f"{scheme}://{_without_port(authority)}" in self.any_port
+
+
+def _without_port(authority: str) -> str:
+    if authority.startswith("["):  # [::1]:8000
+        return authority[: authority.find("]") + 1]
+    return authority.partition(":")[0]
+
+
+def bearer_token(headers: Headers, query: QueryParams) -> str | None:
+    """The token of `Authorization: Bearer <token>`, else of the query parameter `token`."""
+    scheme, _, credentials = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return query.get("token")
+
+
+def _without_token(query_string: bytes) -> bytes:
+    """The query string without its `token` parameters, the others byte for byte."""
+    if b"token=" not in query_string:
+        return query_string
+    kept = [part for part in query_string.split(b"&") if not part.startswith(b"token=")]
+    return b"&".join(kept)
+
+
+async def refuse_websocket(scope: Scope, receive: Receive, send: Send, response: Response) -> None:
+    """Refuse a WebSocket upgrade with `response` (status and JSON body), before accepting.
+
+    Servers without the ASGI denial-response extension answer a close before accept with a
+    plain 403 instead.
+    """
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await response(scope, receive, send)
+    else:
+        await send({"type": "websocket.close", "code": 1008})
+
+
+class AccessControl:
+    """ASGI middleware: Origin check on the WebSocket upgrade, token on `/ws` and `/api/*`.
+
+    Refusals: a WebSocket upgrade from a page whose Origin is not allowed gets 403
+    `forbidden_origin`; a missing or invalid token gets 401 `unauthorized` (an HTTP answer,
+    or a refused upgrade with that status). Both carry the JSON error body of the HTTP API.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        settings: GatewaySettings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.app = app
+        self.origins = OriginPolicy.parse(settings.allowed_origins)
+        self.secret = settings.jwt_secret.encode() or None
+        self.clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal: Response | None = None
+        if scope["type"] == "websocket":
+            headers = Headers(scope=scope)
+            if not self.origins.allows(headers.get("origin"), headers.get("host")):
+                origin = headers.get("origin", "")
+                refusal = api.error(
+                    403, "forbidden_origin", f"origin {origin[:64]!r} may not open the WebSocket"
+                )
+            else:
+                refusal = self._check_token(scope, headers)
+            if refusal is not None:
+                await refuse_websocket(scope, receive, send, refusal)
+                return
+        elif scope["type"] == "http" and scope["path"].startswith(PROTECTED_HTTP_PREFIX):
+            refusal = self._check_token(scope, Headers(scope=scope))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _check_token(self, scope: Scope, headers: Headers) -> Response | None:
+        if self.secret is None:
+            return None
+        query_string: bytes = scope.get("query_string", b"")
+        token = bearer_token(headers, QueryParams(query_string))
+        # uvicorn's access log prints this scope's query string once answered: not the token.
+        scope["query_string"] = _without_token(query_string)
+        if token is None:
+            problem = "a token is required: query parameter 'token' or 'Authorization: Bearer'"
+        else:
+            try:
+                verify_token(token, self.secret, self.clock())
+                return None
+            except TokenError as exc:
+                problem = exc.message
+        response = api.error(401, "unauthorized", problem)
+        response.headers["WWW-Authenticate"] = 'Bearer realm="tickstream"'
+        return response
