@@ -341,12 +341,19 @@ MIN_JWT_SECRET_BYTES: Final = 32
 class GatewaySettings:
     host: str = setting("GATEWAY_HOST", "127.0.0.1", "Address the gateway listens on.")
     port: int = setting("GATEWAY_PORT", 8000, "Port the gateway listens on.", ge=1, le=65535)
-    client_queue: int = setting(
-        "GATEWAY_CLIENT_QUEUE",
-        2000,
-        "Messages buffered per WebSocket client; a client that falls further behind is closed.",
-        ge=10,
-        le=1_000_000,
+    client_queue_bytes: int = setting(
+        "GATEWAY_CLIENT_QUEUE_BYTES",
+        4 * 1024 * 1024,
+        "Bytes of frames queued per WebSocket client once conflated (each frame counts its"
+        " size + 64); a client with more to receive is closed (1013).",
+        ge=1024 * 1024,
+        le=1024 * 1024 * 1024,
+    )
+    ws_compression: bool = setting(
+        "GATEWAY_WS_COMPRESSION",
+        False,
+        "Offer permessage-deflate on WebSockets: less bandwidth, but every frame is compressed"
+        " again per client (a full history frame: about 3 ms of CPU each).",
     )
     rank_interval_ms: int = setting(
         "GATEWAY_RANK_INTERVAL_MS",

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as redis
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import deadline, unique_exchange
@@ -44,6 +45,9 @@ REDIS_DB = 11
 MINUTE = 1_680_000_000_000
 HISTORY_MINUTES = 30
 BARS = 40  # more minutes than the history holds
+# Clients in this process, which also runs the gateway; bench/bench_subscribe.py measures 1,000
+# from other processes.
+CONCURRENT_SUBSCRIBERS = 500
 
 
 @dataclass
@@ -407,3 +411,102 @@ async def test_metrics_show_each_markets_feed(gateway: Gateway) -> None:
         await gateway.redis.delete(*(stats_key(m) for m in metric_ids))
         await gateway.redis.srem(METRICS_KEY, *metric_ids)
         await gateway.redis.hdel(FEEDS_KEY, *reports)
+
+
+def history_reads(base: str) -> float:
+    """The gateway's tickstream_gateway_history_reads_total, from /metrics."""
+    with urllib.request.urlopen(f"http://{base}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tickstream_gateway_history_reads_total":
+                return float(sample.value)
+    raise AssertionError("tickstream_gateway_history_reads_total not exported")
+
+
+async def test_concurrent_subscribers_get_history_from_memory(gateway: Gateway) -> None:
+    """Hundreds of clients subscribing at once all get the same history, none reading storage."""
+    market = Market(unique_exchange(), "btc", "usdt")
+    kafka = gateway.settings.kafka
+    await ensure_topics(kafka, [market.topic])
+    pool = await db.create_pool(gateway.settings.database)
+    subscribe = json.dumps({"op": "subscribe", "channel": "market", "market": market.id})
+    producer = make_producer(kafka, client_id="test-gateway")
+    await producer.start()
+    try:
+        await db.store_bars(pool, [bar(market, i, 100.0 + i) for i in range(BARS)])
+        # The feed must deliver the market once, with storage holding that update (as stats
+        # would), for its history to be kept in memory: produce until a bar frame arrives.
+        seq = BARS
+        async with connect(f"ws://{gateway.base}/ws") as first:
+            await first.send(subscribe)
+            async with asyncio.timeout(deadline(30)):
+                while True:
+                    update = bar(market, BARS, 200.0, seq=seq)
+                    await db.store_bars(pool, [update])
+                    await producer.send_and_wait(
+                        market.topic, update.encode(), key=market.id.encode()
+                    )
+                    seq += 1
+                    try:
+                        async with asyncio.timeout(0.2):
+                            while json.loads(await first.recv())["type"] != "bar":
+                                pass
+                        break
+                    except TimeoutError:
+                        continue
+            await first.send(subscribe)  # storage now has the feed's first update: loaded
+            while json.loads(await first.recv())["type"] != "history":
+                pass
+    finally:
+        await producer.stop()
+        await pool.close()
+    reads = await asyncio.to_thread(history_reads, gateway.base)
+
+    async def subscriber() -> dict[str, Any]:
+        async with connect(f"ws://{gateway.base}/ws") as ws:
+            await ws.send(subscribe)
+            while True:
+                frame = await recv_json(ws)
+                if frame["type"] == "history":
+                    return frame
+
+    started = time.monotonic()
+    async with asyncio.timeout(deadline(120)):
+        histories = await asyncio.gather(*(subscriber() for _ in range(CONCURRENT_SUBSCRIBERS)))
+    elapsed = time.monotonic() - started
+    assert await asyncio.to_thread(history_reads, gateway.base) == reads
+    assert all(h == histories[0] for h in histories)
+    points = histories[0]["bars"]
+    assert len(points) == HISTORY_MINUTES + 1
+    assert (points[-1]["minute"], points[-1]["seq"]) == (MINUTE + BARS * MINUTE_MS, seq - 1)
+    print(f"{CONCURRENT_SUBSCRIBERS} subscribers had their history within {elapsed:.2f} s")
+
+
+async def test_since_before_the_history_window_gets_a_gap_frame(gateway: Gateway) -> None:
+    """A `since` older than the window is answered with `gap`, then the whole window."""
+    market = Market(unique_exchange(), "eth", "usdt")
+    pool = await db.create_pool(gateway.settings.database)
+    try:
+        await db.store_bars(pool, [bar(market, i, 100.0 + i) for i in range(BARS)])
+    finally:
+        await pool.close()
+    window_start = MINUTE + (BARS - 1 - HISTORY_MINUTES) * MINUTE_MS
+    async with connect(f"ws://{gateway.base}/ws") as ws:
+        subscribe = {"op": "subscribe", "channel": "market", "market": market.id}
+        await ws.send(json.dumps({**subscribe, "since": MINUTE}))
+        assert (await recv_json(ws))["type"] == "subscribed"
+        assert await recv_json(ws) == {
+            "type": "gap",
+            "market": market.id,
+            "since": MINUTE,
+            "until": window_start,
+        }
+        history = await recv_json(ws)
+        assert (history["type"], history["since"]) == ("history", MINUTE)
+        assert [p["minute"] for p in history["bars"]] == [
+            window_start + i * MINUTE_MS for i in range(HISTORY_MINUTES + 1)
+        ]
+        await ws.send(json.dumps({**subscribe, "since": window_start}))
+        assert (await recv_json(ws))["type"] == "subscribed"
+        assert (await recv_json(ws))["type"] == "history"

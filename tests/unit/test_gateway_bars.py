@@ -143,3 +143,63 @@ def test_store_matches_a_reference(updates: list[tuple[int, int]], bound: int) -
     assert within == sorted((m, s) for m, s in reference.items() if m >= newest - bound)
     # Anything else held is an expired minute not yet at the front of the queue.
     assert all(m < newest - bound for m, _ in got if (m, _) not in within)
+
+
+def test_a_loaded_market_keeps_its_whole_history_window_and_no_more() -> None:
+    """After a load the market keeps max_bars minutes up to its newest, whatever arrives."""
+    recent = RecentBars(max_bars=31)
+    recent.add(update(100, 100), now=0.0)
+    recent.load(BTC, [update(i, i) for i in range(70, 100)], now=0.0)
+    assert [b.seq for b in recent.of(BTC)] == list(range(70, 101))
+    seq = 100
+    for minute_index in range(101, 200):  # an hour later in wall time: nothing ages out
+        for _ in range(10):
+            seq += 1
+            recent.add(update(seq, minute_index), now=3600.0 + minute_index)
+    held = recent.of(BTC)
+    assert len(held) == 31 and recent.bars_held() == 31
+    assert [b.minute for b in held] == [MINUTE + i * MINUTE_MS for i in range(169, 200)]
+    assert held[-1].seq == seq
+
+
+def test_a_market_is_loaded_only_once_storage_has_the_feeds_first_update() -> None:
+    """Storage older than the feed's first update may miss what came before it: not loaded."""
+    recent = RecentBars(max_bars=31)
+    recent.load(BTC, [update(i, i) for i in range(10)], now=0.0)
+    assert not recent.is_loaded(BTC)  # the feed has not delivered this market yet
+    recent.add(update(10, 10), now=0.0)
+    recent.load(BTC, [update(i, i) for i in range(10)], now=0.0)
+    assert not recent.is_loaded(BTC)  # stats has not stored seq 10 yet
+    recent.load(BTC, [update(i, i) for i in range(11)], now=0.0)
+    assert recent.is_loaded(BTC)
+    recent.feed_started()
+    assert not recent.is_loaded(BTC)
+    assert [b.seq for b in recent.of(BTC)] == list(range(11))
+
+
+def test_loading_a_market_without_bars_keeps_nothing() -> None:
+    """A made-up market loads nothing and leaves no entry behind."""
+    recent = RecentBars()
+    recent.load("binance:made-up", [], now=0.0)
+    assert list(recent.markets) == [] and recent.newest_bar("binance:made-up") is None
+    assert recent.version("binance:made-up") == -1
+
+
+def test_window_and_versions_of_a_loaded_market() -> None:
+    """The window ends at the newest minute; `settled` moves unless only the newest bar does."""
+    recent = RecentBars(max_bars=11)
+    recent.load(BTC, [update(i, i) for i in range(30)], now=0.0)
+    assert recent.window_start(BTC) == MINUTE + 19 * MINUTE_MS
+    assert [b.seq for b in recent.bars_from(BTC, MINUTE + 27 * MINUTE_MS)] == [27, 28, 29]
+    assert [b.seq for b in recent.bars_from(BTC, 0, before=MINUTE + 21 * MINUTE_MS)] == [19, 20]
+    version, settled = recent.version(BTC), recent.settled_version(BTC)
+    recent.add(update(30, 29), now=0.0)  # the forming bar changes
+    assert recent.version(BTC) > version and recent.settled_version(BTC) == settled
+    assert recent.newest_bar(BTC) == update(30, 29)
+    recent.add(update(31, 28), now=0.0)  # a late update of an older minute
+    assert recent.settled_version(BTC) > settled
+    settled = recent.settled_version(BTC)
+    recent.add(update(32, 30), now=0.0)  # a new minute: the window moves
+    assert recent.settled_version(BTC) > settled
+    assert recent.window_start(BTC) == MINUTE + 20 * MINUTE_MS
+    assert recent.window_start("binance:made-up") is None

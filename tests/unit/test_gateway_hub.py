@@ -1,4 +1,4 @@
-"""The hub without sockets: seq filtering, held updates, shared encoding, ranks, slow clients."""
+"""The hub without sockets: seq filtering, encoding once, conflation, ranks, slow clients."""
 
 from __future__ import annotations
 
@@ -6,133 +6,194 @@ import json
 from typing import Any
 
 from tickstream_gateway.hub import ClientSession, Hub
-from tickstream_shared.schemas import MINUTE_MS, Tick
+from tickstream_gateway.outbox import SLOT_BYTES
+from tickstream_gateway.protocol import bar_frame, ranks_frame
+from tickstream_shared.schemas import MINUTE_MS, Alert, Tick
 
 MINUTE = 1_680_000_000_000
 BTC = "binance:btc-usdt"
+ETH = "binance:eth-usdt"
+MIB = 1024 * 1024
 
 
-def update(seq: int, minute_index: int = 0, *, market: str = BTC) -> Tick:
+def update(seq: int, minute_index: int = 0, *, market: str = BTC, closed: bool = False) -> Tick:
     minute = MINUTE + minute_index * MINUTE_MS
     return Tick(
         market=market,
         minute=minute,
         seq=seq,
         exchange_ts=minute + 1000,
-        received_ts=minute + 1000,
+        received_ts=minute + 1500,
         open=1.0,
         high=2.0,
         low=1.0,
         close=1.5,
         volume=float(seq),
+        closed=closed,
+    )
+
+
+def alert(n: int) -> Alert:
+    return Alert(
+        alert_id=f"{BTC}:volume@{MINUTE + n * MINUTE_MS}",
+        metric=f"{BTC}:volume",
+        kind="volume",
+        minute=MINUTE + n * MINUTE_MS,
+        exchange_ts=MINUTE + n * MINUTE_MS + 1000,
+        seq=n,
+        value=10.0,
+        mean=1.0,
+        factor=3.0,
+        ratio=10.0,
+        window_minutes=60,
+        samples=59,
     )
 
 
 def sent(session: ClientSession) -> list[dict[str, Any]]:
-    return [json.loads(session.queue.get_nowait()) for _ in range(session.queue.qsize())]
+    frames = []
+    while len(session.outbox):
+        frames.append(json.loads(session.outbox.get_nowait().text))
+    return frames
+
+
+def watching(hub: Hub, *markets: str) -> ClientSession:
+    session = hub.connect()
+    for market_id in markets:
+        hub.watch_market(session, market_id, after_seq=-1)
+    return session
 
 
 async def test_live_updates_continue_history_without_gap_or_overlap() -> None:
     """After history, only updates with seq above the newest history seq are sent, in order."""
-    hub = Hub(client_queue=10)
+    hub = Hub(client_queue_bytes=MIB)
     session = hub.connect()
-    hub.hold_market(session, BTC)
     for seq in (1, 2, 3):
-        hub.publish_tick(update(seq))
-    hub.release_market(session, BTC, after_seq=2)
+        hub.publish_tick(update(seq, closed=seq == 3))
+    hub.watch_market(session, BTC, after_seq=3)
     hub.publish_tick(update(2))  # the feed lagging behind stored history: not resent
-    hub.publish_tick(update(4, 1))
-    hub.publish_tick(update(4, 1))  # a duplicate delivery: not resent
-    frames = sent(session)
-    assert [(f["type"], f["seq"], f["minute"]) for f in frames] == [
-        ("bar", 3, MINUTE),
+    hub.publish_tick(update(4, 1, closed=True))
+    hub.publish_tick(update(4, 1, closed=True))  # a duplicate delivery: not resent
+    hub.publish_tick(update(5, 2, closed=True))
+    assert [(f["type"], f["seq"], f["minute"]) for f in sent(session)] == [
         ("bar", 4, MINUTE + MINUTE_MS),
-    ]
-
-
-async def test_held_updates_are_conflated_per_minute() -> None:
-    """Updates arriving during the history query keep only the newest per minute."""
-    hub = Hub(client_queue=3)
-    session = hub.connect()
-    hub.hold_market(session, BTC)
-    for seq in range(1, 101):  # far more updates than the queue holds
-        hub.publish_tick(update(seq, seq // 50))
-    assert not session.overflowed.is_set()
-    hub.release_market(session, BTC, after_seq=0)
-    assert [(f["seq"], f["volume"]) for f in sent(session)] == [
-        (49, 49.0),
-        (99, 99.0),
-        (100, 100.0),
+        ("bar", 5, MINUTE + 2 * MINUTE_MS),
     ]
 
 
 async def test_one_encoding_is_shared_by_every_client() -> None:
-    """A bar update is encoded once and the same string is queued for each subscriber."""
-    hub = Hub(client_queue=5)
-    first, second = hub.connect(), hub.connect()
-    for session in (first, second):
-        hub.hold_market(session, BTC)
-        hub.release_market(session, BTC, after_seq=-1)
+    """An update is encoded once: the same Frame and text reach every subscriber."""
+    hub = Hub(client_queue_bytes=MIB)
+    clients = [watching(hub, BTC) for _ in range(50)]
     hub.publish_tick(update(1))
-    assert first.queue.get_nowait() is second.queue.get_nowait()
+    hub.publish_alert(alert(1))
+    for client in clients:
+        client.alerts = True
+    hub.publish_alert(alert(2))
+    frames = [(c.outbox.get_nowait(), c.outbox.get_nowait()) for c in clients]
+    assert all(bar is frames[0][0] and a is frames[0][1] for bar, a in frames)
+    bar = json.loads(frames[0][0].text)
+    assert (bar["seq"], bar["received_ts"]) == (1, MINUTE + 1500)
+    assert json.loads(frames[0][1].text)["alert"]["seq"] == 2
+
+
+async def test_a_client_that_stops_reading_resumes_with_the_newest_state() -> None:
+    """A client that reads nothing for 10,000 updates is not closed and then gets the newest."""
+    hub = Hub(client_queue_bytes=MIB)
+    slow, reading = watching(hub, BTC, ETH), watching(hub, BTC)
+    slow.rank_measures["price"] = "std"
+    for seq in range(1, 10_001):
+        hub.publish_tick(update(seq, market=BTC))
+        hub.publish_tick(update(seq, market=ETH))
+        if seq % 100 == 0:
+            hub.publish_ranks("price", "std", ranks_frame({"kind": "price", "by": "std", "n": seq}))
+        reading.outbox.get_nowait()
+    assert not slow.overflowed.is_set()
+    assert [(f["type"], f.get("market"), f.get("seq"), f.get("n")) for f in sent(slow)] == [
+        ("bar", BTC, 10_000, None),
+        ("bar", ETH, 10_000, None),
+        ("ranks", None, None, 10_000),
+    ]
+    assert hub.counters.conflated_frames == 2 * 9_999 + 99
+
+
+async def test_closed_bars_and_alerts_reach_a_slow_client_in_order() -> None:
+    """While a client lags, each minute's closing update and every alert are kept, in order."""
+    hub = Hub(client_queue_bytes=MIB)
+    session = watching(hub, BTC)
+    session.alerts = True
+    seq = 0
+    for minute_index in range(30):
+        for _ in range(20):
+            seq += 1
+            hub.publish_tick(update(seq, minute_index))
+        seq += 1
+        hub.publish_tick(update(seq, minute_index, closed=True))
+        hub.publish_alert(alert(minute_index))
+    got = [
+        (f["type"], f["seq"], f["closed"]) if f["type"] == "bar" else (f["type"], f["alert"]["seq"])
+        for f in sent(session)
+    ]
+    assert got == [item for i in range(30) for item in (("bar", 21 * (i + 1), True), ("alert", i))]
+
+
+async def test_slow_client_is_closed_when_what_it_must_receive_exceeds_the_bound() -> None:
+    """Closed bars past the byte bound overflow the client; the close is counted once."""
+    closed_size = bar_frame(update(10, 10, closed=True)).size + SLOT_BYTES
+    hub = Hub(client_queue_bytes=5 * closed_size)
+    session = watching(hub, BTC)
+    for seq in range(10, 15):
+        hub.publish_tick(update(seq, seq, closed=True))
+    assert not session.overflowed.is_set()
+    hub.publish_tick(update(15, 15, closed=True))
+    assert session.overflowed.is_set()
+    assert len(session.outbox) == 5
+    hub.disconnect(session)
+    hub.disconnect(session)
+    assert hub.counters.slow_clients_closed == 1
 
 
 async def test_recent_bars_follow_every_update() -> None:
-    """Every published update reaches the recent store, subscribed or not, one bar per minute."""
-    hub = Hub(client_queue=5)
+    """Every published update reaches the memory store, subscribed or not, one bar per minute."""
+    hub = Hub(client_queue_bytes=MIB)
     for seq in range(1, 6):
         hub.publish_tick(update(seq))
     assert hub.recent.of(BTC) == [update(5)]
 
 
-async def test_slow_client_overflows_instead_of_buffering() -> None:
-    """A client whose queue is full is flagged for closing; nothing grows without bound."""
-    hub = Hub(client_queue=2)
-    session = hub.connect()
-    hub.hold_market(session, BTC)
-    hub.release_market(session, BTC, after_seq=-1)
-    for seq in range(3):
-        hub.publish_tick(update(seq))
-    assert session.queue.qsize() == 2
-    assert session.overflowed.is_set()
-    hub.disconnect(session)
-    assert hub.dropped_slow_clients == 1
-
-
 async def test_unsubscribed_markets_receive_nothing() -> None:
     """After drop_market a client gets no more updates of that market."""
-    hub = Hub(client_queue=5)
-    session = hub.connect()
-    hub.hold_market(session, BTC)
-    hub.release_market(session, BTC, after_seq=-1)
+    hub = Hub(client_queue_bytes=MIB)
+    session = watching(hub, BTC)
     hub.drop_market(session, BTC)
     hub.publish_tick(update(1))
-    assert session.queue.empty()
+    assert len(session.outbox) == 0
 
 
 async def test_ranks_go_to_the_measure_subscribed() -> None:
     """Rank frames reach clients subscribed to that kind with that measure only."""
-    hub = Hub(client_queue=5)
+    hub = Hub(client_queue_bytes=MIB)
     by_std, by_cv, volume_only = hub.connect(), hub.connect(), hub.connect()
     by_std.rank_measures["price"] = "std"
     by_cv.rank_measures["price"] = "cv"
     volume_only.rank_measures["volume"] = "std"
-    hub.publish_ranks("price", "cv", '{"type":"ranks","kind":"price","by":"cv"}')
-    assert by_std.queue.empty() and volume_only.queue.empty()
-    assert by_cv.queue.get_nowait() == '{"type":"ranks","kind":"price","by":"cv"}'
-    assert hub.latest_ranks == {("price", "cv"): '{"type":"ranks","kind":"price","by":"cv"}'}
+    frame = ranks_frame({"kind": "price", "by": "cv"})
+    hub.publish_ranks("price", "cv", frame)
+    assert len(by_std.outbox) == len(volume_only.outbox) == 0
+    assert by_cv.outbox.get_nowait() is frame
+    assert frame.text == '{"type":"ranks","kind":"price","by":"cv"}'
+    assert hub.latest_ranks == {("price", "cv"): frame}
 
 
 async def test_routing_state_is_bounded_by_subscriptions() -> None:
     """Unsubscribing made-up markets keeps no state; the last subscriber leaving frees a market."""
-    hub = Hub(client_queue=10)
+    hub = Hub(client_queue_bytes=MIB)
     session = hub.connect()
     for i in range(1000):
         hub.drop_market(session, f"binance:made{i}-usdt")
     assert hub._by_market == {}
-    hub.hold_market(session, BTC)
-    other = hub.connect()
-    hub.hold_market(other, BTC)
+    hub.watch_market(session, BTC, -1)
+    other = watching(hub, BTC)
     hub.drop_market(session, BTC)
     assert set(hub._by_market) == {BTC}
     hub.disconnect(other)

@@ -9,6 +9,7 @@ import pytest
 from tickstream_gateway.protocol import (
     MAX_FRAME_BYTES,
     MAX_JSON_DEPTH,
+    BarPoint,
     Ping,
     ProtocolError,
     Subscribe,
@@ -17,11 +18,13 @@ from tickstream_gateway.protocol import (
     bar_frame,
     encode,
     error_frame,
+    gap_frame,
     history_frame,
     nesting_exceeds,
     parse_by,
     parse_command,
     parse_since,
+    ranks_frame,
     status_frame,
 )
 from tickstream_shared.errors import MAX_ECHO_CHARS, echo
@@ -218,7 +221,7 @@ def test_by_defaults_to_std_and_depends_on_kind() -> None:
 
 def test_bar_frame_carries_every_bar_field() -> None:
     """A `bar` frame is the market, the bar fields and received_ts, and nothing else."""
-    frame = json.loads(bar_frame(bar(7, close=2.5, closed=True)))
+    frame = json.loads(bar_frame(bar(7, close=2.5, closed=True)).text)
     assert frame == {
         "type": "bar",
         "market": "binance:btc-usdt",
@@ -238,7 +241,7 @@ def test_bar_frame_carries_every_bar_field() -> None:
 
 def test_history_frame_lists_bars_oldest_first() -> None:
     """A `history` frame names the market and `since` and holds one point per minute."""
-    frame = json.loads(history_frame(BTC.id, [bar(1), bar(5, MINUTE + 60_000)], MINUTE))
+    frame = json.loads(history_frame(BTC.id, [bar(1), bar(5, MINUTE + 60_000)], MINUTE).text)
     assert frame["type"] == "history"
     assert (frame["market"], frame["since"]) == ("binance:btc-usdt", MINUTE)
     assert frame["bars"][1] == {
@@ -259,13 +262,13 @@ def test_history_frame_lists_bars_oldest_first() -> None:
 def test_status_and_error_frames() -> None:
     """Subscribed frames echo the subscription (with `by` for ranks); errors carry a code."""
     ranks = Subscription("ranks", kind="price", measure="cv")
-    assert json.loads(status_frame("subscribed", ranks)) == {
+    assert json.loads(status_frame("subscribed", ranks).text) == {
         "type": "subscribed",
         "channel": "ranks",
         "kind": "price",
         "by": "cv",
     }
-    assert json.loads(error_frame("bad_since", "no")) == {
+    assert json.loads(error_frame("bad_since", "no").text) == {
         "type": "error",
         "code": "bad_since",
         "message": "no",
@@ -295,4 +298,38 @@ def test_largest_history_frame_size() -> None:
         for i in range(1441)
     ]
     frame = history_frame(market_id, bars, MINUTE)
-    assert len(frame.encode()) == LARGEST_HISTORY_FRAME_BYTES
+    assert len(frame.text.encode()) == frame.size == LARGEST_HISTORY_FRAME_BYTES
+
+
+def test_history_of_encoded_points_is_what_msgspec_writes() -> None:
+    """Joining cached points gives byte for byte the encoding of the whole history frame."""
+    bars = [bar(1), bar(5, MINUTE + 60_000, close=0.1 + 0.2, closed=True)]
+    for since in (None, MINUTE):
+        whole = {
+            "type": "history",
+            "market": BTC.id,
+            "since": since,
+            "bars": [BarPoint(*(getattr(t, f) for f in BarPoint.__struct_fields__)) for t in bars],
+        }
+        assert history_frame(BTC.id, bars, since).text.encode() == encode(whole)
+    assert json.loads(history_frame(BTC.id, [], None).text)["bars"] == []
+
+
+def test_frames_say_what_may_replace_them_in_a_slow_client_queue() -> None:
+    """Forming bars and ranks are newest-state frames; closed bars, gaps and alerts are not."""
+    forming, closed = bar_frame(bar(1)), bar_frame(bar(2, closed=True))
+    assert (forming.stream, forming.key, forming.latest) == (BTC.id, MINUTE, True)
+    assert (closed.stream, closed.key, closed.latest) == (BTC.id, MINUTE, False)
+    ranks = ranks_frame({"kind": "price", "by": "cv", "total": 0, "ranks": []})
+    assert (ranks.stream, ranks.key, ranks.latest) == ("ranks:price", "cv", True)
+    gap = gap_frame(BTC.id, MINUTE, MINUTE + 60_000)
+    assert json.loads(gap.text) == {
+        "type": "gap",
+        "market": BTC.id,
+        "since": MINUTE,
+        "until": MINUTE + 60_000,
+    }
+    assert (gap.stream, gap.key, gap.latest) == (BTC.id, None, False)
+    market_sub = Subscription("market", market=BTC)
+    assert status_frame("unsubscribed", market_sub).stream == BTC.id
+    assert all(f.size == len(f.text.encode()) for f in (forming, closed, ranks, gap))

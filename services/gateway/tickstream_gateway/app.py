@@ -21,6 +21,7 @@ from tickstream_gateway import api, telemetry
 from tickstream_gateway.access import AccessControl
 from tickstream_gateway.bars import RecentBars
 from tickstream_gateway.feed import run_feed, run_rank_poller
+from tickstream_gateway.history import MarketHistory
 from tickstream_gateway.hub import Hub
 from tickstream_gateway.state import GatewayState
 from tickstream_gateway.ws import websocket_endpoint
@@ -39,10 +40,12 @@ def create_app(settings: ServiceSettings) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         pool = await db.create_pool(settings.database, max_size=8)
         redis = redis_client.connect(settings.redis)
-        recent = RecentBars(max_bars=settings.gateway.history_minutes + 1)
-        hub = Hub(settings.gateway.client_queue, recent=recent)
-        telemetry.track_hub(hub)
-        state = GatewayState(settings, redis, pool, hub, asyncio.Event())
+        minutes = settings.gateway.history_minutes
+        recent = RecentBars(max_bars=minutes + 1)
+        hub = Hub(settings.gateway.client_queue_bytes, recent=recent)
+        history = MarketHistory(recent, lambda market_id: db.recent_bars(pool, market_id, minutes))
+        telemetry.track_hub(hub, history)
+        state = GatewayState(settings, redis, pool, hub, history, asyncio.Event())
         tasks: list[asyncio.Task[None]] = []
         try:
             await db.ensure_schema(pool)
@@ -64,6 +67,7 @@ def create_app(settings: ServiceSettings) -> Starlette:
             for result in results:
                 if isinstance(result, Exception):
                     log.error("background task failed: %r", result)
+            await history.aclose()
             await redis.aclose()
             await pool.close()
 

@@ -63,6 +63,8 @@ async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) ->
         await consumer.stop()
         await producer.stop()
         raise
+    # Started from the newest offsets: what came before is in storage only.
+    hub.feed_started()
     ready.set()
     counters = DecodeCounters()
     alert_counters = DecodeCounters()
@@ -120,7 +122,7 @@ async def run_rank_poller(settings: ServiceSettings, hub: Hub, client: redis.Red
     of the interval.
     """
     interval = settings.gateway.rank_interval_ms / 1000
-    previous: dict[tuple[MetricKind, RankMeasure], str] = {}
+    previous: dict[tuple[MetricKind, RankMeasure], str] = {}  # the text of each last push
     while True:
         for kind, measure in RANKINGS:
             try:
@@ -129,7 +131,7 @@ async def run_rank_poller(settings: ServiceSettings, hub: Hub, client: redis.Red
                 log.warning("rank snapshot %s/%s failed: %r", kind, measure, exc)
                 continue
             frame = ranks_frame(snapshot)
-            if previous.get((kind, measure)) != frame:
-                previous[kind, measure] = frame
+            if previous.get((kind, measure)) != frame.text:
+                previous[kind, measure] = frame.text
                 hub.publish_ranks(kind, measure, frame)
         await asyncio.sleep(interval)

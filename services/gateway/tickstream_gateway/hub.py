@@ -1,4 +1,4 @@
-"""Hub: routes bar updates, ranks and alerts to WebSocket clients, each with one bounded queue."""
+"""Hub: routes bar updates, ranks and alerts, each encoded once, to every client's outbox."""
 
 from __future__ import annotations
 
@@ -8,90 +8,65 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from tickstream_gateway.bars import RecentBars
-from tickstream_gateway.protocol import alert_frame, bar_frame
+from tickstream_gateway.outbox import FanoutCounters, Outbox
+from tickstream_gateway.protocol import Frame, alert_frame, bar_frame
 from tickstream_shared.naming import MetricKind, RankMeasure
 from tickstream_shared.schemas import Alert, Tick
-
-# Frames are encoded JSON text: encoded once, the same string goes to every client.
-Frame = str
-
-
-@dataclass
-class MarketFeed:
-    """One client's subscription to one market."""
-
-    # While history is read: the newest held update per minute (None once live). Updates of a
-    # forming bar replace each other, so holding is bounded by minutes, not by the update rate.
-    held: dict[int, Tick] | None = field(default_factory=dict)
-    # Largest seq sent on this subscription (after history: the newest seq in it). The
-    # gateway's own feed can lag behind what stats stored, so older updates are never resent.
-    sent_seq: int = -1
 
 
 @dataclass(eq=False)
 class ClientSession:
-    """One WebSocket client: its subscriptions and its bounded outgoing queue.
+    """One WebSocket client: its subscriptions and its outbox.
 
-    Policy when the queue is full: the client is too slow to follow the stream; it is marked
-    `overflowed` and its connection is closed (code 1013, try again later) rather than
-    buffering without bound or silently dropping updates it would believe it had.
+    Policy when the outbox is full (see Outbox: only after conflation, with what must be
+    delivered over the byte bound): `overflowed` is set and the connection is closed (1013, try
+    again later) rather than buffering without bound or silently dropping frames.
     """
 
-    queue_size: int
-    queue: asyncio.Queue[Frame] = field(init=False)
+    outbox: Outbox
     overflowed: asyncio.Event = field(default_factory=asyncio.Event)
-    markets: dict[str, MarketFeed] = field(default_factory=dict)  # by market id
+    # Live market subscriptions: market id -> the largest seq queued. The gateway's own feed
+    # can lag behind what stats stored, so updates at or below it are never sent.
+    markets: dict[str, int] = field(default_factory=dict)
     rank_measures: dict[MetricKind, RankMeasure] = field(default_factory=dict)
     alerts: bool = False
 
-    def __post_init__(self) -> None:
-        self.queue = asyncio.Queue(self.queue_size)
-
     def offer(self, frame: Frame) -> None:
-        try:
-            self.queue.put_nowait(frame)
-        except asyncio.QueueFull:
+        if not self.outbox.put(frame):
             self.overflowed.set()
 
 
 @dataclass
 class Hub:
-    """All connected clients, the recent live bars and the latest rank frames."""
+    """All connected clients, every market's bars in memory and the latest rank frames."""
 
-    client_queue: int
+    client_queue_bytes: int
     sessions: set[ClientSession] = field(default_factory=set)
-    dropped_slow_clients: int = 0
+    counters: FanoutCounters = field(default_factory=FanoutCounters)
     recent: RecentBars = field(default_factory=RecentBars)
     latest_ranks: dict[tuple[MetricKind, RankMeasure], Frame] = field(default_factory=dict)
     _by_market: dict[str, set[ClientSession]] = field(default_factory=lambda: defaultdict(set))
 
     def connect(self) -> ClientSession:
-        session = ClientSession(self.client_queue)
+        session = ClientSession(Outbox(self.client_queue_bytes, self.counters))
         self.sessions.add(session)
         return session
 
     def disconnect(self, session: ClientSession) -> None:
+        """Forget the client. Idempotent."""
+        if session not in self.sessions:
+            return
         self.sessions.discard(session)
         for market_id in session.markets:
             self._unroute(session, market_id)
+        session.markets.clear()
         if session.overflowed.is_set():
-            self.dropped_slow_clients += 1
+            self.counters.slow_clients_closed += 1
 
-    def hold_market(self, session: ClientSession, market_id: str) -> None:
-        """Start (or restart) a market subscription: live updates are held until released."""
-        session.markets[market_id] = MarketFeed()
+    def watch_market(self, session: ClientSession, market_id: str, after_seq: int) -> None:
+        """History up to seq `after_seq` was queued: from now on send newer updates live."""
+        session.markets[market_id] = after_seq
         self._by_market[market_id].add(session)
-
-    def release_market(self, session: ClientSession, market_id: str, after_seq: int) -> None:
-        """History up to seq `after_seq` was sent: send held updates past it, then go live."""
-        feed = session.markets.get(market_id)
-        if feed is None or feed.held is None:
-            return
-        held, feed.held, feed.sent_seq = feed.held, None, after_seq
-        for tick in sorted(held.values(), key=lambda t: t.seq):
-            if tick.seq > feed.sent_seq:
-                feed.sent_seq = tick.seq
-                session.offer(bar_frame(tick))
 
     def drop_market(self, session: ClientSession, market_id: str) -> None:
         session.markets.pop(market_id, None)
@@ -106,8 +81,12 @@ class Hub:
             if not sessions:
                 del self._by_market[market_id]
 
+    def feed_started(self) -> None:
+        """The feed (re)started: markets' history is read from storage again at next use."""
+        self.recent.feed_started()
+
     def publish_tick(self, tick: Tick, now: float | None = None) -> None:
-        """Remember the update and send it, encoded once, to every live subscriber behind it.
+        """Remember the update and send it, encoded once, to every subscriber behind it.
 
         `now` is `time.monotonic()` (read once per batch by the feed).
         """
@@ -116,16 +95,10 @@ class Hub:
         if not sessions:
             return
         frame: Frame | None = None
+        market, seq = tick.market, tick.seq
         for session in sessions:
-            feed = session.markets[tick.market]
-            if feed.held is not None:
-                held = feed.held.get(tick.minute)
-                if held is None or tick.seq > held.seq:
-                    feed.held[tick.minute] = tick
-                    if len(feed.held) > session.queue_size:
-                        session.overflowed.set()  # a history query that never ends
-            elif tick.seq > feed.sent_seq:
-                feed.sent_seq = tick.seq
+            if seq > session.markets[market]:
+                session.markets[market] = seq
                 if frame is None:
                     frame = bar_frame(tick)
                 session.offer(frame)

@@ -52,6 +52,15 @@ class Subscription:
     kind: MetricKind | None = None
     measure: RankMeasure | None = None
 
+    @property
+    def stream(self) -> str:
+        """The name its server frames share (see Frame): a market id, ranks:<kind>, alerts."""
+        if self.market is not None:
+            return self.market.id
+        if self.kind is not None:
+            return rank_stream(self.kind)
+        return self.channel
+
     def describe(self) -> dict[str, Any]:
         frame: dict[str, Any] = {"channel": self.channel}
         if self.market is not None:
@@ -221,6 +230,32 @@ def encode(obj: Any) -> bytes:
     return _encoder.encode(obj)
 
 
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One server frame, encoded once: the same object is queued for every client it goes to.
+
+    `stream` names the subscription the frame belongs to (`Subscription.stream`), None for
+    frames of the connection (pong, errors) and alerts. A frame with a `key` supersedes the
+    pending `latest` frame of its stream with the same key (the forming bar of that minute,
+    the snapshot of that measure); only `latest` frames are ever superseded, and only until
+    they are sent. See outbox.py for the queue that applies this.
+    """
+
+    # Text, not bytes: ASGI sends text frames from str (uvicorn UTF-8-encodes it per send, a
+    # copy of an ASCII string); encoding here once spares every client the JSON work.
+    text: str
+    size: int  # bytes on the wire (UTF-8)
+    stream: str | None = None
+    key: int | str | None = None
+    latest: bool = False
+
+
+def _frame(
+    body: bytes, stream: str | None = None, key: int | str | None = None, latest: bool = False
+) -> Frame:
+    return Frame(body.decode(), len(body), stream, key, latest)
+
+
 class BarPoint(msgspec.Struct, frozen=True, gc=False):
     """One minute of history: the newest update of the market's bar for that minute."""
 
@@ -243,7 +278,7 @@ class BarFrame(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="bar
     minute: int
     seq: int
     exchange_ts: int
-    received_ts: int
+    received_ts: int  # the watcher's receive time: clients measure latency from it
     open: float
     high: float
     low: float
@@ -253,64 +288,90 @@ class BarFrame(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="bar
     closed: bool
 
 
-class HistoryFrame(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="history"):
-    market: str
-    since: int | None
-    bars: list[BarPoint]
-
-
-def bar_point(tick: Tick) -> BarPoint:
-    return BarPoint(
-        tick.minute,
-        tick.seq,
-        tick.exchange_ts,
-        tick.open,
-        tick.high,
-        tick.low,
-        tick.close,
-        tick.volume,
-        tick.trades,
-        tick.closed,
+def point_json(tick: Tick) -> bytes:
+    """One history point's JSON; kept per minute by RecentBars, so each is encoded once."""
+    return _encoder.encode(
+        BarPoint(
+            tick.minute,
+            tick.seq,
+            tick.exchange_ts,
+            tick.open,
+            tick.high,
+            tick.low,
+            tick.close,
+            tick.volume,
+            tick.trades,
+            tick.closed,
+        )
     )
 
 
-def bar_frame(tick: Tick) -> str:
-    frame = BarFrame(
-        tick.market,
-        tick.minute,
-        tick.seq,
-        tick.exchange_ts,
-        tick.received_ts,
-        tick.open,
-        tick.high,
-        tick.low,
-        tick.close,
-        tick.volume,
-        tick.trades,
-        tick.closed,
+def bar_frame(tick: Tick) -> Frame:
+    """A live update; while pending, a forming bar gives way to a newer update of its minute."""
+    body = _encoder.encode(
+        BarFrame(
+            tick.market,
+            tick.minute,
+            tick.seq,
+            tick.exchange_ts,
+            tick.received_ts,
+            tick.open,
+            tick.high,
+            tick.low,
+            tick.close,
+            tick.volume,
+            tick.trades,
+            tick.closed,
+        )
     )
-    return _encoder.encode(frame).decode()
+    return _frame(body, tick.market, tick.minute, latest=not tick.closed)
 
 
-def history_frame(market_id: str, bars: Sequence[Tick], since: int | None) -> str:
+def history_frame(market_id: str, bars: Sequence[Tick], since: int | None) -> Frame:
     """The history frame: at most GATEWAY_HISTORY_MINUTES + 1 bars, oldest first."""
-    return _encoder.encode(HistoryFrame(market_id, since, [bar_point(t) for t in bars])).decode()
+    return history_frame_of_points(market_id, [point_json(t) for t in bars], since)
 
 
-def ranks_frame(snapshot: dict[str, Any]) -> str:
-    return _encoder.encode({"type": "ranks", **snapshot}).decode()
+def history_frame_of_points(market_id: str, points: Sequence[bytes], since: int | None) -> Frame:
+    """The history frame from encoded points: a join, not an encoding of every bar.
+
+    Byte for byte what msgspec writes for {"type", "market", "since", "bars"} in that order.
+    """
+    head = b'{"type":"history","market":%b,"since":%b,"bars":[' % (
+        _encoder.encode(market_id),
+        _encoder.encode(since),
+    )
+    return _frame(b"".join((head, b",".join(points), b"]}")), market_id)
 
 
-def alert_frame(alert: Alert) -> str:
-    return _encoder.encode({"type": "alert", "alert": alert}).decode()
+def gap_frame(market_id: str, since: int, until: int) -> Frame:
+    """Minutes since <= m < until are not sent: the gateway cannot tell what they held."""
+    body = _encoder.encode({"type": "gap", "market": market_id, "since": since, "until": until})
+    return _frame(body, market_id)
 
 
-def error_frame(code: str, message: str) -> str:
-    return _encoder.encode({"type": "error", "code": code, "message": message}).decode()
+def ranks_frame(snapshot: dict[str, Any]) -> Frame:
+    """A rank snapshot; while pending, it gives way to a newer one of the same kind and measure."""
+    body = _encoder.encode({"type": "ranks", **snapshot})
+    return _frame(body, rank_stream(snapshot["kind"]), snapshot["by"], latest=True)
 
 
-def status_frame(kind: Literal["subscribed", "unsubscribed"], sub: Subscription) -> str:
-    return _encoder.encode({"type": kind, **sub.describe()}).decode()
+def alert_frame(alert: Alert) -> Frame:
+    return _frame(_encoder.encode({"type": "alert", "alert": alert}))
 
 
-PONG_FRAME: Final = _encoder.encode({"type": "pong"}).decode()
+def error_frame(code: str, message: str) -> Frame:
+    return _frame(_encoder.encode({"type": "error", "code": code, "message": message}))
+
+
+def status_frame(kind: Literal["subscribed", "unsubscribed"], sub: Subscription) -> Frame:
+    # In the subscription's stream: frames queued before it are never replaced by later ones.
+    return _frame(_encoder.encode({"type": kind, **sub.describe()}), sub.stream)
+
+
+def rank_stream(kind: str) -> str:
+    """The stream of a kind's rank frames (no market id looks like it: ids have a '-')."""
+    return f"ranks:{kind}"
+
+
+PONG_FRAME: Final = _frame(_encoder.encode({"type": "pong"}))

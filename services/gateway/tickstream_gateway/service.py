@@ -30,6 +30,9 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
         log_level=settings.log.level.lower(),
         ws="websockets-sansio",
         ws_max_size=MAX_FRAME_BYTES * 4,
+        # Off by default: compression is per connection, so a frame encoded once for every
+        # client would be compressed once per client (see docs/performance.md).
+        ws_per_message_deflate=settings.gateway.ws_compression,
         timeout_graceful_shutdown=5,
         lifespan="on",
     )

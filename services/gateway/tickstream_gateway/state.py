@@ -8,6 +8,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
+from tickstream_gateway.history import MarketHistory
 from tickstream_gateway.hub import Hub
 from tickstream_shared.settings import ServiceSettings
 
@@ -18,6 +19,7 @@ class GatewayState:
     redis: redis.Redis
     pool: Any  # asyncpg.Pool
     hub: Hub
+    history: MarketHistory
     feed_ready: asyncio.Event
     # The newest failure of a background task (each is supervised and restarted).
     last_task_failure: str | None = None

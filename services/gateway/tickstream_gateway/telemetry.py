@@ -7,6 +7,7 @@ from typing import Final
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tickstream_gateway.history import MarketHistory
 from tickstream_gateway.hub import Hub
 from tickstream_shared.observability import READINGS, Family, Reading
 
@@ -15,8 +16,28 @@ CONNECTIONS: Final = Family(
 )
 SLOW_CLIENTS_CLOSED: Final = Family(
     "tickstream_gateway_slow_clients_closed_total",
-    "WebSocket clients closed (1013) because they read too slowly.",
+    "WebSocket clients closed (1013): more to receive than GATEWAY_CLIENT_QUEUE_BYTES.",
     "counter",
+)
+FRAMES_CONFLATED: Final = Family(
+    "tickstream_gateway_frames_conflated_total",
+    "Frames replaced, before a slow client got them, by a newer one of the same stream.",
+    "counter",
+)
+QUEUED_BYTES: Final = Family(
+    "tickstream_gateway_queued_bytes",
+    "Bytes of frames queued for all WebSocket clients (as counted against the bound).",
+    "gauge",
+)
+HISTORY_READS: Final = Family(
+    "tickstream_gateway_history_reads_total",
+    "Reads of a market's history from PostgreSQL (shared by the subscribers waiting for it).",
+    "counter",
+)
+HISTORY_BARS: Final = Family(
+    "tickstream_gateway_history_bars",
+    "Bars held in memory over all markets (at most markets x (GATEWAY_HISTORY_MINUTES + 1)).",
+    "gauge",
 )
 # Labelled by route template (`/api/metrics/{metric_id:str}`), never by the raw path, so
 # made-up URLs cannot create series without bound: they all count as "unmatched".
@@ -27,16 +48,24 @@ HTTP_REQUESTS: Final = Counter(
 )
 
 
-def track_hub(hub: Hub) -> None:
-    """Export the hub's clients and slow-client closes while it lives."""
+def track_hub(hub: Hub, history: MarketHistory) -> None:
+    """Export the hub's clients, queues and history, and the history reads, while they live."""
     READINGS.track(hub, current=_hub_readings)
+    READINGS.track(history, current=_history_readings)
 
 
 def _hub_readings(hub: Hub) -> list[Reading]:
     return [
         (CONNECTIONS, (), len(hub.sessions)),
-        (SLOW_CLIENTS_CLOSED, (), hub.dropped_slow_clients),
+        (SLOW_CLIENTS_CLOSED, (), hub.counters.slow_clients_closed),
+        (FRAMES_CONFLATED, (), hub.counters.conflated_frames),
+        (QUEUED_BYTES, (), sum(s.outbox.queued_bytes for s in hub.sessions)),
+        (HISTORY_BARS, (), hub.recent.bars_held()),
     ]
+
+
+def _history_readings(history: MarketHistory) -> list[Reading]:
+    return [(HISTORY_READS, (), history.reads)]
 
 
 class CountRequests:

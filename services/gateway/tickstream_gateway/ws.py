@@ -11,7 +11,6 @@ from starlette.websockets import WebSocket
 
 from tickstream_gateway import api
 from tickstream_gateway.access import refuse_websocket
-from tickstream_gateway.bars import merge_history
 from tickstream_gateway.hub import ClientSession, Hub
 from tickstream_gateway.protocol import (
     PONG_FRAME,
@@ -20,7 +19,6 @@ from tickstream_gateway.protocol import (
     Subscribe,
     Subscription,
     error_frame,
-    history_frame,
     parse_command,
     ranks_frame,
     status_frame,
@@ -28,7 +26,6 @@ from tickstream_gateway.protocol import (
 from tickstream_gateway.ranks import rank_snapshot
 from tickstream_gateway.state import GatewayState
 from tickstream_gateway.token_bucket import TokenBucket, Verdict
-from tickstream_shared import db
 from tickstream_shared.consuming import is_transient
 from tickstream_shared.errors import echo
 
@@ -62,7 +59,11 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         if reader in done and not reader.cancelled() and reader.exception() is not None:
             log.error("closing a client after an unexpected error: %r", reader.exception())
         if overflow in done:
-            log.warning("closing a slow client: %d frames queued", session.queue.qsize())
+            log.warning(
+                "closing a slow client: %d frames (%d bytes) queued",
+                len(session.outbox),
+                session.outbox.queued_bytes,
+            )
             with contextlib.suppress(Exception):
                 await websocket.close(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect")
     finally:
@@ -73,8 +74,10 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
 
 
 async def _write(websocket: WebSocket, session: ClientSession) -> None:
+    # Sending waits while the socket's buffer is full; meanwhile the outbox conflates.
     while True:
-        await websocket.send_text(await session.queue.get())
+        frame = await session.outbox.get()
+        await websocket.send_text(frame.text)
 
 
 async def _read(websocket: WebSocket, session: ClientSession, state: GatewayState) -> None:
@@ -125,6 +128,9 @@ async def _subscribe(session: ClientSession, command: Subscribe, state: GatewayS
         raise ProtocolError(
             "too_many_subscriptions", f"a connection holds at most {limit}; unsubscribe first"
         )
+    if sub.market is not None:
+        # A market subscribed again restarts: its old live updates stop before `subscribed`.
+        hub.drop_market(session, sub.market.id)
     session.offer(status_frame("subscribed", sub))
     if sub.channel == "alerts":
         session.alerts = True
@@ -148,33 +154,17 @@ async def _subscribe(session: ClientSession, command: Subscribe, state: GatewayS
 async def _subscribe_market(
     session: ClientSession, market_id: str, since: int | None, state: GatewayState
 ) -> None:
-    hub = state.hub
-    minutes = state.settings.gateway.history_minutes
-    # Hold live updates first, then read history: nothing can fall between the two.
-    hub.hold_market(session, market_id)
-    try:
-        stored = await db.recent_bars(state.pool, market_id, minutes, since_minute=since)
-        history = merge_history(stored, hub.recent.of(market_id), minutes, since)
-        # Nothing at or after `since` is not the same as a market never seen: one seen live
-        # by this gateway, or stored, is known.
-        known = bool(history) or (
-            since is not None
-            and (
-                bool(hub.recent.of(market_id))
-                or bool(await db.recent_bars(state.pool, market_id, 0))
-            )
-        )
-    except BaseException:
-        hub.drop_market(session, market_id)  # nothing held for a subscription that failed
-        raise
-    if not known:
-        hub.drop_market(session, market_id)
+    await state.history.load(market_id)
+    reply = state.history.reply(market_id, since)
+    if reply is None:
         session.offer(
             error_frame("unknown_market", f"no bars for market {echo(market_id)}; see /api/metrics")
         )
         return
-    session.offer(history_frame(market_id, history, since))
-    hub.release_market(session, market_id, max((bar.seq for bar in history), default=-1))
+    # No await from the reply to going live: every later update is newer than the history.
+    for frame in reply.frames:
+        session.offer(frame)
+    state.hub.watch_market(session, market_id, reply.after_seq)
 
 
 def _holds(session: ClientSession, sub: Subscription) -> bool:

@@ -702,6 +702,10 @@ function heartbeat() {
 const frameHandlers = {
   history: onHistory,
   bar: onBar,
+  // What we hold is older than the server's window: the history after it is the whole window.
+  gap: (msg) => {
+    if (msg.market === state.selected) state.series.replace([]);
+  },
   ranks: onRanks,
   alert: (msg) => addAlerts([msg.alert], true),
   error: (msg) => toast(`${msg.code ?? 'error'}: ${msg.message ?? 'the server rejected a request'}`),

@@ -1,0 +1,222 @@
+"""A client's outbox: conflation of newest-state frames, order, and the byte bound."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tickstream_gateway.outbox import SLOT_BYTES, Outbox
+from tickstream_gateway.protocol import (
+    Frame,
+    Subscription,
+    alert_frame,
+    bar_frame,
+    ranks_frame,
+    status_frame,
+)
+from tickstream_shared.schemas import MINUTE_MS, Alert, Tick
+
+MINUTE = 1_680_000_000_000
+BTC = "binance:btc-usdt"
+ETH = "binance:eth-usdt"
+
+
+def update(seq: int, minute_index: int = 0, *, market: str = BTC, closed: bool = False) -> Tick:
+    minute = MINUTE + minute_index * MINUTE_MS
+    return Tick(
+        market=market,
+        minute=minute,
+        seq=seq,
+        exchange_ts=minute + 1000,
+        received_ts=minute + 1000,
+        open=1.0,
+        high=2.0,
+        low=1.0,
+        close=1.5,
+        volume=float(seq),
+        closed=closed,
+    )
+
+
+def alert(n: int) -> Alert:
+    return Alert(
+        alert_id=f"{BTC}:volume@{MINUTE + n * MINUTE_MS}",
+        metric=f"{BTC}:volume",
+        kind="volume",
+        minute=MINUTE + n * MINUTE_MS,
+        exchange_ts=MINUTE + n * MINUTE_MS + 1000,
+        seq=n,
+        value=10.0,
+        mean=1.0,
+        factor=3.0,
+        ratio=10.0,
+        window_minutes=60,
+        samples=59,
+    )
+
+
+def ranks(kind: str, by: str, total: int) -> Frame:
+    return ranks_frame({"kind": kind, "by": by, "total": total, "ranks": []})
+
+
+def drain(outbox: Outbox) -> list[dict[str, Any]]:
+    frames = []
+    while len(outbox):
+        frames.append(json.loads(outbox.get_nowait().text))
+    assert outbox.queued_bytes == 0
+    return frames
+
+
+def test_a_client_that_stops_reading_gets_the_newest_state() -> None:
+    """Forming bars and ranks keep only their newest pending frame, in the first one's place."""
+    outbox = Outbox(max_bytes=1024 * 1024)
+    for seq in range(1, 10_001):
+        outbox.put(bar_frame(update(seq, market=BTC)))
+        outbox.put(bar_frame(update(seq, market=ETH)))
+        outbox.put(ranks("price", "std", seq))
+    assert not outbox.overflowed
+    assert [(f["type"], f.get("market"), f.get("seq"), f.get("total")) for f in drain(outbox)] == [
+        ("bar", BTC, 10_000, None),
+        ("bar", ETH, 10_000, None),
+        ("ranks", None, None, 10_000),
+    ]
+    assert outbox.counters.conflated_frames == 3 * 9_999
+
+
+def test_closed_bars_and_alerts_are_all_delivered_in_order() -> None:
+    """Only forming updates give way; every closed bar and alert arrives, in arrival order."""
+    outbox = Outbox(max_bytes=1024 * 1024)
+    seq = 0
+    for minute_index in range(20):
+        for _ in range(50):
+            seq += 1
+            outbox.put(bar_frame(update(seq, minute_index)))
+        seq += 1
+        outbox.put(bar_frame(update(seq, minute_index, closed=True)))
+        outbox.put(alert_frame(alert(minute_index)))
+    got = [
+        (f["type"], f["seq"], f["closed"]) if f["type"] == "bar" else (f["type"], f["alert"]["seq"])
+        for f in drain(outbox)
+    ]
+    assert got == [item for i in range(20) for item in (("bar", 51 * (i + 1), True), ("alert", i))]
+
+
+def test_each_stream_keeps_its_order() -> None:
+    """A late update of an older minute queues after newer ones rather than jump ahead."""
+    outbox = Outbox(max_bytes=1024 * 1024)
+    outbox.put(bar_frame(update(1, 0)))
+    outbox.put(bar_frame(update(2, 1)))  # the next minute starts
+    outbox.put(bar_frame(update(3, 0)))  # a late update of the first minute
+    outbox.put(bar_frame(update(4, 0)))  # replaces seq 3, the newest pending of the market
+    outbox.put(bar_frame(update(5, 0, closed=True)))  # the closing update replaces seq 4 too
+    outbox.put(bar_frame(update(6, 0)))  # after a closed bar: queued, never ahead of it
+    assert [(f["seq"], f["minute"]) for f in drain(outbox)] == [
+        (1, MINUTE),
+        (2, MINUTE + MINUTE_MS),
+        (5, MINUTE),
+        (6, MINUTE),
+    ]
+
+
+def test_a_subscription_reply_seals_what_was_pending() -> None:
+    """A rank snapshot queued before `subscribed` is not replaced by one made after it."""
+    outbox = Outbox(max_bytes=1024 * 1024)
+    outbox.put(ranks("price", "std", 1))
+    outbox.put(status_frame("subscribed", Subscription("ranks", kind="price", measure="std")))
+    outbox.put(ranks("price", "std", 2))
+    outbox.put(ranks("price", "std", 3))
+    outbox.put(ranks("price", "cv", 4))  # another measure: not the same value
+    assert [(f["type"], f.get("total")) for f in drain(outbox)] == [
+        ("ranks", 1),
+        ("subscribed", None),
+        ("ranks", 3),
+        ("ranks", 4),
+    ]
+
+
+def test_overflow_only_when_what_must_be_delivered_exceeds_the_bound() -> None:
+    """Frames are counted by size plus SLOT_BYTES; one that does not fit overflows the outbox."""
+    closed = [bar_frame(update(seq, seq - 1, closed=True)) for seq in (1, 2)]
+    newest = bar_frame(update(999, 2))
+    bound = sum(f.size + SLOT_BYTES for f in (*closed, newest))
+    outbox = Outbox(max_bytes=bound)
+    assert all(outbox.put(frame) for frame in closed)
+    for seq in range(100, 1000):  # replacing the pending state of the forming bar always fits
+        assert outbox.put(bar_frame(update(seq, 2)))
+    assert outbox.queued_bytes == bound
+    assert not outbox.overflowed
+    assert not outbox.put(alert_frame(alert(1)))
+    assert outbox.overflowed
+    assert not outbox.put(bar_frame(update(2000, 2)))  # refused for good once overflowed
+    assert [f["seq"] for f in drain(outbox)] == [1, 2, 999]
+
+
+async def test_get_waits_for_a_frame_and_can_be_cancelled() -> None:
+    """`get` returns frames as they come; a cancelled `get` takes nothing."""
+    outbox = Outbox(max_bytes=1024 * 1024)
+    waiting = asyncio.create_task(outbox.get())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    getting = asyncio.create_task(outbox.get())
+    await asyncio.sleep(0)
+    first = alert_frame(alert(1))
+    outbox.put(first)
+    assert await asyncio.wait_for(getting, 5) is first
+    assert len(outbox) == 0
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.sampled_from(("bar",)), st.sampled_from((BTC, ETH)), st.integers(0, 3)),
+            st.tuples(st.sampled_from(("close", "alert", "get")), st.just(BTC), st.just(0)),
+        ),
+        max_size=120,
+    )
+)
+def test_conflation_matches_its_rules(ops: list[tuple[str, str, int]]) -> None:
+    """Whatever arrives: nothing but a superseded forming bar is dropped, order is kept."""
+    outbox = Outbox(max_bytes=1024 * 1024)
+    sent: list[Frame] = []
+    received: list[Frame] = []
+    seq = 0
+    for op, market_id, minute_index in ops:
+        if op == "get":
+            if len(outbox):
+                received.append(outbox.get_nowait())
+            continue
+        seq += 1
+        if op == "alert":
+            frame = alert_frame(alert(seq))
+        else:
+            frame = bar_frame(update(seq, minute_index, market=market_id, closed=op == "close"))
+        sent.append(frame)
+        assert outbox.put(frame)
+    while len(outbox):
+        received.append(outbox.get_nowait())
+    # Received frames are a subsequence of the sent ones except for in-place replacements:
+    # per stream, in the order sent.
+    for stream in (BTC, ETH, None):
+        mine = [sent.index(f) for f in received if f.stream == stream]
+        assert mine == sorted(mine)
+    dropped = [f for f in sent if f not in received]
+    for frame in dropped:
+        later = sent[sent.index(frame) + 1 :]
+        assert frame.latest and any(
+            f.stream == frame.stream and f.key == frame.key for f in later
+        ), "only a forming bar with a newer update of its minute is dropped"
+    for stream in (BTC, ETH):
+        mine = [f for f in sent if f.stream == stream]
+        if mine:
+            assert mine[-1] in received, "the newest state is always delivered"
+    must = [f for f in sent if not f.latest]
+    assert sorted(must, key=sent.index) == sorted(
+        (f for f in received if not f.latest), key=sent.index
+    ), "closed bars and alerts are all delivered"
