@@ -49,7 +49,9 @@ def create_app(settings: ServiceSettings) -> Starlette:
             # live data until the process restarts.
             work = {
                 "gateway feed": lambda: run_feed(settings, state.hub, state.feed_ready),
-                "rank poller": lambda: run_rank_poller(settings, state.hub, redis),
+                "rank poller": lambda: run_rank_poller(
+                    settings, state.hub, redis, state.cache.ranks
+                ),
             }
             for name, run in work.items():
                 supervised = supervise(name, run, on_failure=state.task_failed)
@@ -62,6 +64,7 @@ def create_app(settings: ServiceSettings) -> Starlette:
             for result in results:
                 if isinstance(result, Exception):
                     log.error("background task failed: %r", result)
+            await state.cache.aclose()
             await redis.aclose()
             await pool.close()
 
