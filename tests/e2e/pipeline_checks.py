@@ -162,6 +162,24 @@ async def check_ranks_and_metrics(base: str, reference: Reference, services: Ser
         return all(m["clock"] == reference.clock for m in body["metrics"])
 
     await wait_for(settled, within=90, what="every metric at the final clock", services=services)
+
+    def ranked_as_reference() -> bool:
+        # Rank snapshots are cached (at most two GATEWAY_RANK_INTERVAL_MS old): wait for one
+        # read after stats' last write.
+        for kind, measures in MEASURES.items():
+            for measure in measures:
+                ranks = http_json(base, f"/api/ranks?kind={kind}&by={measure}")[1]["ranks"]
+                if [e["metric"] for e in ranks] != reference.order(kind, measure) or any(
+                    e["value"]
+                    != pytest.approx(reference.stats[e["metric"]][measure], rel=1e-12, abs=1e-300)
+                    for e in ranks
+                ):
+                    return False
+        return True
+
+    await wait_for(
+        ranked_as_reference, within=10, what="ranks in the reference order", services=services
+    )
     for kind, measures in MEASURES.items():
         for measure in measures:
             status, body = http_json(base, f"/api/ranks?kind={kind}&by={measure}")

@@ -8,7 +8,7 @@ import math
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,46 @@ async def http_json(base: str, path: str) -> tuple[int, Any]:
     return await asyncio.to_thread(fetch)
 
 
+async def http_fresh(base: str, path: str, ready: Callable[[Any], bool]) -> tuple[int, Any]:
+    """GET `path` until `ready(body)`: a cached answer can be one refresh behind a write."""
+    async with asyncio.timeout(deadline(10)):
+        while True:
+            status, body = await http_json(base, path)
+            if status == 200 and ready(body):
+                return status, body
+            await asyncio.sleep(0.05)
+
+
+async def http_get(
+    base: str, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and raw body of a GET, 304 included."""
+
+    def fetch() -> tuple[int, dict[str, str], bytes]:
+        request = urllib.request.Request(f"http://{base}{path}", headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, _lower(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, _lower(exc.headers), exc.read()
+
+    return await asyncio.to_thread(fetch)
+
+
+async def http_changed(base: str, path: str, etag: str) -> tuple[int, dict[str, str], bytes]:
+    """Revalidate `path` against `etag` until it is no longer 304: the changed answer."""
+    async with asyncio.timeout(deadline(5)):
+        while True:
+            answer = await http_get(base, path, {"If-None-Match": etag})
+            if answer[0] != 304:
+                return answer
+            await asyncio.sleep(0.02)
+
+
+def _lower(headers: Any) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
+
+
 def bar(market: Market, index: int, close: float, *, seq: int | None = None) -> Tick:
     minute = MINUTE + index * MINUTE_MS
     return Tick(
@@ -169,8 +209,9 @@ async def test_ranks_listing_and_detail_under_every_measure(gateway: Gateway) ->
         "logret": [calm, wild],
     }
     for measure, order in expected.items():
-        status, body = await http_json(gateway.base, f"/api/ranks?kind=price&by={measure}")
-        assert status == 200
+        status, body = await http_fresh(
+            gateway.base, f"/api/ranks?kind=price&by={measure}", lambda b: b["total"] == 2
+        )
         assert (body["kind"], body["by"], body["total"]) == ("price", measure, 2)
         assert [e["metric"] for e in body["ranks"]] == [m.metric_id("price") for m in order]
         assert [e["label"] for e in body["ranks"]] == ["1/2", "2/2"]
@@ -187,13 +228,16 @@ async def test_ranks_listing_and_detail_under_every_measure(gateway: Gateway) ->
         "mean": 100.0,
         "count": 40,
     }
-    status, body = await http_json(gateway.base, "/api/ranks?kind=volume")
+    status, body = await http_fresh(
+        gateway.base, "/api/ranks?kind=volume", lambda b: b["total"] == 2
+    )
     assert body["by"] == "std" and "logret" not in body["ranks"][0]
     status, body = await http_json(gateway.base, "/api/ranks?kind=volume&by=logret")
     assert (status, body["error"]) == (400, "bad_measure")
 
-    status, listing = await http_json(gateway.base, "/api/metrics")
-    assert status == 200
+    status, listing = await http_fresh(
+        gateway.base, "/api/metrics", lambda b: len(b["metrics"]) == 6
+    )
     listed = {m["id"]: m for m in listing["metrics"]}
     assert sorted(listed) == sorted(
         m.metric_id(k) for m in (calm, wild, gone) for k in ("price", "volume")
@@ -364,8 +408,11 @@ async def test_metrics_show_each_markets_feed(gateway: Gateway) -> None:
             await write_stats(gateway.redis, market, std=1.0, cv=0.1, logret=0.1, stale=True)
         await gateway.redis.hset(FEEDS_KEY, mapping=reports)
 
-        status, body = await http_json(gateway.base, "/api/metrics")
-        assert status == 200
+        status, body = await http_fresh(
+            gateway.base,
+            "/api/metrics",
+            lambda b: any(m.startswith(f"{exchange}:") for m in b["feeds"]),
+        )
         feeds = {m: f for m, f in body["feeds"].items() if m.startswith(f"{exchange}:")}
         assert feeds == {
             fresh.id: {
@@ -510,3 +557,88 @@ async def test_since_before_the_history_window_gets_a_gap_frame(gateway: Gateway
         await ws.send(json.dumps({**subscribe, "since": window_start}))
         assert (await recv_json(ws))["type"] == "subscribed"
         assert (await recv_json(ws))["type"] == "history"
+
+
+async def forget_stats(client: redis.Redis, markets: list[Market]) -> None:
+    """Remove what write_stats wrote, so other tests' totals stay exact."""
+    metric_ids = [m.metric_id(kind) for m in markets for kind in ("price", "volume")]
+    await client.delete(*(stats_key(m) for m in metric_ids))
+    await client.srem(METRICS_KEY, *metric_ids)
+    for kind, measures in (("price", ("std", "cv", "logret")), ("volume", ("std", "cv"))):
+        for measure in measures:
+            await client.zrem(rank_key(kind, measure), *metric_ids)  # type: ignore[arg-type]
+
+
+async def test_ranks_come_with_an_etag_and_follow_a_change(gateway: Gateway) -> None:
+    """An unchanged snapshot keeps its ETag and answers 304; a change shows with a new ETag."""
+    exchange = unique_exchange()
+    calm, wild = Market(exchange, "calm", "usd"), Market(exchange, "wild", "usd")
+    path = "/api/ranks?kind=volume&by=cv"
+    interval_s = gateway.settings.gateway.rank_interval_ms / 1000
+
+    def ours(body: Any) -> list[str]:
+        return [e["metric"] for e in body["ranks"] if e["metric"].startswith(f"{exchange}:")]
+
+    try:
+        await write_stats(gateway.redis, calm, std=1.0, cv=0.3, logret=0.1, stale=False)
+        await http_fresh(gateway.base, path, lambda b: ours(b) == [calm.metric_id("volume")])
+        status, headers, body = await http_get(gateway.base, path)
+        assert (status, headers["cache-control"]) == (200, "no-cache")
+        etag = headers["etag"]
+        for _ in range(3):  # the poller reads it again every interval: same bytes, same tag
+            await asyncio.sleep(interval_s)
+            again, same, same_body = await http_get(gateway.base, path)
+            assert (again, same["etag"], same_body) == (status, etag, body)
+        for tag in (etag, f"W/{etag}", f'"other", {etag}'):
+            status, revalidated, empty = await http_get(gateway.base, path, {"If-None-Match": tag})
+            assert (status, revalidated["etag"], empty) == (304, etag, b"")
+            assert "content-length" not in revalidated or revalidated["content-length"] == "0"
+
+        await write_stats(gateway.redis, wild, std=1.0, cv=0.9, logret=0.1, stale=False)
+        written = time.monotonic()
+        answer = await http_changed(gateway.base, path, etag)
+        waited = time.monotonic() - written
+        status, headers, body = answer
+        assert status == 200 and headers["etag"] != etag
+        assert ours(json.loads(body)) == [wild.metric_id("volume"), calm.metric_id("volume")]
+        assert waited < deadline(2 * interval_s + 1.0)  # at most two poll intervals old
+        assert (await http_get(gateway.base, path, {"If-None-Match": headers["etag"]}))[0] == 304
+        assert (await http_get(gateway.base, path, {"If-None-Match": etag}))[0] == 200
+    finally:
+        await forget_stats(gateway.redis, [calm, wild])
+
+
+async def test_metrics_listing_comes_with_an_etag_and_follows_a_change(gateway: Gateway) -> None:
+    """The listing keeps its ETag across refreshes while unchanged and shows a write within ~1 s."""
+    exchange = unique_exchange()
+    first, second = Market(exchange, "first", "usd"), Market(exchange, "second", "usd")
+
+    def ours(body: Any) -> list[str]:
+        return [m["id"] for m in body["metrics"] if m["market"].startswith(f"{exchange}:")]
+
+    try:
+        await write_stats(gateway.redis, first, std=1.0, cv=0.3, logret=0.1, stale=False)
+        await http_fresh(gateway.base, "/api/metrics", lambda b: len(ours(b)) == 2)
+        status, headers, body = await http_get(gateway.base, "/api/metrics")
+        assert (status, headers["cache-control"]) == (200, "no-cache")
+        etag = headers["etag"]
+        await asyncio.sleep(1.2)  # past the listing's 1 s: read from Redis again, same bytes
+        again, same, same_body = await http_get(gateway.base, "/api/metrics")
+        assert (again, same["etag"], same_body) == (status, etag, body)
+        status, revalidated, empty = await http_get(
+            gateway.base, "/api/metrics", {"If-None-Match": etag}
+        )
+        assert (status, revalidated["etag"], empty) == (304, etag, b"")
+
+        await write_stats(gateway.redis, second, std=2.0, cv=0.1, logret=0.2, stale=False)
+        written = time.monotonic()
+        answer = await http_changed(gateway.base, "/api/metrics", etag)
+        waited = time.monotonic() - written
+        status, headers, body = answer
+        assert status == 200 and headers["etag"] != etag
+        assert ours(json.loads(body)) == sorted(
+            m.metric_id(k) for m in (first, second) for k in ("price", "volume")
+        )
+        assert waited < deadline(2.0)  # the listing is at most 1 s old
+    finally:
+        await forget_stats(gateway.redis, [first, second])

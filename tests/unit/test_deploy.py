@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import importlib
 import json
@@ -15,7 +16,15 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from starlette.requests import Request
+from starlette.routing import Route
 
+from tickstream_gateway.app import create_app
+from tickstream_gateway.bars import RecentBars
+from tickstream_gateway.history import MarketHistory
+from tickstream_gateway.hub import Hub
+from tickstream_gateway.state import GatewayState
+from tickstream_shared import health
 from tickstream_shared.settings import ServiceSettings, documented_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -583,10 +592,93 @@ def test_k8s_watcher_is_live_unless_its_configmap_says_synthetic(
 
 
 def test_k8s_runs_a_standby_watcher(k8s: list[dict[str, Any]]) -> None:
-    """Two watcher replicas, never both stopped by a rollout; one replica of the others."""
+    """Two watcher replicas, never both stopped by a rollout; one of stats and alerts."""
     deployments = _k8s_deployments(k8s)
-    replicas = {name: doc["spec"].get("replicas", 1) for name, doc in deployments.items()}
-    assert replicas == {name: n for name, n in INSTANCES.items() if name != "init"}
+    replicas = {name: doc["spec"].get("replicas") for name, doc in deployments.items()}
+    # The gateway's replicas are the autoscaler's (test_k8s_gateway_scales_out_on_cpu).
+    assert replicas == {
+        **{name: n for name, n in INSTANCES.items() if name not in {"init", "gateway"}},
+        "gateway": None,
+    }
     strategy = deployments["watcher"]["spec"]["strategy"]
     assert strategy["type"] == "RollingUpdate"
     assert strategy["rollingUpdate"]["maxUnavailable"] == 0
+
+
+def test_k8s_gateway_scales_out_on_cpu(k8s: list[dict[str, Any]]) -> None:
+    """One autoscaling/v2 HPA scales the gateway Deployment (and nothing else) on CPU."""
+    [hpa] = [doc for doc in k8s if doc["kind"] == "HorizontalPodAutoscaler"]
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    gateway = _k8s_deployments(k8s)["gateway"]
+    spec = hpa["spec"]
+    assert spec["scaleTargetRef"] == {
+        "apiVersion": gateway["apiVersion"],
+        "kind": "Deployment",
+        "name": gateway["metadata"]["name"],
+    }
+    assert 2 <= spec["minReplicas"] < spec["maxReplicas"]
+    [metric] = spec["metrics"]
+    assert (metric["type"], metric["resource"]["name"]) == ("Resource", "cpu")
+    target = metric["resource"]["target"]
+    assert target["type"] == "Utilization" and 0 < target["averageUtilization"] <= 100
+    # A fixed replica count would undo the autoscaler's choice at every `kubectl apply`.
+    assert "replicas" not in gateway["spec"]
+    # Utilisation is relative to the request: without one the HPA has nothing to compute.
+    [container] = gateway["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["requests"]["cpu"]
+
+
+async def test_k8s_gateway_liveness_ignores_dependencies_and_readiness_does_not(
+    k8s: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With broker, Redis and PostgreSQL all away, the gateway's liveness path answers 200
+    (no restart) and its readiness path 503 naming each (out of the Service)."""
+
+    class RedisAway:
+        async def ping(self) -> bool:
+            raise ConnectionError("Redis is away")
+
+    class DatabaseAway:
+        def acquire(self) -> Any:
+            raise OSError("PostgreSQL is away")
+
+    async def broker_away(settings: ServiceSettings) -> None:
+        raise OSError("the broker is away")
+
+    monkeypatch.setattr(health, "check_broker", broker_away)
+    settings = ServiceSettings()
+    state = GatewayState(
+        settings,
+        RedisAway(),  # type: ignore[arg-type]
+        DatabaseAway(),
+        Hub(10),
+        MarketHistory(RecentBars(max_bars=10), _no_history),
+        asyncio.Event(),
+    )
+    state.feed_ready.set()  # the feed retries inside the process: only the servers are away
+    endpoints = {r.path: r.endpoint for r in create_app(settings).routes if isinstance(r, Route)}
+    [container] = _k8s_deployments(k8s)["gateway"]["spec"]["template"]["spec"]["containers"]
+
+    async def answer(probe: str) -> tuple[int, Any]:
+        path = container[probe]["httpGet"]["path"]
+        scope = {"type": "http", "method": "GET", "path": path, "headers": [], "state": {}}
+        scope["state"]["gateway"] = state
+        response = await endpoints[path](Request(scope))
+        return response.status_code, json.loads(response.body)
+
+    assert await answer("livenessProbe") == (200, {"status": "ok"})
+    assert await answer("readinessProbe") == (
+        503,
+        {
+            "status": "unhealthy",
+            "broker": "error: OSError('the broker is away')",
+            "redis": "error: ConnectionError('Redis is away')",
+            "database": "error: OSError('PostgreSQL is away')",
+            "feed": "ok",
+        },
+    )
+
+
+async def _no_history(market_id: str) -> list[Any]:
+    """A history read these tests never make."""
+    raise AssertionError("no history read expected")

@@ -6,17 +6,19 @@ import asyncio
 import functools
 from typing import Any
 
+from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import Response
 
 from tickstream_gateway import metrics
 from tickstream_gateway.bars import merge_history
+from tickstream_gateway.httpcache import EncodedBody, not_modified
 from tickstream_gateway.protocol import ProtocolError, encode, parse_by, parse_since
 from tickstream_gateway.ranks import rank_snapshot
 from tickstream_gateway.state import GatewayState
 from tickstream_shared import alert_store, db, health, observability
 from tickstream_shared.errors import BadIdentifier, echo
-from tickstream_shared.naming import MetricId, parse_kind
+from tickstream_shared.naming import MetricId, MetricKind, RankMeasure, parse_kind
 
 MAX_ALERTS = 1000
 
@@ -24,6 +26,17 @@ MAX_ALERTS = 1000
 def json_response(body: Any, status: int = 200) -> Response:
     """A JSON response encoded by the gateway's one encoder (the same as WebSocket frames)."""
     return Response(encode(body), status_code=status, media_type="application/json")
+
+
+def cached_json(request: Request, cached: EncodedBody) -> Response:
+    """200 with the cached body, or 304 without one when If-None-Match names its ETag.
+
+    `no-cache`: clients and proxies may keep the body but must revalidate it each time.
+    """
+    headers = {"ETag": cached.etag, "Cache-Control": "no-cache"}
+    if not_modified(request.headers.get("if-none-match"), cached.etag):
+        return Response(status_code=304, headers=headers)
+    return Response(cached.body, headers=headers, media_type="application/json")
 
 
 def error(status: int, code: str, message: str) -> Response:
@@ -36,7 +49,13 @@ def _state(request: Request) -> GatewayState:
 
 
 async def list_metrics(request: Request) -> Response:
-    return json_response(await metrics.metrics_listing(_state(request).redis))
+    state = _state(request)
+    listing = await state.cache.listing.get(functools.partial(_listing_body, state.redis))
+    return cached_json(request, listing)
+
+
+async def _listing_body(client: Redis) -> EncodedBody:
+    return EncodedBody.of(encode(await metrics.metrics_listing(client)))
 
 
 async def get_metric(request: Request) -> Response:
@@ -72,7 +91,14 @@ async def get_ranks(request: Request) -> Response:
         return error(400, "bad_kind", str(exc))
     except ProtocolError as exc:
         return error(400, exc.code, exc.message)
-    return json_response(await rank_snapshot(_state(request).redis, kind, measure))
+    state = _state(request)
+    load = functools.partial(_rank_body, state.redis, kind, measure)
+    return cached_json(request, await state.cache.ranks[kind, measure].get(load))
+
+
+async def _rank_body(client: Redis, kind: MetricKind, measure: RankMeasure) -> EncodedBody:
+    # Only when the rank poller's snapshot is too old: it normally stores every one it reads.
+    return EncodedBody.of(encode(await rank_snapshot(client, kind, measure)))
 
 
 async def get_alerts(request: Request) -> Response:
@@ -88,8 +114,17 @@ async def get_alerts(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """Ready: broker, Redis and PostgreSQL answer, the feed runs (also served as /healthz)."""
+    """Ready: broker, Redis and PostgreSQL answer, the feed runs (also served as /healthz).
+
+    The answer is at most READINESS_MAX_AGE_S old: concurrent probes share one check, so a
+    load balancer probing often, or a gateway busy with clients, costs one check a second.
+    """
     state = _state(request)
+    status, body = await state.cache.readiness.get(functools.partial(_readiness, state))
+    return Response(body, status_code=status, media_type="application/json")
+
+
+async def _readiness(state: GatewayState) -> tuple[int, bytes]:
     timeout_s = state.settings.observability.readiness_timeout_ms / 1000
     broker, redis, database = await asyncio.gather(
         health.outcome(functools.partial(health.check_broker, state.settings), timeout_s),
@@ -98,7 +133,7 @@ async def readyz(request: Request) -> Response:
     )
     checks = {"broker": broker, "redis": redis, "database": database, "feed": _feed_check(state)}
     status, body = health.health_body(checks)
-    return json_response(body, status)
+    return status, encode(body)
 
 
 async def livez(request: Request) -> Response:

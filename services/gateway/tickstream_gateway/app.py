@@ -54,7 +54,9 @@ def create_app(settings: ServiceSettings) -> Starlette:
             # live data until the process restarts.
             work = {
                 "gateway feed": lambda: run_feed(settings, state.hub, state.feed_ready),
-                "rank poller": lambda: run_rank_poller(settings, state.hub, redis),
+                "rank poller": lambda: run_rank_poller(
+                    settings, state.hub, redis, state.cache.ranks
+                ),
             }
             for name, run in work.items():
                 supervised = supervise(name, run, on_failure=state.task_failed)
@@ -68,6 +70,7 @@ def create_app(settings: ServiceSettings) -> Starlette:
                 if isinstance(result, Exception):
                     log.error("background task failed: %r", result)
             await history.aclose()
+            await state.cache.aclose()
             await redis.aclose()
             await pool.close()
 

@@ -6,12 +6,14 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Mapping
 
 import redis.asyncio as redis
 from aiokafka.errors import KafkaError
 
+from tickstream_gateway.httpcache import EncodedBody, SharedRefresh, renewed
 from tickstream_gateway.hub import Hub
-from tickstream_gateway.protocol import ranks_frame
+from tickstream_gateway.protocol import encode, ranks_frame
 from tickstream_gateway.ranks import RANKINGS, rank_snapshot
 from tickstream_shared.consuming import (
     DecodeCounters,
@@ -115,23 +117,42 @@ async def _send_dead_letters(sender: DeadLetterSender, letters: list[DeadLetter]
         log.error("could not dead-letter %d bad alerts: %r", len(letters), exc)
 
 
-async def run_rank_poller(settings: ServiceSettings, hub: Hub, client: redis.Redis) -> None:
-    """Read every (kind, measure) snapshot each interval and push those that changed.
+def _stop_if_cancelled() -> None:
+    """Raise CancelledError if this task was asked to stop: redis-py (8.2) can turn a
+    cancellation that lands mid-command into a connection error it retries, so the
+    CancelledError never reaches this loop, which then polled on and held up shutdown."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def run_rank_poller(
+    settings: ServiceSettings,
+    hub: Hub,
+    client: redis.Redis,
+    bodies: Mapping[tuple[MetricKind, RankMeasure], SharedRefresh[EncodedBody]],
+) -> None:
+    """Read every (kind, measure) snapshot each interval, push those that changed, and store
+    each as the encoded `GET /api/ranks` body (ETag computed only when it changed).
 
     Runs until cancelled. Errors (Redis restarting) are logged and retried on the next tick
     of the interval.
     """
     interval = settings.gateway.rank_interval_ms / 1000
-    previous: dict[tuple[MetricKind, RankMeasure], str] = {}  # the text of each last push
+    previous: dict[tuple[MetricKind, RankMeasure], EncodedBody] = {}
     while True:
         for kind, measure in RANKINGS:
+            _stop_if_cancelled()
+            started = time.monotonic()
             try:
                 snapshot = await rank_snapshot(client, kind, measure)
             except (OSError, redis.RedisError) as exc:
                 log.warning("rank snapshot %s/%s failed: %r", kind, measure, exc)
                 continue
-            frame = ranks_frame(snapshot)
-            if previous.get((kind, measure)) != frame.text:
-                previous[kind, measure] = frame.text
-                hub.publish_ranks(kind, measure, frame)
+            known = previous.get((kind, measure))
+            body = renewed(known, encode(snapshot))
+            if body is not known:
+                previous[kind, measure] = body
+                hub.publish_ranks(kind, measure, ranks_frame(snapshot))
+            bodies[kind, measure].store(body, at=started)
         await asyncio.sleep(interval)

@@ -1,0 +1,132 @@
+"""HTTP bodies encoded once, with a strong ETag, refreshed by one caller at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, Generic, TypeVar
+
+from tickstream_gateway.ranks import RANKINGS
+from tickstream_shared.naming import MetricKind, RankMeasure
+
+T = TypeVar("T")
+
+# How old `/api/metrics` and the readiness answer may be when handed out (docs/protocol.md).
+LISTING_MAX_AGE_S: Final = 1.0
+READINESS_MAX_AGE_S: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBody:
+    """A response body as sent, and its strong ETag (the same bytes give the same tag)."""
+
+    body: bytes
+    etag: str
+
+    @classmethod
+    def of(cls, body: bytes) -> EncodedBody:
+        return cls(body, f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"')
+
+
+def renewed(previous: EncodedBody | None, body: bytes) -> EncodedBody:
+    """`previous` if `body` is the same bytes (no new hash), else `body` with its own ETag."""
+    if previous is not None and previous.body == body:
+        return previous
+    return EncodedBody.of(body)
+
+
+def not_modified(if_none_match: str | None, etag: str) -> bool:
+    """Whether an If-None-Match header names `etag` (RFC 9110: weak comparison, or `*`)."""
+    if if_none_match is None:
+        return False
+    for tag in if_none_match.split(","):
+        tag = tag.strip()
+        if tag == "*" or tag.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+class SharedRefresh(Generic[T]):
+    """The newest value of something costly to read, handed out while at most `max_age_s` old.
+
+    A caller that finds the value older (or none) starts one load; callers meanwhile wait for
+    that same load (single flight) and all get its value or its exception, so N concurrent
+    requests cost one read. A waiter that is cancelled does not cancel the load: the others
+    still wait for it. Age is counted from when a load started, so it bounds how old the
+    data is, not how long ago it arrived.
+    """
+
+    def __init__(self, max_age_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._held: tuple[T, float] | None = None  # (value, read at)
+        self._loading: asyncio.Task[T] | None = None
+
+    def store(self, value: T, at: float | None = None) -> None:
+        """Hold `value`, read at `at` (the clock's time, default now), unless newer is held."""
+        at = self._clock() if at is None else at
+        if self._held is None or at >= self._held[1]:
+            self._held = (value, at)
+
+    async def get(self, load: Callable[[], Awaitable[T]]) -> T:
+        """The held value if young enough, else the result of the one load in flight.
+
+        Raises what `load` raised (to every caller waiting for that load; the next call
+        loads again). Safe to cancel.
+        """
+        held = self._held
+        if held is not None and self._clock() - held[1] <= self.max_age_s:
+            return held[0]
+        if self._loading is None:
+            self._loading = asyncio.create_task(self._load(load), name="shared refresh")
+            # Retrieved here so that a load whose waiters were all cancelled logs nothing.
+            self._loading.add_done_callback(_retrieve)
+        return await asyncio.shield(self._loading)
+
+    async def _load(self, load: Callable[[], Awaitable[T]]) -> T:
+        started = self._clock()
+        try:
+            value = await load()
+        finally:
+            if self._loading is asyncio.current_task():  # not one started after aclose()
+                self._loading = None
+        self.store(value, started)
+        return value
+
+    async def aclose(self) -> None:
+        """Cancel a load in flight and wait for it to end. Idempotent."""
+        loading, self._loading = self._loading, None
+        if loading is not None:
+            loading.cancel()
+            with contextlib.suppress(BaseException):
+                await loading
+
+
+def _retrieve(task: asyncio.Task[object]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class ResponseCache:
+    """One gateway's cached answers: each rank snapshot, the metrics listing, readiness.
+
+    The rank poller stores every snapshot it reads (each GATEWAY_RANK_INTERVAL_MS); one older
+    than twice that (the poller is behind or cannot read Redis) is read again by a request.
+    """
+
+    def __init__(self, rank_interval_s: float) -> None:
+        self.ranks: dict[tuple[MetricKind, RankMeasure], SharedRefresh[EncodedBody]] = {
+            key: SharedRefresh(2 * rank_interval_s) for key in RANKINGS
+        }
+        self.listing: SharedRefresh[EncodedBody] = SharedRefresh(LISTING_MAX_AGE_S)
+        self.readiness: SharedRefresh[tuple[int, bytes]] = SharedRefresh(READINESS_MAX_AGE_S)
+
+    async def aclose(self) -> None:
+        """Cancel every load in flight. Idempotent."""
+        for refresh in (*self.ranks.values(), self.listing):
+            await refresh.aclose()
+        await self.readiness.aclose()

@@ -1,0 +1,401 @@
+"""Cached HTTP bodies without sockets: ETags, 304s, single-flight refresh, the rank poller."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+import pytest
+from starlette.requests import Request
+
+from tests.conftest import deadline
+from tickstream_gateway import api, feed
+from tickstream_gateway.bars import RecentBars
+from tickstream_gateway.history import MarketHistory
+from tickstream_gateway.httpcache import (
+    EncodedBody,
+    ResponseCache,
+    SharedRefresh,
+    not_modified,
+    renewed,
+)
+from tickstream_gateway.hub import Hub
+from tickstream_gateway.protocol import Frame
+from tickstream_gateway.state import GatewayState
+from tickstream_shared import health
+from tickstream_shared.naming import MetricKind, RankMeasure
+from tickstream_shared.settings import GatewaySettings, ServiceSettings
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def request(headers: dict[str, str] | None = None, state: Any = None) -> Request:
+    scope: dict[str, Any] = {
+        "type": "http",
+        "method": "GET",
+        "path": "/",
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+    }
+    if state is not None:
+        scope["state"] = {"gateway": state}
+    return Request(scope)
+
+
+def test_etag_is_strong_and_the_same_for_the_same_bytes() -> None:
+    """Equal bytes give one quoted strong ETag, whichever object or gateway encoded them."""
+    first = EncodedBody.of(b'{"ranks":[1,2]}')
+    second = EncodedBody.of(bytes(bytearray(b'{"ranks":[1,2]}')))
+    assert first.etag == second.etag
+    assert first.etag.startswith('"') and first.etag.endswith('"') and len(first.etag) == 34
+    assert not first.etag.startswith("W/")
+
+
+def test_etag_changes_when_the_content_changes() -> None:
+    """One changed byte gives another ETag."""
+    assert EncodedBody.of(b'{"total":2}').etag != EncodedBody.of(b'{"total":3}').etag
+
+
+def test_renewed_keeps_the_previous_body_when_the_bytes_are_equal() -> None:
+    """Unchanged bytes return the previous object (no new hash); changed bytes a new one."""
+    previous = EncodedBody.of(b"[1]")
+    assert renewed(previous, b"[1]") is previous
+    changed = renewed(previous, b"[2]")
+    assert changed == EncodedBody.of(b"[2]")
+    assert renewed(None, b"[1]") == previous
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, False),
+        ('"abc"', True),
+        ('"xyz"', False),
+        ('"xyz", "abc"', True),
+        ('"xyz","abc"', True),
+        ('W/"abc"', True),  # If-None-Match compares weakly (RFC 9110 13.1.2)
+        ("*", True),
+        ("abc", False),  # unquoted: not the tag
+        ("", False),
+    ],
+)
+def test_if_none_match_names_the_etag(header: str | None, expected: bool) -> None:
+    """A list, a weak form and `*` match; other tags and unquoted values do not."""
+    assert not_modified(header, '"abc"') is expected
+
+
+def test_cached_json_is_304_without_body_when_the_etag_matches() -> None:
+    """A matching If-None-Match gets 304 with the ETag; any other request the body."""
+    cached = EncodedBody.of(b'{"kind":"price"}')
+    full = api.cached_json(request(), cached)
+    assert (full.status_code, full.body) == (200, b'{"kind":"price"}')
+    assert full.headers["etag"] == cached.etag
+    assert full.headers["cache-control"] == "no-cache"
+    assert full.headers["content-type"] == "application/json"
+    hit = api.cached_json(request({"If-None-Match": cached.etag}), cached)
+    assert (hit.status_code, hit.body) == (304, b"")
+    assert hit.headers["etag"] == cached.etag
+    assert "content-type" not in hit.headers and "content-length" not in hit.headers
+    miss = api.cached_json(request({"If-None-Match": EncodedBody.of(b"{}").etag}), cached)
+    assert (miss.status_code, miss.body) == (200, b'{"kind":"price"}')
+
+
+async def test_concurrent_gets_share_one_load() -> None:
+    """Fifty callers of a stale value wait for one load and all get its value."""
+    refresh: SharedRefresh[str] = SharedRefresh(1.0)
+    loads: list[int] = []
+    release = asyncio.Event()
+
+    async def load() -> str:
+        loads.append(len(loads))
+        await release.wait()
+        return f"value {len(loads)}"
+
+    waiters = [asyncio.create_task(refresh.get(load)) for _ in range(50)]
+    await asyncio.sleep(0)  # every waiter has asked
+    release.set()
+    assert await asyncio.gather(*waiters) == ["value 1"] * 50
+    assert loads == [0]
+    assert await refresh.get(load) == "value 1"  # held: no second load
+    assert loads == [0]
+
+
+async def test_a_value_is_loaded_again_only_once_older_than_max_age() -> None:
+    """Within max age the held value is handed out; after it, the next get loads again."""
+    clock = Clock()
+    refresh: SharedRefresh[int] = SharedRefresh(1.0, clock=clock)
+    loads = 0
+
+    async def load() -> int:
+        nonlocal loads
+        loads += 1
+        return loads
+
+    assert await refresh.get(load) == 1
+    clock.now += 1.0
+    assert await refresh.get(load) == 1
+    clock.now += 0.01
+    assert await refresh.get(load) == 2
+    assert loads == 2
+
+
+async def test_age_counts_from_when_the_load_started() -> None:
+    """A load that took longer than max age leaves a value the next get reads again."""
+    clock = Clock()
+    refresh: SharedRefresh[int] = SharedRefresh(1.0, clock=clock)
+    loads = 0
+
+    async def slow_load() -> int:
+        nonlocal loads
+        loads += 1
+        clock.now += 1.5
+        return loads
+
+    assert await refresh.get(slow_load) == 1
+    assert await refresh.get(slow_load) == 2
+
+
+async def test_stored_values_are_served_and_an_older_store_does_not_replace_a_newer() -> None:
+    """What the poller stores is handed out without a load; an older read never wins."""
+    clock = Clock()
+    refresh: SharedRefresh[str] = SharedRefresh(1.0, clock=clock)
+
+    async def load() -> str:
+        raise AssertionError("no load while a young value is held")
+
+    refresh.store("read at 100")
+    clock.now += 0.5
+    refresh.store("read at 99.9", at=99.9)
+    assert await refresh.get(load) == "read at 100"
+    refresh.store("read at 100.5")
+    assert await refresh.get(load) == "read at 100.5"
+
+
+async def test_a_failed_load_reaches_every_waiter_and_the_next_get_loads_again() -> None:
+    """All waiters of a failing load get its exception; the following get starts a new load."""
+    refresh: SharedRefresh[str] = SharedRefresh(1.0)
+    release = asyncio.Event()
+    loads = 0
+
+    async def load() -> str:
+        nonlocal loads
+        loads += 1
+        await release.wait()
+        if loads == 1:
+            raise ConnectionError("Redis went away")
+        return "back"
+
+    waiters = [asyncio.create_task(refresh.get(load)) for _ in range(3)]
+    await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert [repr(r) for r in results] == ["ConnectionError('Redis went away')"] * 3
+    assert await refresh.get(load) == "back"
+    assert loads == 2
+
+
+async def test_a_cancelled_waiter_does_not_cancel_the_shared_load() -> None:
+    """Cancelling one waiter leaves the load running for the others, and its value is held."""
+    refresh: SharedRefresh[str] = SharedRefresh(1.0)
+    release = asyncio.Event()
+
+    async def load() -> str:
+        await release.wait()
+        return "done"
+
+    impatient = asyncio.create_task(refresh.get(load))
+    patient = asyncio.create_task(refresh.get(load))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await impatient
+    release.set()
+    assert await patient == "done"
+
+    async def no_load() -> str:
+        raise AssertionError("the value was held")
+
+    assert await refresh.get(no_load) == "done"
+
+
+async def test_aclose_cancels_a_load_in_flight_and_is_idempotent() -> None:
+    """aclose() ends a pending load (its waiter sees the cancellation) and can be called twice."""
+    refresh: SharedRefresh[str] = SharedRefresh(1.0)
+    started = asyncio.Event()
+
+    async def endless() -> str:
+        started.set()
+        await asyncio.Event().wait()
+        return "never"
+
+    waiter = asyncio.create_task(refresh.get(endless))
+    await started.wait()
+    await refresh.aclose()
+    await refresh.aclose()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+
+
+class CountingRedis:
+    """Answers PING and counts the calls."""
+
+    def __init__(self) -> None:
+        self.pings = 0
+
+    async def ping(self) -> bool:
+        self.pings += 1
+        await asyncio.sleep(0.01)  # a round trip: concurrent probes overlap it
+        return True
+
+
+class DownPool:
+    """A pool whose PostgreSQL is away."""
+
+    def acquire(self) -> Any:
+        raise OSError("connection refused")
+
+
+async def test_readiness_is_one_check_shared_by_concurrent_probes_and_held_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Twenty probes at once cost one check; a probe within the next second reuses it."""
+    broker_checks = 0
+
+    async def check_broker(settings: ServiceSettings) -> None:
+        nonlocal broker_checks
+        broker_checks += 1
+
+    monkeypatch.setattr(health, "check_broker", check_broker)
+    redis = CountingRedis()
+    state = GatewayState(
+        ServiceSettings(),
+        redis,  # type: ignore[arg-type]
+        DownPool(),
+        Hub(10),
+        MarketHistory(RecentBars(max_bars=10), _no_history),
+        asyncio.Event(),
+    )
+    clock = Clock()
+    state.cache.readiness = SharedRefresh(1.0, clock=clock)
+    state.feed_ready.set()
+
+    answers = await asyncio.gather(*(api.readyz(request(state=state)) for _ in range(20)))
+    assert {a.status_code for a in answers} == {503}
+    assert json.loads(answers[0].body) == {
+        "status": "unhealthy",
+        "broker": "ok",
+        "redis": "ok",
+        "database": "error: OSError('connection refused')",
+        "feed": "ok",
+    }
+    assert (broker_checks, redis.pings) == (1, 1)
+    clock.now += 0.9
+    assert (await api.readyz(request(state=state))).status_code == 503
+    assert (broker_checks, redis.pings) == (1, 1)
+    clock.now += 0.2
+    await api.readyz(request(state=state))
+    assert (broker_checks, redis.pings) == (2, 2)
+
+
+async def test_rank_poller_stores_every_snapshot_and_rehashes_only_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each interval every body is stored anew; a changed snapshot gets a new ETag and a frame."""
+    snapshots: dict[tuple[MetricKind, RankMeasure], dict[str, Any]] = {}
+    reads: list[tuple[MetricKind, RankMeasure]] = []
+    read = asyncio.Condition()
+
+    async def rank_snapshot(client: object, kind: MetricKind, measure: RankMeasure) -> Any:
+        reads.append((kind, measure))
+        async with read:
+            read.notify_all()
+        return snapshots.get((kind, measure), {"kind": kind, "by": measure, "total": 0})
+
+    monkeypatch.setattr(feed, "rank_snapshot", rank_snapshot)
+    settings = ServiceSettings(gateway=GatewaySettings(rank_interval_ms=50))
+    cache = ResponseCache(0.05)
+    hub = Hub(10)
+    published: list[tuple[MetricKind, RankMeasure]] = []
+    publish = hub.publish_ranks
+
+    def publish_ranks(kind: MetricKind, measure: RankMeasure, frame: Frame) -> None:
+        published.append((kind, measure))
+        publish(kind, measure, frame)
+
+    monkeypatch.setattr(hub, "publish_ranks", publish_ranks)
+    price_cv = cache.ranks["price", "cv"]
+
+    async def unread() -> EncodedBody:
+        raise AssertionError("the poller stored it")
+
+    async def reads_at_least(count: int) -> None:
+        async with asyncio.timeout(deadline(5)), read:
+            await read.wait_for(lambda: len(reads) >= count)
+
+    poller = asyncio.create_task(feed.run_rank_poller(settings, hub, object(), cache.ranks))  # type: ignore[arg-type]
+    try:
+        await reads_at_least(2 * len(cache.ranks))  # two full rounds
+        first = await price_cv.get(unread)
+        assert json.loads(first.body) == {"kind": "price", "by": "cv", "total": 0}
+        assert len(published) == len(cache.ranks)  # one frame each, at the first round only
+        snapshots["price", "cv"] = {"kind": "price", "by": "cv", "total": 1}
+        await reads_at_least(len(reads) + 2 * len(cache.ranks))
+        changed = await price_cv.get(unread)
+        assert json.loads(changed.body) == {"kind": "price", "by": "cv", "total": 1}
+        assert changed.etag != first.etag
+        assert published == [*cache.ranks, ("price", "cv")]
+        latest = hub.latest_ranks["price", "cv"]
+        assert latest.text == '{"type":"ranks","kind":"price","by":"cv","total":1}'
+        assert await cache.ranks["volume", "std"].get(unread) is not None
+    finally:
+        poller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await poller
+
+
+async def test_rank_poller_stops_when_the_redis_client_swallows_its_cancellation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cancellation caught inside a read (as redis-py's retries can) still ends the poller."""
+    reading = asyncio.Event()
+    swallowed = 0
+
+    async def rank_snapshot(client: object, kind: MetricKind, measure: RankMeasure) -> Any:
+        nonlocal swallowed
+        reading.set()
+        if swallowed == 0:
+            # A retried command: the caller never sees the cancellation.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+            swallowed += 1
+            return {"kind": kind, "by": measure, "total": 0}
+        await asyncio.Event().wait()  # later reads: until cancelled, which they let through
+        raise AssertionError("unreachable")
+
+    monkeypatch.setattr(feed, "rank_snapshot", rank_snapshot)
+    settings = ServiceSettings(gateway=GatewaySettings(rank_interval_ms=50))
+    cache = ResponseCache(0.05)
+    poller = asyncio.create_task(feed.run_rank_poller(settings, Hub(10), object(), cache.ranks))  # type: ignore[arg-type]
+    await reading.wait()
+    poller.cancel()
+    try:
+        done, _ = await asyncio.wait({poller}, timeout=deadline(5))
+        assert done == {poller} and poller.cancelled()
+    finally:
+        poller.cancel()  # not swallowed a second time
+        await asyncio.gather(poller, return_exceptions=True)
+
+
+async def _no_history(market_id: str) -> list[Any]:
+    """A history read these tests never make."""
+    raise AssertionError("no history read expected")
