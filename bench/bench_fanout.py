@@ -35,14 +35,16 @@ throughput comparison needs a load some server cannot carry). Frames are counted
 
 Printed per server and configuration: delivered bar frames/s; p50/p99/max latency; clients
 closed by the server (close codes; 1006 = dropped without a close frame); server CPU seconds in
-the window and per delivered frame; server RSS (end and max); `/healthz` latency (a probe on a
-new connection every 0.1 s during the window; the gateway's pings Redis and PostgreSQL, the
-baseline's does no I/O); CPU seconds of every other process (load generators, also per frame,
-driver, broker, ...): on 2 cores they all compete with the server, so a server whose writes cost
-its clients more CPU per frame also leaves itself less. In the first configuration's sessions,
-`--idle` clients connect first without subscribing: RSS growth / clients = RSS per idle
-connection. Then the medians over rounds, the tickstream/baseline frames/s ratio, and the issue
-8 targets.
+the window and per delivered frame (all of the server's CPU, so at light load it is mostly the
+fixed cost of consuming every market's ticks); server RSS (end and max); `/healthz` latency
+(a probe on a new connection every 0.1 s during the window; the gateway's pings Redis and
+PostgreSQL, the baseline's does no I/O); CPU seconds of every other process (load
+generators, also per frame, driver, broker, kernel threads, and any process outside this bench,
+which is flagged with a WARNING): on 2 cores they all compete with the server, so a server whose
+writes cost its clients more CPU per frame also leaves itself less. In the first
+configuration's sessions, `--idle` clients connect first without subscribing: RSS growth /
+clients = RSS per idle connection. Then the medians over rounds, the tickstream/baseline
+frames/s ratio, and the issue 8 targets.
 
 `--http` instead seeds `--metrics` price metrics (and as many volume ones) in Redis the way
 stats writes them (MetricBook + tickstream_stats.store.write_stats) and compares
