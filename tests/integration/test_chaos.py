@@ -183,11 +183,9 @@ async def _inject_poison(bootstrap: str) -> None:
     kafka = KafkaSettings(bootstrap_servers=bootstrap)
     producer = make_producer(kafka, client_id="chaos")
     topic = Market.parse(MARKETS[0]).topic
-    # The restarted broker has no `alerts` topic yet; a gateway reads a topic it discovers
-    # from its end, so the bad alerts go to one it already reads (a refresh is 1 s).
+    # The restarted broker has no `alerts` topic yet (see _resend_bad_alerts).
     async with asyncio.timeout(deadline(60)):
         await ensure_topics(kafka, [ALERTS_TOPIC])
-        await asyncio.sleep(5)
         await producer.start()
     try:
         for value in POISON.values():

@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.unit import gateway_ticks as ticks
+from tests.unit.gateway_ticks import BTC, MINUTE
 from tickstream_gateway.bars import RecentBars
 from tickstream_gateway.history import MarketHistory
 from tickstream_gateway.hub import ClientSession, Hub
@@ -20,26 +22,11 @@ from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_shared.settings import GatewaySettings, ServiceSettings
 
-MINUTE = 1_680_000_000_000
-BTC = "binance:btc-usdt"
 MINUTES = 30  # history window: 31 bars
 
 
 def update(seq: int, minute_index: int, *, closed: bool = True) -> Tick:
-    minute = MINUTE + minute_index * MINUTE_MS
-    return Tick(
-        market=BTC,
-        minute=minute,
-        seq=seq,
-        exchange_ts=minute + 1000,
-        received_ts=minute + 1000,
-        open=1.0,
-        high=2.0,
-        low=1.0,
-        close=1.5,
-        volume=float(seq),
-        closed=closed,
-    )
+    return ticks.update(seq, minute_index, closed=closed)
 
 
 class Storage:

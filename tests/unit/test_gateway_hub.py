@@ -5,49 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from tests.unit.gateway_ticks import BTC, MINUTE, alert, update
 from tickstream_gateway.hub import ClientSession, Hub
 from tickstream_gateway.outbox import SLOT_BYTES
 from tickstream_gateway.protocol import bar_frame, ranks_frame
-from tickstream_shared.schemas import MINUTE_MS, Alert, Tick
+from tickstream_shared.schemas import MINUTE_MS
 
-MINUTE = 1_680_000_000_000
-BTC = "binance:btc-usdt"
 ETH = "binance:eth-usdt"
 MIB = 1024 * 1024
-
-
-def update(seq: int, minute_index: int = 0, *, market: str = BTC, closed: bool = False) -> Tick:
-    minute = MINUTE + minute_index * MINUTE_MS
-    return Tick(
-        market=market,
-        minute=minute,
-        seq=seq,
-        exchange_ts=minute + 1000,
-        received_ts=minute + 1500,
-        open=1.0,
-        high=2.0,
-        low=1.0,
-        close=1.5,
-        volume=float(seq),
-        closed=closed,
-    )
-
-
-def alert(n: int) -> Alert:
-    return Alert(
-        alert_id=f"{BTC}:volume@{MINUTE + n * MINUTE_MS}",
-        metric=f"{BTC}:volume",
-        kind="volume",
-        minute=MINUTE + n * MINUTE_MS,
-        exchange_ts=MINUTE + n * MINUTE_MS + 1000,
-        seq=n,
-        value=10.0,
-        mean=1.0,
-        factor=3.0,
-        ratio=10.0,
-        window_minutes=60,
-        samples=59,
-    )
 
 
 def sent(session: ClientSession) -> list[dict[str, Any]]:

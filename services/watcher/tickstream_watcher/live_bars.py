@@ -234,23 +234,7 @@ class LiveBars:
             elif any(first <= candle.minute <= last for first, last in state.streamed):
                 continue
             state.closed_through = max(state.closed_through, candle.minute)
-            state.last_seq = seq = max(state.last_seq + 1, now_us)
-            out.append(
-                Tick(
-                    state.market_id,
-                    candle.minute,
-                    seq,
-                    candle.minute + MINUTE_MS,
-                    now_us // 1000,
-                    candle.open,
-                    candle.high,
-                    candle.low,
-                    candle.close,
-                    candle.volume,
-                    candle.trades,
-                    True,
-                )
-            )
+            out.append(self._bar_tick(state, _candle_bar(candle), now_us, closed=True))
         state.streamed = [span for span in state.streamed if span[1] > state.backfilled_through]
         return out
 
@@ -276,16 +260,7 @@ class LiveBars:
         for minute in sorted(state.awaiting):
             candle = by_minute.get(minute)
             if candle is not None:
-                bar = _Bar(
-                    minute,
-                    candle.open,
-                    candle.high,
-                    candle.low,
-                    candle.close,
-                    candle.volume,
-                    candle.trades,
-                    minute + MINUTE_MS,
-                )
+                bar = _candle_bar(candle)
                 self.counters.repaired += 1
             elif now_us // 1000 >= minute + MINUTE_MS + REPAIR_GIVE_UP_MS:
                 bar = state.awaiting[minute]
@@ -420,3 +395,17 @@ class LiveBars:
             bar.trades,
             closed,
         )
+
+
+def _candle_bar(candle: CandleUpdate) -> _Bar:
+    """A closed REST candle as a bar, stamped at its minute's end."""
+    return _Bar(
+        candle.minute,
+        candle.open,
+        candle.high,
+        candle.low,
+        candle.close,
+        candle.volume,
+        candle.trades,
+        candle.minute + MINUTE_MS,
+    )
