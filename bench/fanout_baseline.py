@@ -61,7 +61,8 @@ class Broadcaster:
                     continue
                 markets.add(market.id)
                 self.by_market[market.id].add(connection)
-                await connection.send(status_frame("subscribed", _Subscription("market", market)))
+                subscribed = status_frame("subscribed", _Subscription("market", market))
+                await connection.send(subscribed.text)
                 await connection.send(_EMPTY_HISTORY % market.id)
         finally:
             self.connections.discard(connection)
@@ -104,7 +105,7 @@ async def _feed(bootstrap: str, broadcaster: Broadcaster) -> None:
                 for tick in decode_batch(records, counters):
                     subscribers = broadcaster.by_market.get(tick.market)
                     if subscribers:
-                        websockets.broadcast(subscribers, bar_frame(tick))
+                        websockets.broadcast(subscribers, bar_frame(tick).text)
     finally:
         await consumer.stop()
 
