@@ -56,6 +56,8 @@ def make_consumer(
         auto_offset_reset=offset_reset,
         # New per-pair topics must be seen quickly by regex subscriptions.
         metadata_max_age_ms=settings.metadata_max_age_ms,
+        # aiokafka's default is 500 ms; a polling broker answers up to half of it late.
+        fetch_max_wait_ms=settings.fetch_max_wait_ms,
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
 

@@ -61,6 +61,15 @@ class KafkaSettings:
         ge=100,
         le=300_000,
     )
+    fetch_max_wait_ms: int = setting(
+        "KAFKA_FETCH_MAX_WAIT_MS",
+        50,
+        "Longest a consumer's fetch waits at the broker for new records. Kafka answers as soon"
+        " as records arrive; some brokers (Tansu) poll and answer up to half of it late, so it"
+        " bounds tick-to-client latency there.",
+        ge=1,
+        le=10_000,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,6 +357,14 @@ class GatewaySettings:
         " size + 64); a client with more to receive is closed (1013).",
         ge=1024 * 1024,
         le=1024 * 1024 * 1024,
+    )
+    conflate_after_ms: int = setting(
+        "GATEWAY_CONFLATE_AFTER_MS",
+        50,
+        "How long a WebSocket client's oldest queued frame may wait before the client counts as"
+        " behind and gets only the newest update of each forming bar and ranks (0: always).",
+        ge=0,
+        le=60_000,
     )
     ws_compression: bool = setting(
         "GATEWAY_WS_COMPRESSION",

@@ -497,11 +497,15 @@ async def test_concurrent_subscribers_get_history_from_memory(gateway: Gateway) 
                     seq += 1
                     try:
                         async with asyncio.timeout(0.2):
-                            while json.loads(await first.recv())["type"] != "bar":
+                            while (frame := json.loads(await first.recv()))["type"] != "bar":
                                 pass
                         break
                     except TimeoutError:
                         continue
+                # That frame may be of an earlier update than the last one sent: wait for the
+                # last one too, so that every subscriber below sees the same history.
+                while frame.get("seq") != seq - 1:
+                    frame = json.loads(await first.recv())
             await first.send(subscribe)  # storage now has the feed's first update: loaded
             while json.loads(await first.recv())["type"] != "history":
                 pass

@@ -236,6 +236,24 @@ async def test_websocket_requires_a_valid_token(locked: Gateway) -> None:
         await ping_pong(ws)
 
 
+async def test_websocket_closes_when_its_token_expires(locked: Gateway) -> None:
+    """A connection lives until its token's `exp`, then is closed with 4001; a longer token's
+    connection opened beside it stays open."""
+    url = f"ws://{locked.base}/ws"
+    async with (
+        connect(f"{url}?token={token(expires_in=3)}") as short,
+        connect(f"{url}?token={token()}") as long,
+    ):
+        await ping_pong(short)
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(15):
+                while True:
+                    await short.recv()
+        assert short.close_code == 4001
+        assert short.close_reason == "token expired"
+        await ping_pong(long)
+
+
 async def test_api_requires_a_valid_token(locked: Gateway) -> None:
     """Every /api/ path answers 401 JSON without a valid token; with one, the route answers."""
     for path in ("/api/ranks?kind=price", "/api/metrics", "/api/no-such-route"):

@@ -53,6 +53,29 @@ def test_a_client_that_stops_reading_gets_the_newest_state() -> None:
     assert outbox.counters.conflated_frames == 3 * 9_999
 
 
+def test_a_client_that_keeps_up_gets_every_update() -> None:
+    """With `conflate_after`, updates are replaced only once the oldest pending frame has
+    waited that long: updates queued together all go out, a stalled client gets the newest."""
+    now = [100.0]
+    outbox = Outbox(max_bytes=1024 * 1024, conflate_after=0.05, clock=lambda: now[0])
+    for seq in (1, 2, 3):  # one batch: queued at the same instant
+        outbox.put(bar_frame(update(seq, market=BTC)))
+    assert [f["seq"] for f in drain(outbox)] == [1, 2, 3]
+    assert outbox.counters.conflated_frames == 0
+
+    outbox.put(bar_frame(update(4, market=BTC)))
+    now[0] += 0.049  # not behind yet: the head has waited 49 ms
+    outbox.put(bar_frame(update(5, market=BTC)))
+    now[0] += 0.002  # the head (seq 4) has now waited 51 ms: 6 replaces 5, the newest pending
+    outbox.put(bar_frame(update(6, market=BTC)))
+    assert outbox.counters.conflated_frames == 1
+    assert json.loads(outbox.get_nowait().text)["seq"] == 4
+    # The client took a frame: its new head (seq 6) has waited no time, so 7 queues behind it.
+    outbox.put(bar_frame(update(7, market=BTC)))
+    assert [f["seq"] for f in drain(outbox)] == [6, 7]
+    assert outbox.counters.conflated_frames == 1
+
+
 def test_closed_bars_and_alerts_are_all_delivered_in_order() -> None:
     """Only forming updates give way; every closed bar and alert arrives, in arrival order."""
     outbox = Outbox(max_bytes=1024 * 1024)

@@ -70,6 +70,10 @@ def _without_port(authority: str) -> str:
     return authority.partition(":")[0]
 
 
+# Key in a WebSocket's scope state: when its token expires, seconds since the epoch.
+TOKEN_EXPIRES_AT = "token_expires_at"
+
+
 def bearer_token(headers: Headers, query: QueryParams) -> str | None:
     """The token of `Authorization: Bearer <token>`, else of the query parameter `token`."""
     scheme, _, credentials = headers.get("authorization", "").partition(" ")
@@ -149,7 +153,11 @@ class AccessControl:
             problem = "a token is required: query parameter 'token' or 'Authorization: Bearer'"
         else:
             try:
-                verify_token(token, self.secret, self.clock())
+                claims = verify_token(token, self.secret, self.clock())
+                if scope["type"] == "websocket":
+                    # The connection is closed when the token expires (ws.py); uvicorn gives
+                    # each connection its own copy of the lifespan state.
+                    scope.setdefault("state", {})[TOKEN_EXPIRES_AT] = float(claims["exp"])
                 return None
             except TokenError as exc:
                 problem = exc.message

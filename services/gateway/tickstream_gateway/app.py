@@ -42,7 +42,11 @@ def create_app(settings: ServiceSettings) -> Starlette:
         redis = redis_client.connect(settings.redis)
         minutes = settings.gateway.history_minutes
         recent = RecentBars(max_bars=minutes + 1)
-        hub = Hub(settings.gateway.client_queue_bytes, recent=recent)
+        hub = Hub(
+            settings.gateway.client_queue_bytes,
+            settings.gateway.conflate_after_ms / 1000,
+            recent=recent,
+        )
         history = MarketHistory(recent, lambda market_id: db.recent_bars(pool, market_id, minutes))
         telemetry.track_hub(hub, history)
         state = GatewayState(settings, redis, pool, hub, history, asyncio.Event())

@@ -40,6 +40,7 @@ log = logging.getLogger("tickstream.gateway.feed")
 # One consumer for both streams: every per-pair tick topic (now and future) and alerts.
 FEED_PATTERN = rf"({TICK_TOPIC_PATTERN})|(^{ALERTS_TOPIC}$)"
 _DEAD_LETTER_TIMEOUT_S = 10.0
+_FANOUT_SLICE_S = 0.005
 
 
 async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) -> None:
@@ -88,9 +89,14 @@ async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) ->
                             log.warning("skipping bad alert offset=%s: %s", record.offset, exc)
                     await _send_dead_letters(dead_letters, bad)
                     continue
-                now = time.monotonic()
+                now = slice_start = time.monotonic()
                 for tick in decode_batch(records, counters):
                     hub.publish_tick(tick, now)
+                    # A batch fanned out to many clients would hold the loop for its whole
+                    # length: writers, health probes and commands wait at most one slice.
+                    if time.monotonic() - slice_start >= _FANOUT_SLICE_S:
+                        await asyncio.sleep(0)
+                        now = slice_start = time.monotonic()
     finally:
         ready.clear()  # /readyz says the feed is down until the supervisor has restarted it
         await consumer.stop()

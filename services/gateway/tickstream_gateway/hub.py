@@ -41,6 +41,7 @@ class Hub:
     """All connected clients, every market's bars in memory and the latest rank frames."""
 
     client_queue_bytes: int
+    conflate_after_s: float = 0.0  # see Outbox: how long a client is let behind unconflated
     sessions: set[ClientSession] = field(default_factory=set)
     counters: FanoutCounters = field(default_factory=FanoutCounters)
     recent: RecentBars = field(default_factory=RecentBars)
@@ -48,7 +49,9 @@ class Hub:
     _by_market: dict[str, set[ClientSession]] = field(default_factory=lambda: defaultdict(set))
 
     def connect(self) -> ClientSession:
-        session = ClientSession(Outbox(self.client_queue_bytes, self.counters))
+        session = ClientSession(
+            Outbox(self.client_queue_bytes, self.counters, conflate_after=self.conflate_after_s)
+        )
         self.sessions.add(session)
         return session
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -32,9 +34,13 @@ class _Slot:
 class Outbox:
     """The frames queued for one client, in order, at most `max_bytes` of them.
 
-    Conflation: a frame with a `key` replaces, in place, the newest pending frame of its
-    stream if that frame is `latest` and has the same key (a forming bar by a newer update of
-    its minute, or by its closing update; a rank snapshot by a newer one). Only the newest
+    Conflation: once the client is behind, a frame with a `key` replaces, in place, the
+    newest pending frame of its stream if that frame is `latest` and has the same key (a
+    forming bar by a newer update of its minute, or by its closing update; a rank snapshot by
+    a newer one). Behind means the oldest pending frame has waited at least `conflate_after`
+    seconds (since it was queued into an empty outbox or since the client took the frame
+    before it): a client that keeps up gets every update, also the several updates of one
+    market that arrive in one consumer batch; one that does not gets the newest. Only the newest
     pending frame of a stream can be replaced, so a client still receives each stream's
     frames in the order they were made (every bar's seq above the ones before it), and
     frames without a key (closed bars, history, alerts, replies) are never dropped.
@@ -44,9 +50,19 @@ class Outbox:
     the owner closes the connection. Not thread-safe; one reader (`get`) at a time.
     """
 
-    def __init__(self, max_bytes: int, counters: FanoutCounters | None = None) -> None:
+    def __init__(
+        self,
+        max_bytes: int,
+        counters: FanoutCounters | None = None,
+        *,
+        conflate_after: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_bytes = max_bytes
         self.counters = counters if counters is not None else FanoutCounters()
+        self.conflate_after = conflate_after
+        self._clock = clock
+        self._head_since = 0.0  # when the oldest pending frame became the oldest
         self.queued_bytes = 0
         self.overflowed = False
         self._slots: deque[_Slot] = deque()
@@ -65,7 +81,12 @@ class Outbox:
         if stream is not None:
             # Anything queued in a stream seals the stream's pending frame against later ones.
             slot = self._latest.pop(stream, None)
-            if slot is not None and frame.key is not None and slot.frame.key == frame.key:
+            if (
+                slot is not None
+                and frame.key is not None
+                and slot.frame.key == frame.key
+                and self._clock() - self._head_since >= self.conflate_after
+            ):
                 queued = self.queued_bytes + frame.size - slot.frame.size
                 if queued > self.max_bytes:
                     self.overflowed = True
@@ -82,6 +103,8 @@ class Outbox:
             return False
         self.queued_bytes = queued
         slot = _Slot(frame)
+        if not self._slots and self.conflate_after:
+            self._head_since = self._clock()
         self._slots.append(slot)
         if frame.latest and stream is not None:
             self._latest[stream] = slot
@@ -97,6 +120,8 @@ class Outbox:
         if frame.stream is not None and self._latest.get(frame.stream) is slot:
             del self._latest[frame.stream]
         self.queued_bytes -= frame.size + SLOT_BYTES
+        if self._slots and self.conflate_after:
+            self._head_since = self._clock()
         return frame
 
     async def get(self) -> Frame:

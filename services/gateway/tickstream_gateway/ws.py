@@ -10,7 +10,7 @@ import time
 from starlette.websockets import WebSocket
 
 from tickstream_gateway import api
-from tickstream_gateway.access import refuse_websocket
+from tickstream_gateway.access import TOKEN_EXPIRES_AT, refuse_websocket
 from tickstream_gateway.hub import ClientSession, Hub
 from tickstream_gateway.protocol import (
     PONG_FRAME,
@@ -33,6 +33,7 @@ log = logging.getLogger("tickstream.gateway.ws")
 
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TOKEN_EXPIRED = 4001  # private-use range: a client tells it from the other closes
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -52,10 +53,10 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     reader = asyncio.create_task(_read(websocket, session, state))
     writer = asyncio.create_task(_write(websocket, session))
     overflow = asyncio.create_task(session.overflowed.wait())
+    expiry = asyncio.create_task(_token_expiry(websocket))
+    tasks = (reader, writer, overflow, expiry)
     try:
-        done, _ = await asyncio.wait(
-            {reader, writer, overflow}, return_when=asyncio.FIRST_COMPLETED
-        )
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if reader in done and not reader.cancelled() and reader.exception() is not None:
             log.error("closing a client after an unexpected error: %r", reader.exception())
         if overflow in done:
@@ -66,11 +67,23 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             )
             with contextlib.suppress(Exception):
                 await websocket.close(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect")
+        elif expiry in done:
+            with contextlib.suppress(Exception):
+                await websocket.close(CLOSE_TOKEN_EXPIRED, "token expired")
     finally:
-        for task in (reader, writer, overflow):
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(reader, writer, overflow, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         state.hub.disconnect(session)
+
+
+async def _token_expiry(websocket: WebSocket) -> None:
+    """Returns when the connection's token expires; never without a token."""
+    expires_at: float | None = websocket.scope.get("state", {}).get(TOKEN_EXPIRES_AT)
+    if expires_at is None:
+        await asyncio.Event().wait()
+        return
+    await asyncio.sleep(max(0.0, expires_at - time.time()))
 
 
 async def _write(websocket: WebSocket, session: ClientSession) -> None:
