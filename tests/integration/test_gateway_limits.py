@@ -125,6 +125,10 @@ async def open_gateway(infra: LocalInfra) -> AsyncIterator[Gateway]:
         yield gateway
 
 
+REFUSED = "tickstream_gateway_websocket_refused"
+CLOSED = "tickstream_gateway_websocket_closed"
+
+
 def token(expires_in: float = 600.0, secret: str = SECRET) -> str:
     return sign_token({"sub": "test", "exp": time.time() + expires_in}, secret.encode())
 
@@ -178,6 +182,16 @@ async def wait_until(condition: Callable[[], bool]) -> None:
             await asyncio.sleep(0.01)
 
 
+async def counted(base: str, counter: str, reason: str) -> float:
+    """The value of `counter{reason="..."}` as the gateway's /metrics shows it (0 if absent)."""
+    status, _, body = await http(base, "/metrics")
+    assert status == 200
+    text = body.decode() if isinstance(body, bytes) else json.dumps(body)
+    prefix = f'{counter}_total{{reason="{reason}"}} '
+    values = [float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)]
+    return values[0] if values else 0.0
+
+
 async def ping_pong(ws: ClientConnection) -> None:
     await ws.send('{"op":"ping"}')
     assert await recv_json(ws) == {"type": "pong"}
@@ -188,6 +202,7 @@ async def ping_pong(ws: ClientConnection) -> None:
 
 async def test_origin_from_another_site_is_refused_with_403(locked: Gateway) -> None:
     """An upgrade from another site's page gets 403 `forbidden_origin`, even with a token."""
+    before = await counted(locked.base, REFUSED, "forbidden_origin")
     status, body = await refused(
         f"ws://{locked.base}/ws?token={token()}", origin="https://evil.example"
     )
@@ -196,6 +211,7 @@ async def test_origin_from_another_site_is_refused_with_403(locked: Gateway) -> 
     # Origin is checked first: without a token the answer is still about the origin.
     status, body = await refused(f"ws://{locked.base}/ws", origin="https://evil.example")
     assert (status, body["error"]) == (403, "forbidden_origin")
+    assert await counted(locked.base, REFUSED, "forbidden_origin") == before + 2
 
 
 async def test_default_origins_and_programs_are_allowed(locked: Gateway) -> None:
@@ -222,6 +238,7 @@ async def test_listed_origins_replace_the_defaults(open_gateway: Gateway) -> Non
 async def test_websocket_requires_a_valid_token(locked: Gateway) -> None:
     """No token, an expired one or another key's gets 401; a valid one in query or header works."""
     url = f"ws://{locked.base}/ws"
+    before = await counted(locked.base, REFUSED, "unauthorized")
     status, body = await refused(url)
     assert (status, body["error"]) == (401, "unauthorized")
     assert body["message"].startswith("a token is required")
@@ -229,6 +246,7 @@ async def test_websocket_requires_a_valid_token(locked: Gateway) -> None:
     assert (status, body) == (401, {"error": "unauthorized", "message": "token has expired"})
     status, body = await refused(f"{url}?token={token(secret='another-secret-of-32-bytes-or-so')}")
     assert (status, body["message"]) == (401, "token signature does not match")
+    assert await counted(locked.base, REFUSED, "unauthorized") == before + 3
 
     async with connect(f"{url}?token={token()}") as ws:
         await ping_pong(ws)
@@ -240,6 +258,7 @@ async def test_websocket_closes_when_its_token_expires(locked: Gateway) -> None:
     """A connection lives until its token's `exp`, then is closed with 4001; a longer token's
     connection opened beside it stays open."""
     url = f"ws://{locked.base}/ws"
+    before = await counted(locked.base, CLOSED, "token_expired")
     async with (
         connect(f"{url}?token={token(expires_in=3)}") as short,
         connect(f"{url}?token={token()}") as long,
@@ -252,6 +271,7 @@ async def test_websocket_closes_when_its_token_expires(locked: Gateway) -> None:
         assert short.close_code == 4001
         assert short.close_reason == "token expired"
         await ping_pong(long)
+    assert await counted(locked.base, CLOSED, "token_expired") == before + 1
 
 
 async def test_api_requires_a_valid_token(locked: Gateway) -> None:
@@ -306,8 +326,10 @@ async def test_connections_beyond_the_limit_are_refused_with_503(locked: Gateway
     url = f"ws://{locked.base}/ws?token={token()}"
     async with contextlib.AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(connect(url)) for _ in range(MAX_CONNECTIONS)]
+        before = await counted(locked.base, REFUSED, "too_many_connections")
         status, body = await refused(url)
         assert (status, body["error"]) == (503, "too_many_connections")
+        assert await counted(locked.base, REFUSED, "too_many_connections") == before + 1
         assert len(locked.hub.sessions) == MAX_CONNECTIONS
         await clients[0].close()
         await wait_until(lambda: len(locked.hub.sessions) < MAX_CONNECTIONS)
@@ -355,6 +377,7 @@ async def test_commands_past_the_rate_get_rate_limited_then_1008(locked: Gateway
         "message": f"more than 1 commands/s (bursts of {COMMAND_BURST});"
         " this one was ignored, slow down",
     }
+    before = await counted(locked.base, CLOSED, "too_many_commands")
     async with connect(f"ws://{locked.base}/ws?token={token()}") as ws:
         for _ in range(COMMAND_BURST):
             await ws.send('{"op":"ping"}')
@@ -372,6 +395,7 @@ async def test_commands_past_the_rate_get_rate_limited_then_1008(locked: Gateway
             await recv_json(ws)
     assert info.value.rcvd is not None
     assert (info.value.rcvd.code, info.value.rcvd.reason) == (1008, "too many commands")
+    assert await counted(locked.base, CLOSED, "too_many_commands") == before + 1
 
 
 # ---------------------------------------------------------------- frames

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tickstream_gateway import api
+from tickstream_gateway.telemetry import WEBSOCKET_REFUSED
 from tickstream_gateway.tokens import TokenError, verify_token
 from tickstream_shared.settings import GatewaySettings
 
@@ -90,12 +91,16 @@ def _without_token(query_string: bytes) -> bytes:
     return b"&".join(kept)
 
 
-async def refuse_websocket(scope: Scope, receive: Receive, send: Send, response: Response) -> None:
-    """Refuse a WebSocket upgrade with `response` (status and JSON body), before accepting.
+async def refuse_websocket(
+    scope: Scope, receive: Receive, send: Send, response: Response, reason: str
+) -> None:
+    """Refuse a WebSocket upgrade with `response` (status and JSON body), before accepting;
+    counted in WEBSOCKET_REFUSED under `reason` (the error code of the body).
 
     Servers without the ASGI denial-response extension answer a close before accept with a
     plain 403 instead.
     """
+    WEBSOCKET_REFUSED.labels(reason=reason).inc()
     if "websocket.http.response" in scope.get("extensions", {}):
         await response(scope, receive, send)
     else:
@@ -127,13 +132,15 @@ class AccessControl:
             headers = Headers(scope=scope)
             if not self.origins.allows(headers.get("origin"), headers.get("host")):
                 origin = headers.get("origin", "")
+                reason = "forbidden_origin"
                 refusal = api.error(
-                    403, "forbidden_origin", f"origin {origin[:64]!r} may not open the WebSocket"
+                    403, reason, f"origin {origin[:64]!r} may not open the WebSocket"
                 )
             else:
+                reason = "unauthorized"
                 refusal = self._check_token(scope, headers)
             if refusal is not None:
-                await refuse_websocket(scope, receive, send, refusal)
+                await refuse_websocket(scope, receive, send, refusal, reason)
                 return
         elif scope["type"] == "http" and scope["path"].startswith(PROTECTED_HTTP_PREFIX):
             refusal = self._check_token(scope, Headers(scope=scope))

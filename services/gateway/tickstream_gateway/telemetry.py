@@ -39,6 +39,18 @@ HISTORY_BARS: Final = Family(
     "Bars held in memory over all markets (at most markets x (GATEWAY_HISTORY_MINUTES + 1)).",
     "gauge",
 )
+# Labelled by a fixed set of reasons (the error codes and close reasons of docs/protocol.md).
+WEBSOCKET_REFUSED: Final = Counter(
+    "tickstream_gateway_websocket_refused",
+    "WebSocket upgrades refused, by reason: forbidden_origin, unauthorized, too_many_connections.",
+    ["reason"],
+)
+WEBSOCKET_CLOSED: Final = Counter(
+    "tickstream_gateway_websocket_closed",
+    "WebSocket clients closed by the gateway for a limit, by reason: too_many_commands (1008),"
+    " token_expired (4001); slow clients (1013) count in slow_clients_closed.",
+    ["reason"],
+)
 # Labelled by route template (`/api/metrics/{metric_id:str}`), never by the raw path, so
 # made-up URLs cannot create series without bound: they all count as "unmatched".
 HTTP_REQUESTS: Final = Counter(

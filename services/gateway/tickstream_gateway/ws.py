@@ -25,6 +25,7 @@ from tickstream_gateway.protocol import (
 )
 from tickstream_gateway.ranks import rank_snapshot
 from tickstream_gateway.state import GatewayState
+from tickstream_gateway.telemetry import WEBSOCKET_CLOSED
 from tickstream_gateway.token_bucket import TokenBucket, Verdict
 from tickstream_shared.consuming import is_transient
 from tickstream_shared.errors import echo
@@ -40,8 +41,9 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     state: GatewayState = websocket.state.gateway
     limit = state.settings.gateway.max_connections
     if len(state.hub.sessions) >= limit:
-        full = api.error(503, "too_many_connections", f"the gateway serves at most {limit}")
-        await refuse_websocket(websocket.scope, websocket.receive, websocket.send, full)
+        reason = "too_many_connections"
+        full = api.error(503, reason, f"the gateway serves at most {limit}")
+        await refuse_websocket(websocket.scope, websocket.receive, websocket.send, full, reason)
         return
     # Counted before the first await: upgrades arriving together cannot overshoot the limit.
     session = state.hub.connect()
@@ -68,6 +70,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             with contextlib.suppress(Exception):
                 await websocket.close(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect")
         elif expiry in done:
+            WEBSOCKET_CLOSED.labels(reason="token_expired").inc()
             with contextlib.suppress(Exception):
                 await websocket.close(CLOSE_TOKEN_EXPIRED, "token expired")
     finally:
@@ -105,6 +108,7 @@ async def _read(websocket: WebSocket, session: ClientSession, state: GatewayStat
         verdict = commands.take(time.monotonic())
         if verdict is Verdict.CLOSE:
             log.warning("closing a client that kept sending past the command rate limit")
+            WEBSOCKET_CLOSED.labels(reason="too_many_commands").inc()
             await websocket.close(CLOSE_POLICY_VIOLATION, "too many commands")
             return
         text = message.get("text")
