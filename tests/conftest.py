@@ -9,9 +9,15 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis
 import pytest
 
 from tickstream_shared.local_infra import LocalInfra
+
+# Property tests check results, never time: hypothesis's default 200 ms deadline per example
+# would fail them on a busy machine (tests assert no timings; bench/ measures speed).
+hypothesis.settings.register_profile("tickstream", deadline=None)
+hypothesis.settings.load_profile("tickstream")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CANDLES = SHARED_DATA / "candles"

@@ -307,6 +307,41 @@ async def test_readiness_is_one_check_shared_by_concurrent_probes_and_held_a_sec
     assert (broker_checks, redis.pings) == (2, 2)
 
 
+async def test_a_stale_value_is_served_at_once_while_it_is_refreshed() -> None:
+    """Within `serve_stale_s` past its age, the held value is returned without waiting and one
+    load starts behind it; past that, callers wait for a load again."""
+    clock = Clock()
+    refresh: SharedRefresh[int] = SharedRefresh(1.0, clock=clock, serve_stale_s=4.0)
+    release = asyncio.Event()
+    loads = 0
+
+    async def load() -> int:
+        nonlocal loads
+        loads += 1
+        await release.wait()
+        return loads
+
+    release.set()
+    assert await refresh.get(load) == 1  # nothing held: waits
+    release.clear()
+    clock.now += 3.0
+    # Stale: served at once, twice, by one load started in the background.
+    assert [await refresh.get(load), await refresh.get(load)] == [1, 1]
+    await asyncio.sleep(0)
+    assert loads == 2
+    release.set()
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert await refresh.get(load) == 2
+    clock.now += 5.1  # too old to serve: wait for a new load
+    release.clear()
+    waiting = asyncio.create_task(refresh.get(load))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    release.set()
+    assert await waiting == 3
+
+
 async def test_rank_poller_stores_every_snapshot_and_rehashes_only_changes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

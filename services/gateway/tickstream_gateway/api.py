@@ -116,8 +116,9 @@ async def get_alerts(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """Ready: broker, Redis and PostgreSQL answer, the feed runs (also served as /healthz).
 
-    The answer is at most READINESS_MAX_AGE_S old: concurrent probes share one check, so a
-    load balancer probing often, or a gateway busy with clients, costs one check a second.
+    Concurrent probes share one check, so a load balancer probing often, or a gateway busy
+    with clients, costs one check a second; a probe gets the held answer at once while it is
+    at most READINESS_MAX_AGE_S + READINESS_SERVE_STALE_S old (the next check runs meanwhile).
     """
     state = _state(request)
     status, body = await state.cache.readiness.get(functools.partial(_readiness, state))

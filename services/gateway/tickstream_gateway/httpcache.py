@@ -18,6 +18,10 @@ T = TypeVar("T")
 # How old `/api/metrics` and the readiness answer may be when handed out (docs/protocol.md).
 LISTING_MAX_AGE_S: Final = 1.0
 READINESS_MAX_AGE_S: Final = 1.0
+# For this much longer a probe gets the held readiness answer at once while a new check runs:
+# under heavy WebSocket load a check's round trips take several busy loop turns, and a
+# probe must not wait for them (docs/protocol.md "GET /readyz").
+READINESS_SERVE_STALE_S: Final = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,10 +62,21 @@ class SharedRefresh(Generic[T]):
     requests cost one read. A waiter that is cancelled does not cancel the load: the others
     still wait for it. Age is counted from when a load started, so it bounds how old the
     data is, not how long ago it arrived.
+
+    With `serve_stale_s`, a value older than `max_age_s` by at most that much is still handed
+    out at once, and a load is started in the background (stale while revalidate): callers
+    never wait while a value that recent is held.
     """
 
-    def __init__(self, max_age_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_age_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        serve_stale_s: float = 0.0,
+    ) -> None:
         self.max_age_s = max_age_s
+        self.serve_stale_s = serve_stale_s
         self._clock = clock
         self._held: tuple[T, float] | None = None  # (value, read at)
         self._loading: asyncio.Task[T] | None = None
@@ -79,12 +94,15 @@ class SharedRefresh(Generic[T]):
         loads again). Safe to cancel.
         """
         held = self._held
-        if held is not None and self._clock() - held[1] <= self.max_age_s:
+        age = None if held is None else self._clock() - held[1]
+        if held is not None and age is not None and age <= self.max_age_s:
             return held[0]
         if self._loading is None:
             self._loading = asyncio.create_task(self._load(load), name="shared refresh")
             # Retrieved here so that a load whose waiters were all cancelled logs nothing.
             self._loading.add_done_callback(_retrieve)
+        if held is not None and age is not None and age <= self.max_age_s + self.serve_stale_s:
+            return held[0]
         return await asyncio.shield(self._loading)
 
     async def _load(self, load: Callable[[], Awaitable[T]]) -> T:
@@ -123,7 +141,9 @@ class ResponseCache:
             key: SharedRefresh(2 * rank_interval_s) for key in RANKINGS
         }
         self.listing: SharedRefresh[EncodedBody] = SharedRefresh(LISTING_MAX_AGE_S)
-        self.readiness: SharedRefresh[tuple[int, bytes]] = SharedRefresh(READINESS_MAX_AGE_S)
+        self.readiness: SharedRefresh[tuple[int, bytes]] = SharedRefresh(
+            READINESS_MAX_AGE_S, serve_stale_s=READINESS_SERVE_STALE_S
+        )
 
     async def aclose(self) -> None:
         """Cancel every load in flight. Idempotent."""

@@ -34,6 +34,7 @@ log = logging.getLogger("tickstream.gateway.ws")
 
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY_VIOLATION = 1008
+_SENDS_PER_TURN = 4
 CLOSE_TOKEN_EXPIRED = 4001  # private-use range: a client tells it from the other closes
 
 
@@ -91,9 +92,16 @@ async def _token_expiry(websocket: WebSocket) -> None:
 
 async def _write(websocket: WebSocket, session: ClientSession) -> None:
     # Sending waits while the socket's buffer is full; meanwhile the outbox conflates.
+    sent = 0
     while True:
         frame = await session.outbox.get()
         await websocket.send_text(frame.text)
+        sent += 1
+        if sent % _SENDS_PER_TURN == 0:
+            # A send that finds room does not suspend: without this, each of a thousand
+            # clients with a backlog would send all of it in one loop turn, and probes and
+            # commands wait for every one of those turns.
+            await asyncio.sleep(0)
 
 
 async def _read(websocket: WebSocket, session: ClientSession, state: GatewayState) -> None:
