@@ -2,7 +2,8 @@
 
 import sys
 
-from tickstream_gateway.service import run
+from tickstream_gateway.service import run, tune_gc
 from tickstream_shared.lifecycle import run_service
 
+tune_gc()
 sys.exit(run_service("gateway", run))
