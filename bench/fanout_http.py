@@ -175,8 +175,15 @@ async def run_http(args: argparse.Namespace, stack: Stack) -> int:
         return 1
     print(await machine_load(), flush=True)
     seeded = await seed_ranks(stack.infra.redis_url, args.metrics)
-    status, body = await http_get("127.0.0.1", server.port, RANKS_PATH)
-    ranked = json.loads(body).get("total") if status == 200 else None
+    # Answered from the snapshot the rank poller stores each GATEWAY_RANK_INTERVAL_MS: wait
+    # until it holds the seeded metrics.
+    deadline = time.monotonic() + 15
+    while True:
+        status, body = await http_get("127.0.0.1", server.port, RANKS_PATH)
+        ranked = json.loads(body).get("total") if status == 200 else None
+        if ranked == seeded or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
     print(
         f"{seeded} price metrics (and {seeded} volume) written as stats writes them;"
         f" GET {RANKS_PATH}: {status}, total {ranked}, {len(body):,} bytes."
