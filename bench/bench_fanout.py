@@ -49,12 +49,15 @@ frames/s ratio, and the issue 8 targets.
 `--http` instead seeds `--metrics` price metrics (and as many volume ones) in Redis the way
 stats writes them (MetricBook + tickstream_stats.store.write_stats) and compares
 `GET /api/ranks?kind=price` with `--trivial-path` (default /healthz) of the same gateway:
-`--connections` keep-alive connections from `--http-workers` processes, closed loop (wrk is not
-installed here), req/s and latency per path in the same run (bench/fanout_http.py). Run:
+`--connections` keep-alive connections from `--http-workers` processes, closed loop, req/s and
+latency per path in the same run (bench/fanout_http.py); with `--wrk` the load comes from wrk
+(`apt install wrk`; `--http-workers` threads), which takes far less CPU per request than the
+Python clients, so less of the 2 cores is taken from the gateway. Run:
 
     .venv/bin/python bench/bench_fanout.py                  # 100 and 1,000 clients, both servers
     .venv/bin/python bench/bench_fanout.py --markets-per-client 1   # N clients on one market
     .venv/bin/python bench/bench_fanout.py --http           # ranks vs a trivial route
+    .venv/bin/python bench/bench_fanout.py --http --wrk     # the same, load from wrk
 """
 
 from __future__ import annotations
@@ -532,7 +535,12 @@ def main() -> int:
     parser.add_argument("--metrics", type=int, default=1000, help="--http: price metrics")
     parser.add_argument("--trivial-path", default="/healthz")
     parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--http-workers", type=int, default=2)
+    parser.add_argument(
+        "--http-workers", type=int, default=2, help="load processes (with --wrk: wrk threads)"
+    )
+    parser.add_argument(
+        "--wrk", action="store_true", help="--http: load from wrk (apt install wrk) instead"
+    )
     parser.add_argument("--http-duration", type=float, default=15.0)
     parser.add_argument("--http-warmup", type=float, default=2.0)
     args = parser.parse_args()

@@ -9,6 +9,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import sys
 import time
 from collections import Counter
@@ -127,6 +128,76 @@ def run_http_load(
     reports.put(asyncio.run(_load(host, port, path, connections, window)))
 
 
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _wrk_ms(text: str) -> float:
+    """A wrk duration ("812.00us", "1.23ms", "2.01s") in ms."""
+    match = re.fullmatch(r"([0-9.]+)(us|ms|s|m)", text)
+    if match is None:
+        raise ValueError(f"not a wrk duration: {text!r}")
+    return float(match[1]) * _UNIT_MS[match[2]]
+
+
+@dataclass
+class WrkResult:
+    rate: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    errors: int
+
+
+def parse_wrk(output: str) -> WrkResult:
+    """Requests/s, latency p50/p99/max, errors (socket errors, non-2xx/3xx) of `wrk --latency`."""
+    rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", output)[1])  # type: ignore[index]
+    p50 = _wrk_ms(re.search(r"\s50%\s+(\S+)", output)[1])  # type: ignore[index]
+    p99 = _wrk_ms(re.search(r"\s99%\s+(\S+)", output)[1])  # type: ignore[index]
+    latency = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", output)
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output))
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return WrkResult(
+        rate,
+        p50,
+        p99,
+        _wrk_ms(latency[1]) if latency else 0.0,
+        errors + (int(non_2xx[1]) if non_2xx else 0),
+    )
+
+
+async def wrk_phase(
+    server: Server, path: str, args: argparse.Namespace, roles: dict[int, str]
+) -> tuple[WrkResult, float]:
+    """wrk with `--connections` connections and `--http-workers` threads on `path` for
+    `--http-duration` s (after a `--http-warmup` s run that is not counted); (result, server
+    CPU seconds during the counted run)."""
+    url = f"http://127.0.0.1:{server.port}{path}"
+
+    async def wrk(seconds: float) -> str:
+        process = await asyncio.create_subprocess_exec(
+            "wrk",
+            f"-t{args.http_workers}",
+            f"-c{args.connections}",
+            f"-d{seconds:g}s",
+            "--latency",
+            url,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await process.communicate()
+        return out.decode()
+
+    if args.http_warmup > 0:
+        await wrk(args.http_warmup)
+    meter = CpuMeter(roles)
+    meter.take()
+    output = await wrk(args.http_duration)
+    spent = meter.take()
+    warning = outside_note(spent, args.http_duration)
+    if warning:
+        print(warning)
+    return parse_wrk(output), spent.get(server.name, 0.0)
+
+
 async def http_phase(
     server: Server, path: str, args: argparse.Namespace, roles: dict[int, str]
 ) -> tuple[HttpTally, float]:
@@ -201,17 +272,26 @@ async def run_http(args: argparse.Namespace, stack: Stack) -> int:
     p99s: dict[str, list[float]] = {path: [] for path in paths}
     for run in range(args.rounds):
         for path in paths if run % 2 == 0 else paths[::-1]:
-            tally, cpu = await http_phase(server, path, args, roles)
-            rate = tally.done / args.http_duration
-            lat = tally.latency_tenth_ms
-            p50, p99 = percentile(lat, 0.5) or 0, percentile(lat, 0.99) or 0
-            rates[path].append(rate)
-            p99s[path].append(p99 / 10)
+            if args.wrk:
+                result, cpu = await wrk_phase(server, path, args, roles)
+            else:
+                tally, cpu = await http_phase(server, path, args, roles)
+                lat = tally.latency_tenth_ms
+                result = WrkResult(
+                    tally.done / args.http_duration,
+                    (percentile(lat, 0.5) or 0) / 10,
+                    (percentile(lat, 0.99) or 0) / 10,
+                    max(lat, default=0) / 10,
+                    tally.errors,
+                )
+            rates[path].append(result.rate)
+            p99s[path].append(result.p99_ms)
+            done = result.rate * args.http_duration
             print(
-                f"GET {path:<24} {rate:9,.1f} req/s; latency p50 {p50 / 10:.1f} ms,"
-                f" p99 {p99 / 10:.1f} ms, max {max(lat, default=0) / 10:.1f} ms;"
-                f" {tally.errors} errors; gateway CPU {cpu:.1f} s"
-                f" ({cpu / max(1, tally.done) * 1e3:.2f} ms/request)",
+                f"GET {path:<24} {result.rate:9,.1f} req/s; latency p50 {result.p50_ms:.1f} ms,"
+                f" p99 {result.p99_ms:.1f} ms, max {result.max_ms:.1f} ms;"
+                f" {result.errors} errors; gateway CPU {cpu:.1f} s"
+                f" ({cpu / max(1.0, done) * 1e3:.2f} ms/request)",
                 flush=True,
             )
     trivial, ranks = median(rates[args.trivial_path]), median(rates[RANKS_PATH])
