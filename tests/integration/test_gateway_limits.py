@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import deadline, unique_exchange
 from tickstream_gateway import service
+from tickstream_gateway import ws as ws_module
 from tickstream_gateway.app import create_app
 from tickstream_gateway.hub import Hub
 from tickstream_gateway.tokens import sign_token
@@ -399,6 +400,27 @@ async def test_commands_past_the_rate_get_rate_limited_then_1008(locked: Gateway
 
 
 # ---------------------------------------------------------------- frames
+
+
+async def test_an_unexpected_error_closes_with_1011(
+    open_gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while handling a command closes that connection with 1011, not a dropped socket;
+    the gateway goes on serving the others."""
+
+    def broken(text: str | bytes) -> Any:
+        raise RuntimeError("a bug")
+
+    async with connect(f"ws://{open_gateway.base}/ws") as other:
+        with monkeypatch.context() as patch:
+            patch.setattr(ws_module, "parse_command", broken)
+            async with connect(f"ws://{open_gateway.base}/ws") as ws:
+                await ws.send('{"op":"ping"}')
+                with pytest.raises(ConnectionClosed) as info:
+                    await recv_json(ws)
+        assert info.value.rcvd is not None
+        assert (info.value.rcvd.code, info.value.rcvd.reason) == (1011, "internal error")
+        await ping_pong(other)
 
 
 async def test_deep_nesting_is_bad_json_and_the_connection_stays(open_gateway: Gateway) -> None:

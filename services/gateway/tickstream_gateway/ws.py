@@ -34,6 +34,7 @@ log = logging.getLogger("tickstream.gateway.ws")
 
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY_VIOLATION = 1008
+CLOSE_INTERNAL_ERROR = 1011
 _SENDS_PER_TURN = 4
 CLOSE_TOKEN_EXPIRED = 4001  # private-use range: a client tells it from the other closes
 
@@ -62,6 +63,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if reader in done and not reader.cancelled() and reader.exception() is not None:
             log.error("closing a client after an unexpected error: %r", reader.exception())
+            with contextlib.suppress(Exception):
+                await websocket.close(CLOSE_INTERNAL_ERROR, "internal error")
         if overflow in done:
             log.warning(
                 "closing a slow client: %d frames (%d bytes) queued",
