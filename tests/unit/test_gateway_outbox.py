@@ -76,6 +76,20 @@ def test_a_client_that_keeps_up_gets_every_update() -> None:
     assert outbox.counters.conflated_frames == 1
 
 
+def test_a_burst_is_conflated_once_the_outbox_is_half_full() -> None:
+    """Before anything has waited `conflate_after`, updates queue until half the bound; from
+    there they replace each other rather than fill the outbox and close the client."""
+    outbox = Outbox(max_bytes=1024 * 1024, conflate_after=10.0, clock=lambda: 100.0)
+    for seq in range(1, 20_001):  # about 6 MB of frames at once
+        assert outbox.put(bar_frame(update(seq, market=BTC)))
+    assert not outbox.overflowed
+    assert outbox.queued_bytes <= outbox.max_bytes // 2
+    frames = drain(outbox)
+    assert [f["seq"] for f in frames] == sorted(f["seq"] for f in frames)
+    assert frames[-1]["seq"] == 20_000
+    assert outbox.counters.conflated_frames == 20_000 - len(frames)
+
+
 def test_closed_bars_and_alerts_are_all_delivered_in_order() -> None:
     """Only forming updates give way; every closed bar and alert arrives, in arrival order."""
     outbox = Outbox(max_bytes=1024 * 1024)

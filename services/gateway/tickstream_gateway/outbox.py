@@ -39,8 +39,9 @@ class Outbox:
     forming bar by a newer update of its minute, or by its closing update; a rank snapshot by
     a newer one). Behind means the oldest pending frame has waited at least `conflate_after`
     seconds (since it was queued into an empty outbox or since the client took the frame
-    before it): a client that keeps up gets every update, also the several updates of one
-    market that arrive in one consumer batch; one that does not gets the newest. Only the newest
+    before it), or the outbox is half full: a client that keeps up gets every update, also the
+    several updates of one market that arrive in one consumer batch; one that does not gets
+    the newest. Only the newest
     pending frame of a stream can be replaced, so a client still receives each stream's
     frames in the order they were made (every bar's seq above the ones before it), and
     frames without a key (closed bars, history, alerts, replies) are never dropped.
@@ -85,7 +86,12 @@ class Outbox:
                 slot is not None
                 and frame.key is not None
                 and slot.frame.key == frame.key
-                and self._clock() - self._head_since >= self.conflate_after
+                and (
+                    self._clock() - self._head_since >= self.conflate_after
+                    # A burst can fill the outbox before anything waited that long: conflate
+                    # rather than close a client while replaceable frames are pending.
+                    or 2 * (self.queued_bytes + frame.size) > self.max_bytes
+                )
             ):
                 queued = self.queued_bytes + frame.size - slot.frame.size
                 if queued > self.max_bytes:

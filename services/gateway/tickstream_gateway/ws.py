@@ -36,6 +36,7 @@ CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
 _SENDS_PER_TURN = 4
+_CLOSE_WAIT_S = 5.0
 CLOSE_TOKEN_EXPIRED = 4001  # private-use range: a client tells it from the other closes
 
 
@@ -63,25 +64,31 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if reader in done and not reader.cancelled() and reader.exception() is not None:
             log.error("closing a client after an unexpected error: %r", reader.exception())
-            with contextlib.suppress(Exception):
-                await websocket.close(CLOSE_INTERNAL_ERROR, "internal error")
+            await _close(websocket, CLOSE_INTERNAL_ERROR, "internal error")
         if overflow in done:
             log.warning(
                 "closing a slow client: %d frames (%d bytes) queued",
                 len(session.outbox),
                 session.outbox.queued_bytes,
             )
-            with contextlib.suppress(Exception):
-                await websocket.close(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect")
+            await _close(websocket, CLOSE_TRY_AGAIN_LATER, "too slow: reconnect")
         elif expiry in done:
             WEBSOCKET_CLOSED.labels(reason="token_expired").inc()
-            with contextlib.suppress(Exception):
-                await websocket.close(CLOSE_TOKEN_EXPIRED, "token expired")
+            await _close(websocket, CLOSE_TOKEN_EXPIRED, "token expired")
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         state.hub.disconnect(session)
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    """Send a close frame, waiting at most _CLOSE_WAIT_S for room in the socket's buffer: a
+    client that does not read would otherwise keep its connection, and its outbox, for good.
+    Past that the connection is dropped without one."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_CLOSE_WAIT_S):
+            await websocket.close(code, reason)
 
 
 async def _token_expiry(websocket: WebSocket) -> None:
@@ -120,7 +127,7 @@ async def _read(websocket: WebSocket, session: ClientSession, state: GatewayStat
         if verdict is Verdict.CLOSE:
             log.warning("closing a client that kept sending past the command rate limit")
             WEBSOCKET_CLOSED.labels(reason="too_many_commands").inc()
-            await websocket.close(CLOSE_POLICY_VIOLATION, "too many commands")
+            await _close(websocket, CLOSE_POLICY_VIOLATION, "too many commands")
             return
         text = message.get("text")
         try:

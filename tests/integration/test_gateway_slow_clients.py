@@ -1,0 +1,162 @@
+"""Slow clients over real sockets: conflation while a client does not read, and the 1013 close.
+
+The gateway runs in this process (uvicorn, the real app, the local broker, Redis and
+PostgreSQL); updates go straight into its hub, faster than any socket takes them, so a client
+that does not read fills the kernel's buffers and then its outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.conftest import deadline, unique_exchange
+from tests.integration.test_gateway_limits import Gateway, ping_pong, serving, wait_until
+from tests.unit.gateway_ticks import update
+from tickstream_shared.local_infra import LocalInfra, free_port
+from tickstream_shared.settings import GatewaySettings
+
+QUEUE_BYTES = 1024 * 1024  # the smallest bound allowed
+# Far more than the socket buffers hold (server send buffer up to 4 MiB here), so the outbox
+# itself has to hold, conflate or refuse what the client does not take.
+UPDATES_PER_MINUTE = 20_000
+MINUTES = 5
+CHUNK = 2_000
+
+
+@pytest.fixture(scope="module")
+async def gateway(infra: LocalInfra) -> AsyncIterator[Gateway]:
+    settings = GatewaySettings(port=free_port(), client_queue_bytes=QUEUE_BYTES)
+    async with serving(infra, settings) as running:
+        yield running
+
+
+async def subscribed_client(gateway: Gateway, market: str) -> ClientConnection:
+    """A client subscribed to `market` (made known by one update), past its history frame.
+
+    `max_queue=1`: the client library stops reading the socket as soon as one message waits,
+    so not calling recv() is not reading."""
+    gateway.hub.publish_tick(update(1, market=market))
+    # A fixed, small receive buffer: Linux would grow it up to tcp_rmem's maximum (32 MiB
+    # here) while the client library still reads, and then hold that much before the gateway
+    # ever saw a slow client.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    host, port = gateway.base.split(":")
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    ws = await connect(f"ws://{gateway.base}/ws", max_queue=1, sock=sock)
+    await ws.send(json.dumps({"op": "subscribe", "channel": "market", "market": market}))
+    async with asyncio.timeout(deadline(10)):
+        while json.loads(await ws.recv())["type"] != "history":
+            pass
+    return ws
+
+
+async def read_until(ws: ClientConnection, last_seq: int) -> list[dict[str, Any]]:
+    frames = []
+    async with asyncio.timeout(deadline(60)):
+        while True:
+            frame = json.loads(await ws.recv())
+            frames.append(frame)
+            if frame.get("seq") == last_seq:
+                return frames
+
+
+async def test_a_client_that_stops_reading_gets_the_newest_state_and_stays(
+    gateway: Gateway,
+) -> None:
+    """While the client does not read, each minute's forming updates give way to newer ones;
+    when it reads again it gets every closed bar, in order, ending with the newest state, and
+    it was never closed: what it must receive stayed within the byte bound."""
+    market = f"{unique_exchange()}:btc-usd"
+    ws = await subscribed_client(gateway, market)
+    conflated_before = gateway.hub.counters.conflated_frames
+    closed_before = gateway.hub.counters.slow_clients_closed
+    seq = 1
+    try:
+        for minute in range(MINUTES):
+            for _ in range(UPDATES_PER_MINUTE // CHUNK):
+                for _ in range(CHUNK):
+                    seq += 1
+                    gateway.hub.publish_tick(update(seq, minute, market=market))
+                # Time for the writer to fill the socket and for the client to fall behind.
+                await asyncio.sleep(0.01)
+            seq += 1
+            gateway.hub.publish_tick(update(seq, minute, market=market, closed=True))
+        [session] = [s for s in gateway.hub.sessions if market in s.markets]
+        assert session.outbox.queued_bytes <= QUEUE_BYTES
+        assert not session.overflowed.is_set()
+
+        frames = await read_until(ws, seq)
+        await ping_pong(ws)
+    finally:
+        await ws.close()
+    seqs = [f["seq"] for f in frames]
+    assert seqs == sorted(set(seqs)), "every bar frame newer than the one before"
+    closed = [(f["minute"], f["seq"]) for f in frames if f["closed"]]
+    assert len(closed) == MINUTES, "every closed bar delivered"
+    assert frames[-1]["closed"] and frames[-1]["seq"] == seq, "ends with the newest state"
+    assert len(frames) < seq - 1, "updates the client could not take were conflated"
+    assert gateway.hub.counters.conflated_frames > conflated_before
+    assert gateway.hub.counters.slow_clients_closed == closed_before
+
+
+async def flood_with_closed_bars(gateway: Gateway, market: str) -> Any:
+    """Closed bars of `market` (never conflated) until a client's outbox overflows; returns
+    that client's session."""
+    [session] = [s for s in gateway.hub.sessions if market in s.markets]
+    seq = 1
+    for minute in range(1, 200_000):
+        seq += 1
+        gateway.hub.publish_tick(update(seq, minute, market=market, closed=True))
+        # Checked after every bar: the session may be closed and gone right after.
+        if session.overflowed.is_set():
+            return session
+        if minute % CHUNK == 0:
+            await asyncio.sleep(0.01)
+    raise AssertionError("the client never overflowed")
+
+
+async def test_a_client_that_must_receive_more_than_the_bound_is_closed_with_1013(
+    gateway: Gateway,
+) -> None:
+    """Closed bars are never dropped: a client that does not read while more of them come
+    than its outbox holds (after the socket buffers) is closed with 1013, which it finds after
+    what was sent before when it reads again."""
+    market = f"{unique_exchange()}:eth-usd"
+    ws = await subscribed_client(gateway, market)
+    closed_before = gateway.hub.counters.slow_clients_closed
+    try:
+        await flood_with_closed_bars(gateway, market)
+        with pytest.raises(ConnectionClosed) as info:
+            async with asyncio.timeout(deadline(60)):
+                while True:
+                    await ws.recv()
+    finally:
+        await ws.close()
+    assert info.value.rcvd is not None
+    assert (info.value.rcvd.code, info.value.rcvd.reason) == (1013, "too slow: reconnect")
+    await wait_until(lambda: gateway.hub.counters.slow_clients_closed > closed_before)
+    assert gateway.hub.counters.slow_clients_closed == closed_before + 1
+
+
+async def test_a_client_that_never_reads_again_is_let_go(gateway: Gateway) -> None:
+    """An overflowed client that never reads again is let go, with its session and outbox,
+    also when its close frame cannot be sent (the gateway waits at most 5 s for room)."""
+    market = f"{unique_exchange()}:sol-usd"
+    ws = await subscribed_client(gateway, market)
+    closed_before = gateway.hub.counters.slow_clients_closed
+    try:
+        session = await flood_with_closed_bars(gateway, market)
+        await wait_until(lambda: session not in gateway.hub.sessions)
+        assert gateway.hub.counters.slow_clients_closed == closed_before + 1
+    finally:
+        await ws.close()
