@@ -218,20 +218,32 @@ async def _dead_letters(
     is among them."""
     # Subscribed without a group: every partition (a topic the restarted broker created by
     # itself may have several, and letters without a key, the bad alerts, land on any).
+    # The restarted broker creates the topic at the first letter, maybe after this consumer
+    # starts: without a short metadata age it would look again only after 5 minutes.
     consumer = AIOKafkaConsumer(
-        DEADLETTER_TOPIC, bootstrap_servers=bootstrap, auto_offset_reset="earliest"
+        DEADLETTER_TOPIC,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        metadata_max_age_ms=500,
     )
     await consumer.start()
     letters: list[tuple[bytes, str, str]] = []
     resend = asyncio.create_task(_resend_bad_alerts(bootstrap))
     try:
-        async with asyncio.timeout(deadline(60)):
-            while not want <= {(value, consumer) for value, consumer, _ in letters}:
-                batch = await consumer.getmany(timeout_ms=500)
-                for records in batch.values():
-                    for record in records:
-                        headers = {k: v.decode() for k, v in record.headers}
-                        letters.append((record.value, headers["consumer"], headers["reason"]))
+        try:
+            async with asyncio.timeout(deadline(60)):
+                while not want <= {(value, consumer) for value, consumer, _ in letters}:
+                    batch = await consumer.getmany(timeout_ms=500)
+                    for records in batch.values():
+                        for record in records:
+                            headers = {k: v.decode() for k, v in record.headers}
+                            letters.append((record.value, headers["consumer"], headers["reason"]))
+        except TimeoutError:
+            missing = want - {(value, consumer) for value, consumer, _ in letters}
+            raise AssertionError(
+                f"{len(letters)} dead letters read; missing {sorted(missing)}"
+                f" of partitions {sorted(consumer.assignment())}"
+            ) from None
     finally:
         resend.cancel()
         with contextlib.suppress(asyncio.CancelledError):
