@@ -256,7 +256,11 @@ async def read_topic(
     bootstrap: str, topic: str, until: Callable[[list[Tick]], bool], within: float
 ) -> list[Tick]:
     """Ticks of `topic` from its start until `until(ticks)` holds; TimeoutError after `within`."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    # The watcher may create `topic` after this consumer starts: without a short metadata age
+    # a consumer without a group would look for it again only after 5 minutes.
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", metadata_max_age_ms=500
+    )
     await consumer.start()
     ticks: list[Tick] = []
     try:
