@@ -4,6 +4,7 @@ and the restart policy of supervised work (child processes, background tasks).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tickstream_shared import observability
+from tickstream_shared.consuming import is_transient
 from tickstream_shared.errors import ConfigError
 from tickstream_shared.probes import serve_probes
 from tickstream_shared.settings import ServiceSettings
@@ -66,6 +68,38 @@ async def supervise(
         await asyncio.sleep(delay)
 
 
+async def run_until_stopped(
+    name: str,
+    body: Callable[[ServiceSettings, asyncio.Event], Awaitable[None]],
+    settings: ServiceSettings,
+    stop: asyncio.Event,
+    backoff: RestartBackoff | None = None,
+) -> None:
+    """Run a service's `body` until it returns; if it fails on a transient error (a dependency
+    away, say PostgreSQL shutting down while the service starts), run it again after
+    `backoff`'s delay, until `stop`. The service waits out the outage by itself instead of
+    leaving the process to whatever restarts it. Any other error is raised: a bug ends the
+    process loudly, and the uncommitted offsets lose nothing.
+    """
+    backoff = backoff or RestartBackoff()
+    delay: float | None = None
+    log = logging.getLogger(name)
+    while True:
+        started = time.monotonic()
+        try:
+            await body(settings, stop)
+            return
+        except Exception as exc:
+            if stop.is_set() or not is_transient(exc):
+                raise
+            delay = backoff.next_delay(delay, time.monotonic() - started)
+            log.warning("%s stopped on %r; starting it again in %.1f s", name, exc, delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            return
+
+
 def setup_logging(level: str, service: str) -> None:
     logging.basicConfig(
         level=level.upper(),
@@ -103,7 +137,7 @@ def run_service(
         install_stop_signals(stop)
         observability.describe_service(name)
         async with serve_probes(name, settings):
-            await body(settings, stop)
+            await run_until_stopped(name, body, settings, stop)
 
     asyncio.run(_main())
     logging.getLogger(name).info("stopped cleanly")
