@@ -68,6 +68,16 @@ async def supervise(
         await asyncio.sleep(delay)
 
 
+# OSErrors a retry does not outlive: a missing replay folder waits for the operator, not time.
+_LOCAL_FILE_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+
+
 async def run_until_stopped(
     name: str,
     body: Callable[[ServiceSettings, asyncio.Event], Awaitable[None]],
@@ -90,7 +100,7 @@ async def run_until_stopped(
             await body(settings, stop)
             return
         except Exception as exc:
-            if stop.is_set() or not is_transient(exc):
+            if stop.is_set() or not is_transient(exc) or isinstance(exc, _LOCAL_FILE_ERRORS):
                 raise
             delay = backoff.next_delay(delay, time.monotonic() - started)
             log.warning("%s stopped on %r; starting it again in %.1f s", name, exc, delay)

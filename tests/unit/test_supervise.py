@@ -61,6 +61,12 @@ async def test_a_bug_ends_the_service_and_stop_ends_the_wait() -> None:
     with pytest.raises(ValueError, match="a bug"):
         await run_until_stopped("svc", buggy, ServiceSettings(), asyncio.Event())
 
+    async def no_folder(settings: ServiceSettings, stop: asyncio.Event) -> None:
+        raise FileNotFoundError("WATCHER_REPLAY_DIR /nowhere is not a folder")
+
+    with pytest.raises(FileNotFoundError):  # an OSError, but no wait brings the folder
+        await run_until_stopped("svc", no_folder, ServiceSettings(), asyncio.Event())
+
     runs = 0
     stop = asyncio.Event()
 
