@@ -150,9 +150,16 @@ class WrkResult:
 
 def parse_wrk(output: str) -> WrkResult:
     """Requests/s, latency p50/p99/max, errors (socket errors, non-2xx/3xx) of `wrk --latency`."""
-    rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", output)[1])  # type: ignore[index]
-    p50 = _wrk_ms(re.search(r"\s50%\s+(\S+)", output)[1])  # type: ignore[index]
-    p99 = _wrk_ms(re.search(r"\s99%\s+(\S+)", output)[1])  # type: ignore[index]
+
+    def field(pattern: str) -> str:
+        match = re.search(pattern, output)
+        if match is None:
+            raise ValueError(f"wrk printed no {pattern!r}:\n{output}")
+        return match[1]
+
+    rate = float(field(r"Requests/sec:\s+([0-9.]+)"))
+    p50 = _wrk_ms(field(r"\s50%\s+(\S+)"))
+    p99 = _wrk_ms(field(r"\s99%\s+(\S+)"))
     latency = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", output)
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", output))
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)

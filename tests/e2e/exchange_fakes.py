@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -273,6 +273,26 @@ async def read_topic(
     finally:
         await consumer.stop()
     return ticks
+
+
+async def read_through_outage(
+    bootstrap: str,
+    watcher: LiveWatcher,
+    outage: Outage,
+    minutes: Iterable[int],
+    market_id: str,
+    within: float,
+) -> None:
+    """Read `market_id`'s topic until the outage script has run, every connection's backfill
+    has answered, and each of `minutes` before the outage's current one is closed."""
+    past = {m for m in minutes if m < outage.now_minute}
+
+    def done(ticks: list[Tick]) -> bool:
+        backfills = watcher.log().count(f"backfilled {market_id}:")
+        closed = {t.minute for t in ticks if t.closed}
+        return outage.finished and backfills == outage.connections and past <= closed
+
+    await read_topic(bootstrap, topic_of(market_id), done, within)
 
 
 async def read_all(bootstrap: str, topic: str, within: float = 10) -> list[Tick]:

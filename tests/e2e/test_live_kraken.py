@@ -30,6 +30,7 @@ from tests.e2e.exchange_fakes import (
     keep_sending,
     live_watcher,
     read_all,
+    read_through_outage,
     read_topic,
     rest_values,
     topic_of,
@@ -343,15 +344,9 @@ async def test_live_kraken_repairs_drops_silence_maintenance_and_rate_limits(
         WATCHER_BACKFILL_MINUTES="30",
         WATCHER_FEED_SILENCE_MS="2000",
     ) as watcher:
-        past = {m for m in exchange.bars if m < outage.now_minute}
-
-        def done(ticks: list[Tick]) -> bool:
-            # Every connection's backfill has answered, and every past minute is closed.
-            backfills = watcher.log().count(f"backfilled {OUTAGE_MARKET}:")
-            closed = {t.minute for t in ticks if t.closed}
-            return outage.finished and backfills == outage.connections and past <= closed
-
-        await read_topic(infra.kafka_bootstrap_servers, topic, done, within=50)
+        await read_through_outage(
+            infra.kafka_bootstrap_servers, watcher, outage, exchange.bars, OUTAGE_MARKET, 50
+        )
     ticks = await read_all(infra.kafka_bootstrap_servers, topic)
     log = watcher.log_text
     assert outage.connections == len(outage.steps) == 4

@@ -94,14 +94,14 @@ class SharedRefresh(Generic[T]):
         loads again). Safe to cancel.
         """
         held = self._held
-        age = None if held is None else self._clock() - held[1]
-        if held is not None and age is not None and age <= self.max_age_s:
+        age = float("inf") if held is None else self._clock() - held[1]
+        if held is not None and age <= self.max_age_s:
             return held[0]
         if self._loading is None:
             self._loading = asyncio.create_task(self._load(load), name="shared refresh")
             # Retrieved here so that a load whose waiters were all cancelled logs nothing.
             self._loading.add_done_callback(_retrieve)
-        if held is not None and age is not None and age <= self.max_age_s + self.serve_stale_s:
+        if held is not None and age <= self.max_age_s + self.serve_stale_s:
             return held[0]
         return await asyncio.shield(self._loading)
 

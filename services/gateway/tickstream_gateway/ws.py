@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -35,9 +34,9 @@ log = logging.getLogger("tickstream.gateway.ws")
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TOKEN_EXPIRED = 4001  # private-use range: a client tells it from the other closes
 _SENDS_PER_TURN = 4
 _CLOSE_WAIT_S = 5.0
-CLOSE_TOKEN_EXPIRED = 4001  # private-use range: a client tells it from the other closes
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -58,8 +57,12 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     reader = asyncio.create_task(_read(websocket, session, state))
     writer = asyncio.create_task(_write(websocket, session))
     overflow = asyncio.create_task(session.overflowed.wait())
-    expiry = asyncio.create_task(_token_expiry(websocket))
-    tasks = (reader, writer, overflow, expiry)
+    tasks = [reader, writer, overflow]
+    expiry = None
+    expires_at: float | None = websocket.scope.get("state", {}).get(TOKEN_EXPIRES_AT)
+    if expires_at is not None:  # only with GATEWAY_JWT_SECRET: no task per connection else
+        expiry = asyncio.create_task(asyncio.sleep(max(0.0, expires_at - time.time())))
+        tasks.append(expiry)
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         if reader in done and not reader.cancelled() and reader.exception() is not None:
@@ -86,18 +89,13 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
     """Send a close frame, waiting at most _CLOSE_WAIT_S for room in the socket's buffer: a
     client that does not read would otherwise keep its connection, and its outbox, for good.
     Past that the connection is dropped without one."""
-    with contextlib.suppress(Exception):
+    try:
         async with asyncio.timeout(_CLOSE_WAIT_S):
             await websocket.close(code, reason)
-
-
-async def _token_expiry(websocket: WebSocket) -> None:
-    """Returns when the connection's token expires; never without a token."""
-    expires_at: float | None = websocket.scope.get("state", {}).get(TOKEN_EXPIRES_AT)
-    if expires_at is None:
-        await asyncio.Event().wait()
-        return
-    await asyncio.sleep(max(0.0, expires_at - time.time()))
+    except TimeoutError:
+        log.warning("no room for close frame %d in %gs: dropped", code, _CLOSE_WAIT_S)
+    except Exception as exc:  # the client went away first: nothing left to tell it
+        log.debug("close %d not sent: %r", code, exc)
 
 
 async def _write(websocket: WebSocket, session: ClientSession) -> None:
