@@ -225,12 +225,14 @@ async def live_watcher(
             yield watcher
             services.assert_running()
         finally:
-            codes = services.stop_all()
+            # In a thread: the fake exchange, served by this loop, must answer the watcher's
+            # closing handshakes while it stops.
+            codes = await asyncio.to_thread(services.stop_all)
             watcher.log_text = watcher.log()
             shutil.rmtree(data_dir, ignore_errors=True)
             if sys.exc_info()[0] is not None:
                 print(f"watcher log, end:\n{_last_lines(watcher.log_text)}")
-    assert codes == {"watcher": 0}, _last_lines(watcher.log_text)
+    assert codes == {"watcher": 0}, f"exit codes {codes}\n{_last_lines(watcher.log_text)}"
 
 
 def assert_waited_out(log: str, rest: Throttle, listing: str, candles: str, market: str) -> None:
