@@ -11,7 +11,7 @@ from tickstream_shared.redis_client import connect
 from tickstream_shared.schemas import Tick
 from tickstream_shared.settings import RedisSettings
 from tickstream_watcher.checkpoints import ResumePoint
-from tickstream_watcher.leadership import GroupState, Lease, wait_for_lease
+from tickstream_watcher.leadership import LEASE_SAFETY, GroupState, Lease, wait_for_lease
 
 M = 60_000
 T0 = 1_700_000_040_000
@@ -21,13 +21,25 @@ def bar(market: str, minute: int, seq: int) -> Tick:
     return Tick(market, minute, seq, minute + M, minute + M, 1.0, 1.0, 1.0, 1.0, 2.0, 3, True)
 
 
+class FakeClock:
+    """A monotonic clock the test moves, so the safety margin is passed without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_one_holder_at_a_time_release_hands_over_and_expiry_frees_it(
     infra: LocalInfra,
 ) -> None:
     """Only one lease holder; a release or an expiry lets the other take it; the old one knows."""
     client = connect(RedisSettings(url=infra.redis_url))
     group = f"g{uuid.uuid4().hex[:8]}"
-    first, second = Lease(client, group, 1000), Lease(client, group, 1000)
+    clock = FakeClock()
+    # A long lease in Redis: nothing here depends on how fast this machine is.
+    first, second = Lease(client, group, 60_000, clock), Lease(client, group, 60_000, clock)
     try:
         assert await first.try_acquire() and first.held()
         assert not await second.try_acquire()
@@ -36,11 +48,15 @@ async def test_one_holder_at_a_time_release_hands_over_and_expiry_frees_it(
         assert not first.held()
         assert await second.try_acquire()
         # The holder stops counting on it after LEASE_SAFETY of the lease, before Redis frees it.
-        await asyncio.sleep(0.65)
+        clock.now += 60 * LEASE_SAFETY - 0.001
+        assert second.held()
+        clock.now += 0.002
         assert not second.held()
         assert not await first.try_acquire()
-        await asyncio.sleep(0.45)
-        assert await first.try_acquire()  # expired in Redis: free
+        # Redis expires the key (made due now rather than waited for): the lease is free.
+        await client.pexpire(first.key, 1)
+        await asyncio.sleep(0.01)  # Redis drops a key read after its expiry time
+        assert await first.try_acquire()
         assert not await second.renew() and not second.held()
     finally:
         await client.aclose()
@@ -50,7 +66,8 @@ async def test_standby_waits_until_the_lease_is_free_or_it_is_stopped(infra: Loc
     """wait_for_lease returns True once the holder releases, False when stopped first."""
     client = connect(RedisSettings(url=infra.redis_url))
     group = f"g{uuid.uuid4().hex[:8]}"
-    holder, standby = Lease(client, group, 1000), Lease(client, group, 1000)
+    # The holder's lease outlives any stall of this machine; the standby polls every 0.4 s.
+    holder, standby = Lease(client, group, 60_000), Lease(client, group, 2000)
     stop = asyncio.Event()
     try:
         assert await holder.try_acquire()
@@ -58,7 +75,7 @@ async def test_standby_waits_until_the_lease_is_free_or_it_is_stopped(infra: Loc
         await asyncio.sleep(0.3)
         assert not waiting.done()
         await holder.release()
-        assert await asyncio.wait_for(waiting, 2) is True
+        assert await asyncio.wait_for(waiting, 10) is True
         stop.set()
         assert await wait_for_lease(holder, stop) is False
     finally:

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 import redis.asyncio as redis
@@ -63,12 +63,20 @@ def _group_key(group: str, part: str) -> str:
 class Lease:
     """The group's publishing lease: SET NX PX to take it, compare-and-extend to renew."""
 
-    def __init__(self, client: redis.Redis, group: str, lease_ms: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        group: str,
+        lease_ms: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._client = client
         self.key = _group_key(group, "lease")
         self.lease_ms = lease_ms
         self.token = uuid.uuid4().hex
-        self._valid_until = 0.0  # monotonic; this watcher may publish until then
+        # Injectable so tests can pass LEASE_SAFETY without racing a loaded machine's sleeps.
+        self._clock = clock
+        self._valid_until = 0.0  # on _clock; this watcher may publish until then
 
     @property
     def renew_interval_s(self) -> float:
@@ -76,10 +84,10 @@ class Lease:
 
     def held(self) -> bool:
         """True while a renewal sent less than LEASE_SAFETY of the lease ago succeeded."""
-        return time.monotonic() < self._valid_until
+        return self._clock() < self._valid_until
 
     async def try_acquire(self) -> bool:
-        sent = time.monotonic()
+        sent = self._clock()
         if await self._client.set(self.key, self.token, nx=True, px=self.lease_ms):
             self._valid_until = sent + self.lease_ms / 1000 * LEASE_SAFETY
             return True
@@ -87,7 +95,7 @@ class Lease:
 
     async def renew(self) -> bool:
         """Extend the lease if still ours; False (and not held any more) if it is not."""
-        sent = time.monotonic()
+        sent = self._clock()
         if await self._client.eval(_RENEW, 1, self.key, self.token, str(self.lease_ms)):
             self._valid_until = sent + self.lease_ms / 1000 * LEASE_SAFETY
             return True
