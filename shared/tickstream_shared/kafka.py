@@ -18,6 +18,7 @@ from aiokafka.errors import (
     TopicAlreadyExistsError,
     UnknownProducerId,
 )
+from aiokafka.structs import RecordMetadata
 
 from tickstream_shared import kafka_compat
 from tickstream_shared.settings import KafkaSettings
@@ -111,6 +112,24 @@ _PRODUCER_STATE_ERRORS: Final = (
     InvalidProducerIdMapping,
     InvalidProducerEpoch,
 )
+
+
+class NotAppended(KafkaConnectionError):  # type: ignore[misc]  # aiokafka is untyped
+    """The broker acknowledged a send without appending it (offset -1).
+
+    Seen with the memory-only local broker (Tansu) after a restart: it hands out producer ids
+    from 1 again, so a producer made before the restart may carry the id of one made after,
+    and its records are then taken for that one's duplicates, acknowledged and dropped. Kafka
+    keeps its id counter across restarts, so there an append always has an offset. Treated as
+    the producer's broker state being lost: replace the producer, send again."""
+
+
+def require_appended(metadata: RecordMetadata) -> None:
+    """Raise NotAppended unless the acknowledged records were appended at an offset."""
+    if metadata.offset < 0:
+        raise NotAppended(f"{metadata.topic}[{metadata.partition}] acknowledged without an offset")
+
+
 # Stopping a producer flushes what it holds; with the broker gone that would never end.
 _STOP_TIMEOUT_S: Final = 10.0
 
@@ -154,8 +173,9 @@ class RenewableProducer:
                 )
                 for m in messages
             ]
-            await asyncio.gather(*deliveries)
-        except _PRODUCER_STATE_ERRORS as exc:
+            for metadata in await asyncio.gather(*deliveries):
+                require_appended(metadata)
+        except (*_PRODUCER_STATE_ERRORS, NotAppended) as exc:
             log.warning(
                 "producer %s lost its broker state (%r): replacing it", self._client_id, exc
             )

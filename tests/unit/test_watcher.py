@@ -16,10 +16,12 @@ from typing import Any
 import msgspec
 import pytest
 from aiokafka.partitioner import murmur2
+from aiokafka.structs import RecordMetadata, TopicPartition
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import CANDLES
+from tickstream_shared.kafka import NotAppended
 from tickstream_shared.naming import market_of
 from tickstream_shared.schemas import MINUTE_MS, Tick, decode_tick
 from tickstream_shared.settings import WatcherSettings
@@ -304,7 +306,7 @@ class FakeProducer:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.sent: list[tuple[str, int, FakeBatch, asyncio.Future[None]]] = []
+        self.sent: list[tuple[str, int, FakeBatch, asyncio.Future[RecordMetadata]]] = []
         self.refuse: Exception | None = None  # raised by the next send_batch
         self.partition_lookups: list[str] = []
 
@@ -318,14 +320,16 @@ class FakeProducer:
     async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> Any:
         if self.refuse is not None:
             raise self.refuse
-        delivery: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        delivery: asyncio.Future[RecordMetadata] = asyncio.get_running_loop().create_future()
         self.sent.append((topic, partition, batch, delivery))
         return delivery
 
-    def settle(self) -> None:
-        for *_, delivery in self.sent:
+    def settle(self, offset: int = 0) -> None:
+        """Acknowledge every batch on its way, appended at `offset` (-1: not appended)."""
+        for topic, partition, _, delivery in self.sent:
             if not delivery.done():
-                delivery.set_result(None)
+                where = TopicPartition(topic, partition)
+                delivery.set_result(RecordMetadata(topic, partition, where, offset, 0, 0, 0))
 
     def batches(self) -> list[tuple[str, int]]:
         return [(topic[6:], len(batch.records)) for topic, _, batch, _ in self.sent]
@@ -436,6 +440,18 @@ async def test_publisher_failed_delivery_stops_publishing() -> None:
             await publisher.flush()
     assert publisher.published == 0
     assert len(producer.sent) == 1
+
+
+async def test_publisher_batch_acknowledged_but_not_appended_stops_publishing() -> None:
+    """An acknowledgement without an offset (a broker that took the batch for a duplicate)
+    fails the publisher like a failed delivery: those ticks are not counted as published."""
+    producer = FakeProducer(capacity=100)
+    async with TickPublisher(producer, max_in_flight=100) as publisher:
+        await publisher.publish(bars("binance:btc-usdt", 0, 2))
+        producer.settle(offset=-1)
+        with pytest.raises(NotAppended, match="without an offset"):
+            await publisher.flush()
+    assert publisher.published == 0
 
 
 async def test_publisher_refused_batch_stops_publishing() -> None:
