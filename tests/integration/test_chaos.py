@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 import redis.asyncio as redis
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaConnectionError
 
 from tests.conftest import deadline, make_data_dir, require_candles
 from tests.e2e.harness import Services, healthy, wait_for
@@ -35,7 +36,7 @@ from tests.e2e.pipeline_checks import (
     reference_stats,
     write_replay_candles,
 )
-from tickstream_shared.kafka import ensure_topics, make_producer
+from tickstream_shared.kafka import Message, RenewableProducer, ensure_topics
 from tickstream_shared.local_infra import LocalInfra, free_port
 from tickstream_shared.naming import ALERTS_TOPIC, DEADLETTER_TOPIC, Market
 from tickstream_shared.settings import KafkaSettings
@@ -179,9 +180,20 @@ WANTED_LETTERS = {
 } | {(value, "gateway") for value in BAD_ALERTS}
 
 
+async def _send(producer: RenewableProducer, topic: str, value: bytes, key: bytes | None) -> None:
+    """Send one record, again after a transient failure: the restarted broker may not know
+    the producer yet, or take its records for another's (see NotAppended)."""
+    for _ in range(10):
+        try:
+            return await producer.send_all([Message(topic, value, key)])
+        except KafkaConnectionError:
+            await asyncio.sleep(0.5)
+    raise AssertionError(f"could not send to {topic}")
+
+
 async def _inject_poison(bootstrap: str) -> None:
     kafka = KafkaSettings(bootstrap_servers=bootstrap)
-    producer = make_producer(kafka, client_id="chaos")
+    producer = RenewableProducer(kafka, client_id="chaos")
     topic = Market.parse(MARKETS[0]).topic
     # The restarted broker has no `alerts` topic yet (see _resend_bad_alerts).
     async with asyncio.timeout(deadline(60)):
@@ -189,9 +201,9 @@ async def _inject_poison(bootstrap: str) -> None:
         await producer.start()
     try:
         for value in POISON.values():
-            await producer.send_and_wait(topic, value, key=MARKETS[0].encode())
+            await _send(producer, topic, value, MARKETS[0].encode())
         for value in BAD_ALERTS:
-            await producer.send_and_wait(ALERTS_TOPIC, value)
+            await _send(producer, ALERTS_TOPIC, value, None)
     finally:
         await producer.stop()
 
@@ -200,13 +212,13 @@ async def _resend_bad_alerts(bootstrap: str) -> None:
     """Send the bad alerts again every second (until cancelled): after the broker restart the
     gateway may find the new `alerts` topic only after the first ones, and reads it from its
     end, so it would never see them."""
-    producer = make_producer(KafkaSettings(bootstrap_servers=bootstrap), client_id="chaos-alerts")
+    producer = RenewableProducer(KafkaSettings(bootstrap_servers=bootstrap), "chaos-alerts")
     await producer.start()
     try:
         while True:
             await asyncio.sleep(1)
             for value in BAD_ALERTS:
-                await producer.send_and_wait(ALERTS_TOPIC, value)
+                await _send(producer, ALERTS_TOPIC, value, None)
     finally:
         await producer.stop()
 
