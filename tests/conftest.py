@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -47,11 +48,18 @@ def make_data_dir(prefix: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def infra() -> Iterator[LocalInfra]:
-    data_dir = make_data_dir("tickstream-test-")
+@contextlib.contextmanager
+def running_infra(prefix: str) -> Iterator[LocalInfra]:
+    """Broker, Redis and PostgreSQL of their own, under a data folder removed afterwards."""
+    data_dir = make_data_dir(prefix)
     try:
         with LocalInfra(data_dir) as running:
             yield running
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def infra() -> Iterator[LocalInfra]:
+    with running_infra("tickstream-test-") as running:
+        yield running

@@ -123,11 +123,13 @@ class NotAppended(KafkaConnectionError):  # type: ignore[misc]  # aiokafka is un
     keeps its id counter across restarts, so there an append always has an offset. Treated as
     the producer's broker state being lost: replace the producer, send again."""
 
+    def __init__(self, metadata: RecordMetadata) -> None:
+        super().__init__(f"{metadata.topic}[{metadata.partition}] acknowledged without an offset")
 
-def require_appended(metadata: RecordMetadata) -> None:
-    """Raise NotAppended unless the acknowledged records were appended at an offset."""
-    if metadata.offset < 0:
-        raise NotAppended(f"{metadata.topic}[{metadata.partition}] acknowledged without an offset")
+
+def appended(metadata: RecordMetadata) -> bool:
+    """Whether acknowledged records were appended at an offset (see NotAppended)."""
+    return bool(metadata.offset >= 0)
 
 
 # Stopping a producer flushes what it holds; with the broker gone that would never end.
@@ -174,7 +176,8 @@ class RenewableProducer:
                 for m in messages
             ]
             for metadata in await asyncio.gather(*deliveries):
-                require_appended(metadata)
+                if not appended(metadata):
+                    raise NotAppended(metadata)
         except (*_PRODUCER_STATE_ERRORS, NotAppended) as exc:
             log.warning(
                 "producer %s lost its broker state (%r): replacing it", self._client_id, exc

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import Iterator
 
@@ -11,7 +10,7 @@ import asyncpg
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.conftest import deadline, make_data_dir, unique_exchange
+from tests.conftest import deadline, running_infra, unique_exchange
 from tickstream_alerts.service import run
 from tickstream_shared import alert_store, db
 from tickstream_shared.kafka import ensure_topics, make_producer
@@ -24,12 +23,8 @@ from tickstream_shared.settings import ServiceSettings
 @pytest.fixture
 def own_infra() -> Iterator[LocalInfra]:
     """A broker and PostgreSQL for this test alone: the `alerts` group reads every tick topic."""
-    data_dir = make_data_dir("tickstream-alerts-")
-    try:
-        with LocalInfra(data_dir) as running:
-            yield running
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
+    with running_infra("tickstream-alerts-") as running:
+        yield running
 
 
 def bar(market: Market, seq: int, minute: int, volume: float) -> Tick:

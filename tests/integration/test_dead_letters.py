@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 from collections.abc import Iterator
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from tests.conftest import deadline, make_data_dir, unique_exchange
+from tests.conftest import deadline, running_infra, unique_exchange
 from tickstream_alerts.service import run as run_alerts
 from tickstream_shared import db
 from tickstream_shared.kafka import ensure_topics, make_producer
@@ -26,12 +25,8 @@ from tickstream_stats.service import run as run_stats
 @pytest.fixture
 def own_infra() -> Iterator[LocalInfra]:
     """A broker of its own: the stats and alerts groups read every tick topic."""
-    data_dir = make_data_dir("tickstream-deadletter-")
-    try:
-        with LocalInfra(data_dir) as running:
-            yield running
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
+    with running_infra("tickstream-deadletter-") as running:
+        yield running
 
 
 def poison(market: Market, good: Tick) -> dict[str, bytes]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
-from tests.conftest import deadline, make_data_dir, unique_exchange
+from tests.conftest import deadline, running_infra, unique_exchange
 from tickstream_gateway.service import run as run_gateway
 from tickstream_shared.kafka import ensure_topics, make_producer
 from tickstream_shared.local_infra import LocalInfra, free_port
@@ -44,12 +43,8 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 @pytest.fixture
 def own_infra() -> Iterator[LocalInfra]:
     """A broker of its own: the stats group reads every tick topic, so counts are exact."""
-    data_dir = make_data_dir("tickstream-observability-")
-    try:
-        with LocalInfra(data_dir) as running:
-            yield running
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
+    with running_infra("tickstream-observability-") as running:
+        yield running
 
 
 async def get(base: str, path: str) -> tuple[int, bytes]:

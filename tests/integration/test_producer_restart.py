@@ -7,14 +7,13 @@ duplicates: acknowledged without an offset and dropped. The senders must notice 
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaConnectionError
 
-from tests.conftest import make_data_dir
+from tests.conftest import running_infra
 from tickstream_shared.kafka import (
     Message,
     RenewableProducer,
@@ -32,12 +31,8 @@ KEY = b"k"  # one partition for every record: where sequences collide
 @pytest.fixture
 def own_infra() -> Iterator[LocalInfra]:
     """A broker of its own: this test restarts it."""
-    data_dir = make_data_dir("tickstream-producer-restart-")
-    try:
-        with LocalInfra(data_dir) as running:
-            yield running
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
+    with running_infra("tickstream-producer-restart-") as running:
+        yield running
 
 
 async def read_all(bootstrap: str, count: int) -> list[bytes]:

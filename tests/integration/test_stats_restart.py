@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import asyncpg
 import pytest
 import redis.asyncio as redis
 
-from tests.conftest import deadline, make_data_dir, unique_exchange
+from tests.conftest import deadline, running_infra, unique_exchange
 from tickstream_shared.kafka import ensure_topics, make_producer
 from tickstream_shared.local_infra import LocalInfra
 from tickstream_shared.naming import (
@@ -47,12 +46,8 @@ def own_infra() -> Iterator[LocalInfra]:
     The event-time clock is shared through Redis and storage and the consumer group is shared
     by every stats process, so another test's ticks would move this test's clock.
     """
-    data_dir = make_data_dir("tickstream-stats-")
-    try:
-        with LocalInfra(data_dir) as running:
-            yield running
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
+    with running_infra("tickstream-stats-") as running:
+        yield running
 
 
 def first_minute(minutes: int) -> int:

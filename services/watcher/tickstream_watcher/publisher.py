@@ -11,7 +11,7 @@ from typing import Any, Final
 
 from aiokafka.partitioner import DefaultPartitioner
 
-from tickstream_shared.kafka import NotAppended, require_appended
+from tickstream_shared.kafka import NotAppended, appended
 from tickstream_shared.naming import market_of
 from tickstream_shared.observability import READINGS, Family, Reading
 from tickstream_shared.schemas import Tick
@@ -256,8 +256,8 @@ class TickPublisher:
             self._fail(RuntimeError("tick batch delivery was cancelled"), count)
         elif (error := delivery.exception()) is not None:
             self._fail(error, count)
-        elif (lost := _not_appended(delivery.result())) is not None:
-            self._fail(lost, count)
+        elif not appended(metadata := delivery.result()):
+            self._fail(NotAppended(metadata), count)
         else:
             self._published.value += count
             if close is not None:
@@ -276,12 +276,3 @@ class TickPublisher:
     def _raise_failure(self) -> None:
         if self._failure is not None:
             raise self._failure
-
-
-def _not_appended(metadata: Any) -> NotAppended | None:
-    """The error if an acknowledged batch was not appended (see NotAppended), else None."""
-    try:
-        require_appended(metadata)
-    except NotAppended as exc:
-        return exc
-    return None
