@@ -23,11 +23,13 @@ STALE_AFTER_MS: Final = 10_000
 FEEDS_TTL_S: Final = 3600
 
 FeedSource = Literal["live", "replay", "synthetic"]
-# live: data is flowing (or the connection is up and waiting for trades);
-# reconnecting: the market's connection is down and being re-established;
+# connecting: no connection made yet; live: data is flowing (or the connection is up and
+# waiting for trades); reconnecting: the market's connection is down and being re-established;
+# unreachable: the exchange cannot be reached (its listing, or connections failing in a row);
+# stale: the market is silent while its connection's other markets update;
 # finished: a replay has sent everything it had.
-ReportedState = Literal["live", "reconnecting", "finished"]
-ShownState = Literal["live", "reconnecting", "finished", "stale"]
+ReportedState = Literal["connecting", "live", "reconnecting", "unreachable", "stale", "finished"]
+ShownState = ReportedState
 
 _Ms = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
 _Text = Annotated[str, msgspec.Meta(max_length=64)]

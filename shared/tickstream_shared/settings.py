@@ -153,6 +153,57 @@ class WatcherSettings:
         ge=0,
         le=600_000,
     )
+    max_ahead_ms: int = setting(
+        "WATCHER_MAX_AHEAD_MS",
+        5_000,
+        "Live source: an update stamped (or of a minute starting) more than this after the"
+        " watcher received it is refused and counted; stamps within it are clamped to the"
+        " receive time, so event time never runs ahead of wall time.",
+        ge=0,
+        le=60_000,
+    )
+    plausible_price_factor: float = setting(
+        "WATCHER_PLAUSIBLE_PRICE_FACTOR",
+        3.0,
+        "Live source: a bar whose high is above this times the median close of the market's"
+        " last hour of closed bars (or whose low is below the median divided by it) is not"
+        " published until the exchange's REST candle confirms its minute; 0 = no check.",
+        ge=0,
+        le=1e6,
+    )
+    plausible_volume_factor: float = setting(
+        "WATCHER_PLAUSIBLE_VOLUME_FACTOR",
+        100.0,
+        "Live source: the same for a volume above this times the largest minute volume of the"
+        " market's last hour; 0 = no check.",
+        ge=0,
+        le=1e12,
+    )
+    reconcile_after_ms: int = setting(
+        "WATCHER_RECONCILE_AFTER_MS",
+        300_000,
+        "Live source: every closed minute is compared with the exchange's REST candle once it"
+        " ended this long ago (or as soon after as the exchange's request limits allow) and"
+        " corrected if it differs; 0 = no reconciliation.",
+        ge=0,
+        le=3_000_000,
+    )
+    reconcile_settle_ms: int = setting(
+        "WATCHER_RECONCILE_SETTLE_MS",
+        60_000,
+        "Live source: how long after a minute's end its REST candle is taken as final.",
+        ge=0,
+        le=600_000,
+    )
+    market_silence_ms: int = setting(
+        "WATCHER_MARKET_SILENCE_MS",
+        60_000,
+        "Live source: a market silent this long (or ten times its usual gap, up to 30 minutes)"
+        " while its connection's other markets update is shown stale, resubscribed and repaired"
+        " from REST; 0 = no per-market watchdog.",
+        ge=0,
+        le=1_800_000,
+    )
     group: str = setting(
         "WATCHER_GROUP",
         "main",
@@ -517,6 +568,12 @@ class ServiceSettings:
             raise ConfigError("WATCHER_GROUP", "use 1-32 characters of a-z, 0-9 and -")
         if 0 < settings.watcher.feed_silence_ms < 1000:
             raise ConfigError("WATCHER_FEED_SILENCE_MS", "use 0 (the exchange's bound) or >= 1000")
+        for env, factor in (
+            ("WATCHER_PLAUSIBLE_PRICE_FACTOR", settings.watcher.plausible_price_factor),
+            ("WATCHER_PLAUSIBLE_VOLUME_FACTOR", settings.watcher.plausible_volume_factor),
+        ):
+            if 0 < factor <= 1:
+                raise ConfigError(env, f"{factor!r}: use 0 (no check) or a factor above 1")
         _check_gateway_access(settings.gateway)
         return settings
 

@@ -326,7 +326,7 @@ def test_candles_newest_first_become_closed_oldest_first() -> None:
         [1_700_000_100, 36990.5, 37010, 37000.25, 37005, 1.5],
         [1_700_000_040, 36980, 37001, 36985, 37000, 0],
     ]
-    candles = PROTOCOL.parse_candles(BTC, json.dumps(rows).encode())
+    candles = PROTOCOL.parse_candles(BTC, json.dumps(rows).encode()).candles
     assert candles == [
         CandleUpdate(
             BTC,
@@ -353,7 +353,7 @@ def test_candles_newest_first_become_closed_oldest_first() -> None:
             1_700_000_160_000,
         ),
     ]
-    assert PROTOCOL.parse_candles(BTC, b"[]") == []
+    assert PROTOCOL.parse_candles(BTC, b"[]").candles == []
 
 
 def test_candles_error_body_is_bad_frame_with_message() -> None:
@@ -381,13 +381,18 @@ def test_candles_error_body_is_bad_frame_with_message() -> None:
         pytest.param([[1_700_000_040, "1", 2, 1, 2, 0]], id="string-number"),
     ],
 )
-def test_bad_candles_are_bad_frames(rows: list[list[Any]]) -> None:
-    """Misordered, misaligned, out-of-bounds or malformed candle rows refuse the whole body."""
-    with pytest.raises(BadFrame):
-        PROTOCOL.parse_candles(BTC, json.dumps(rows).encode())
+def test_a_bad_candle_row_costs_only_its_own_minute(rows: list[list[Any]]) -> None:
+    """A misordered, misaligned, out-of-bounds or malformed row is skipped and named; a good
+    row of another minute beside it is kept."""
+    good = [1_699_999_980, 1, 2, 1, 2, 0]  # the minute before every row above
+    page = PROTOCOL.parse_candles(BTC, json.dumps([*rows, good]).encode())
+    assert page.candles[0].minute == 1_699_999_980_000
+    assert len(page.candles) == len(rows) and len(page.bad_rows) == 1, page
 
 
-def test_candles_huge_number_is_bad_frame() -> None:
-    """A candle number beyond a double (1e400) is a BadFrame, not an infinite price."""
-    with pytest.raises(BadFrame):
-        PROTOCOL.parse_candles(BTC, b"[[1700000040, 1, 1e400, 1, 2, 0]]")
+def test_a_candle_number_beyond_a_double_is_a_bad_row() -> None:
+    """A candle number beyond a double (1e400) is a bad row, not an infinite price."""
+    huge = PROTOCOL.parse_candles(BTC, b"[[1700000040, 1, 1e400, 1, 2, 0]]")
+    assert (huge.candles, len(huge.bad_rows)) == ([], 1)
+    beside = PROTOCOL.parse_candles(BTC, b"[5, [1700000040, 1, 2, 1, 2, 0]]")
+    assert ([c.minute for c in beside.candles], len(beside.bad_rows)) == ([1700000040000], 1)

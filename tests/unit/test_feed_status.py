@@ -53,7 +53,7 @@ def test_as_json_shows_the_state_at_the_given_time() -> None:
         b"[]",
         b'{"source":"live","origin":"binance","state":"live"}',
         b'{"source":"ftp","origin":"binance","state":"live","reported_ms":1}',
-        b'{"source":"live","origin":"binance","state":"stale","reported_ms":1}',
+        b'{"source":"live","origin":"binance","state":"dead","reported_ms":1}',
         b'{"source":"live","origin":"binance","state":"live","reported_ms":-1}',
         b'{"source":"live","origin":"binance","state":"live","reported_ms":"1"}',
         b'{"source":"live","origin":"' + b"x" * 65 + b'","state":"live","reported_ms":1}',

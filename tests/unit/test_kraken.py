@@ -303,11 +303,12 @@ OHLC_BODY = b"""{"error":[],"result":{"XXMRZUSD":[
 def test_rest_candles_are_closed_oldest_first_without_the_forming_one() -> None:
     """Every row but the last (forming) one, closed, stamped with the end of its minute."""
     first, second = ms(2021, 4, 17, 16, 47), ms(2021, 4, 17, 16, 48)
-    assert KRAKEN.parse_candles(XMR, OHLC_BODY) == [
+    assert KRAKEN.parse_candles(XMR, OHLC_BODY).candles == [
         CandleUpdate(XMR, first, 353.5, 354.2, 353.4, 354.0, 1.25, 3, True, first + 60_000),
         CandleUpdate(XMR, second, 354.0, 354.0, 354.0, 354.0, 0.0, 0, True, second + 60_000),
     ]
-    assert KRAKEN.parse_candles(XMR, b'{"error":[],"result":{"XXMRZUSD":[],"last":0}}') == []
+    empty = KRAKEN.parse_candles(XMR, b'{"error":[],"result":{"XXMRZUSD":[],"last":0}}')
+    assert (empty.candles, empty.bad_rows) == ([], [])
 
 
 @pytest.mark.parametrize(
@@ -317,20 +318,32 @@ def test_rest_candles_are_closed_oldest_first_without_the_forming_one() -> None:
         b'{"error":[],"result":{"last":1618678080}}',
         b'{"error":[],"result":{"A":[],"B":[],"last":1}}',
         b'{"error":[],"result":{"XXMRZUSD":5,"last":[]}}',
-        OHLC_BODY.replace(b"1618678080,", b"1618678050,"),
-        OHLC_BODY.replace(b"1618678080,", b"1618678020,"),
-        OHLC_BODY.replace(b'"353.40"', b'"nan"'),
-        OHLC_BODY.replace(b'"353.40"', b'"x"'),
-        OHLC_BODY.replace(b'"354.20","353.40"', b'"353.20","353.40"'),
-        OHLC_BODY.replace(b'"1.25000000"', b'"-1"'),
-        OHLC_BODY.replace(b"[1618678020,", b"[1618678020.5,"),
-        OHLC_BODY.replace(b",3],", b"],"),
     ],
 )
-def test_bad_rest_candles_are_a_bad_frame(body: bytes) -> None:
-    """An error list, no or several pairs, misordered, unaligned or invalid rows: BadFrame."""
+def test_bad_rest_answers_are_a_bad_frame(body: bytes) -> None:
+    """An error list, or not exactly one pair's list of rows: BadFrame."""
     with pytest.raises(BadFrame):
         KRAKEN.parse_candles(XMR, body)
+
+
+@pytest.mark.parametrize(
+    ("body", "kept"),
+    [
+        (OHLC_BODY.replace(b"1618678080,", b"1618678050,"), [1618678020]),
+        (OHLC_BODY.replace(b"1618678080,", b"1618678020,"), [1618678020]),
+        (OHLC_BODY.replace(b'"353.40"', b'"nan"'), [1618678080]),
+        (OHLC_BODY.replace(b'"353.40"', b'"x"'), [1618678080]),
+        (OHLC_BODY.replace(b'"354.20","353.40"', b'"353.20","353.40"'), [1618678080]),
+        (OHLC_BODY.replace(b'"1.25000000"', b'"-1"'), [1618678080]),
+        (OHLC_BODY.replace(b"[1618678020,", b"[1618678020.5,"), [1618678080]),
+        (OHLC_BODY.replace(b",3],", b"],"), [1618678080]),
+    ],
+)
+def test_a_bad_rest_row_costs_only_its_own_minute(body: bytes, kept: list[int]) -> None:
+    """A misordered, unaligned or invalid row is skipped and named; the other row is kept."""
+    page = KRAKEN.parse_candles(XMR, body)
+    assert [c.minute // 1000 for c in page.candles] == kept
+    assert len(page.bad_rows) == 1 and page.bad_rows[0].startswith("row "), page.bad_rows
 
 
 def test_subscribe_frames_carry_at_most_100_symbols_each() -> None:

@@ -9,6 +9,7 @@ from tickstream_shared.naming import Market
 from tickstream_shared.schemas import Tick, decode_tick
 from tickstream_watcher.exchange import CandleUpdate, Trade
 from tickstream_watcher.live_bars import REPAIR_DELAY_MS, REPAIR_GIVE_UP_MS, LiveBars
+from tickstream_watcher.trust import TrustRules
 
 M = 60_000
 BASE = 28_333_334 * M  # 2023-11-14, a whole minute
@@ -62,7 +63,7 @@ def test_trades_aggregate_into_a_bar_closed_when_the_next_minute_starts() -> Non
     assert bars.repair(BTC, [], us(due)) == []
     (closed,) = valid(bars.repair(BTC, [], us(BASE + M + REPAIR_GIVE_UP_MS)))
     assert (closed.minute, closed.closed, closed.volume) == (BASE, True, 3.75)
-    assert closed.exchange_ts == BASE + 31_000 and bars.counters.unrepaired == 1
+    assert closed.exchange_ts == BASE + 31_000 and bars.total().unrepaired == 1
     assert bars.repairs_due(BASE + 9 * M) == {}
 
 
@@ -88,7 +89,7 @@ def test_candles_replace_the_bar_and_the_exchange_close_is_final() -> None:
     final = valid(bars.candle(candle(BASE, 12.0, 7.0, BASE + 59_999, closed=True), us(BASE + M)))
     assert [(t.close, t.volume, t.closed) for t in final] == [(12.0, 7.0, True)]
     assert bars.candle(candle(BASE, 13.0, 8.0, BASE + M + 1), us(BASE + M + 2)) == []
-    assert bars.counters.late == 1
+    assert bars.total().late == 1
     assert bars.close_due(us(BASE + 10 * M)) == []  # nothing forming: no bar is made up
 
 
@@ -215,7 +216,7 @@ def test_duplicate_and_missing_trade_ids_are_counted() -> None:
     bars.trade(Trade(BTC, 10, 100.0, 1.0, BASE + 1_000), us(BASE + 1_000))
     assert bars.trade(Trade(BTC, 10, 100.0, 1.0, BASE + 1_000), us(BASE + 1_001)) == []
     bars.trade(Trade(BTC, 14, 100.0, 1.0, BASE + 2_000), us(BASE + 2_000))
-    assert (bars.counters.duplicate_trades, bars.counters.trade_gaps) == (1, 3)
+    assert (bars.total().duplicate_trades, bars.total().trade_gaps) == (1, 3)
 
 
 def test_an_update_stamped_far_ahead_of_its_receipt_is_refused() -> None:
@@ -223,7 +224,7 @@ def test_an_update_stamped_far_ahead_of_its_receipt_is_refused() -> None:
     bars = LiveBars()
     assert bars.trade(Trade(BTC, 1, 100.0, 1.0, BASE + 10 * M), us(BASE)) == []
     assert bars.candle(candle(BASE + 10 * M, 11.0, 1.0, BASE + 10 * M), us(BASE)) == []
-    assert bars.counters.ahead == 2
+    assert bars.total().ahead == 2
 
 
 @settings(max_examples=200, deadline=None)
@@ -243,7 +244,7 @@ def test_closed_bars_equal_an_independent_aggregation_of_the_accepted_trades(
     steps: list[tuple[int, float, float]], interval: int
 ) -> None:
     """Each minute closes once, with exactly the trades of that minute that were not late."""
-    bars = LiveBars(min_interval_ms=interval)
+    bars = LiveBars(min_interval_ms=interval, rules=TrustRules(price_factor=0, volume_factor=0))
     ts = BASE
     published: list[Tick] = []
     accepted: dict[int, list[tuple[float, float]]] = {}
@@ -295,7 +296,7 @@ def test_resume_continues_a_previous_publisher_without_closing_its_minutes_again
     fresh = LiveBars(min_interval_ms=0)
     fresh.resume(ETH, BASE + 2 * M, 5_000_000, BASE + 4 * M)
     assert fresh.candle(candle(BASE + 4 * M, 12.0, 1.0, BASE + 5 * M, closed=True), now) == []
-    assert fresh.counters.late == 1
+    assert fresh.total().late == 1
     (streamed,) = fresh.candle(candle(BASE + 3 * M, 12.0, 1.0, BASE + 4 * M, closed=True), now)
     assert streamed.minute == BASE + 3 * M and streamed.seq > 5_000_000
 
@@ -307,7 +308,7 @@ def test_a_trade_id_gap_closes_the_minutes_it_spans_from_the_rest_candles() -> N
     out += bars.trade(Trade(BTC, 2, 100.0, 1.0, BASE + 1_000), us(BASE + 1_001))  # no gap
     out += bars.trade(Trade(BTC, 5, 104.0, 1.0, BASE + M + 1_000), us(BASE + M + 1_001))
     out += bars.trade(Trade(BTC, 6, 105.0, 1.0, BASE + 2 * M + 1), us(BASE + 2 * M + 2))
-    assert bars.counters.trade_gaps == 2
+    assert bars.total().trade_gaps == 2
     assert [t.minute for t in out if t.closed] == []  # BASE - M: first seen; BASE, BASE + M: gap
     now = BASE + 2 * M + REPAIR_DELAY_MS
     assert bars.repairs_due(now) == {BTC: (BASE - M, BASE + M)}
@@ -320,10 +321,152 @@ def test_a_trade_id_gap_closes_the_minutes_it_spans_from_the_rest_candles() -> N
         (BASE, 101.0, 9.0, True),
         (BASE + M, 102.0, 9.0, True),
     ]
-    assert bars.counters.repaired == 3 and bars.repairs_due(now + M) == {}
+    assert bars.total().repaired == 3 and bars.repairs_due(now + M) == {}
     # Late trades of repaired minutes are refused; the minute after closes from its trades.
     assert bars.trade(Trade(BTC, 7, 1.0, 1.0, BASE + M + 5), us(now)) == []
     (closed,) = [
-        t for t in bars.trade(Trade(BTC, 8, 106.0, 1.0, BASE + 3 * M), us(now)) if t.closed
+        t
+        for t in bars.trade(Trade(BTC, 8, 106.0, 1.0, BASE + 3 * M), us(BASE + 3 * M + 1))
+        if t.closed
     ]
     assert (closed.minute, closed.close) == (BASE + 2 * M, 105.0)
+
+
+def history(bars: LiveBars, minutes: int, *, close: float = 10.0, volume: float = 5.0) -> None:
+    """Closed minutes 0 .. minutes-1 of ETH, as the stream's final klines."""
+    for i in range(minutes):
+        update = CandleUpdate(
+            ETH, BASE + i * M, close, close, close, close, volume, 3, True, BASE + (i + 1) * M - 1
+        )
+        bars.candle(update, us(BASE + (i + 1) * M))
+
+
+def test_a_final_candle_after_the_next_minute_started_corrects_the_published_close() -> None:
+    """Binance's k.x of a minute arriving after the next minute's first update is stored."""
+    bars = LiveBars(min_interval_ms=0)
+    bars.candle(candle(BASE, 11.0, 5.0, BASE + 50_000), us(BASE + 50_000))
+    (early,) = [
+        t
+        for t in bars.candle(candle(BASE + M, 11.0, 0.1, BASE + M + 5), us(BASE + M + 6))
+        if t.closed
+    ]
+    assert (early.minute, early.volume) == (BASE, 5.0)
+    (final,) = valid(
+        bars.candle(candle(BASE, 12.0, 5.2, BASE + M - 1, closed=True), us(BASE + M + 300))
+    )
+    assert (final.minute, final.closed, final.close, final.volume) == (BASE, True, 12.0, 5.2)
+    assert final.seq > early.seq and bars.total().corrected == 1
+    # The same final word again, or an older forming update, changes nothing.
+    assert bars.candle(candle(BASE, 12.0, 5.2, BASE + M - 1, closed=True), us(BASE + M + 400)) == []
+    assert bars.candle(candle(BASE, 13.0, 9.0, BASE + 40_000), us(BASE + M + 500)) == []
+    assert (bars.total().corrected, bars.total().late) == (1, 1)
+
+
+def test_without_a_final_flag_a_newer_update_of_a_closed_minute_corrects_it() -> None:
+    """Kraken: the next interval closes a minute; a later update of it is the exchange's word."""
+    bars = LiveBars(min_interval_ms=0)
+    bars.candle(candle(BASE, 11.0, 5.0, BASE + 50_000), us(BASE + 50_000))
+    bars.candle(candle(BASE + M, 11.0, 1.0, BASE + M + 5), us(BASE + M + 6))
+    (fixed,) = valid(bars.candle(candle(BASE, 11.5, 6.0, BASE + 59_000), us(BASE + M + 20)))
+    assert (fixed.minute, fixed.closed, fixed.volume) == (BASE, True, 6.0)
+    assert bars.candle(candle(BASE, 11.0, 5.5, BASE + 55_000), us(BASE + M + 30)) == []
+    assert (bars.total().corrected, bars.total().late) == (1, 1)
+
+
+def test_a_frame_dated_ahead_is_refused_and_stamps_never_pass_the_receive_clock() -> None:
+    """Minutes ahead: refused, counted, no minute closed; a second ahead: clamped to receipt."""
+    bars = LiveBars(min_interval_ms=0)
+    bars.candle(candle(BASE, 11.0, 5.0, BASE + 1_000), us(BASE + 1_000))
+    ahead = candle(BASE + 4 * M, 11.0, 0.2, BASE + 4 * M + 1)
+    assert bars.candle(ahead, us(BASE + 2_000)) == []
+    assert bars.total().ahead == 1 and bars.closed_through(ETH) is None
+    (tick,) = bars.candle(candle(BASE, 11.0, 6.0, BASE + 4_000), us(BASE + 3_000))
+    assert (tick.exchange_ts, tick.closed, tick.volume) == (BASE + 3_000, False, 6.0)
+
+
+def test_an_implausible_forming_value_is_never_published_and_its_minute_closes_from_rest() -> None:
+    """A forming price 1e6 x the market's, corrected a second later: the bad one never goes
+    out, the good one does, and the minute's close waits for REST's candle."""
+    bars = LiveBars(min_interval_ms=0)
+    history(bars, 10)
+    minute = BASE + 10 * M
+    bad = CandleUpdate(ETH, minute, 10.0, 1e7, 10.0, 1e7, 5.0, 3, False, minute + 1_000)
+    assert bars.candle(bad, us(minute + 1_000)) == []
+    (good,) = bars.candle(candle(minute, 10.5, 5.0, minute + 2_000), us(minute + 2_000))
+    assert (good.close, good.closed) == (10.5, False)
+    assert bars.candle(candle(minute, 10.6, 6.0, minute + M - 1, closed=True), us(minute + M)) == []
+    assert bars.repairs_due(minute + M + REPAIR_DELAY_MS) == {ETH: (minute, minute)}
+    rest = CandleUpdate(ETH, minute, 10.0, 10.7, 10.0, 10.6, 6.0, 4, True, minute + M)
+    (final,) = valid(bars.repair(ETH, [rest], us(minute + M + REPAIR_DELAY_MS)))
+    assert (final.minute, final.closed, final.high, final.trades) == (minute, True, 10.7, 4)
+    assert (bars.total().implausible, bars.total().repaired) == (1, 1)
+
+
+def test_an_implausible_closed_value_without_rest_confirmation_is_dropped() -> None:
+    """A closed kline with a volume 1e12 x the market's: never published without REST."""
+    bars = LiveBars(min_interval_ms=0)
+    history(bars, 10)
+    minute = BASE + 10 * M
+    bad = CandleUpdate(ETH, minute, 10.0, 10.0, 10.0, 10.0, 5e12, 3, True, minute + M - 1)
+    assert bars.candle(bad, us(minute + M)) == []
+    assert bars.repair(ETH, [], us(minute + M + REPAIR_GIVE_UP_MS)) == []
+    assert (bars.total().implausible, bars.total().implausible_dropped) == (1, 1)
+    assert bars.repairs_due(minute + 10 * M) == {}
+
+
+def test_trade_gap_minutes_without_a_delivered_trade_are_published_from_rest() -> None:
+    """Coinbase: a trade-id gap spanning minutes with no trade seen closes them from REST."""
+    bars = LiveBars(min_interval_ms=0)
+    bars.trade(Trade(BTC, 1, 100.0, 1.0, BASE + 1_000), us(BASE + 1_000))
+    bars.trade(Trade(BTC, 2, 100.0, 1.0, BASE + 2_000), us(BASE + 2_000))
+    bars.trade(Trade(BTC, 9, 101.0, 1.0, BASE + 3 * M + 1), us(BASE + 3 * M + 2))
+    now = BASE + 3 * M + REPAIR_DELAY_MS
+    assert bars.repairs_due(now) == {BTC: (BASE, BASE + 2 * M)}
+    rest = [
+        CandleUpdate(BTC, BASE + i * M, 100.0, 100.0, 100.0, 100.0, 2.0 + i, None, True, 0)
+        for i in range(3)
+    ]
+    published = valid(bars.repair(BTC, rest, us(now)))
+    assert [(t.minute, t.volume) for t in published] == [
+        (BASE, 2.0),
+        (BASE + M, 3.0),
+        (BASE + 2 * M, 4.0),
+    ]
+    assert bars.repairs_due(now + 10 * M) == {}
+
+
+def test_reconciliation_corrects_fills_and_is_idempotent() -> None:
+    """A stored minute that differs from REST is corrected, a missing one filled, once."""
+    rules = TrustRules(reconcile_after_ms=120_000, reconcile_settle_ms=30_000)
+    bars = LiveBars(min_interval_ms=0, rules=rules)
+    history(bars, 4)
+    due = BASE + M + 120_000  # the oldest minute ended 120 s ago; REST settled up to BASE + M
+    assert bars.reconcile_due(due - 1) == []
+    assert bars.reconcile_due(due) == [(ETH, BASE, BASE + M)]
+    now = BASE + 5 * M + 30_000
+    assert bars.reconcile_due(now) == [(ETH, BASE, BASE + 3 * M)]
+    rest = [
+        CandleUpdate(ETH, BASE + i * M, 10.0, 10.0, 10.0, 10.0, v, 3, True, 0)
+        for i, v in ((0, 5.0), (1, 5.5), (3, 5.0))
+    ]
+    out = valid(bars.reconcile(ETH, rest, BASE, BASE + 3 * M, us(now)))
+    assert [(t.minute, t.volume, t.closed) for t in out] == [(BASE + M, 5.5, True)]
+    counters = bars.total()
+    assert (counters.reconciled, counters.corrected, counters.unconfirmed) == (3, 1, 1)
+    assert bars.reconcile_due(now + 10 * M) == []  # nothing closed since
+    assert bars.reconcile(ETH, rest, BASE, BASE + 3 * M, us(now)) == []
+
+
+def test_a_suspected_market_is_reconciled_at_once_and_its_forming_minute_closes_from_rest() -> None:
+    """After the watchdog's suspicion the forming minute waits for REST and the minutes since
+    are due for reconciliation without waiting for the usual delay."""
+    rules = TrustRules(reconcile_after_ms=600_000, reconcile_settle_ms=0)
+    bars = LiveBars(min_interval_ms=0, rules=rules)
+    history(bars, 3)
+    bars.candle(candle(BASE + 3 * M, 10.0, 0.6, BASE + 3 * M + 5), us(BASE + 3 * M + 5))
+    bars.suspect(ETH, BASE + 2 * M + 30_000)
+    assert bars.close_due(us(BASE + 4 * M + 5_000)) == []
+    assert bars.reconcile_due(BASE + 4 * M + 5_000) == [(ETH, BASE, BASE + 3 * M)]
+    rest = CandleUpdate(ETH, BASE + 3 * M, 10.0, 10.0, 10.0, 10.0, 1.6, 9, True, 0)
+    (fixed,) = bars.repair(ETH, [rest], us(BASE + 4 * M + REPAIR_DELAY_MS))
+    assert (fixed.minute, fixed.volume, fixed.closed) == (BASE + 3 * M, 1.6, True)

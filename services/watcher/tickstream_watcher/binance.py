@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import Mapping, Sequence
-from itertools import pairwise
 from typing import TYPE_CHECKING, Annotated, Final, TypeVar
 from urllib.parse import quote
 
@@ -14,16 +14,17 @@ import msgspec
 from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MAX_TS_MS, MIN_TS_MS, MINUTE_MS
 from tickstream_watcher.exchange import (
-    MAX_PRICE,
     MAX_REST_BYTES,
-    MAX_VOLUME,
     NAME_RE,
     BadFrame,
+    CandlePage,
     CandleUpdate,
     DecimalText,
     FeedEvent,
     Heartbeat,
     Reconnect,
+    candle_page,
+    check_candle,
     frame_bytes,
 )
 
@@ -223,23 +224,19 @@ class BinanceProtocol:
             f"&startTime={start_ms}&endTime={end_ms}&limit={MAX_CANDLES_PER_REQUEST}"
         )
 
-    def parse_candles(self, market: Market, body: bytes) -> list[CandleUpdate]:
+    def parse_candles(self, market: Market, body: bytes) -> CandlePage:
         """Rows `[openTime, open, high, low, close, volume, closeTime, quoteVolume, trades, ...]`
         as closed candles, oldest first. Raises BadFrame for an error body (with Binance's
-        message) and for an invalid or misordered row, naming its index: the body is refused whole.
+        message) or one that is not a list; an invalid or misordered row is skipped and named
+        in `bad_rows` with its index, the others are kept.
         """
         rows = _decode_rest(_candles_decoder, body)
-        candles: list[CandleUpdate] = []
-        for index, raw in enumerate(rows):
-            try:
-                row = _row_decoder.decode(raw)
-                candles.append(_candle(market, row, closed=True, ts=row.start + MINUTE_MS))
-            except (msgspec.DecodeError, RecursionError, ValueError) as exc:
-                raise BadFrame(f"row {index}: {str(exc)[:200]}", body[:64]) from None
-        for index, (a, b) in enumerate(pairwise(candles), start=1):
-            if a.minute >= b.minute:
-                raise BadFrame(f"row {index}: not after the row before it", body[:64])
-        return candles
+
+        def parse(raw: msgspec.Raw) -> CandleUpdate:
+            row = _row_decoder.decode(raw)
+            return _candle(market, row, closed=True, ts=row.start + MINUTE_MS)
+
+        return candle_page(functools.partial(parse, raw) for raw in rows)
 
     def _candle_update(self, event: _Event) -> CandleUpdate:
         kline, symbol, ts = event.kline, event.symbol, event.time
@@ -281,12 +278,10 @@ def _candle(market: Market, k: _Kline | _Row, *, closed: bool, ts: int) -> Candl
     if k.end != k.start + MINUTE_MS - 1:
         raise ValueError(f"close time {k.end} does not end the minute {k.start}")
     open_, high, low, close = float(k.open), float(k.high), float(k.low), float(k.close)
-    volume = float(k.volume)
-    if not (low > 0 and high <= MAX_PRICE and 0 <= volume <= MAX_VOLUME):
-        raise ValueError(f"candle {k.start}: prices must be in (0, 1e12], volume in [0, 1e18]")
-    if not (low <= open_ <= high and low <= close <= high):
-        raise ValueError(f"candle {k.start}: open and close must lie within low..high")
-    return CandleUpdate(market, k.start, open_, high, low, close, volume, k.trades, closed, ts)
+    candle = CandleUpdate(
+        market, k.start, open_, high, low, close, float(k.volume), k.trades, closed, ts
+    )
+    return check_candle(candle)
 
 
 if TYPE_CHECKING:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from itertools import pairwise
 from typing import TYPE_CHECKING, Annotated, Final, TypeAlias, TypeVar
 from urllib.parse import quote
 
@@ -19,6 +19,7 @@ from tickstream_watcher.exchange import (
     MAX_VOLUME,
     NAME_RE,
     BadFrame,
+    CandlePage,
     CandleUpdate,
     DecimalText,
     FeedEvent,
@@ -26,6 +27,7 @@ from tickstream_watcher.exchange import (
     Reconnect,
     Rejected,
     Trade,
+    candle_page,
     frame_bytes,
 )
 
@@ -96,7 +98,8 @@ _T = TypeVar("_T")
 _decoder: Final = msgspec.json.Decoder(_Message)
 _type_decoder: Final = msgspec.json.Decoder(_Type)
 _listing_decoder: Final = msgspec.json.Decoder(list[_Product])
-_candles_decoder: Final = msgspec.json.Decoder(list[_Row] | _RestError)
+_candles_decoder: Final = msgspec.json.Decoder(list[msgspec.Raw] | _RestError)
+_row_decoder: Final = msgspec.json.Decoder(_Row)
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -188,21 +191,16 @@ class CoinbaseProtocol:
         start, end = _iso(start_ms), _iso(end_ms)
         return f"/products/{quote(symbol, safe='')}/candles?granularity=60&start={start}&end={end}"
 
-    def parse_candles(self, market: Market, body: bytes) -> list[CandleUpdate]:
+    def parse_candles(self, market: Market, body: bytes) -> CandlePage:
         """Rows `[time_s, low, high, open, close, volume]`, newest first, as closed candles
         oldest first; minutes without trades are absent. Raises BadFrame for an error body
-        (with Coinbase's message) and for any invalid or misordered row: the body is refused whole.
+        (with Coinbase's message) or one that is not a list; an invalid or misordered row is
+        skipped and named in `bad_rows`, the others are kept.
         """
         answer = _decode_rest(_candles_decoder, body)
         if isinstance(answer, _RestError):
             raise BadFrame(f"coinbase refused: {answer.message[:200]}", body[:64])
-        try:
-            candles = [_candle(market, row) for row in reversed(answer)]
-        except ValueError as exc:
-            raise BadFrame(str(exc), body[:64]) from None
-        if any(a.minute >= b.minute for a, b in pairwise(candles)):
-            raise BadFrame("candle rows are not strictly newest first", body[:64])
-        return candles
+        return candle_page(functools.partial(_candle, market, raw) for raw in reversed(answer))
 
     def _events(self, message: _Message) -> list[FeedEvent]:
         match message:
@@ -281,15 +279,9 @@ def _rejection(error: _Error) -> Rejected:
     return Rejected(named[0], text[:200])
 
 
-def _candle(market: Market, row: _Row) -> CandleUpdate:
-    time_s, low, high, open_, close, volume = row
+def _candle(market: Market, raw: msgspec.Raw) -> CandleUpdate:
+    time_s, low, high, open_, close, volume = _row_decoder.decode(raw)
     minute = time_s * 1000
-    if minute % MINUTE_MS or not MIN_TS_MS <= minute <= MAX_TS_MS - MINUTE_MS:
-        raise ValueError(f"candle time {time_s} is not a plausible minute start")
-    if not (low > 0 and high <= MAX_PRICE and 0 <= volume <= MAX_VOLUME):
-        raise ValueError(f"candle {time_s}: prices must be in (0, 1e12], volume in [0, 1e18]")
-    if not (low <= open_ <= high and low <= close <= high):
-        raise ValueError(f"candle {time_s}: open and close must lie within low..high")
     return CandleUpdate(
         market, minute, open_, high, low, close, volume, None, True, minute + MINUTE_MS
     )

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Annotated, Final, Protocol
 
 import msgspec
 
 from tickstream_shared.errors import BadMessage
 from tickstream_shared.naming import Market
+from tickstream_shared.schemas import MAX_TS_MS, MIN_TS_MS, MINUTE_MS
 
 # No frame of any channel we subscribe to comes near this; anything larger is refused unread.
 MAX_FRAME_BYTES: Final = 1 << 20
@@ -20,6 +21,8 @@ MAX_REST_BYTES: Final = 16 << 20
 # offending frame is still at hand.
 MAX_PRICE: Final = 1e12
 MAX_VOLUME: Final = 1e18
+# A trade count no exchange comes near in one minute.
+MAX_TRADES: Final = 2**40
 # A base or quote name usable in market ids (after lower-casing the exchange's).
 NAME_RE: Final = re.compile(r"[a-z0-9]+")
 # Exchanges that write numbers as text write plain decimals; refusing every other spelling keeps
@@ -66,6 +69,64 @@ class CandleUpdate:
     trades: int | None
     closed: bool  # the exchange says the candle is final (Binance `k.x`); False when unknown
     exchange_ts: int  # event time of this update, ms
+
+
+def check_candle(candle: CandleUpdate) -> CandleUpdate:
+    """The candle if it is a plausible bar; raises BadFrame saying what is wrong.
+
+    The one check of every exchange's candles (stream and REST), written so that NaN fails
+    every comparison: a whole minute between 2010 and 2100, prices in (0, MAX_PRICE], volume
+    in [0, MAX_VOLUME], open and close within low..high, a trade count in [0, MAX_TRADES].
+    """
+    minute, low, high, volume = candle.minute, candle.low, candle.high, candle.volume
+    if minute % MINUTE_MS or not MIN_TS_MS <= minute <= MAX_TS_MS - MINUTE_MS:
+        raise BadFrame(f"{candle.market.id}: {minute} is not a plausible minute start")
+    if not (low > 0 and high <= MAX_PRICE and 0 <= volume <= MAX_VOLUME):
+        raise BadFrame(
+            f"{candle.market.id} {minute}: prices not in (0, 1e12] or volume in [0, 1e18]"
+        )
+    if not (low <= candle.open <= high and low <= candle.close <= high):
+        raise BadFrame(f"{candle.market.id} {minute}: open and close must lie within low..high")
+    if not 0 <= (candle.trades or 0) <= MAX_TRADES:
+        raise BadFrame(f"{candle.market.id} {minute}: trade count {candle.trades}")
+    return candle
+
+
+@dataclass(frozen=True, slots=True)
+class CandlePage:
+    """The candles of one REST answer, oldest first, and why each refused row was refused.
+
+    A bad row costs only its own minute: the page keeps the others (the minute is counted and
+    repaired later by reconciliation).
+    """
+
+    candles: list[CandleUpdate]
+    bad_rows: list[str] = field(default_factory=list)
+
+
+# What parsing one row may raise besides BadFrame: a wrong shape, type or value.
+_ROW_ERRORS: Final = (BadFrame, ValueError, TypeError, msgspec.DecodeError, RecursionError)
+
+
+def candle_page(rows: Iterable[Callable[[], CandleUpdate]]) -> CandlePage:
+    """Parse rows given oldest first (each a call returning its candle), checked, in order.
+
+    A row whose call raises, whose candle fails `check_candle`, or which is not after the last
+    row kept, is skipped and described in `bad_rows` with its index.
+    """
+    candles: list[CandleUpdate] = []
+    bad: list[str] = []
+    for index, parse in enumerate(rows):
+        try:
+            candle = check_candle(parse())
+        except _ROW_ERRORS as exc:
+            bad.append(f"row {index}: {str(exc)[:200]}")
+            continue
+        if candles and candle.minute <= candles[-1].minute:
+            bad.append(f"row {index}: not after the row before it")
+            continue
+        candles.append(candle)
+    return CandlePage(candles, bad)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +198,8 @@ class ExchangeProtocol(Protocol):
         """REST path (with query) of the closed one-minute candles from start to end."""
         ...
 
-    def parse_candles(self, market: Market, body: bytes) -> list[CandleUpdate]:
+    def parse_candles(self, market: Market, body: bytes) -> CandlePage:
         """The candles in a REST answer, oldest first, each marked closed with `exchange_ts`
-        = its end (minute + 60000); the caller drops a minute that is still forming."""
+        = its end (minute + 60000); the caller drops a minute that is still forming. Raises
+        BadFrame for a body that is not a candle answer; a bad row is skipped (`bad_rows`)."""
         ...

@@ -28,6 +28,9 @@ from tickstream_watcher.exchange import (
 log = logging.getLogger(__name__)
 
 FeedState = Literal["connecting", "live", "reconnecting", "stopped"]
+# Connections in a row failing before their first frame after which the exchange is shown
+# unreachable (with the backoff, about half a minute to a few minutes of trying).
+UNREACHABLE_AFTER: Final = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +132,12 @@ class ExchangeFeed:
     counters: FeedCounters = field(default_factory=FeedCounters)
     rejected: set[str] = field(default_factory=set)
     last_delay: float = 0.0  # the wait before the latest reconnect, seconds
+    # Connections in a row that failed before delivering a frame: the exchange is unreachable
+    # once this reaches UNREACHABLE_AFTER.
+    failures: int = 0
+    _socket: ClientConnection | None = field(default=None, init=False, repr=False)
+    _renew: bool = field(default=False, init=False, repr=False)
+    _closing: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         READINGS.track(
@@ -140,8 +149,21 @@ class ExchangeFeed:
     def _live_readings(self) -> list[Reading]:
         return [(FEED_LIVE, (self.protocol.name,), 1.0 if self.state == "live" else 0.0)]
 
+    @property
+    def unreachable(self) -> bool:
+        """True after UNREACHABLE_AFTER connections in a row failed before any frame."""
+        return self.state != "live" and self.failures >= UNREACHABLE_AFTER
+
+    def renew(self) -> None:
+        """Close the connection now and make a new one (subscribing again), as after an
+        exchange's reconnect request; nothing if no connection is open. Idempotent."""
+        if self._socket is not None and not self._renew:
+            self._renew = True
+            task = asyncio.get_running_loop().create_task(self._socket.close())
+            # Owned by the connection: its close ends the read loop, which awaits nothing more.
+            self._closing = task
+
     async def run(self, stop: asyncio.Event) -> None:
-        failures = 0
         try:
             while not stop.is_set():
                 frames_before = self.counters.frames
@@ -154,8 +176,9 @@ class ExchangeFeed:
                     break
                 # A connection that delivered data resets the backoff; one that failed before
                 # any data (refused, dropped at once) keeps doubling it.
-                failures = 0 if self.counters.frames > frames_before else failures + 1
-                delay = self.last_delay = self._delay(failures)
+                failed = self.counters.frames == frames_before
+                self.failures = self.failures + 1 if failed else 0
+                delay = self.last_delay = self._delay(self.failures)
                 self.state = "reconnecting"
                 self.counters.reconnects += 1
                 log.warning("%s feed: %s; reconnecting in %.1fs", self.protocol.name, reason, delay)
@@ -189,9 +212,11 @@ class ExchangeFeed:
             # One watcher per connection, not per frame: `stop` closes the socket, which ends
             # the pending recv (frames arrive at trade rate; per-frame futures would cost more).
             closer = asyncio.create_task(_close_on(stop, ws))
+            self._socket, self._renew = ws, False
             try:
                 await self._read(ws, stop)
             finally:
+                self._socket = None
                 closer.cancel()
 
     async def _read(self, ws: ClientConnection, stop: asyncio.Event) -> None:
@@ -212,8 +237,8 @@ class ExchangeFeed:
                     continue  # the age check above renews it
                 raise TimeoutError(f"no frame for {self.limits.silence_s:.0f}s") from None
             except ConnectionClosed:
-                if stop.is_set():
-                    return  # closed by `_close_on`
+                if stop.is_set() or self._renew:
+                    return  # closed by `_close_on` or `renew`
                 raise
             if await self._handle(frame):
                 return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -13,16 +14,17 @@ import msgspec
 from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MAX_TS_MS, MIN_TS_MS, MINUTE_MS
 from tickstream_watcher.exchange import (
-    MAX_PRICE,
     MAX_REST_BYTES,
-    MAX_VOLUME,
     NAME_RE,
     BadFrame,
+    CandlePage,
     CandleUpdate,
     FeedEvent,
     Heartbeat,
     Reconnect,
     Rejected,
+    candle_page,
+    check_candle,
     frame_bytes,
 )
 
@@ -32,7 +34,6 @@ SUBSCRIBE_BATCH: Final = 100
 # Legacy asset codes: AssetPairs `wsname` and REST pair names use them, WS v2 symbols do not.
 _V2_ASSET: Final = {"XBT": "BTC", "XDG": "DOGE"}
 _LEGACY_ASSET: Final = {v2: legacy for legacy, v2 in _V2_ASSET.items()}
-_MAX_TRADES: Final = 2**40
 _NS_PER_MS: Final = 1_000_000
 _RFC3339_RE: Final = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]{1,9}))?Z"
@@ -92,7 +93,8 @@ _Row = tuple[int, str, str, str, str, str, str, int]
 
 
 class _OhlcAnswer(_Answer, gc=False):
-    result: dict[str, list[_Row] | int] = {}  # one key per pair (Kraken's name) plus "last"
+    # One key per pair (Kraken's name) plus "last"; rows are decoded one by one.
+    result: dict[str, list[msgspec.Raw] | int] = {}
 
 
 _frame_decoder: Final = msgspec.json.Decoder(_Frame)
@@ -100,6 +102,7 @@ _ohlc_decoder: Final = msgspec.json.Decoder(list[_Ohlc])
 _status_decoder: Final = msgspec.json.Decoder(list[_Status])
 _listing_decoder: Final = msgspec.json.Decoder(_Listing)
 _ohlc_answer_decoder: Final = msgspec.json.Decoder(_OhlcAnswer)
+_row_decoder: Final = msgspec.json.Decoder(_Row)
 _encoder: Final = msgspec.json.Encoder()
 
 
@@ -188,7 +191,9 @@ class KrakenProtocol:
             # no clock, and minute + 60000 would date a forming candle up to a minute ahead.
             stamp = minute if frame_ts is None else frame_ts
             prices = entry.open, entry.high, entry.low, entry.close, entry.volume
-            out.append(_checked(CandleUpdate(market, minute, *prices, entry.trades, False, stamp)))
+            out.append(
+                check_candle(CandleUpdate(market, minute, *prices, entry.trades, False, stamp))
+            )
         return out
 
     def listing_path(self) -> str:
@@ -213,25 +218,23 @@ class KrakenProtocol:
         query = urlencode({"pair": rest_pair(symbol), "interval": 1, "since": start_ms // 1000 - 1})
         return f"/0/public/OHLC?{query}"
 
-    def parse_candles(self, market: Market, body: bytes) -> list[CandleUpdate]:
-        """Every row but the last, which Kraken documents as the minute still forming."""
+    def parse_candles(self, market: Market, body: bytes) -> CandlePage:
+        """Every row but the last, which Kraken documents as the minute still forming. Raises
+        BadFrame for an error answer or one without exactly one pair's rows; an invalid or
+        misordered row is skipped and named in `bad_rows`, the others are kept."""
         answer = _rest(_ohlc_answer_decoder, body)
         pairs = [rows for key, rows in answer.result.items() if key != "last"]
         rows = pairs[0] if len(pairs) == 1 else None
         if not isinstance(rows, list):
             raise BadFrame(f"OHLC answer holds {len(pairs)} pairs, not one list of rows")
-        out: list[CandleUpdate] = []
-        for time_s, open_, high, low, close, _vwap, volume, count in rows[:-1]:
-            minute = time_s * 1000
-            if out and minute <= out[-1].minute:
-                raise BadFrame(f"OHLC row {time_s} is not after the row before it")
-            try:
-                prices = float(open_), float(high), float(low), float(close), float(volume)
-            except ValueError:
-                raise BadFrame(f"OHLC row {time_s} has a field that is not a number") from None
-            end = minute + MINUTE_MS
-            out.append(_checked(CandleUpdate(market, minute, *prices, count, True, end)))
-        return out
+        return candle_page(functools.partial(_rest_candle, market, raw) for raw in rows[:-1])
+
+
+def _rest_candle(market: Market, raw: msgspec.Raw) -> CandleUpdate:
+    time_s, open_, high, low, close, _vwap, volume, count = _decode(_row_decoder, raw)
+    minute = time_s * 1000
+    prices = float(open_), float(high), float(low), float(close), float(volume)
+    return CandleUpdate(market, minute, *prices, count, True, minute + MINUTE_MS)
 
 
 def _decode(decoder: msgspec.json.Decoder[_T], data: str | bytes | msgspec.Raw) -> _T:
@@ -266,22 +269,6 @@ def _epoch_ns(text: str) -> int:
     if not MIN_TS_MS * _NS_PER_MS <= ns <= MAX_TS_MS * _NS_PER_MS:
         raise BadFrame(f"time {text!r} is not between 2010 and 2100")
     return ns
-
-
-def _checked(candle: CandleUpdate) -> CandleUpdate:
-    """The candle if it is a plausible bar; written so that NaN fails every comparison."""
-    minute, low, high, volume = candle.minute, candle.low, candle.high, candle.volume
-    if minute % MINUTE_MS or not MIN_TS_MS <= minute <= MAX_TS_MS - MINUTE_MS:
-        raise BadFrame(f"{candle.market.id}: {minute} is not a plausible minute start")
-    if not (low > 0 and high <= MAX_PRICE and 0 <= volume <= MAX_VOLUME):
-        raise BadFrame(
-            f"{candle.market.id} {minute}: prices not in (0, 1e12] or volume in [0, 1e18]"
-        )
-    if not (low <= candle.open <= high and low <= candle.close <= high):
-        raise BadFrame(f"{candle.market.id} {minute}: open and close must lie within low..high")
-    if not 0 <= (candle.trades or 0) <= _MAX_TRADES:
-        raise BadFrame(f"{candle.market.id} {minute}: trade count {candle.trades}")
-    return candle
 
 
 def _status_event(entries: list[_Status]) -> FeedEvent:

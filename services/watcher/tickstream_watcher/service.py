@@ -23,7 +23,7 @@ from tickstream_watcher.exchange import BadFrame
 from tickstream_watcher.leadership import GroupState, Lease, wait_for_lease
 from tickstream_watcher.publisher import TickPublisher
 from tickstream_watcher.rest import RestUnavailable
-from tickstream_watcher.sources import TickSource, make_source
+from tickstream_watcher.sources import SourceRestart, TickSource, make_source
 
 log = logging.getLogger("tickstream.watcher")
 
@@ -51,6 +51,10 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
                 if await _term(settings, lease, group, stop):
                     break
                 log.warning("lost the lease %s: stopped publishing, standing by", lease.key)
+            except SourceRestart as exc:
+                log.warning("the source changed: %s; starting it again", exc)
+                with contextlib.suppress(*_REDIS_ERRORS):
+                    await lease.release()
             except _BROKER_ERRORS as exc:
                 # The broker is down or lost the producer's state: hand the lease on (a standby
                 # may do better), wait a little, and stand by for it again with a new producer.

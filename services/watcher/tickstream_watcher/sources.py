@@ -34,6 +34,11 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+class SourceRestart(Exception):
+    """The source's markets changed (an exchange's listing became readable): `chunks` ends
+    with this, and the watcher starts the source again, with the new markets."""
+
+
 class TickSource(Protocol):
     """Yields lists of ticks that are due together; the publisher sends each list at once.
 
