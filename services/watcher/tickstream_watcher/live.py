@@ -425,6 +425,7 @@ class LiveSource:
         )
         if page.bad_rows:
             self.bars.bad_rest_rows(market, len(page.bad_rows))
+            self.bars.recheck(market, first)  # the refused rows' minutes, once REST has them
             log.warning(
                 "%s: %d bad REST candle rows skipped (%s)",
                 market.id,

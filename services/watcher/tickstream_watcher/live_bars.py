@@ -442,6 +442,11 @@ class LiveBars:
             state.check_from = None
         return out
 
+    def recheck(self, market: Market, from_minute: int) -> None:
+        """Reconcile the market's minutes from `from_minute` on as soon as REST has settled
+        them (a REST page had a bad row: its minute is missing until then)."""
+        _recheck(self._state(market), from_minute)
+
     def suspect(self, market: Market, since_ms: int) -> None:
         """The market went silent at `since_ms` while others updated: what it published since
         may be partial. Its forming minute closes from REST, and the minutes since are
@@ -449,8 +454,7 @@ class LiveBars:
         state = self._state(market)
         if state.forming is not None:
             state.unfinished.add(state.forming.minute)
-        since = since_ms - since_ms % MINUTE_MS
-        state.check_from = since if state.check_from is None else min(state.check_from, since)
+        self.recheck(market, since_ms - since_ms % MINUTE_MS)
 
     def resume(
         self, market: Market, closed_through: int | None, last_seq: int, republished: int | None
@@ -604,6 +608,9 @@ class LiveBars:
         """Publish `bar` as its minute's closed bar, remembered for corrections and checks."""
         # max: a backfill may close later minutes before this one (out of order).
         state.closed_through = max(state.closed_through, bar.minute)
+        if not bar.final and bar.minute <= state.reconciled_through:
+            # Closed after reconciliation passed its minute (out of order): checked again.
+            _recheck(state, bar.minute)
         recent = state.recent
         recent[bar.minute] = bar
         horizon = max(recent) - _RECENT_MS
@@ -646,6 +653,12 @@ class LiveBars:
             bar.trades,
             closed,
         )
+
+
+def _recheck(state: _MarketState, from_minute: int) -> None:
+    state.check_from = (
+        from_minute if state.check_from is None else min(state.check_from, from_minute)
+    )
 
 
 def _candle_bar(candle: CandleUpdate) -> _Bar:
