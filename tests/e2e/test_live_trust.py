@@ -22,7 +22,7 @@ from tickstream_shared.schemas import Tick
 pytestmark = pytest.mark.e2e
 
 M = 60_000
-MARKET = "binance:nkn-usdt"
+MARKET = "binance:trst-usdt"
 HISTORY = 20  # minutes REST has before the streamed ones
 
 
@@ -62,14 +62,14 @@ class TrustedBinance:
 
     def route(self, path: str, query: dict[str, str]) -> tuple[int, Any]:
         if path == "/api/v3/exchangeInfo":
-            nkn = {
-                "symbol": "NKNUSDT",
+            trst = {
+                "symbol": "TRSTUSDT",
                 "status": "TRADING",
-                "baseAsset": "NKN",
+                "baseAsset": "TRST",
                 "quoteAsset": "USDT",
             }
-            return 200, {"symbols": [nkn]}
-        if path == "/api/v3/klines" and query.get("symbol") == "NKNUSDT":
+            return 200, {"symbols": [trst]}
+        if path == "/api/v3/klines" and query.get("symbol") == "TRSTUSDT":
             self.klines_requests += 1
             start, end = int(query["startTime"]), int(query["endTime"])
             rows = [self.row(m) for m in sorted(self.truth) if start <= m <= end]
@@ -85,7 +85,7 @@ class TrustedBinance:
         k = {
             "t": minute,
             "T": minute + M - 1,
-            "s": "NKNUSDT",
+            "s": "TRSTUSDT",
             "i": "1m",
             "o": close,
             "c": close,
@@ -95,8 +95,8 @@ class TrustedBinance:
             "n": 7,
             "x": final,
         }
-        data = {"e": "kline", "E": at, "s": "NKNUSDT", "k": k}
-        return json.dumps({"stream": "nknusdt@kline_1m", "data": data})
+        data = {"e": "kline", "E": at, "s": "TRSTUSDT", "k": k}
+        return json.dumps({"stream": "trstusdt@kline_1m", "data": data})
 
     async def ws(self, connection: ServerConnection) -> None:
         c, now = self.now_minute, time.time_ns() // 1_000_000

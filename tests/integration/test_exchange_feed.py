@@ -1,4 +1,4 @@
-"""ExchangeFeed against a local WebSocket server speaking Binance's combined-stream format."""
+"""ExchangeFeed against local WebSocket servers speaking the exchanges' formats."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from websockets.asyncio.server import ServerConnection, serve
 from tests.conftest import SHARED_DATA, deadline
 from tickstream_shared.naming import Market
 from tickstream_watcher.binance import BinanceProtocol
-from tickstream_watcher.exchange import CandleUpdate, FeedEvent
+from tickstream_watcher.coinbase import CoinbaseProtocol
+from tickstream_watcher.exchange import CandleUpdate, FeedEvent, Heartbeat
 from tickstream_watcher.feed import ExchangeFeed, FeedLimits
+from tickstream_watcher.kraken import KrakenProtocol
 
 FAST = FeedLimits(min_reconnect_s=0.01, max_reconnect_s=0.05, silence_s=0.5)
 SYMBOLS = {"NKNUSDT": Market("binance", "nkn", "usdt"), "LRCBTC": Market("binance", "lrc", "btc")}
@@ -189,3 +191,84 @@ async def test_refused_connections_back_off_and_recover() -> None:
         stop.set()
         async with asyncio.timeout(deadline(5)):
             await task
+
+
+KRAKEN_OHLC = (
+    '{"channel":"ohlc","type":"update","timestamp":"2023-10-04T16:26:30.524394914Z","data":'
+    '[{"symbol":"BTC/USD","open":1.5,"high":1.6,"low":1.4,"close":1.5,"trades":3,'
+    '"volume":2.5,"vwap":1.5,"interval_begin":"2023-10-04T16:26:00.000000000Z","interval":1}]}'
+)
+COINBASE_MATCH = (
+    '{"type":"match","trade_id":10,"sequence":50,"time":"2023-10-04T16:26:30.028459Z",'
+    '"product_id":"BTC-USD","size":"0.5","price":"400.23","side":"sell"}'
+)
+MALFORMED = [
+    "not json",
+    '{"channel":"ohlc","type":"update","data":5}',
+    '{"channel":"ohlc","type":"update","timestamp":"2023-02-30T00:00:00Z","data":[]}',
+    KRAKEN_OHLC.replace("BTC/USD", "XYZ/USD"),
+    KRAKEN_OHLC.replace('"high":1.6', '"high":1e400'),
+    '{"type":"match","trade_id":-1,"product_id":"BTC-USD"}',
+    COINBASE_MATCH.replace('"0.5"', '"nan"'),
+    COINBASE_MATCH.replace("BTC-USD", "XYZ-USD"),
+    "[" * 5000 + "]" * 5000,
+    "\udcff",
+    '{"stream":"x","data":{"e":"kline"',
+]
+
+
+@pytest.mark.parametrize(
+    ("protocol", "symbols", "valid"),
+    [
+        (KrakenProtocol({"BTC/USD": Market("kraken", "btc", "usd")}), ["BTC/USD"], KRAKEN_OHLC),
+        (
+            CoinbaseProtocol({"BTC-USD": Market("coinbase", "btc", "usd")}),
+            ["BTC-USD"],
+            COINBASE_MATCH,
+        ),
+        (BinanceProtocol(SYMBOLS), sorted(SYMBOLS), captured_klines),
+    ],
+    ids=["kraken", "coinbase", "binance"],
+)
+async def test_malformed_frames_never_close_the_connection(
+    protocol: Any, symbols: list[str], valid: Any
+) -> None:
+    """Every malformed frame is counted and skipped on the same connection; data goes on."""
+    frame = valid()[0] if callable(valid) else valid
+    frames = [f for f in MALFORMED if f != "\udcff"]
+    exchange = Exchange([[("send", f) for f in [*frames, frame]]])
+    received = Received()
+    async with serve(exchange.handler, "127.0.0.1", 0) as server:
+        feed = ExchangeFeed(
+            protocol,
+            f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+            symbols,
+            FAST,
+            received.deliver,
+            received.on_connected,
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(feed.run(stop))
+        try:
+            await wait_until(lambda: feed.counters.frames == len(frames) + 1, within=5)
+            await wait_until(lambda: any(not isinstance(e, Heartbeat) for e in received.events), 5)
+            assert feed.state == "live" and feed.counters.connects == 1
+            assert feed.counters.reconnects == 0 and len(exchange.paths) == 1
+            # Another exchange's well-formed frame is "nothing for us", not a bad frame.
+            assert feed.counters.bad_frames >= 4
+        finally:
+            stop.set()
+            async with asyncio.timeout(deadline(5)):
+                await task
+
+
+async def test_renew_reconnects_and_subscribes_again() -> None:
+    """`renew` (a silent market) closes the connection and makes a new one at once."""
+    frames = captured_klines()
+    exchange = Exchange([[("send", frames[0])]])
+    received = Received()
+    async with running(exchange, received) as (feed, _):
+        await wait_until(lambda: received.connected == 1 and received.candles(), within=5)
+        feed.renew()
+        await wait_until(lambda: received.connected == 2, within=5)
+        assert len(exchange.paths) == 2 and feed.counters.reconnects == 1
