@@ -157,6 +157,19 @@ async def test_replay_end_to_end(
     assert subscribed["type"] == "subscribed" and history_frame["type"] == "history"
     assert [p["minute"] for p in history_frame["bars"]] == [v[0] for v in body["values"]]
 
+    # The watcher's reports reach the gateway: the replay is named a replay, never live data.
+    def replay_finished() -> Any:
+        status, body = http_json(base, "/api/feeds")
+        done = status == 200 and body["origins"].get("replay", {}).get("state") == "finished"
+        return body if done else None
+
+    feeds = await wait_for(replay_finished, within=30, what="a finished replay", services=services)
+    assert feeds["origins"]["replay"]["source"] == "replay"
+    assert feeds["origins"]["replay"]["markets"] == {"finished": len(MARKETS)}
+    assert {m: (f["source"], f["origin"], f["state"]) for m, f in feeds["feeds"].items()} == {
+        m: ("replay", "replay", "finished") for m in MARKETS
+    }
+
 
 async def test_bad_input_gets_clear_errors(
     stack: tuple[LocalInfra, Services, str, dict[str, list[Row]]],

@@ -386,10 +386,11 @@ async def test_unknown_market_and_rank_subscription(gateway: Gateway) -> None:
 
 
 async def test_metrics_show_each_markets_feed(gateway: Gateway) -> None:
-    """`feeds` holds every good report aged by the gateway; `feed` is null without one."""
+    """Reports are served aged, summed per origin, also by /api/feeds; /readyz ignores them."""
     exchange = unique_exchange()
-    fresh, old, bare, garbled, quiet = (
-        Market(exchange, base, "usd") for base in ("fresh", "old", "bare", "garbled", "quiet")
+    fresh, old, bare, garbled, quiet, down, replayed = (
+        Market(exchange, base, "usd")
+        for base in ("fresh", "old", "bare", "garbled", "quiet", "down", "replayed")
     )
     with_stats = (fresh, old, bare, garbled)
     now_ms = time.time_ns() // 1_000_000
@@ -399,6 +400,10 @@ async def test_metrics_show_each_markets_feed(gateway: Gateway) -> None:
             "replay", "replay", "live", now_ms - STALE_AFTER_MS - 5_000
         ).encode(),
         quiet.id.encode(): FeedStatus("live", exchange, "reconnecting", now_ms).encode(),
+        down.id.encode(): FeedStatus(
+            "live", exchange, "unreachable", now_ms, now_ms - 600_000
+        ).encode(),
+        replayed.id.encode(): FeedStatus("replay", "replay", "live", now_ms, now_ms - 200).encode(),
         garbled.id.encode(): b"{not a report",
         f"{exchange}:no id".encode(): FeedStatus("live", exchange, "live", now_ms).encode(),
         f"{exchange}:\xff-usd".encode("latin-1"): b"\xff\xfe not UTF-8",
@@ -436,7 +441,37 @@ async def test_metrics_show_each_markets_feed(gateway: Gateway) -> None:
                 "reported_ms": now_ms,
                 "last_data_ms": None,
             },
+            down.id: {
+                "source": "live",
+                "origin": exchange,
+                "state": "unreachable",
+                "reported_ms": now_ms,
+                "last_data_ms": now_ms - 600_000,
+            },
+            replayed.id: {
+                "source": "replay",
+                "origin": "replay",
+                "state": "live",
+                "reported_ms": now_ms,
+                "last_data_ms": now_ms - 200,
+            },
         }
+        assert body["origins"][exchange] == {
+            "source": "live",
+            "state": "unreachable",
+            "markets": {"unreachable": 1, "reconnecting": 1, "live": 1},
+            "last_data_ms": now_ms - 500,
+        }
+        assert body["origins"]["replay"] == {
+            "source": "replay",
+            "state": "stale",
+            "markets": {"stale": 1, "live": 1},
+            "last_data_ms": now_ms - 200,
+        }
+        status, listed = await http_json(gateway.base, "/api/feeds")
+        assert (status, listed) == (200, {"origins": body["origins"], "feeds": body["feeds"]})
+        status, ready = await http_json(gateway.base, "/readyz")
+        assert (status, set(ready)) == (200, {"status", "broker", "redis", "database", "feed"})
         shown = {
             m["id"]: m["feed"] for m in body["metrics"] if m["market"].startswith(f"{exchange}:")
         }

@@ -1,4 +1,4 @@
-"""The dashboard's static files: elements it looks up exist, scripts parse, feed wording in node."""
+"""The dashboard's static files: elements exist, scripts parse, feed wording and header in node."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,7 +42,7 @@ def test_every_element_the_script_looks_up_is_in_the_page() -> None:
     script = (STATIC_DIR / "app.js").read_text()
     page = (STATIC_DIR / "index.html").read_text()
     looked_up = set(re.findall(r"byTestId\('([^']+)'\)", script))
-    assert {"data-source", "selected-feed", "stale-badge"} <= looked_up
+    assert {"feed-origins", "empty-state", "selected-feed", "stale-badge", "status"} <= looked_up
     in_page = set(re.findall(r'data-testid="([^"]+)"', page))
     assert looked_up - in_page == set()
 
@@ -57,40 +58,244 @@ def test_scripts_parse_as_modules(name: str) -> None:
     )
 
 
+def report(source: str, state: str) -> dict[str, object]:
+    return {"source": source, "origin": source, "state": state, "last_data_ms": 1}
+
+
 @needs_node
-def test_source_summary_names_sources_and_exchanges() -> None:
-    """The header names each source once, live with its exchanges, and says when all are stale."""
-    live = {
-        "k:btc-usd": {"source": "live", "origin": "kraken", "state": "live"},
-        "b:btc-usdt": {"source": "live", "origin": "binance", "state": "reconnecting"},
-        "b:eth-usdt": {"source": "live", "origin": "binance", "state": "stale"},
+def test_a_markets_badge_is_green_only_for_live_exchange_data() -> None:
+    """Exchange feeds show their state; replay and synthetic are named by kind, never green."""
+    feeds = {
+        "b:btc-usdt": report("live", "live"),
+        "b:eth-usdt": report("live", "unreachable"),
+        "b:sol-usdt": report("live", "reconnecting"),
+        "b:xrp-usdt": report("live", "stale"),
+        "b:ada-usdt": report("live", "connecting"),
+        "r:btc-usdt": report("replay", "live"),
+        "r:eth-usdt": report("replay", "finished"),
+        "r:sol-usdt": report("replay", "stale"),
+        "s:btc-usd": report("synthetic", "live"),
+        "s:eth-usd": report("synthetic", "connecting"),
+        "x:odd-usd": report("live", "toString"),
+        "x:ftp-usd": report("ftp", "live"),
     }
-    gone = {"r:btc-usdt": {"source": "replay", "origin": "replay", "state": "stale"}}
-    mixed = {**gone, "s:a-b": {"source": "synthetic", "origin": "synthetic", "state": "live"}}
-    summaries = run_feeds_js(
-        f"[{json.dumps(live)}, {json.dumps(gone)}, {json.dumps(mixed)}, {{}}, null, "
-        '{"x:a-b": 7}].map(feeds.sourceSummary)'
+    markets = [*feeds, "k:nope-usd"]
+    badges = run_feeds_js(
+        f"[{json.dumps(markets)}.map((m) => feeds.feedBadgeOf({json.dumps(feeds)}, m))"
+        ".map((b) => [b.state, b.text, b.tone]), feeds.feedBadgeOf(null, 'b:x-y')]"
     )
-    assert summaries == [
-        {"text": "live: binance, kraken", "stale": False},
-        {"text": "replay", "stale": True},
-        {"text": "replay · synthetic", "stale": False},
-        {"text": None, "stale": False},
-        {"text": None, "stale": False},
-        {"text": None, "stale": False},
+    assert badges == [
+        [
+            ["live", "live", "good"],
+            ["unreachable", "unreachable", "bad"],
+            ["reconnecting", "reconnecting", "warn"],
+            ["stale", "stale", "warn"],
+            ["connecting", "connecting", "warn"],
+            ["live", "replay", "neutral"],
+            ["finished", "replay finished", "neutral"],
+            ["stale", "replay stale", "warn"],
+            ["live", "synthetic", "neutral"],
+            ["connecting", "synthetic connecting", "warn"],
+            ["unknown", "unknown", "muted"],
+            ["live", "unknown source", "neutral"],
+            ["unknown", "unknown", "muted"],
+        ],
+        None,
     ]
 
 
+def summary(source: str, state: str, **markets: int) -> dict[str, object]:
+    return {"source": source, "state": state, "markets": markets, "last_data_ms": None}
+
+
 @needs_node
-def test_feed_state_of_a_market() -> None:
-    """A market's badge is its report's state, `unknown` without a report, none before a load."""
-    feeds = {
-        "b:btc-usdt": {"source": "live", "origin": "binance", "state": "reconnecting"},
-        "r:btc-usdt": {"source": "replay", "origin": "replay", "state": "finished"},
-        "x:odd-usd": {"source": "live", "origin": "x", "state": "toString"},
+def test_origin_badges_name_each_exchange_and_kind() -> None:
+    """One badge per origin by name: the exchange and its state, or the kind of data."""
+    origins = {
+        "kraken": summary("live", "live", live=3),
+        "binance": summary("live", "unreachable", unreachable=2, live=1),
+        "synthetic": summary("synthetic", "live", live=4),
+        "replay": summary("replay", "finished", finished=2),
+        "junk": 7,
     }
-    states = run_feeds_js(
-        "[['b:btc-usdt', 'r:btc-usdt', 'x:odd-usd', 'k:nope-usd']"
-        f".map((m) => feeds.feedStateOf({json.dumps(feeds)}, m)), feeds.feedStateOf(null, 'b:x-y')]"
+    badges = run_feeds_js(
+        f"feeds.originBadges({json.dumps(origins)}).map((b) => [b.origin, b.text, b.tone, b.title])"
     )
-    assert states == [["reconnecting", "finished", "unknown", "unknown"], None]
+    assert [b[:3] for b in badges] == [
+        ["binance", "binance unreachable", "bad"],
+        ["kraken", "kraken live", "good"],
+        ["replay", "replay finished", "neutral"],
+        ["synthetic", "synthetic", "neutral"],
+    ]
+    assert badges[0][3].endswith("(markets: 2 unreachable, 1 live)")
+    assert run_feeds_js("[feeds.originBadges(null), feeds.originBadges({})]") == [[], []]
+
+
+@needs_node
+@pytest.mark.parametrize(
+    ("origins", "state", "text"),
+    [
+        (None, "waiting", "waiting for data"),
+        ({}, "waiting", "no data"),
+        ({"binance": summary("live", "unreachable", unreachable=5)}, "down", "unreachable"),
+        (
+            {
+                "binance": summary("live", "unreachable", unreachable=5),
+                "kraken": summary("live", "reconnecting", reconnecting=1),
+            },
+            "waiting",
+            "no live data",
+        ),
+        ({"binance": summary("live", "stale", stale=2)}, "waiting", "no live data"),
+        ({"binance": summary("live", "connecting", connecting=2)}, "waiting", "no live data"),
+        ({"binance": summary("live", "stale", stale=1, live=9)}, "connected", "connected"),
+        ({"synthetic": summary("synthetic", "live", live=2)}, "connected", "connected"),
+        ({"replay": summary("replay", "finished", finished=2)}, "finished", "replay finished"),
+    ],
+)
+def test_open_socket_is_green_only_while_a_feed_is_live(
+    origins: dict[str, object] | None, state: str, text: str
+) -> None:
+    """An open WebSocket shows `connected` only with live data; else it says why not."""
+    status = run_feeds_js(f"feeds.openStatus({json.dumps(origins)})")
+    assert (status["state"], status["text"]) == (state, text)
+
+
+@needs_node
+def test_open_status_names_each_origins_state() -> None:
+    """The indicator's title lists each origin with its state."""
+    origins = {
+        "kraken": summary("live", "reconnecting", reconnecting=1),
+        "binance": summary("live", "unreachable", unreachable=5),
+    }
+    status = run_feeds_js(f"feeds.openStatus({json.dumps(origins)})")
+    assert status["title"] == "binance: unreachable, kraken: reconnecting"
+
+
+@needs_node
+def test_empty_page_says_why() -> None:
+    """Without metrics the page says which feeds it waits for; with some, or unloaded, nothing."""
+    down = {"binance": summary("live", "unreachable", unreachable=5)}
+    flowing = {**down, "kraken": summary("live", "live", live=1)}
+    texts = run_feeds_js(
+        f"[[{json.dumps(down)}, 0], [{{}}, 0], [{json.dumps(flowing)}, 0], "
+        f"[{json.dumps(down)}, 4], [null, 0]].map(([o, n]) => feeds.emptyState(o, n))"
+    )
+    assert texts == [
+        "Waiting for data from binance: unreachable.",
+        "No data: no watcher reports any feed (is the watcher running?).",
+        "Data is arriving from kraken: statistics appear once the stats service has processed it.",
+        None,
+        None,
+    ]
+
+
+def css_colours(selector: str) -> dict[str, str]:
+    """`value -> colour variable` of the style.css rules `<selector>="value"...{ ...var(--x) }`."""
+    css = (STATIC_DIR / "style.css").read_text()
+    pattern = re.escape(selector) + r'="([a-z]+)"\]([^{,]*)\{[^}]*var\(--([a-z]+)\)'
+    return {
+        f"{value} {rest.strip()}".strip(): colour
+        for value, rest, colour in re.findall(pattern, css)
+    }
+
+
+def test_only_live_data_and_a_live_connection_are_coloured_green() -> None:
+    """style.css: tone good alone is green; only `connected` has a green status dot."""
+    assert css_colours(".feed-badge[data-tone") == {
+        "good": "good",
+        "warn": "warn",
+        "bad": "bad",
+        "neutral": "accent",
+    }
+    dots = {k: v for k, v in css_colours(".status[data-state").items() if k.endswith("-dot")}
+    assert dots == {
+        "connected .status-dot": "good",
+        "reconnecting .status-dot": "warn",
+        "waiting .status-dot": "warn",
+        "down .status-dot": "bad",
+        "finished .status-dot": "accent",
+    }
+
+
+def run_dashboard(tmp_path: Path, scenario: dict[str, Any]) -> Any:
+    """What app.js shows for `scenario`, run in node by dashboard_harness.mjs (see there)."""
+    assert NODE is not None
+    for name in ("app.js", "feeds.js"):
+        shutil.copy(STATIC_DIR / name, tmp_path / name)
+    shutil.copy(Path(__file__).with_name("dashboard_harness.mjs"), tmp_path / "harness.mjs")
+    (tmp_path / "package.json").write_text('{"type": "module"}')
+    done = subprocess.run(
+        [NODE, "harness.mjs", json.dumps(scenario)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def metrics_body(
+    reports: dict[str, dict[str, object]], origins: dict[str, object], with_metrics: bool
+) -> dict[str, object]:
+    """An /api/metrics body: a price metric per reported market when `with_metrics`."""
+    metrics = [
+        {"id": f"{m}:price", "market": m, "kind": "price", "stale": False, "ranks": {}}
+        for m in reports
+    ]
+    return {"metrics": metrics if with_metrics else [], "feeds": reports, "origins": origins}
+
+
+@needs_node
+def test_dashboard_with_an_unreachable_exchange_is_red_and_says_why(tmp_path: Path) -> None:
+    """Socket open, binance unreachable, no metrics: red status, red badge, an explanation."""
+    reports = {"binance:btc-usdt": report("live", "unreachable")}
+    origins = {"binance": summary("live", "unreachable", unreachable=1)}
+    shown = run_dashboard(
+        tmp_path, {"open": True, "metrics": metrics_body(reports, origins, with_metrics=False)}
+    )
+    assert shown["before_open"] == {"state": "connecting", "text": "connecting", "title": ""}
+    assert shown["status"] == {
+        "state": "down",
+        "text": "unreachable",
+        "title": "binance: unreachable",
+    }
+    assert shown["empty"] == "Waiting for data from binance: unreachable."
+    assert shown["origins"] == [["binance unreachable", "bad"]]
+
+
+@needs_node
+def test_dashboard_without_feed_reports_is_not_green(tmp_path: Path) -> None:
+    """Socket open but no watcher reports: amber `no data` and the reason, never `connected`."""
+    shown = run_dashboard(tmp_path, {"open": True, "metrics": metrics_body({}, {}, False)})
+    assert (shown["status"]["state"], shown["status"]["text"]) == ("waiting", "no data")
+    assert shown["empty"] == "No data: no watcher reports any feed (is the watcher running?)."
+    assert shown["origins"] == []
+
+
+@needs_node
+def test_dashboard_labels_a_replay_replay(tmp_path: Path) -> None:
+    """A flowing replay: `connected`, its header and rank badges say `replay`, in blue."""
+    reports = {"replay:btc-usdt": report("replay", "live")}
+    origins = {"replay": summary("replay", "live", live=1)}
+    rank = {
+        "metric": "replay:btc-usdt:price",
+        "position": 1,
+        "total": 1,
+        "label": "1/1",
+        "value": 1.0,
+        "std": 1.0,
+        "cv": 1.0,
+        "mean": 1.0,
+        "count": 1,
+    }
+    shown = run_dashboard(
+        tmp_path,
+        {"open": True, "metrics": metrics_body(reports, origins, True), "ranks": [rank]},
+    )
+    assert (shown["status"]["state"], shown["status"]["text"]) == ("connected", "connected")
+    assert shown["empty"] is None
+    assert shown["origins"] == [["replay", "neutral"]]
+    assert shown["rank_feeds"] == [[["replay", "neutral"]]]

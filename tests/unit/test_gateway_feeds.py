@@ -1,8 +1,16 @@
-"""Feed reports as `/api/metrics` shows them: decoded, bounded, aged at one `now_ms`."""
+"""Feed reports as `/api/metrics` and `/api/feeds` show them: decoded, bounded, aged, summed up."""
 
 from __future__ import annotations
 
-from tickstream_gateway.feeds import MAX_FEEDS, decode_feeds, feeds_json, shown_state
+import msgspec
+
+from tickstream_gateway.feeds import (
+    MAX_FEEDS,
+    decode_feeds,
+    feeds_json,
+    origins_json,
+    shown_state,
+)
 from tickstream_gateway.metrics import metric_json
 from tickstream_gateway.ranks import MetricStats
 from tickstream_shared.feed_status import STALE_AFTER_MS, FeedStatus
@@ -78,6 +86,61 @@ def test_feeds_json_ages_every_report_at_one_time() -> None:
         },
     }
     assert feeds_json({}, NOW) == {}
+
+
+def test_each_state_and_source_is_served_as_reported_until_too_old() -> None:
+    """A replay keeps source `replay`, unreachable stays unreachable, an old report is stale."""
+    replay = FeedStatus("replay", "replay", "live", NOW - 1_000, NOW - 1_100)
+    down = FeedStatus("live", "binance", "unreachable", NOW - 1_000, NOW - 600_000)
+    silent = FeedStatus("live", "binance", "stale", NOW - 1_000, NOW - 300_000)
+    old = FeedStatus("synthetic", "synthetic", "live", NOW - STALE_AFTER_MS - 1, NOW - 20_000)
+    raw = {
+        b"binance:btc-usdt": down.encode(),
+        b"binance:eth-usdt": silent.encode(),
+        b"binance:sol-usdt": replay.encode(),
+        b"synthetic:btc-usd": old.encode(),
+    }
+    shown = {
+        market: (body["source"], body["origin"], body["state"])
+        for market, body in feeds_json(decode_feeds(raw), NOW).items()
+    }
+    assert shown == {
+        "binance:btc-usdt": ("live", "binance", "unreachable"),
+        "binance:eth-usdt": ("live", "binance", "stale"),
+        "binance:sol-usdt": ("replay", "replay", "live"),
+        "synthetic:btc-usd": ("synthetic", "synthetic", "stale"),
+    }
+
+
+def test_origins_sum_up_each_origin_as_json() -> None:
+    """`origins`: per origin its source, worst shown state, markets per state, newest data."""
+    feeds = {
+        "binance:btc-usdt": BTC,
+        "binance:eth-usdt": FeedStatus("live", "binance", "unreachable", NOW - 1_000),
+        "coinbase:eth-usd": ETH,
+        "replay:sol-usdt": GONE,
+    }
+    assert msgspec.to_builtins(origins_json(feeds, NOW)) == {
+        "binance": {
+            "source": "live",
+            "state": "unreachable",
+            "markets": {"unreachable": 1, "live": 1},
+            "last_data_ms": NOW - 1_200,
+        },
+        "coinbase": {
+            "source": "live",
+            "state": "reconnecting",
+            "markets": {"reconnecting": 1},
+            "last_data_ms": NOW - 30_000,
+        },
+        "replay": {
+            "source": "replay",
+            "state": "stale",
+            "markets": {"stale": 1},
+            "last_data_ms": None,
+        },
+    }
+    assert origins_json({}, NOW) == {}
 
 
 def test_metric_entry_carries_its_markets_feed_state() -> None:

@@ -25,6 +25,7 @@ from tickstream_gateway.telemetry import CountRequests
 from tickstream_shared.consuming import ConsumerRuntime
 from tickstream_shared.deadletter import DeadLetterSender
 from tickstream_shared.errors import ConfigError
+from tickstream_shared.feed_status import SEVERITY, FeedStatus
 from tickstream_shared.naming import Market
 from tickstream_shared.observability import (
     ALERTS_RAISED,
@@ -50,6 +51,7 @@ from tickstream_watcher.feed import (
     LIMITS,
     ExchangeFeed,
 )
+from tickstream_watcher.feed_markets import FEED_MARKETS, FeedMarkets
 from tickstream_watcher.publisher import TICKS_PUBLISHED, TickPublisher
 
 SENT: Family = Family("test_sent_total", "Things sent.", "counter", ("kind",))
@@ -271,6 +273,36 @@ def test_feed_counters_and_state_are_exported_per_exchange() -> None:
     assert after[FEED_RECONNECTS, labels] - before.get((FEED_RECONNECTS, labels), 0) == 2
     assert after[FEED_BAD_FRAMES, labels] - before.get((FEED_BAD_FRAMES, labels), 0) == 1
     assert after[FEED_LIVE, labels] - before.get((FEED_LIVE, labels), 0) == 1
+
+
+def test_feed_markets_count_the_latest_reports_by_origin_and_state() -> None:
+    """Every state of a reported origin is a gauge (0 included); nothing once cleared."""
+    gc.collect()
+    exchange = unique_exchange()
+    now = 1_700_000_000_000
+
+    def ours() -> dict[str, float]:
+        return {
+            labels[1]: value
+            for (family, labels), value in READINGS.values().items()
+            if family == FEED_MARKETS and labels[0] == exchange
+        }
+
+    markets = FeedMarkets()
+    assert ours() == {}
+    markets.reported(
+        {
+            f"{exchange}:a-usd": FeedStatus("live", exchange, "live", now, now - 5),
+            f"{exchange}:b-usd": FeedStatus("live", exchange, "unreachable", now),
+            f"{exchange}:c-usd": FeedStatus("live", exchange, "unreachable", now),
+            f"{exchange}:d-usd": FeedStatus("live", exchange, "live", now),  # no data yet
+        },
+        now,
+    )
+    expected = dict.fromkeys(SEVERITY, 0.0) | {"unreachable": 2.0, "live": 1.0, "connecting": 1.0}
+    assert ours() == expected
+    markets.clear()
+    assert ours() == {}
 
 
 async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:

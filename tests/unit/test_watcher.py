@@ -132,6 +132,53 @@ async def test_replay_file_without_the_columns_is_skipped(
     assert "header must name the columns" in caplog.text
 
 
+async def test_replay_reports_connecting_then_live_then_finished(tmp_path: Path) -> None:
+    """A replay is `connecting` until its first chunk is sent, then `live`, then `finished`."""
+    rows = "".join(f"{T0 + i * MINUTE_MS},10,11,9,10,1\n" for i in range(CHUNK_TICKS + 1))
+    (tmp_path / "kraken_eth-usd_1m.csv").write_text(HEADER + rows)
+    (tmp_path / "kraken_btc-usd_1m.csv").write_text(HEADER + f"{T0},10,11,9,10,1\n")
+    source = ReplaySource(WatcherSettings(source="replay", replay_dir=str(tmp_path)))
+
+    def reported() -> list[tuple[str, str, str, str, int]]:
+        return [
+            (m, r.source, r.origin, r.state, r.reported_ms)
+            for m, r in sorted(source.feed_reports(T0).items())
+        ]
+
+    def every(state: str) -> list[tuple[str, str, str, str, int]]:
+        return [(m, "replay", "replay", state, T0) for m in ("kraken:btc-usd", "kraken:eth-usd")]
+
+    assert reported() == every("connecting")
+    chunks = source.chunks()
+    before = time.time_ns() // 1_000_000
+    assert len(await anext(chunks)) == CHUNK_TICKS  # handed over, not yet sent
+    assert reported() == every("connecting")
+    assert len(await anext(chunks)) == 2  # the publisher came back for more: the first was sent
+    assert reported() == every("live")
+    assert all(
+        r.last_data_ms and r.last_data_ms >= before for r in source.feed_reports(T0).values()
+    )
+    with pytest.raises(StopAsyncIteration):
+        await anext(chunks)
+    assert reported() == every("finished")
+
+
+async def test_synthetic_reports_connecting_until_its_first_bars(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The walk's markets are `connecting` until its first bars are handed over, then `live`."""
+    monkeypatch.setattr(time, "time_ns", FixedClock(T0 * 1_000_000))
+    settings = WatcherSettings(markets=("binance:btc-usdt",), synthetic_backfill_minutes=0)
+    source = SyntheticSource(settings)
+    chunks = source.chunks()
+    assert source.feed_reports(T0)["binance:btc-usdt"].state == "connecting"
+    await anext(chunks)
+    report = source.feed_reports(T0 + 5)["binance:btc-usdt"]
+    assert (report.source, report.origin, report.state) == ("synthetic", "synthetic", "live")
+    assert (report.reported_ms, report.last_data_ms) == (T0 + 5, T0)
+    await chunks.aclose()
+
+
 def test_replay_progress_logs_event_time_and_rate(caplog: pytest.LogCaptureFixture) -> None:
     """Progress is logged once per five seconds of wall time, with event time and ticks/s."""
     now = [100.0]

@@ -1,4 +1,4 @@
-"""HTTP endpoints: metrics, one metric's bars, rank snapshots, alerts, health, Prometheus."""
+"""HTTP endpoints: metrics, feeds, one metric's bars, rank snapshots, alerts, health, Prometheus."""
 
 from __future__ import annotations
 
@@ -58,6 +58,16 @@ async def _listing_body(client: Redis) -> EncodedBody:
     return EncodedBody.of(encode(await metrics.metrics_listing(client)))
 
 
+async def list_feeds(request: Request) -> Response:
+    state = _state(request)
+    listing = await state.cache.feeds.get(functools.partial(_feeds_body, state.redis))
+    return cached_json(request, listing)
+
+
+async def _feeds_body(client: Redis) -> EncodedBody:
+    return EncodedBody.of(encode(await metrics.feeds_listing(client)))
+
+
 async def get_metric(request: Request) -> Response:
     state = _state(request)
     raw_id = request.path_params["metric_id"]
@@ -115,6 +125,10 @@ async def get_alerts(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     """Ready: broker, Redis and PostgreSQL answer, the feed runs (also served as /healthz).
+
+    The exchanges' feeds are not checked: an exchange that is down is down for every
+    gateway, and taking them all out of service would hide the dashboard that says so
+    (`/api/feeds` and the watcher's `tickstream_feed_markets` show the feeds).
 
     Concurrent probes share one check, so a load balancer probing often, or a gateway busy
     with clients, costs one check a second; a probe gets the held answer at once while it is

@@ -102,6 +102,7 @@ def create_app(settings: ServiceSettings) -> Starlette:
         Route("/metrics", api.prometheus_metrics),
         Route("/api/metrics", api.list_metrics),
         Route("/api/metrics/{metric_id:str}", api.get_metric),
+        Route("/api/feeds", api.list_feeds),
         Route("/api/ranks", api.get_ranks),
         Route("/api/alerts", api.get_alerts),
         WebSocketRoute("/ws", websocket_endpoint),

@@ -1,4 +1,4 @@
-"""Feed reports as the HTTP API shows them: each market's feed state and its data's source."""
+"""Feed reports as the HTTP API shows them: each market's feed state, each origin's summary."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ from collections.abc import Mapping
 from typing import Final
 
 from tickstream_shared.errors import BadIdentifier
-from tickstream_shared.feed_status import FeedStatus, ShownState, decode_feed_status
+from tickstream_shared.feed_status import (
+    FeedStatus,
+    OriginSummary,
+    ReportedState,
+    decode_feed_status,
+    summarise,
+)
 from tickstream_shared.naming import Market
 
 # The watcher reports at most WATCHER_MAX_MARKETS (≤ 5000) markets; a larger hash was not
@@ -50,6 +56,11 @@ def feeds_json(feeds: Mapping[str, FeedStatus], now_ms: int) -> dict[str, dict[s
     return {market_id: status.as_json(now_ms) for market_id, status in feeds.items()}
 
 
-def shown_state(status: FeedStatus | None, now_ms: int) -> ShownState | None:
+def origins_json(feeds: Mapping[str, FeedStatus], now_ms: int) -> dict[str, OriginSummary]:
+    """The `origins` of `/api/metrics` and `/api/feeds`: each origin summed up at `now_ms`."""
+    return summarise(feeds.values(), now_ms)
+
+
+def shown_state(status: FeedStatus | None, now_ms: int) -> ReportedState | None:
     """A metric's `feed`: its market's state at `now_ms`, or None when it has no report."""
     return None if status is None else status.shown_state(now_ms)

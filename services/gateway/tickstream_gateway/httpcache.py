@@ -15,7 +15,8 @@ from tickstream_shared.naming import MetricKind, RankMeasure
 
 T = TypeVar("T")
 
-# How old `/api/metrics` and the readiness answer may be when handed out (docs/protocol.md).
+# How old `/api/metrics`, `/api/feeds` and the readiness answer may be when handed out
+# (docs/protocol.md).
 LISTING_MAX_AGE_S: Final = 1.0
 READINESS_MAX_AGE_S: Final = 1.0
 # For this much longer a probe gets the held readiness answer at once while a new check runs:
@@ -130,7 +131,7 @@ def _retrieve(task: asyncio.Task[object]) -> None:
 
 
 class ResponseCache:
-    """One gateway's cached answers: each rank snapshot, the metrics listing, readiness.
+    """One gateway's cached answers: each rank snapshot, the metrics and feeds listings, readiness.
 
     The rank poller stores every snapshot it reads (each GATEWAY_RANK_INTERVAL_MS); one older
     than twice that (the poller is behind or cannot read Redis) is read again by a request.
@@ -141,12 +142,13 @@ class ResponseCache:
             key: SharedRefresh(2 * rank_interval_s) for key in RANKINGS
         }
         self.listing: SharedRefresh[EncodedBody] = SharedRefresh(LISTING_MAX_AGE_S)
+        self.feeds: SharedRefresh[EncodedBody] = SharedRefresh(LISTING_MAX_AGE_S)
         self.readiness: SharedRefresh[tuple[int, bytes]] = SharedRefresh(
             READINESS_MAX_AGE_S, serve_stale_s=READINESS_SERVE_STALE_S
         )
 
     async def aclose(self) -> None:
         """Cancel every load in flight. Idempotent."""
-        for refresh in (*self.ranks.values(), self.listing):
+        for refresh in (*self.ranks.values(), self.listing, self.feeds):
             await refresh.aclose()
         await self.readiness.aclose()

@@ -8,7 +8,7 @@ from typing import Any
 import redis.asyncio as redis
 from redis.client import NEVER_DECODE
 
-from tickstream_gateway.feeds import decode_feeds, feeds_json, shown_state
+from tickstream_gateway.feeds import decode_feeds, feeds_json, origins_json, shown_state
 from tickstream_gateway.ranks import (
     RANKINGS,
     MetricStats,
@@ -17,7 +17,7 @@ from tickstream_gateway.ranks import (
     ranked,
 )
 from tickstream_shared.errors import BadIdentifier
-from tickstream_shared.feed_status import FEEDS_KEY, ShownState, decode_feed_status
+from tickstream_shared.feed_status import FEEDS_KEY, ReportedState, decode_feed_status
 from tickstream_shared.naming import (
     MEASURES_BY_KIND,
     METRICS_KEY,
@@ -32,7 +32,7 @@ def metric_json(
     metric: MetricId,
     stats: MetricStats,
     positions: dict[RankMeasure, tuple[int | None, int]],
-    feed: ShownState | None,
+    feed: ReportedState | None,
 ) -> dict[str, Any]:
     return {
         "id": str(metric),
@@ -50,7 +50,7 @@ def _wall_ms() -> int:
 
 
 async def metrics_listing(client: redis.Redis) -> dict[str, Any]:
-    """The body of `/api/metrics`: `metrics` and the feed reports, `feeds`.
+    """The body of `/api/metrics`: `metrics`, the feed reports (`feeds`) and their `origins`.
 
     `metrics` holds every metric in METRICS_KEY with stats, stale ones too, sorted by id.
     Positions come from the same rank sets and the same filter as the rank snapshots, so a
@@ -96,7 +96,22 @@ async def metrics_listing(client: redis.Redis) -> dict[str, Any]:
         for metric_id, metric in metrics.items()
         if (s := stats[metric_id]) is not None
     ]
-    return {"metrics": listed, "feeds": feeds_json(feeds, now_ms)}
+    return {
+        "metrics": listed,
+        "origins": origins_json(feeds, now_ms),
+        "feeds": feeds_json(feeds, now_ms),
+    }
+
+
+async def feeds_listing(client: redis.Redis) -> dict[str, Any]:
+    """The body of `/api/feeds`: each origin's summary (`origins`) and the reports (`feeds`)."""
+    # Undecoded, as in metrics_listing.
+    raw = await client.execute_command(  # type: ignore[no-untyped-call]
+        "HGETALL", FEEDS_KEY, **{NEVER_DECODE: True}
+    )
+    now_ms = _wall_ms()
+    feeds = decode_feeds(raw)
+    return {"origins": origins_json(feeds, now_ms), "feeds": feeds_json(feeds, now_ms)}
 
 
 async def metric_detail(client: redis.Redis, metric: MetricId) -> dict[str, Any] | None:

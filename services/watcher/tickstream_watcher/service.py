@@ -20,6 +20,7 @@ from tickstream_shared.schemas import Tick
 from tickstream_shared.settings import ServiceSettings
 from tickstream_watcher.checkpoints import ResumePlan, ResumePoint
 from tickstream_watcher.exchange import BadFrame
+from tickstream_watcher.feed_markets import FeedMarkets
 from tickstream_watcher.leadership import GroupState, Lease, wait_for_lease
 from tickstream_watcher.publisher import TickPublisher
 from tickstream_watcher.rest import RestUnavailable
@@ -79,6 +80,7 @@ class _Term:
     publisher: TickPublisher | None = None
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     unsaved_closes: dict[str, Tick] = field(default_factory=dict)
+    feed_markets: FeedMarkets = field(default_factory=FeedMarkets)
 
 
 async def _term(
@@ -124,6 +126,7 @@ async def _term(
         return False
     finally:
         await _stop_keeper(keeper)
+        term.feed_markets.clear()  # a standby reports no markets
 
 
 async def _stop_keeper(keeper: asyncio.Task[None]) -> None:
@@ -213,7 +216,11 @@ async def _keep(lease: Lease, group: GroupState, term: _Term) -> None:
             async with asyncio.timeout(interval):
                 await _save_closes(group, term)
                 if term.source is not None:
-                    await group.report_feeds(term.source.feed_reports(time.time_ns() // 1_000_000))
+                    now_ms = time.time_ns() // 1_000_000
+                    reports = term.source.feed_reports(now_ms)
+                    # Before the write: the gauge says what this watcher sees, Redis or not.
+                    term.feed_markets.reported(reports, now_ms)
+                    await group.report_feeds(reports)
         except _REDIS_ERRORS as exc:
             log.warning("cannot save checkpoints or feed reports: %r", exc)
         await asyncio.sleep(interval)

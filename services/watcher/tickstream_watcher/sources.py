@@ -92,12 +92,15 @@ class SyntheticSource:
         """Not resumable."""
 
     def feed_reports(self, now_ms: int) -> dict[str, FeedStatus]:
-        return _reports(self.markets, "synthetic", "live", now_ms, self._last_ms)
+        # `live` once the first bars (backfill or walk) have been handed over.
+        state: ReportedState = "connecting" if self._last_ms is None else "live"
+        return _reports(self.markets, "synthetic", state, now_ms, self._last_ms)
 
     async def chunks(self) -> AsyncGenerator[list[Tick]]:
         start_ns = time.time_ns()
         for chunk in self._backfill(start_ns // 1_000_000, start_ns // 1000):
             yield chunk
+            self._last_ms = now_ms()
         next_at = time.monotonic()
         while True:
             wall_ns = time.time_ns()
@@ -165,7 +168,8 @@ class ReplaySource:
         self.markets = list(self._files)
         self._speed = settings.replay_speed
         self._limit = settings.replay_limit_minutes
-        self._state: ReportedState = "live"
+        # connecting until the first candles are sent, live while sending, then finished.
+        self._state: ReportedState = "connecting"
         self._last_ms: int | None = None
 
     async def start(self) -> None:
@@ -184,6 +188,7 @@ class ReplaySource:
         async for chunk in paced:
             yield [_closed_bar(candle) for candle in chunk]
             self._last_ms = now_ms()
+            self._state = "live"
             progress.emitted(len(chunk), chunk[-1].minute + MINUTE_MS)
         self._state = "finished"
 

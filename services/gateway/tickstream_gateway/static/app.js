@@ -1,6 +1,6 @@
 // tickstream dashboard: minute-bar charts, rank tables by a chosen measure, alerts, feed states.
 
-import { FEED_TITLES, feedStateOf, sourceSummary } from './feeds.js';
+import { emptyState, feedBadgeOf, openStatus, originBadges } from './feeds.js';
 
 const MINUTE_MS = 60000;
 const WINDOW_MINUTES = 1440; // history is at most this + 1 bars (the forming one)
@@ -30,7 +30,8 @@ const els = {
   select: byTestId('market-select'),
   staleBadge: byTestId('stale-badge'),
   selectedFeed: byTestId('selected-feed'),
-  dataSource: byTestId('data-source'),
+  origins: byTestId('feed-origins'),
+  emptyState: byTestId('empty-state'),
   status: byTestId('status'),
   lastUpdate: byTestId('last-update-time'),
   charts: byTestId('charts'),
@@ -163,6 +164,7 @@ const state = {
   series: new Series(),
   metrics: new Map(), // metric id -> view from /api/metrics, patched by ranks pushes
   feeds: null, // market id -> feed report from /api/metrics; null until the first poll
+  origins: null, // origin -> its markets summed up (`origins` of /api/metrics); null until then
   measure: { price: 'std', volume: 'std' }, // what each rank table is ordered by
   ranks: { price: null, volume: null },
   alerts: [], // newest first
@@ -207,13 +209,18 @@ const renderers = {
   stats: renderStats,
   markets: renderMarkets,
   feeds: renderFeeds,
+  status: renderStatus,
   alerts: renderAlerts,
 };
 
-function setStatus(status, detail = '') {
-  els.status.dataset.state = status;
-  els.status.querySelector('.status-text').textContent = status;
-  els.status.title = detail;
+/** The connection indicator: the socket's state, and while it is open, whether data comes. */
+function renderStatus() {
+  const status = conn.socket === 'open'
+    ? openStatus(state.origins)
+    : { state: conn.socket, text: conn.socket, title: conn.detail };
+  els.status.dataset.state = status.state;
+  els.status.querySelector('.status-text').textContent = status.text;
+  els.status.title = status.title;
 }
 
 function toast(text, level = 'error') {
@@ -265,29 +272,31 @@ function renderMarkets() {
   document.body.dataset.stale = String(stale);
 }
 
-function showFeed(badge, feed) {
-  badge.dataset.feed = feed;
-  badge.textContent = feed;
-  badge.title = FEED_TITLES[feed];
+function showFeed(span, badge) {
+  span.dataset.feed = badge.state;
+  span.dataset.tone = badge.tone;
+  span.textContent = badge.text;
+  span.title = badge.title;
 }
 
-function feedBadge(feed) {
+function feedBadge(badge) {
   const span = document.createElement('span');
   span.className = 'feed-badge';
-  showFeed(span, feed);
+  showFeed(span, badge);
   return span;
 }
 
-/** The header: where the data comes from, and the selected market's feed state. */
+/** The header: each origin's feed state, the selected market's; why the page is empty. */
 function renderFeeds() {
-  const source = sourceSummary(state.feeds);
-  const text = source.text ?? (state.feeds ? 'unknown' : '—');
-  els.dataSource.textContent = source.stale ? `${text} (stale)` : text;
-  els.dataSource.classList.toggle('stale', source.stale);
-  els.dataSource.title = source.stale ? 'no watcher has reported any market for over 10 s' : '';
-  const feed = state.selected ? feedStateOf(state.feeds, state.selected) : null;
+  const badges = originBadges(state.origins);
+  if (badges.length > 0) els.origins.replaceChildren(...badges.map(feedBadge));
+  else els.origins.textContent = state.origins ? 'none reported' : '—';
+  const feed = state.selected ? feedBadgeOf(state.feeds, state.selected) : null;
   els.selectedFeed.hidden = feed === null;
   if (feed !== null) showFeed(els.selectedFeed.querySelector('.feed-badge'), feed);
+  const empty = emptyState(state.origins, state.metrics.size);
+  els.emptyState.hidden = empty === null;
+  els.emptyState.textContent = empty ?? '';
 }
 
 function statItem(key, value, className = '') {
@@ -348,8 +357,8 @@ function renderRanks(kind) {
       tr.setAttribute('aria-current', 'true');
     }
     const feed = cell('', 'feed');
-    const feedState = feedStateOf(state.feeds, marketOf(r.metric));
-    if (feedState !== null) feed.append(feedBadge(feedState));
+    const badge = feedBadgeOf(state.feeds, marketOf(r.metric));
+    if (badge !== null) feed.append(feedBadge(badge));
     tr.append(cell(r.label ?? `${r.position}/${r.total}`, 'num'), cell(r.metric, 'metric'), feed, cell(fmtSig(r.value), 'num'));
     const logret = kind === 'price' ? ` · logret ${fmtSig(r.logret)}` : '';
     tr.title = `std ${fmtSig(r.std)} · cv ${fmtSig(r.cv)}${logret} · mean ${fmtSig(r.mean, 6)} · ${fmtCount(r.count)} minutes`;
@@ -603,6 +612,8 @@ function drawBars(ctx, series, values, xOf, yOf, plot, { t0, t1, base }) {
 
 const conn = {
   ws: null,
+  socket: 'connecting', // then 'open' or 'reconnecting'
+  detail: '', // the indicator's title while not open
   everOpened: false,
   openedAt: 0,
   lastFrameAt: 0,
@@ -669,7 +680,8 @@ function onOpen(ws) {
   const reconnected = conn.everOpened;
   conn.everOpened = true;
   conn.openedAt = conn.lastFrameAt = Date.now();
-  setStatus('connected');
+  conn.socket = 'open'; // shown green only once a feed is live: see openStatus
+  markDirty('status');
   // The server forgot us: ask again for everything; bars since our newest minute are merged.
   if (state.selected) state.awaitingHistory = true;
   for (const sub of conn.subs.values()) ws.send(JSON.stringify(subscribeFrame(sub)));
@@ -681,7 +693,9 @@ function scheduleReconnect() {
   conn.openedAt = 0;
   const delay = conn.delay;
   conn.delay = Math.min(conn.delay * 2, BACKOFF_MAX_MS);
-  setStatus('reconnecting', `next attempt in ${Math.round(delay / 1000)} s`);
+  conn.socket = 'reconnecting';
+  conn.detail = `next attempt in ${Math.round(delay / 1000)} s`;
+  markDirty('status');
   clearTimeout(conn.retryTimer);
   conn.retryTimer = setTimeout(connect, delay);
 }
@@ -829,8 +843,9 @@ async function pollMetrics() {
     const metrics = Array.isArray(body.metrics) ? body.metrics : [];
     state.metrics = new Map(metrics.map((m) => [m.id, m]));
     state.feeds = body.feeds !== null && typeof body.feeds === 'object' ? body.feeds : {};
+    state.origins = body.origins !== null && typeof body.origins === 'object' ? body.origins : {};
     setMarkets([...new Set(metrics.map((m) => m.market))].sort());
-    markDirty('stats', 'markets', 'feeds', 'ranks');
+    markDirty('stats', 'markets', 'feeds', 'ranks', 'status');
   });
   setTimeout(pollMetrics, METRICS_POLL_MS);
 }
@@ -945,7 +960,7 @@ function start() {
   pollMetrics();
   loadAlerts();
   KINDS.forEach(loadRanks);
-  markDirty('charts', 'stats', 'ranks', 'alerts', 'markets', 'feeds');
+  markDirty('charts', 'stats', 'ranks', 'alerts', 'markets', 'feeds', 'status');
 }
 
 start();

@@ -1,0 +1,136 @@
+// Runs the dashboard's app.js in node against a stand-in DOM, WebSocket and fetch, and prints
+// what it shows. argv[2]: {"open": bool, "metrics": <the /api/metrics body>, "ranks": [...]}
+// (`ranks`: the price ranks /api/ranks answers).
+// Run by tests/unit/test_gateway_dashboard.py from a folder holding app.js and feeds.js.
+
+const scenario = JSON.parse(process.argv[2]);
+
+/** Just enough of an element for app.js: what it sets is kept, what it draws is dropped. */
+class El {
+  constructor(tag = 'div') {
+    this.tagName = tag;
+    this.dataset = {};
+    this.children = [];
+    this.textContent = '';
+    this.title = '';
+    this.hidden = false;
+    this.className = '';
+    this.value = '';
+    this.options = [];
+    this.style = {};
+    this.clientWidth = 300;
+    this.clientHeight = 100;
+    this.width = 0;
+    this.height = 0;
+    this.colSpan = 1;
+    this.tBodies = tag === 'table' ? [new El('tbody')] : [];
+    this.found = new Map();
+  }
+
+  get classList() { return { toggle() {}, add() {}, remove() {}, contains: () => false }; }
+
+  get firstElementChild() { return this.children[0] ?? null; }
+
+  querySelector(selector) {
+    if (!this.found.has(selector)) this.found.set(selector, new El());
+    return this.found.get(selector);
+  }
+
+  replaceChildren(...nodes) { this.children = nodes; }
+
+  append(...nodes) { this.children.push(...nodes); }
+
+  addEventListener() {}
+
+  setAttribute() {}
+
+  remove() {}
+
+  insertBefore() {}
+
+  getContext() {
+    const ignore = () => {};
+    return new Proxy({}, {
+      get: (held, key) => (key in held ? held[key] : key === 'measureText' ? () => ({ width: 10 }) : ignore),
+      set: (held, key, value) => { held[key] = value; return true; },
+    });
+  }
+}
+
+const byTestId = new Map();
+globalThis.document = {
+  querySelector(selector) {
+    const id = /data-testid="([^"]+)"/.exec(selector)[1];
+    if (!byTestId.has(id)) byTestId.set(id, new El(id.startsWith('ranks-') ? 'table' : 'div'));
+    return byTestId.get(id);
+  },
+  createElement: (tag) => new El(tag),
+  createDocumentFragment: () => new El('fragment'),
+  body: new El('body'),
+  documentElement: new El('html'),
+};
+globalThis.location = { protocol: 'http:', host: 'gateway', search: '', hash: '' };
+globalThis.window = { addEventListener() {}, history: { replaceState() {} }, devicePixelRatio: 1 };
+globalThis.getComputedStyle = () => ({ getPropertyValue: () => '' });
+globalThis.Option = class extends El {
+  constructor(text, value) {
+    super('option');
+    this.textContent = text;
+    this.value = value;
+  }
+};
+globalThis.ResizeObserver = class { observe() {} };
+globalThis.matchMedia = () => ({ addEventListener() {} });
+const frames = [];
+globalThis.requestAnimationFrame = (render) => frames.push(render);
+const sockets = [];
+globalThis.WebSocket = class {
+  static OPEN = 1;
+
+  constructor() {
+    this.readyState = 0;
+    sockets.push(this);
+  }
+
+  send() {}
+
+  close() {}
+};
+globalThis.fetch = async (url) => {
+  let body = { alerts: [] };
+  if (url === '/api/metrics') body = scenario.metrics;
+  else if (url.startsWith('/api/ranks?kind=price')) body = { by: 'std', ranks: scenario.ranks ?? [] };
+  else if (url.startsWith('/api/ranks')) body = { by: 'std', ranks: [] };
+  return { ok: true, status: 200, json: async () => body };
+};
+
+/** Lets the fetches resolve, then renders the frames they asked for. */
+async function settle() {
+  for (let i = 0; i < 20; i += 1) await new Promise((resolve) => setImmediate(resolve));
+  while (frames.length > 0) frames.shift()();
+}
+
+function status() {
+  const el = byTestId.get('status');
+  return { state: el.dataset.state, text: el.querySelector('.status-text').textContent, title: el.title };
+}
+
+await import('./app.js');
+await settle();
+const shown = { before_open: status() };
+if (scenario.open) {
+  sockets[0].readyState = 1;
+  sockets[0].onopen();
+  await settle();
+}
+shown.status = status();
+const empty = byTestId.get('empty-state');
+shown.empty = empty.hidden ? null : empty.textContent;
+shown.origins = byTestId.get('feed-origins').children.map((badge) => [badge.textContent, badge.dataset.tone]);
+const rows = byTestId.get('ranks-price').tBodies[0].children[0]?.children ?? [];
+// A table without ranks has one row of a single cell saying so.
+shown.rank_feeds = rows
+  .filter((tr) => tr.children.length === 4)
+  .map((tr) => tr.children[2].children.map((b) => [b.textContent, b.dataset.tone]));
+console.log(JSON.stringify(shown));
+process.exit(0); // the polls and the heartbeat would keep node running
