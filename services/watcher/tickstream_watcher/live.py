@@ -213,16 +213,6 @@ class LiveSource:
             )
         found = await asyncio.gather(*(self._listing(exchange) for exchange in exchanges))
         listings = {ex: listing for ex, listing in zip(exchanges, found, strict=True) if listing}
-        if not listings:
-            raise RestUnavailable(f"no listing could be read ({', '.join(exchanges)})")
-        resolution = resolve(self._specs, listings, self._max_markets)
-        for entry in resolution.unknown:
-            log.warning("market %s is not listed by its exchange: skipped", entry)
-        if resolution.capped:
-            log.warning("%d markets left out by WATCHER_MAX_MARKETS", resolution.capped)
-        self._symbols = resolution.symbols
-        self._protocols = {ex: _PROTOCOLS[ex](by_market) for ex, by_market in self._symbols.items()}
-        self.markets = resolution.markets
         self.unlisted = {
             exchange: [
                 Market(exchange, spec.base, spec.quote)
@@ -232,6 +222,18 @@ class LiveSource:
             for exchange in exchanges
             if exchange not in listings
         }
+        if not listings:
+            for rest in self._rest.values():
+                await rest.aclose()  # the next attempt makes a new source
+            raise RestUnavailable(f"no listing could be read ({', '.join(exchanges)})")
+        resolution = resolve(self._specs, listings, self._max_markets)
+        for entry in resolution.unknown:
+            log.warning("market %s is not listed by its exchange: skipped", entry)
+        if resolution.capped:
+            log.warning("%d markets left out by WATCHER_MAX_MARKETS", resolution.capped)
+        self._symbols = resolution.symbols
+        self._protocols = {ex: _PROTOCOLS[ex](by_market) for ex, by_market in self._symbols.items()}
+        self.markets = resolution.markets
         log.info("watching %d live markets: %s", len(self.markets), [m.id for m in self.markets])
 
     async def _listing(self, exchange: str) -> dict[Market, str] | None:

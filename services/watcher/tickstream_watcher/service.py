@@ -141,6 +141,8 @@ async def _start_source(
     """The started source; retried while a listing is unreachable. None if stopped or lost."""
     for attempt in itertools.count():
         source = make_source(settings.watcher, settings.exchanges)
+        # Reported while it starts too: a source that cannot start says why (unreachable).
+        term.source = source
         try:
             await source.start()
         except (RestUnavailable, BadFrame) as exc:
