@@ -294,6 +294,14 @@ class ExchangeSettings:
         "KRAKEN_REST_URL", "https://api.kraken.com", "Kraken REST base URL."
     )
 
+    def endpoints(self, exchange: str) -> tuple[str, str]:
+        """(WebSocket URL, REST base URL) of `exchange`, from its `<exchange>_ws_url` and
+        `<exchange>_rest_url` settings; KeyError for an exchange without them."""
+        try:
+            return getattr(self, f"{exchange}_ws_url"), getattr(self, f"{exchange}_rest_url")
+        except AttributeError:
+            raise KeyError(exchange) from None
+
 
 @dataclass(frozen=True, slots=True)
 class StatsSettings:

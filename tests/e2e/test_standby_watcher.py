@@ -115,6 +115,9 @@ async def test_standby_takes_over_without_a_gap_or_a_conflicting_bar(infra: Loca
             "WATCHER_SOURCE": "live",
             "WATCHER_MARKETS": "binance:ark-usdt",
             "WATCHER_BACKFILL_MINUTES": "60",
+            # REST and stream differ on purpose (to expose a minute closed twice); with
+            # reconciliation REST's word would rightly replace the stream's.
+            "WATCHER_RECONCILE_AFTER_MS": "0",
             "BINANCE_WS_URL": f"ws://127.0.0.1:{ws_server.sockets[0].getsockname()[1]}",
             "BINANCE_REST_URL": rest_url,
         }

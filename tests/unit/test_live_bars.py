@@ -470,3 +470,20 @@ def test_a_suspected_market_is_reconciled_at_once_and_its_forming_minute_closes_
     rest = CandleUpdate(ETH, BASE + 3 * M, 10.0, 10.0, 10.0, 10.0, 1.6, 9, True, 0)
     (fixed,) = bars.repair(ETH, [rest], us(BASE + 4 * M + REPAIR_DELAY_MS))
     assert (fixed.minute, fixed.volume, fixed.closed) == (BASE + 3 * M, 1.6, True)
+
+
+def test_every_implausible_trade_is_counted_and_its_minute_closes_from_rest() -> None:
+    """Two wild trades in one minute: both counted, nothing published until REST decides."""
+    bars = LiveBars(min_interval_ms=0)
+    for i in range(6):  # closed minutes 0-5 at 100
+        bars.trade(Trade(BTC, i + 1, 100.0, 1.0, BASE + i * M + 1), us(BASE + i * M + 2))
+    bars.repair(BTC, [], us(BASE + 10 * M + REPAIR_GIVE_UP_MS))  # the first minute, given up
+    minute = BASE + 6 * M
+    out = bars.trade(Trade(BTC, 7, 100.0, 1.0, minute + 1), us(minute + 2))
+    out += bars.trade(Trade(BTC, 8, 1e6, 1.0, minute + 3), us(minute + 4))
+    out += bars.trade(Trade(BTC, 9, 100.0, 1.0, minute + 5), us(minute + 6))
+    out += bars.trade(Trade(BTC, 10, 2e6, 1.0, minute + 7), us(minute + 8))
+    assert bars.total().implausible == 2
+    assert all(t.high < 1e6 for t in out)
+    assert bars.close_due(us(minute + M + 5_000)) == []
+    assert bars.repairs_due(minute + M + REPAIR_DELAY_MS) == {BTC: (minute, minute)}

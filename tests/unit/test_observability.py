@@ -43,12 +43,12 @@ from tickstream_shared.observability import (
 from tickstream_shared.probes import ProbeServer, serve_probes
 from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_shared.settings import ServiceSettings
+from tickstream_watcher.binance import SPEC as BINANCE
 from tickstream_watcher.binance import BinanceProtocol
 from tickstream_watcher.feed import (
     FEED_BAD_FRAMES,
     FEED_LIVE,
     FEED_RECONNECTS,
-    LIMITS,
     ExchangeFeed,
 )
 from tickstream_watcher.feed_markets import FEED_MARKETS, FeedMarkets
@@ -266,7 +266,7 @@ def test_feed_counters_and_state_are_exported_per_exchange() -> None:
         pass
 
     protocol = BinanceProtocol.from_listing({})
-    feed = ExchangeFeed(protocol, "ws://x", ["BTCUSDT"], LIMITS["binance"], deliver)
+    feed = ExchangeFeed(protocol, "ws://x", ["BTCUSDT"], BINANCE.limits, deliver)
     feed.counters.reconnects, feed.counters.bad_frames, feed.state = 2, 1, "live"
     after = READINGS.values()
     labels = ("binance",)

@@ -20,7 +20,9 @@ from tickstream_watcher.exchange import (
     CandlePage,
     CandleUpdate,
     DecimalText,
+    ExchangeSpec,
     FeedEvent,
+    FeedLimits,
     Heartbeat,
     Reconnect,
     candle_page,
@@ -287,3 +289,16 @@ def _candle(market: Market, k: _Kline | _Row, *, closed: bool, ts: int) -> Candl
 if TYPE_CHECKING:
     # mypy checks here that the class keeps to the protocol every feed is written against.
     _conforms: ExchangeProtocol = BinanceProtocol({})
+
+
+# Klines come every 1-2 s per symbol while the stream is healthy; the server pings every 20 s;
+# a connection lives at most 24 h; 300 connection attempts per 5 minutes; REST: weight 2 per
+# klines call out of 6,000 a minute.
+SPEC: Final = ExchangeSpec(
+    EXCHANGE,
+    FeedLimits(1.0, 60.0, silence_s=30.0, max_connection_s=23.5 * 3600),
+    page_minutes=MAX_CANDLES_PER_REQUEST,
+    rest_interval_s=0.1,
+    markets_per_connection=MAX_STREAMS,
+    from_listing=BinanceProtocol.from_listing,
+)

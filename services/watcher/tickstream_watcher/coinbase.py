@@ -22,7 +22,9 @@ from tickstream_watcher.exchange import (
     CandlePage,
     CandleUpdate,
     DecimalText,
+    ExchangeSpec,
     FeedEvent,
+    FeedLimits,
     Heartbeat,
     Reconnect,
     Rejected,
@@ -290,3 +292,14 @@ def _candle(market: Market, raw: msgspec.Raw) -> CandleUpdate:
 if TYPE_CHECKING:
     # mypy checks here that the class keeps to the protocol every feed is written against.
     _conforms: ExchangeProtocol = CoinbaseProtocol({})
+
+
+# Heartbeats once a second per product once subscribed; REST: 8 requests/s per IP.
+SPEC: Final = ExchangeSpec(
+    EXCHANGE,
+    FeedLimits(1.0, 60.0, silence_s=15.0),
+    page_minutes=MAX_CANDLES_PER_REQUEST,
+    rest_interval_s=0.2,
+    markets_per_connection=None,
+    from_listing=CoinbaseProtocol.from_listing,
+)

@@ -166,6 +166,41 @@ class Rejected:
 FeedEvent = CandleUpdate | Trade | Heartbeat | Reconnect | Rejected
 
 
+@dataclass(frozen=True, slots=True)
+class FeedLimits:
+    """How one exchange's connections are paced and watched (exchange-formats.md)."""
+
+    # Shortest wait before a reconnect: keeps a flapping connection inside the exchange's
+    # connection-rate limit (Kraken: about 150 attempts per 10 minutes and 5 s after
+    # maintenance; Binance: 300 per 5 minutes).
+    min_reconnect_s: float
+    # The exponential backoff (doubling from min_reconnect_s, full jitter) stops growing here:
+    # an outage of any length is waited out, and the feed is back within this of its end.
+    max_reconnect_s: float
+    # No frame at all for this long means the connection is dead even if TCP says otherwise.
+    silence_s: float
+    # Reconnect ahead of the exchange's own limit on a connection's life (Binance: 24 h).
+    max_connection_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeSpec:
+    """Everything the live source needs to know of one exchange, in one place: its name, its
+    connection limits, its REST paging and pacing, how many markets one connection carries,
+    and how its protocol (wire formats, symbol mapping) is built from its listing. Each
+    exchange module declares one (`SPEC`); `registry.EXCHANGES` lists them."""
+
+    name: str
+    limits: FeedLimits
+    # Most one-minute candles one REST request returns (callers page longer ranges).
+    page_minutes: int
+    # Shortest time between two REST requests, inside the exchange's documented limit.
+    rest_interval_s: float
+    # Most markets one connection subscribes (None: all of them on one connection).
+    markets_per_connection: int | None
+    from_listing: Callable[[Mapping[Market, str]], ExchangeProtocol]
+
+
 class ExchangeProtocol(Protocol):
     """The documented wire format of one exchange, without I/O (see exchange-formats.md).
 

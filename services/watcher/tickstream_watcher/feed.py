@@ -21,9 +21,13 @@ from tickstream_watcher.exchange import (
     BadFrame,
     ExchangeProtocol,
     FeedEvent,
+    FeedLimits,
     Reconnect,
     Rejected,
 )
+
+# FeedLimits lives with the exchange descriptions (exchange.py); importable from here too.
+__all__ = ["UNREACHABLE_AFTER", "ExchangeFeed", "FeedCounters", "FeedLimits", "FeedState"]
 
 log = logging.getLogger(__name__)
 
@@ -31,32 +35,6 @@ FeedState = Literal["connecting", "live", "reconnecting", "stopped"]
 # Connections in a row failing before their first frame after which the exchange is shown
 # unreachable (with the backoff, about half a minute to a few minutes of trying).
 UNREACHABLE_AFTER: Final = 3
-
-
-@dataclass(frozen=True, slots=True)
-class FeedLimits:
-    """How one exchange's connections are paced and watched (exchange-formats.md)."""
-
-    # Shortest wait before a reconnect: keeps a flapping connection inside the exchange's
-    # connection-rate limit (Kraken: about 150 attempts per 10 minutes and 5 s after
-    # maintenance; Binance: 300 per 5 minutes).
-    min_reconnect_s: float
-    # The exponential backoff (doubling from min_reconnect_s, full jitter) stops growing here:
-    # an outage of any length is waited out, and the feed is back within this of its end.
-    max_reconnect_s: float
-    # No frame at all for this long means the connection is dead even if TCP says otherwise.
-    silence_s: float
-    # Reconnect ahead of the exchange's own limit on a connection's life (Binance: 24 h).
-    max_connection_s: float | None = None
-
-
-LIMITS: Final[dict[str, FeedLimits]] = {
-    # klines come every 1-2 s per symbol while the stream is healthy; the server pings every 20 s
-    "binance": FeedLimits(1.0, 60.0, silence_s=30.0, max_connection_s=23.5 * 3600),
-    # heartbeats once a second once subscribed
-    "coinbase": FeedLimits(1.0, 60.0, silence_s=15.0),
-    "kraken": FeedLimits(5.0, 60.0, silence_s=15.0),
-}
 
 
 @dataclass

@@ -19,7 +19,9 @@ from tickstream_watcher.exchange import (
     BadFrame,
     CandlePage,
     CandleUpdate,
+    ExchangeSpec,
     FeedEvent,
+    FeedLimits,
     Heartbeat,
     Reconnect,
     Rejected,
@@ -292,3 +294,16 @@ def _ack_event(frame: _Frame) -> FeedEvent:
         words = reason.split()
         symbol = words[-1] if words and "/" in words[-1] else ""
     return Rejected(symbol, reason)
+
+
+# Heartbeats once a second once subscribed; about 150 connection attempts per 10 minutes and
+# 5 s after maintenance; the public REST API allows about one request a second; OHLC answers
+# with the 720 most recent minutes.
+SPEC: Final = ExchangeSpec(
+    "kraken",
+    FeedLimits(5.0, 60.0, silence_s=15.0),
+    page_minutes=720,
+    rest_interval_s=1.0,
+    markets_per_connection=None,
+    from_listing=KrakenProtocol.from_listing,
+)

@@ -9,7 +9,6 @@ import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Final, Literal
 
 from tickstream_shared.feed_status import FeedStatus, ReportedState
@@ -17,9 +16,7 @@ from tickstream_shared.naming import Market
 from tickstream_shared.observability import READINGS, Family, Reading
 from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_shared.settings import ExchangeSettings, WatcherSettings
-from tickstream_watcher.binance import MAX_STREAMS, BinanceProtocol
 from tickstream_watcher.checkpoints import ResumePlan
-from tickstream_watcher.coinbase import CoinbaseProtocol
 from tickstream_watcher.exchange import (
     BadFrame,
     CandlePage,
@@ -29,10 +26,10 @@ from tickstream_watcher.exchange import (
     Heartbeat,
     Trade,
 )
-from tickstream_watcher.feed import LIMITS, ExchangeFeed
-from tickstream_watcher.kraken import KrakenProtocol
+from tickstream_watcher.feed import ExchangeFeed
 from tickstream_watcher.live_bars import LiveBarCounters, LiveBars
 from tickstream_watcher.market_spec import parse_specs, resolve
+from tickstream_watcher.registry import EXCHANGES
 from tickstream_watcher.rest import RestClient, RestUnavailable
 from tickstream_watcher.sources import SourceRestart
 from tickstream_watcher.trust import TrustRules
@@ -53,36 +50,11 @@ _RENEW_AT_MOST_EVERY_S: Final = 60.0
 _VERIFY_EVERY_S: Final = 1.0
 # An exchange whose listing could not be read at start is asked again this often.
 _RELIST_EVERY_S: Final = 30.0
-# Candles per REST request, per exchange (their documented maxima), and the pacing of requests
-# (Coinbase: 8 requests/s per IP; Kraken's public API: about 1/s; Binance: weight 2 per klines
-# call out of 6,000 a minute).
-_PAGE_MINUTES: Final = {"binance": 1000, "coinbase": 300, "kraken": 720}
-_REST_INTERVAL_S: Final = {"binance": 0.1, "coinbase": 0.2, "kraken": 1.0}
-_Protocols = dict[str, Callable[[dict[Market, str]], ExchangeProtocol]]
-_PROTOCOLS: Final[_Protocols] = {
-    "binance": BinanceProtocol.from_listing,
-    "coinbase": CoinbaseProtocol.from_listing,
-    "kraken": KrakenProtocol.from_listing,
-}
 
 
 class ListingsChanged(SourceRestart):
     """An exchange whose listing was unreachable at start answers now: start the source again
     (the watcher hands its lease on and takes it again, with the new markets)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Endpoints:
-    ws: str
-    rest: str
-
-
-def _endpoints(settings: ExchangeSettings) -> dict[str, _Endpoints]:
-    return {
-        "binance": _Endpoints(settings.binance_ws_url, settings.binance_rest_url),
-        "coinbase": _Endpoints(settings.coinbase_ws_url, settings.coinbase_rest_url),
-        "kraken": _Endpoints(settings.kraken_ws_url, settings.kraken_rest_url),
-    }
 
 
 def now_us() -> int:
@@ -160,10 +132,10 @@ class LiveSource:
         self._max_markets = settings.max_markets
         self._backfill_minutes = settings.backfill_minutes
         self._silence_ms = settings.feed_silence_ms
-        self._endpoints = _endpoints(exchanges)
-        unknown = {spec.exchange for spec in self._specs} - set(self._endpoints)
+        unknown = {spec.exchange for spec in self._specs} - set(EXCHANGES)
         if unknown:
             raise ValueError(f"WATCHER_MARKETS names exchanges with no live feed: {unknown}")
+        self._endpoints = {name: exchanges.endpoints(name) for name in EXCHANGES}
         rules = TrustRules(
             max_ahead_ms=settings.max_ahead_ms,
             price_factor=settings.plausible_price_factor,
@@ -183,6 +155,7 @@ class LiveSource:
         self._renewed_at: dict[int, float] = {}  # id(feed) -> monotonic time of the last renewal
         # Exchanges whose listing could not be read: their exact markets are shown unreachable.
         self.unlisted: dict[str, list[Market]] = {}
+        self._relist_every_s = _RELIST_EVERY_S
         READINGS.track(
             self,
             totals=functools.partial(_bar_totals, self.bars.counters, self.watchdog.detected),
@@ -209,7 +182,7 @@ class LiveSource:
         exchanges = sorted({spec.exchange for spec in self._specs})
         for exchange in exchanges:
             self._rest[exchange] = RestClient(
-                self._endpoints[exchange].rest, min_interval_s=_REST_INTERVAL_S[exchange]
+                self._endpoints[exchange][1], min_interval_s=EXCHANGES[exchange].rest_interval_s
             )
         found = await asyncio.gather(*(self._listing(exchange) for exchange in exchanges))
         listings = {ex: listing for ex, listing in zip(exchanges, found, strict=True) if listing}
@@ -226,19 +199,23 @@ class LiveSource:
             for rest in self._rest.values():
                 await rest.aclose()  # the next attempt makes a new source
             raise RestUnavailable(f"no listing could be read ({', '.join(exchanges)})")
-        resolution = resolve(self._specs, listings, self._max_markets)
+        # The markets of an exchange without a listing are reported unreachable, not unknown.
+        listed = [spec for spec in self._specs if spec.exchange in listings]
+        resolution = resolve(listed, listings, self._max_markets)
         for entry in resolution.unknown:
             log.warning("market %s is not listed by its exchange: skipped", entry)
         if resolution.capped:
             log.warning("%d markets left out by WATCHER_MAX_MARKETS", resolution.capped)
         self._symbols = resolution.symbols
-        self._protocols = {ex: _PROTOCOLS[ex](by_market) for ex, by_market in self._symbols.items()}
+        self._protocols = {
+            ex: EXCHANGES[ex].from_listing(by_market) for ex, by_market in self._symbols.items()
+        }
         self.markets = resolution.markets
         log.info("watching %d live markets: %s", len(self.markets), [m.id for m in self.markets])
 
     async def _listing(self, exchange: str) -> dict[Market, str] | None:
         """The exchange's listing, or None (logged) if it cannot be read now."""
-        parser = _PROTOCOLS[exchange]({})
+        parser = EXCHANGES[exchange].from_listing({})
         try:
             return dict(parser.parse_listing(await self._rest[exchange].get(parser.listing_path())))
         except (RestUnavailable, BadFrame) as exc:
@@ -301,9 +278,10 @@ class LiveSource:
                 return
         finally:
             stop.set()
-            runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await runner
+            if not runner.done():  # a finished runner's error was raised above
+                runner.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await runner
             for rest in self._rest.values():
                 await rest.aclose()
 
@@ -326,8 +304,7 @@ class LiveSource:
         stop: asyncio.Event,
     ) -> None:
         symbols = sorted(self._symbols[exchange].values())
-        # Binance takes at most MAX_STREAMS streams per connection.
-        size = MAX_STREAMS if exchange == "binance" else len(symbols)
+        size = EXCHANGES[exchange].markets_per_connection or len(symbols)
         for start in range(0, len(symbols), size):
             feed = self._feed(exchange, protocol, symbols[start : start + size], queue)
             served = set(feed.symbols)
@@ -363,10 +340,10 @@ class LiveSource:
             if ticks:
                 await queue.put(ticks)
 
-        limits = LIMITS[exchange]
+        limits = EXCHANGES[exchange].limits
         if self._silence_ms:
             limits = dataclasses.replace(limits, silence_s=self._silence_ms / 1000)
-        return ExchangeFeed(protocol, self._endpoints[exchange].ws, symbols, limits, deliver)
+        return ExchangeFeed(protocol, self._endpoints[exchange][0], symbols, limits, deliver)
 
     def _backfill_on_connect(
         self,
@@ -389,7 +366,7 @@ class LiveSource:
         """Publish the closed minutes of `markets` missed so far, oldest first, per market."""
         if self._backfill_minutes == 0:
             return
-        page = _PAGE_MINUTES[exchange] * MINUTE_MS
+        page = EXCHANGES[exchange].page_minutes * MINUTE_MS
         for market in markets:
             now = now_us() // 1000
             current = now - now % MINUTE_MS
@@ -516,7 +493,7 @@ class LiveSource:
         ListingsChanged: the source starts again with its markets."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=_RELIST_EVERY_S)
+                await asyncio.wait_for(stop.wait(), timeout=self._relist_every_s)
             if not stop.is_set() and await self._listing(exchange) is not None:
                 raise ListingsChanged(f"{exchange}: listing readable again")
 

@@ -240,8 +240,11 @@ class LiveBars:
         bar.volume += trade.size
         bar.trades = (bar.trades or 0) + 1
         bar.exchange_ts = max(bar.exchange_ts, stamp)
-        if not state.held and not self._plausible(state, bar):
-            # The bar keeps the trade (a sum cannot drop one): held for the rest of the minute.
+        reference = state.reference
+        wild = reference is not None and not reference.admits(self.rules, price, price, 0.0)
+        if wild or (not state.held and not self._plausible(state, bar)):
+            # Each implausible trade is counted. The bar keeps it (a sum cannot drop one), so
+            # the minute is held for the rest of it and closes from REST.
             self._count(state).implausible += 1
             state.held = True
             state.unfinished.add(minute)
