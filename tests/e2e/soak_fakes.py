@@ -134,6 +134,9 @@ class SoakExchange:
         self.implausible_at = sorted(injections.at(40, soak * 0.8) for _ in range(2))
         self.malformed_at = sorted(injections.at(10, soak * 0.9) for _ in range(3))
         self.silent: tuple[str, int, int] | None = None  # (symbol, from ms, to ms)
+        # A minute the stream tells wrong to the end (a plausible close 0.01% off): only
+        # reconciliation with REST can correct it.
+        self.mispriced: tuple[str, int] | None = None
 
     def truth(self, symbol: str, minute: int) -> Bar:
         return candle_truth(self.levels[symbol], minute)
@@ -186,10 +189,20 @@ class CandleSoakExchange(SoakExchange):
             (self.symbols[0], minute) for minute in rng.sample(targets, 2)
         }
         self.finals_sent: set[tuple[str, int]] = set()
+        spare = [m for m in targets if (self.symbols[0], m) not in self.late]
+        if spare:
+            self.mispriced = (self.symbols[0], rng.choice(spare))
         quiet = self.symbols[-1]
         start = injections.at(60, max(61, soak - 100))
         self.silent = (quiet, start, start + 40_000)
         self.implausible_symbol = self.symbols[1]
+
+    def told(self, symbol: str, minute: int) -> Bar:
+        """The minute's final candle as the stream tells it (the truth, unless mispriced)."""
+        truth = self.truth(symbol, minute)
+        if (symbol, minute) != self.mispriced:
+            return truth
+        return Bar(truth.open, truth.high, truth.low, q(truth.close * 1.0001), truth.volume, 5)
 
     def frames(self, symbols: list[str]) -> list[str]:
         at = now_ms()
@@ -203,8 +216,12 @@ class CandleSoakExchange(SoakExchange):
             late = (symbol, previous) in self.late
             final_due = (symbol, previous) not in self.finals_sent
             if final_due and not late:
-                out.append(self.candle(symbol, previous, self.truth(symbol, previous), at, True))
+                out.append(self.candle(symbol, previous, self.told(symbol, previous), at, True))
+                if (symbol, previous) == self.mispriced:
+                    self.lies.done["mispriced"] += 1
             bar = candle_partial(level, minute, second, short=(symbol, minute) in self.late)
+            if second >= 55 and (symbol, minute) == self.mispriced:
+                bar = self.told(symbol, minute)
             out.append(self.candle(symbol, minute, bar, at, False))
             if final_due and late:
                 out.append(self.candle(symbol, previous, self.truth(symbol, previous), at, True))
@@ -360,6 +377,15 @@ class SoakCoinbase(SoakExchange):
         self.skipped[gap_symbol].update(whole)
         self.skipped[self.symbols[0]].update(part)
         self.next_trade: dict[str, int] = {}
+        spare = [
+            first + k * M
+            for k in range(2, max(3, int(soak // 60)))
+            if first + k * M not in (gap_minute, part_minute)
+        ]
+        if spare:
+            self.mispriced = (self.symbols[0], rng.choice(spare))
+        start = injections.at(60, max(61, soak - 100))
+        self.silent = (self.symbols[-1], start, start + 40_000)
 
     def truth(self, symbol: str, minute: int) -> Bar:
         return trade_truth(self.levels[symbol], minute)
@@ -413,18 +439,26 @@ class SoakCoinbase(SoakExchange):
                 _, stamp, price, size = trades_of(level, i * M)[k]
                 if stamp > at:
                     break
-                skipped = trade_id in self.skipped[symbol]
-                # Lies only beside trades that are delivered: their effects stay exact.
+                skipped = trade_id in self.skipped[symbol] or self.is_silent(symbol, stamp)
+                mispriced = (symbol, i * M) == self.mispriced
+                # Lies only beside trades that are delivered, and not in the mispriced minute:
+                # their effects stay exact.
                 lead, tail = symbol == self.symbols[0], symbol == self.symbols[-1]
-                if not skipped and lead and self.due(self.implausible_at, "implausible"):
+                honest = not skipped and not mispriced
+                if honest and lead and self.due(self.implausible_at, "implausible"):
                     out.append(self.match(symbol, trade_id, stamp, price * 1e4, size))
-                if not skipped and tail and self.due(self.ahead_at, "ahead"):
+                if honest and tail and self.due(self.ahead_at, "ahead"):
                     out.append(self.match(symbol, trade_id, stamp + 4 * M, price, size))
                 if skipped:
                     self.lies.done["skipped_trade"] += 1
+                elif mispriced and k == 4:
+                    self.lies.done["mispriced"] += 1
+                    out.append(self.match(symbol, trade_id, stamp, q(price * 1.0001), size))
                 else:
                     out.append(self.match(symbol, trade_id, stamp, price, size))
                 self.next_trade[symbol] = trade_id + 1
+            if self.is_silent(symbol, at):
+                continue  # not even a heartbeat
             last = self.next_trade[symbol] - 1
             beat = {"type": "heartbeat", "sequence": 1, "last_trade_id": last, "product_id": symbol}
             out.append(json.dumps({**beat, "time": iso(at)}))
