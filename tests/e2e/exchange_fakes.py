@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -320,6 +321,23 @@ async def read_all(bootstrap: str, topic: str, within: float = 10) -> list[Tick]
     finally:
         await consumer.stop()
     return ticks
+
+
+def free_port() -> int:
+    """A local TCP port free now (for a service's /metrics)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def final_bars(ticks: list[Tick]) -> dict[int, Tick]:
+    """What is stored of each minute: its closed tick with the largest seq (a correction
+    replaces the bar it corrects)."""
+    out: dict[int, Tick] = {}
+    for tick in ticks:
+        if tick.closed and (tick.minute not in out or tick.seq > out[tick.minute].seq):
+            out[tick.minute] = tick
+    return out
 
 
 def closed_once(ticks: list[Tick]) -> dict[int, Tick]:

@@ -18,6 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from tests.e2e.exchange_fakes import Bar
+
 M = 60_000
 # Sent on every connection now and then: JSON that no exchange format accepts.
 MALFORMED = "{not json"
@@ -38,17 +40,8 @@ def q(value: float) -> float:
     return float(f"{value:.8f}")
 
 
-@dataclass(frozen=True)
-class Bar:
-    open: float
-    high: float
-    low: float
-    close: float
-    volume: float
-    trades: int
-
-    def values(self) -> tuple[float, float, float, float, float]:
-        return (self.open, self.high, self.low, self.close, self.volume)
+def bar_values(bar: Bar) -> tuple[float, float, float, float, float]:
+    return (bar.open, bar.high, bar.low, bar.close, bar.volume)
 
 
 def _level_price(level: float, minute: int) -> float:
@@ -258,7 +251,7 @@ class SoakBinance(CandleSoakExchange):
             rows = []
             for minute in range(start, min(end, current - M) + 1, M):
                 bar = self.truth(symbol, minute)
-                text = [f"{v:.8f}" for v in bar.values()]
+                text = [f"{v:.8f}" for v in bar_values(bar)]
                 if self.rest_row_bad(symbol, minute):
                     text[0] = "nan"
                 rows.append([minute, *text, minute + M - 1, "1", bar.trades, "0", "0", "0"])
@@ -266,7 +259,7 @@ class SoakBinance(CandleSoakExchange):
         return 400, {"code": -1121, "msg": "Invalid symbol."}
 
     def candle(self, symbol: str, minute: int, bar: Bar, at: int, final: bool) -> str:
-        text = [f"{v:.8f}" for v in bar.values()]
+        text = [f"{v:.8f}" for v in bar_values(bar)]
         k = {
             "t": minute,
             "T": minute + M - 1,
@@ -316,7 +309,7 @@ class SoakKraken(CandleSoakExchange):
             rows: list[list[Any]] = []
             for minute in range(current - 720 * M + M, current + M, M):
                 bar = self.truth(symbol, minute)
-                text = [f"{v:.8f}" for v in bar.values()]
+                text = [f"{v:.8f}" for v in bar_values(bar)]
                 row: list[Any] = [minute // 1000, *text[:4], text[3], text[4], bar.trades]
                 if minute < current and self.rest_row_bad(symbol, minute):
                     row[1] = "x"

@@ -9,7 +9,6 @@ import contextlib
 import os
 import random
 import shutil
-import socket
 import sys
 import urllib.request
 from collections.abc import AsyncIterator
@@ -18,7 +17,14 @@ import pytest
 from websockets.asyncio.server import serve
 
 from tests.conftest import make_data_dir
-from tests.e2e.exchange_fakes import read_all, read_topic, rest_server, topic_of
+from tests.e2e.exchange_fakes import (
+    final_bars,
+    free_port,
+    read_all,
+    read_topic,
+    rest_server,
+    topic_of,
+)
 from tests.e2e.harness import Services
 from tests.e2e.soak_fakes import (
     Injections,
@@ -27,6 +33,7 @@ from tests.e2e.soak_fakes import (
     SoakCoinbase,
     SoakExchange,
     SoakKraken,
+    bar_values,
     now_ms,
 )
 from tickstream_shared.local_infra import LocalInfra
@@ -50,12 +57,6 @@ MARKET_IDS = {
     "kraken": {"BTC/USD": "kraken:btc-usd", "ETH/USD": "kraken:eth-usd"},
     "coinbase": {"BTC-USD": "coinbase:btc-usd", "ETH-USD": "coinbase:eth-usd"},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.asynccontextmanager
@@ -84,14 +85,6 @@ async def _watcher(
                 print("watcher log, end:\n" + "\n".join(log.splitlines()[-80:]))
             shutil.rmtree(data_dir, ignore_errors=True)
     assert codes == {"watcher": 0}, codes
-
-
-def _final(ticks: list[Tick]) -> dict[int, Tick]:
-    out: dict[int, Tick] = {}
-    for tick in ticks:
-        if tick.closed and (tick.minute not in out or tick.seq > out[tick.minute].seq):
-            out[tick.minute] = tick
-    return out
 
 
 def _scrape(port: int) -> dict[tuple[str, str], float]:
@@ -124,7 +117,7 @@ async def test_five_minutes_of_lies_leave_every_stored_minute_equal_to_the_truth
         SoakKraken(MARKETS["kraken"], lies["kraken"]),
         SoakCoinbase(MARKETS["coinbase"], lies["coinbase"]),
     ]
-    port = _free_port()
+    port = free_port()
     markets = [mid for ids in MARKET_IDS.values() for mid in ids.values()]
     async with _watcher(
         infra,
@@ -143,13 +136,13 @@ async def test_five_minutes_of_lies_leave_every_stored_minute_equal_to_the_truth
         first = start - start % M - HISTORY * M
 
         def truth_of(fake: SoakExchange, symbol: str) -> dict[int, tuple[float, ...]]:
-            return {m: fake.truth(symbol, m).values() for m in range(first, last + 1, M)}
+            return {m: bar_values(fake.truth(symbol, m)) for m in range(first, last + 1, M)}
 
         async def converged(fake: SoakExchange, symbol: str) -> list[Tick]:
             truth = truth_of(fake, symbol)
 
             def equal(ticks: list[Tick]) -> bool:
-                stored = _final(ticks)
+                stored = final_bars(ticks)
                 got = {m: _values(stored[m]) for m in truth if m in stored}
                 return got == truth
 
@@ -167,7 +160,7 @@ async def test_five_minutes_of_lies_leave_every_stored_minute_equal_to_the_truth
             ticks = await read_all(
                 infra.kafka_bootstrap_servers, topic_of(MARKET_IDS[fake.name][symbol])
             )
-            stored = _final(ticks)
+            stored = final_bars(ticks)
             truth = truth_of(fake, symbol)
             assert {m: _values(stored[m]) for m in truth} == truth, (fake.name, symbol, seed)
             level = fake.levels[symbol]

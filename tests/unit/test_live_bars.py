@@ -487,3 +487,45 @@ def test_every_implausible_trade_is_counted_and_its_minute_closes_from_rest() ->
     assert all(t.high < 1e6 for t in out)
     assert bars.close_due(us(minute + M + 5_000)) == []
     assert bars.repairs_due(minute + M + REPAIR_DELAY_MS) == {BTC: (minute, minute)}
+
+
+def test_a_market_whose_rest_requests_fail_waits_its_turn_and_still_gives_up_in_time() -> None:
+    """After a failure a market is not due for REST for a while (doubling); its held minutes
+    are still handed over at the give-up time; a success resets the wait."""
+    rules = TrustRules(reconcile_after_ms=1_000, reconcile_settle_ms=0)
+    bars = LiveBars(min_interval_ms=0, rules=rules)
+    history(bars, 3)
+    now = BASE + 5 * M
+    assert [due[0] for due in bars.reconcile_due(now)] == [ETH]
+    bars.rest_failed(ETH, now)
+    assert bars.reconcile_due(now + 4_999) == [] and bars.reconcile_due(now + 5_000) != []
+    bars.rest_failed(ETH, now + 5_000)
+    assert bars.reconcile_due(now + 14_999) == [] and bars.reconcile_due(now + 15_000) != []
+    bars.rest_answered(ETH)
+    assert bars.reconcile_due(now + 5_001) != []
+    bars.reconcile(ETH, [], BASE, BASE + 2 * M, us(now + 15_000))
+    bars.candle(candle(BASE + 5 * M, 10.0, 5.0, BASE + 5 * M + 1), us(BASE + 5 * M + 1))
+    bars.suspect(ETH, BASE + 5 * M)
+    bars.close_due(us(BASE + 6 * M + 5_000))
+    held = BASE + 6 * M + REPAIR_DELAY_MS
+    bars.rest_failed(ETH, held)
+    assert bars.repairs_due(held + 1) == {}  # waiting after the failure
+    assert bars.repairs_due(BASE + 6 * M + REPAIR_GIVE_UP_MS) == {ETH: (BASE + 5 * M, BASE + 5 * M)}
+
+
+def test_a_reconciliation_page_with_bad_rows_leaves_its_range_due_again() -> None:
+    """The minutes of a page REST answered with bad rows are compared again on a later turn,
+    and a differing one is then corrected."""
+    rules = TrustRules(reconcile_after_ms=1_000, reconcile_settle_ms=0)
+    bars = LiveBars(min_interval_ms=0, rules=rules)
+    history(bars, 3)
+    now = BASE + 5 * M
+    good = [
+        CandleUpdate(ETH, BASE + i * M, 10.0, 10.0, 10.0, 10.0, 5.0, 3, True, 0) for i in (0, 2)
+    ]
+    assert bars.reconcile(ETH, good, BASE, BASE + 2 * M, us(now), complete=False) == []
+    assert bars.reconcile_due(now) == [(ETH, BASE, BASE + 2 * M)]  # due again at once
+    fixed = CandleUpdate(ETH, BASE + M, 10.0, 10.0, 10.0, 10.0, 6.0, 3, True, 0)
+    (tick,) = bars.reconcile(ETH, [*good, fixed], BASE, BASE + 2 * M, us(now + 1))
+    assert (tick.minute, tick.volume) == (BASE + M, 6.0)
+    assert bars.reconcile_due(now + 2) == []

@@ -380,6 +380,8 @@ class LiveSource:
                     end = min(start + page, current) - MINUTE_MS
                     candles = await self._candles(exchange, market, start, end)
                     ticks = self.bars.backfill(market, candles.candles, now_us())
+                    if candles.bad_rows:
+                        self.bars.recheck(market, start)  # reconciled once REST is asked again
                     filled += len(ticks)
                     if ticks:
                         await queue.put(ticks)
@@ -397,14 +399,14 @@ class LiveSource:
 
     async def _candles(self, exchange: str, market: Market, first: int, last: int) -> CandlePage:
         """REST candles of `market` from `first` to `last`; bad rows counted and logged once
-        per page. Raises RestUnavailable or BadFrame."""
+        per page (the caller asks for their minutes again: `bars.recheck`, once it has used
+        the page). Raises RestUnavailable or BadFrame."""
         protocol, symbol = self._protocols[exchange], self._symbols[exchange][market]
         page = protocol.parse_candles(
             market, await self._rest[exchange].get(protocol.candles_path(symbol, first, last))
         )
         if page.bad_rows:
             self.bars.bad_rest_rows(market, len(page.bad_rows))
-            self.bars.recheck(market, first)  # the refused rows' minutes, once REST has them
             log.warning(
                 "%s: %d bad REST candle rows skipped (%s)",
                 market.id,
@@ -412,6 +414,15 @@ class LiveSource:
                 page.bad_rows[0],
             )
         return page
+
+    def _answered(self, market: Market, page: CandlePage) -> None:
+        """After a REST answer: a page with bad rows makes the market's next request wait (an
+        exchange that keeps sending a bad row costs a request every few minutes, not every
+        turn); a clean one ends any wait."""
+        if page.bad_rows:
+            self.bars.rest_failed(market, now_us() // 1000)
+        else:
+            self.bars.rest_answered(market)
 
     async def _verify(
         self, exchange: str, queue: asyncio.Queue[list[Tick]], stop: asyncio.Event
@@ -430,9 +441,13 @@ class LiveSource:
                     continue
                 candles: list[CandleUpdate] = []
                 try:
-                    candles = (await self._candles(exchange, market, first, last)).candles
+                    page = await self._candles(exchange, market, first, last)
                 except (RestUnavailable, BadFrame) as exc:
                     log.warning("repair of %s: no candles: %s", market.id, exc)
+                    self.bars.rest_failed(market, now_us() // 1000)
+                else:
+                    candles = page.candles
+                    self._answered(market, page)
                 await self._put(queue, self.bars.repair(market, candles, now_us()))
                 worked = True
             due = [
@@ -446,8 +461,13 @@ class LiveSource:
                     # Not marked reconciled: asked again on a later turn (a 429 is waited out
                     # by the client; an outage is caught up when the exchange answers again).
                     log.warning("reconciliation of %s: %s", market.id, exc)
+                    self.bars.rest_failed(market, now_us() // 1000)
                 else:
-                    ticks = self.bars.reconcile(market, page.candles, first, last, now_us())
+                    complete = not page.bad_rows  # else the refused rows, on a later turn
+                    ticks = self.bars.reconcile(
+                        market, page.candles, first, last, now_us(), complete=complete
+                    )
+                    self._answered(market, page)
                     if ticks:
                         log.warning(
                             "%s: %d minutes corrected or filled from REST", market.id, len(ticks)

@@ -18,6 +18,10 @@ from tickstream_watcher.trust import RECENT_MINUTES, Reference, TrustRules
 # REPAIR_GIVE_UP_MS, closed from the trades seen (an implausible bar is then not published).
 REPAIR_DELAY_MS: Final = 10_000
 REPAIR_GIVE_UP_MS: Final = 180_000
+# After a failed REST request for a market, its next one waits this long, doubling per
+# failure in a row up to REST_RETRY_MAX_MS.
+REST_RETRY_MS: Final = 5_000
+REST_RETRY_MAX_MS: Final = 300_000
 # Most minutes one trade-id gap marks for repair (the newest ones); older are counted only.
 MAX_REPAIR_MINUTES: Final = 10
 # No backfill reaches further back (WATCHER_BACKFILL_MINUTES is at most 1440): what earlier
@@ -96,6 +100,10 @@ class _MarketState:
     # early pass from that minute on (the watchdog suspects a gap).
     reconciled_through: int = -1
     check_from: int | None = None
+    # After a REST request for this market failed: no repair or reconciliation request before
+    # this (ms), so one market the exchange refuses never takes the others' turns.
+    rest_not_before: int = -1
+    rest_failures: int = 0
     last_trade_id: int = -1
     last_trade_minute: int = -1
     pending: bool = False  # the forming bar changed since it was last published
@@ -328,10 +336,29 @@ class LiveBars:
         state.streamed = [span for span in state.streamed if span[1] > state.backfilled_through]
         return out
 
+    def rest_failed(self, market: Market, now_ms: int) -> None:
+        """A REST request for `market` failed, or its answer had bad rows: its next one waits
+        (doubling from REST_RETRY_MS to REST_RETRY_MAX_MS) until `rest_answered`."""
+        state = self._state(market)
+        wait = min(REST_RETRY_MS * 2**state.rest_failures, REST_RETRY_MAX_MS)
+        state.rest_failures = min(state.rest_failures + 1, 30)
+        state.rest_not_before = now_ms + wait
+
+    def rest_answered(self, market: Market) -> None:
+        """A REST request for `market` was answered in full: its next one need not wait."""
+        state = self._state(market)
+        state.rest_failures, state.rest_not_before = 0, -1
+
     def repairs_due(self, now_ms: int) -> dict[Market, tuple[int, int]]:
         """Markets with minutes to repair now: the first and last such minute of each."""
         due = {}
         for market, state in self._markets.items():
+            if now_ms < state.rest_not_before:
+                # Still asked with no candles, so that held minutes give up in time.
+                minutes = [m for m in state.awaiting if now_ms >= m + MINUTE_MS + REPAIR_GIVE_UP_MS]
+                if minutes:
+                    due[market] = (min(minutes), max(minutes))
+                continue
             minutes = [m for m in state.awaiting if now_ms >= m + MINUTE_MS + REPAIR_DELAY_MS]
             if minutes:
                 due[market] = (min(minutes), max(minutes))
@@ -388,7 +415,7 @@ class LiveBars:
         settled = now_ms - rules.reconcile_settle_ms - MINUTE_MS
         due = []
         for market, state in self._markets.items():
-            if not state.recent:
+            if not state.recent or now_ms < state.rest_not_before:
                 continue
             # Nothing before the oldest bar remembered: older ones are out of reach, and
             # before the first one this publisher closed, what is stored is not known.
@@ -406,7 +433,14 @@ class LiveBars:
         return due
 
     def reconcile(
-        self, market: Market, candles: Iterable[CandleUpdate], first: int, last: int, now_us: int
+        self,
+        market: Market,
+        candles: Iterable[CandleUpdate],
+        first: int,
+        last: int,
+        now_us: int,
+        *,
+        complete: bool = True,
     ) -> list[Tick]:
         """Compare the closed minutes first..last with the exchange's REST `candles` for them.
 
@@ -414,6 +448,7 @@ class LiveBars:
         minute REST has that was never published (a gap nothing else repaired) is published
         (counted filled); a published minute REST has no candle for is counted unconfirmed and
         kept (a bar cannot be unpublished). Minutes still held for REST are left to `repair`.
+        Not `complete` (REST's page had bad rows): the range is due again (`recheck`).
         Idempotent: a second call with the same candles publishes nothing.
         """
         state = self._state(market)
@@ -443,6 +478,8 @@ class LiveBars:
         state.reconciled_through = max(state.reconciled_through, last)
         if state.check_from is not None and state.check_from <= last:
             state.check_from = None
+        if not complete:
+            _recheck(state, first)
         return out
 
     def recheck(self, market: Market, from_minute: int) -> None:
