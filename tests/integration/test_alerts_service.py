@@ -67,8 +67,8 @@ async def test_restart_keeps_the_hour_and_the_cooldown(own_infra: LocalInfra) ->
             window_minutes=60,
             samples=40,
         )
-        await alert_store.insert_alerts(pool, [earlier])
-        await alert_store.mark_published(pool, [earlier.alert_id])
+        await alert_store.store_alerts(pool, [earlier])
+        await alert_store.mark_published(pool, [earlier])
     finally:
         await pool.close()
 
