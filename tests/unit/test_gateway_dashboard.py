@@ -1,4 +1,5 @@
-"""The dashboard's static files: elements it looks up exist, scripts parse, feed wording in node."""
+"""The dashboard's static files: elements it looks up exist, scripts parse, feed wording and
+alert states in node."""
 
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
 
 
-def run_feeds_js(expression: str) -> Any:
-    """The JSON value of `expression`, evaluated in node with feeds.js imported as `feeds`."""
+def run_module_js(name: str, expression: str) -> Any:
+    """The JSON value of `expression`, evaluated in node with static/<name>.js imported as
+    `<name>`."""
     assert NODE is not None
     # A data: URL is an ES module whatever node's default module type is.
     script = f"""
 import {{ readFileSync }} from 'node:fs';
-const source = readFileSync({json.dumps(str(STATIC_DIR / "feeds.js"))}, 'utf8');
-const feeds = await import('data:text/javascript,' + encodeURIComponent(source));
+const source = readFileSync({json.dumps(str(STATIC_DIR / f"{name}.js"))}, 'utf8');
+const {name} = await import('data:text/javascript,' + encodeURIComponent(source));
 console.log(JSON.stringify({expression}));
 """
     done = subprocess.run(
@@ -47,7 +49,7 @@ def test_every_element_the_script_looks_up_is_in_the_page() -> None:
 
 
 @needs_node
-@pytest.mark.parametrize("name", ["app.js", "feeds.js"])
+@pytest.mark.parametrize("name", ["app.js", "feeds.js", "alerts.js"])
 def test_scripts_parse_as_modules(name: str) -> None:
     """The dashboard's scripts are valid ES modules."""
     assert NODE is not None
@@ -67,9 +69,10 @@ def test_source_summary_names_sources_and_exchanges() -> None:
     }
     gone = {"r:btc-usdt": {"source": "replay", "origin": "replay", "state": "stale"}}
     mixed = {**gone, "s:a-b": {"source": "synthetic", "origin": "synthetic", "state": "live"}}
-    summaries = run_feeds_js(
+    summaries = run_module_js(
+        "feeds",
         f"[{json.dumps(live)}, {json.dumps(gone)}, {json.dumps(mixed)}, {{}}, null, "
-        '{"x:a-b": 7}].map(feeds.sourceSummary)'
+        '{"x:a-b": 7}].map(feeds.sourceSummary)',
     )
     assert summaries == [
         {"text": "live: binance, kraken", "stale": False},
@@ -89,8 +92,29 @@ def test_feed_state_of_a_market() -> None:
         "r:btc-usdt": {"source": "replay", "origin": "replay", "state": "finished"},
         "x:odd-usd": {"source": "live", "origin": "x", "state": "toString"},
     }
-    states = run_feeds_js(
+    states = run_module_js(
+        "feeds",
         "[['b:btc-usdt', 'r:btc-usdt', 'x:odd-usd', 'k:nope-usd']"
-        f".map((m) => feeds.feedStateOf({json.dumps(feeds)}, m)), feeds.feedStateOf(null, 'b:x-y')]"
+        f".map((m) => feeds.feedStateOf({json.dumps(feeds)}, m)),"
+        " feeds.feedStateOf(null, 'b:x-y')]",
     )
     assert states == [["reconnecting", "finished", "unknown", "unknown"], None]
+
+
+@needs_node
+def test_alert_states_replace_older_ones_of_the_same_alert() -> None:
+    """A retraction or confirmation (larger status_seq) replaces the alert shown; a repeat or
+    an older state does not; a message without a status shows as provisional."""
+    raised = {"alert_id": "a", "seq": 5, "status": "provisional", "status_seq": 5}
+    retracted = {**raised, "status": "retracted", "status_seq": 9}
+    before_statuses = {"alert_id": "a", "seq": 5}
+    got = run_module_js(
+        "alerts",
+        f"[[{json.dumps(retracted)}, {json.dumps(raised)}], [{json.dumps(raised)}, null],"
+        f" [{json.dumps(raised)}, {json.dumps(retracted)}], [{json.dumps(raised)},"
+        f" {json.dumps(raised)}], [{json.dumps(retracted)}, {json.dumps(before_statuses)}]]"
+        ".map(([alert, held]) => alerts.supersedes(alert, held))"
+        f".concat([{json.dumps(before_statuses)}, {json.dumps(retracted)}, {{status: 'x'}}]"
+        ".map(alerts.alertStatus))",
+    )
+    assert got == [True, True, False, False, True, "provisional", "retracted", "provisional"]
