@@ -19,7 +19,10 @@ from tickstream_shared.deadletter import DeadLetter, DeadLetterSender
 from tickstream_shared.errors import BadMessage
 from tickstream_shared.naming import Market, market_of
 from tickstream_shared.observability import (
+    ALERTS_CONFIRMED,
+    ALERTS_LEFT_PROVISIONAL,
     ALERTS_RAISED,
+    ALERTS_RETRACTED,
     BATCH_SECONDS,
     BATCHES,
     COMMITS_REFUSED,
@@ -182,9 +185,15 @@ class BatchHandler(Protocol):
 
 @runtime_checkable
 class RaisesAlerts(Protocol):
-    """A handler that counts the alerts it raised; exported as tickstream_alerts_raised_total."""
+    """A handler that counts alerts: newly stored (`raised`), stored as confirmed or retracted,
+    and left provisional; exported as tickstream_alerts_<name>_total."""
 
     raised: int
+    confirmed: int
+    retracted: int
+
+    @property
+    def left_provisional(self) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,7 +386,12 @@ def _runtime_totals(
         (COMMITS_REFUSED, (), counters.commits_refused),
     ]
     if isinstance(handler, RaisesAlerts):
-        readings.append((ALERTS_RAISED, (), handler.raised))
+        readings += [
+            (ALERTS_RAISED, (), handler.raised),
+            (ALERTS_CONFIRMED, (), handler.confirmed),
+            (ALERTS_RETRACTED, (), handler.retracted),
+            (ALERTS_LEFT_PROVISIONAL, (), handler.left_provisional),
+        ]
     return readings
 
 

@@ -158,7 +158,27 @@ CONSUMER_LAG: Final = Family(
     ("topic", "partition"),
 )
 ALERTS_RAISED: Final = Family(
-    "tickstream_alerts_raised_total", "Alerts raised, stored and published.", "counter"
+    "tickstream_alerts_raised_total",
+    "Alerts newly stored (each alert once, whatever its status; then published).",
+    "counter",
+)
+ALERTS_CONFIRMED: Final = Family(
+    "tickstream_alerts_confirmed_total",
+    "Alerts stored as confirmed: raised on a closed bar, or a closed bar of their minute"
+    " still crossed (a provisional or retracted one).",
+    "counter",
+)
+ALERTS_RETRACTED: Final = Family(
+    "tickstream_alerts_retracted_total",
+    "Alerts stored as retracted: a closed bar (or correction) of their minute no longer"
+    " crossed the threshold.",
+    "counter",
+)
+ALERTS_LEFT_PROVISIONAL: Final = Family(
+    "tickstream_alerts_left_provisional_total",
+    "Provisional alerts whose minute got no closed bar within ALERTS_CORRECTION_MINUTES:"
+    " they stay provisional.",
+    "counter",
 )
 
 # Batches of stats and alerts: from decoding to the commit, retries of outages included.

@@ -49,12 +49,33 @@ CREATE TABLE IF NOT EXISTS alerts (
     ratio          double precision NOT NULL,
     window_minutes integer          NOT NULL,
     samples        integer          NOT NULL,
-    published      boolean          NOT NULL DEFAULT false,
+    published      boolean          NOT NULL DEFAULT false, -- this state is on Kafka (outbox)
     created_at     timestamptz      NOT NULL DEFAULT now()
 );
+-- Statuses (provisional / confirmed / retracted), added to tables made before them too. A row
+-- stored without them (by a service from before statuses) is provisional: it was raised on
+-- whatever update crossed, forming or not; the block below judges what it can of it.
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS status text NOT NULL DEFAULT 'provisional'
+    CHECK (status IN ('provisional', 'confirmed', 'retracted'));
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS status_seq bigint;  -- seq of the update that set it
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS status_ts bigint;   -- its event time
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS final_value double precision; -- closed bar's value
+ALTER TABLE alerts ADD COLUMN IF NOT EXISTS status_changed_at timestamptz NOT NULL DEFAULT now();
 CREATE INDEX IF NOT EXISTS alerts_by_minute ON alerts (minute DESC);
 CREATE INDEX IF NOT EXISTS alerts_by_metric ON alerts (metric, minute DESC);
 CREATE INDEX IF NOT EXISTS alerts_unpublished ON alerts (created_at) WHERE NOT published;
+
+-- Rows without a status_seq were stored before statuses: one raised on the update that is its
+-- minute's stored closed bar stands on a final value and is confirmed; any other was raised
+-- on a forming value and stays provisional (never judged: no closed bar will come again).
+-- Then status_seq and status_ts are those of the raising update, so this runs once per row.
+UPDATE alerts AS a
+   SET status = 'confirmed', final_value = a.value
+ WHERE a.status_seq IS NULL
+   AND EXISTS (SELECT 1 FROM bars AS b
+                WHERE b.market = left(a.metric, length(a.metric) - length(a.kind) - 1)
+                  AND b.minute = a.minute AND b.seq = a.seq AND b.closed);
+UPDATE alerts SET status_seq = seq, status_ts = exchange_ts WHERE status_seq IS NULL;
 
 -- The newest stored minute: "now" for retention, which counts in event time so that a replay
 -- of old candles is not deleted as soon as it is stored.

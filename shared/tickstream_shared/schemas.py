@@ -61,8 +61,22 @@ class Tick(msgspec.Struct, frozen=True, gc=False):
         return _encoder.encode(self)
 
 
+# An alert raised on a forming minute is `provisional` until a closed bar of its minute judges
+# it again: `confirmed` if that bar still crosses, `retracted` if not.
+AlertStatus = Literal["provisional", "confirmed", "retracted"]
+ALERT_STATUSES: Final[tuple[AlertStatus, ...]] = ("provisional", "confirmed", "retracted")
+
+
 class Alert(msgspec.Struct, frozen=True, gc=False):
-    """A metric's value in one minute above factor x the mean of the minutes before it."""
+    """A metric's value in one minute above factor x the mean of the minutes before it.
+
+    One alert per metric and minute (`alert_id`); each change of its status is the whole alert
+    again, with a larger `status_seq`, so a reader keeps the one with the largest. `value`,
+    `mean`, `ratio`, `samples`, `seq` and `exchange_ts` are those of the update whose crossing
+    the alert stands on: the raising update while provisional, the closed bar once confirmed;
+    a retracted alert keeps those of the last update that crossed. The status fields have
+    defaults so that messages from before statuses existed still decode (as never judged).
+    """
 
     alert_id: _Id  # <metric>@<minute>: at most one alert per metric and minute
     metric: _Id
@@ -76,6 +90,15 @@ class Alert(msgspec.Struct, frozen=True, gc=False):
     ratio: _Finite
     window_minutes: Annotated[int, msgspec.Meta(ge=1, le=100_000)]
     samples: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+    status: AlertStatus = "provisional"
+    status_seq: _Seq | None = None  # seq of the update that set the status (None: `seq`)
+    status_ts: _Ts | None = None  # event time of that update (None: `exchange_ts`)
+    final_value: _Finite | None = None  # the closed bar's value that judged it (not provisional)
+
+    @property
+    def version(self) -> int:
+        """Orders the messages of one alert: the one with the largest is its current state."""
+        return self.seq if self.status_seq is None else self.status_seq
 
     def encode(self) -> bytes:
         return _encoder.encode(self)

@@ -379,9 +379,18 @@ class AlertsSettings:
         "ALERTS_COOLDOWN_SECONDS",
         3600,
         "No new alert for a metric while the minute is less than this much event time after"
-        " the minute of its last alert (0 = every qualifying minute).",
+        " the minute of its last alert that is not retracted (0 = every qualifying minute).",
         ge=0,
         le=604_800,
+    )
+    correction_minutes: int = setting(
+        "ALERTS_CORRECTION_MINUTES",
+        60,
+        "How far behind its market's newest minute a minute's closing or corrected bar still"
+        " confirms or retracts the minute's alerts; after that they are final (a provisional"
+        " one stays provisional).",
+        ge=0,
+        le=1440,
     )
     batch_max: int = setting(
         "ALERTS_BATCH_MAX", 5000, "Most ticks evaluated per batch.", ge=1, le=100_000

@@ -232,4 +232,8 @@ async def check_alerts(conn: Any, expected: dict[str, list[Row]], services: Serv
     )
     assert stored == reference
     assert await conn.fetchval("SELECT count(*) FROM alerts WHERE NOT published") == 0
+    # A replay sends each minute as one closed bar: every alert stands on a final value, so it
+    # is confirmed at once and the reference (over closed minutes) counts exactly these.
+    statuses = await conn.fetch("SELECT status, count(*) AS n FROM alerts GROUP BY status")
+    assert {r["status"]: r["n"] for r in statuses} == {"confirmed": len(reference)}
     return set(stored)

@@ -136,6 +136,7 @@ async def test_replay_end_to_end(
         finally:
             a_reader.cancel()
         assert len(ws_ids) == len(set(ws_ids)) == len(stored_alerts)
+        assert {f["alert"]["status"] for f in a_frames if f["type"] == "alert"} == {"confirmed"}
         rank_frames = [f for f in a_frames if f["type"] == "ranks"]
         assert rank_frames and rank_frames[-1]["by"] == "logret"
         assert [e["metric"] for e in rank_frames[-1]["ranks"]] == reference.order("price", "logret")

@@ -1,7 +1,7 @@
 // Runs the dashboard's app.js in node against a stand-in DOM, WebSocket and fetch, and prints
 // what it shows. argv[2]: {"open": bool, "metrics": <the /api/metrics body>, "ranks": [...]}
 // (`ranks`: the price ranks /api/ranks answers).
-// Run by tests/unit/test_gateway_dashboard.py from a folder holding app.js and feeds.js.
+// Run by tests/unit/test_gateway_dashboard.py from a folder holding app.js, feeds.js and alerts.js.
 
 const scenario = JSON.parse(process.argv[2]);
 

@@ -27,7 +27,7 @@ def update(seq: int, minute_index: int = 0, *, market: str = BTC, closed: bool =
 
 
 def alert(n: int) -> Alert:
-    """A volume alert of BTC in minute n (from MINUTE)."""
+    """A provisional volume alert of BTC in minute n (from MINUTE), raised by seq n."""
     return Alert(
         alert_id=f"{BTC}:volume@{MINUTE + n * MINUTE_MS}",
         metric=f"{BTC}:volume",
@@ -41,4 +41,7 @@ def alert(n: int) -> Alert:
         ratio=10.0,
         window_minutes=60,
         samples=59,
+        status="provisional",
+        status_seq=n,
+        status_ts=MINUTE + n * MINUTE_MS + 1000,
     )

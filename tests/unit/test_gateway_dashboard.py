@@ -1,4 +1,5 @@
-"""The dashboard's static files: elements exist, scripts parse, feed wording and header in node."""
+"""The dashboard's static files: elements exist, scripts parse, feed wording, header and alert
+states in node."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
 
 
-def run_feeds_js(expression: str) -> Any:
-    """The JSON value of `expression`, evaluated in node with feeds.js imported as `feeds`."""
+def run_module_js(name: str, expression: str) -> Any:
+    """The JSON value of `expression`, evaluated in node with static/<name>.js imported as
+    `<name>`."""
     assert NODE is not None
     # A data: URL is an ES module whatever node's default module type is.
     script = f"""
 import {{ readFileSync }} from 'node:fs';
-const source = readFileSync({json.dumps(str(STATIC_DIR / "feeds.js"))}, 'utf8');
-const feeds = await import('data:text/javascript,' + encodeURIComponent(source));
+const source = readFileSync({json.dumps(str(STATIC_DIR / f"{name}.js"))}, 'utf8');
+const {name} = await import('data:text/javascript,' + encodeURIComponent(source));
 console.log(JSON.stringify({expression}));
 """
     done = subprocess.run(
@@ -35,6 +37,11 @@ console.log(JSON.stringify({expression}));
         check=True,
     )
     return json.loads(done.stdout)
+
+
+def run_feeds_js(expression: str) -> Any:
+    """The JSON value of `expression`, evaluated in node with feeds.js imported as `feeds`."""
+    return run_module_js("feeds", expression)
 
 
 def test_every_element_the_script_looks_up_is_in_the_page() -> None:
@@ -48,7 +55,7 @@ def test_every_element_the_script_looks_up_is_in_the_page() -> None:
 
 
 @needs_node
-@pytest.mark.parametrize("name", ["app.js", "feeds.js"])
+@pytest.mark.parametrize("name", ["app.js", "feeds.js", "alerts.js"])
 def test_scripts_parse_as_modules(name: str) -> None:
     """The dashboard's scripts are valid ES modules."""
     assert NODE is not None
@@ -221,7 +228,7 @@ def test_only_live_data_and_a_live_connection_are_coloured_green() -> None:
 def run_dashboard(tmp_path: Path, scenario: dict[str, Any]) -> Any:
     """What app.js shows for `scenario`, run in node by dashboard_harness.mjs (see there)."""
     assert NODE is not None
-    for name in ("app.js", "feeds.js"):
+    for name in ("app.js", "feeds.js", "alerts.js"):
         shutil.copy(STATIC_DIR / name, tmp_path / name)
     shutil.copy(Path(__file__).with_name("dashboard_harness.mjs"), tmp_path / "harness.mjs")
     (tmp_path / "package.json").write_text('{"type": "module"}')
@@ -299,3 +306,22 @@ def test_dashboard_labels_a_replay_replay(tmp_path: Path) -> None:
     assert shown["empty"] is None
     assert shown["origins"] == [["replay", "neutral"]]
     assert shown["rank_feeds"] == [[["replay", "neutral"]]]
+
+
+@needs_node
+def test_alert_states_replace_older_ones_of_the_same_alert() -> None:
+    """A retraction or confirmation (larger status_seq) replaces the alert shown; a repeat or
+    an older state does not; a message without a status shows as provisional."""
+    raised = {"alert_id": "a", "seq": 5, "status": "provisional", "status_seq": 5}
+    retracted = {**raised, "status": "retracted", "status_seq": 9}
+    before_statuses = {"alert_id": "a", "seq": 5}
+    got = run_module_js(
+        "alerts",
+        f"[[{json.dumps(retracted)}, {json.dumps(raised)}], [{json.dumps(raised)}, null],"
+        f" [{json.dumps(raised)}, {json.dumps(retracted)}], [{json.dumps(raised)},"
+        f" {json.dumps(raised)}], [{json.dumps(retracted)}, {json.dumps(before_statuses)}]]"
+        ".map(([alert, held]) => alerts.supersedes(alert, held))"
+        f".concat([{json.dumps(before_statuses)}, {json.dumps(retracted)}, {{status: 'x'}}]"
+        ".map(alerts.alertStatus))",
+    )
+    assert got == [True, True, False, False, True, "provisional", "retracted", "provisional"]

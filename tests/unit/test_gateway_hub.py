@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
+
 from tests.unit.gateway_ticks import BTC, MINUTE, alert, update
 from tickstream_gateway.hub import ClientSession, Hub
 from tickstream_gateway.outbox import SLOT_BYTES
@@ -60,6 +62,26 @@ async def test_one_encoding_is_shared_by_every_client() -> None:
     bar = json.loads(frames[0][0].text)
     assert (bar["seq"], bar["received_ts"]) == (1, MINUTE + 1500)
     assert json.loads(frames[0][1].text)["alert"]["seq"] == 2
+
+
+async def test_alert_status_changes_reach_alert_subscribers_in_order() -> None:
+    """A provisional alert and then its retraction (same alert_id) both reach every client
+    subscribed to alerts, with their status, even one that has not read yet; others get none."""
+    hub = Hub(client_queue_bytes=MIB)
+    subscribed, other = hub.connect(), watching(hub, BTC)
+    subscribed.alerts = True
+    raised = alert(1)
+    hub.publish_alert(raised)
+    hub.publish_alert(
+        msgspec.structs.replace(
+            raised, status="retracted", status_seq=9, status_ts=MINUTE + 61_000, final_value=2.0
+        )
+    )
+    assert [
+        (f["alert"]["alert_id"], f["alert"]["status"], f["alert"]["status_seq"])
+        for f in sent(subscribed)
+    ] == [(raised.alert_id, "provisional", 1), (raised.alert_id, "retracted", 9)]
+    assert sent(other) == []
 
 
 async def test_a_client_that_stops_reading_resumes_with_the_newest_state() -> None:

@@ -166,6 +166,48 @@ def test_alert_round_trip_and_id() -> None:
         decode_alert(alert.encode().replace(b'"kind":"volume"', b'"kind":"spread"'))
 
 
+class _AlertBeforeStatuses(msgspec.Struct):
+    """The alert message as consumers written before statuses read it."""
+
+    alert_id: str
+    metric: str
+    kind: str
+    minute: int
+    exchange_ts: int
+    seq: int
+    value: float
+    mean: float
+    factor: float
+    ratio: float
+    window_minutes: int
+    samples: int
+
+
+def test_alert_status_round_trip_and_compatibility() -> None:
+    """Status fields round-trip; an alert without them decodes as never judged; a reader of
+    the fields before statuses decodes a retraction as the alert it was."""
+    base = Alert(
+        f"binance:btc-usdt:volume@{MINUTE}", "binance:btc-usdt:volume", "volume", MINUTE,
+        MINUTE + 5, 9, 1e17, 10.0, 3.0, 1e16, 60, 59,
+    )  # fmt: skip
+    retracted = msgspec.structs.replace(
+        base, status="retracted", status_seq=12, status_ts=MINUTE + 60_000, final_value=45.0
+    )
+    assert decode_alert(retracted.encode()) == retracted
+    assert retracted.version == 12
+    # A message from before statuses has none of their fields.
+    before = msgspec.json.encode(msgspec.json.decode(base.encode(), type=_AlertBeforeStatuses))
+    assert b"status" not in before
+    decoded = decode_alert(before)
+    assert (decoded.status, decoded.status_seq, decoded.final_value, decoded.version) == (
+        "provisional", None, None, 9
+    )  # fmt: skip
+    old = msgspec.json.decode(retracted.encode(), type=_AlertBeforeStatuses)
+    assert (old.alert_id, old.seq, old.value) == (base.alert_id, 9, 1e17)
+    with pytest.raises(BadMessage):
+        decode_alert(retracted.encode().replace(b'"retracted"', b'"withdrawn"'))
+
+
 def test_settings_from_env_converts_types() -> None:
     """Settings are read once from the environment into typed fields."""
     settings = ServiceSettings.from_env(

@@ -28,7 +28,10 @@ from tickstream_shared.errors import ConfigError
 from tickstream_shared.feed_status import SEVERITY, FeedStatus
 from tickstream_shared.naming import Market
 from tickstream_shared.observability import (
+    ALERTS_CONFIRMED,
+    ALERTS_LEFT_PROVISIONAL,
     ALERTS_RAISED,
+    ALERTS_RETRACTED,
     BATCHES,
     COMMITS_REFUSED,
     CONSUMER_LAG,
@@ -165,10 +168,14 @@ class AcknowledgingProducer:
 
 
 class CountingHandler:
-    """Raises one alert per tick, like the alerts handler counts in `raised`."""
+    """Raises one alert per tick, confirms one, retracts two and leaves three provisional per
+    batch, as the alerts handler counts them."""
 
     def __init__(self) -> None:
         self.raised = 0
+        self.confirmed = 0
+        self.retracted = 0
+        self.left_provisional = 0
 
     async def assigned(self, markets: set[Market]) -> None:
         pass
@@ -178,6 +185,9 @@ class CountingHandler:
 
     async def handle(self, batch: Any, stop: asyncio.Event) -> bool:
         self.raised += len(batch.ticks)
+        self.confirmed += 1
+        self.retracted += 2
+        self.left_provisional += 3
         return True
 
     async def idle(self, stop: asyncio.Event) -> bool:
@@ -223,6 +233,9 @@ async def test_consumer_runtime_exports_its_counters_lag_and_batch_time() -> Non
         BATCHES,
         COMMITS_REFUSED,
         ALERTS_RAISED,
+        ALERTS_CONFIRMED,
+        ALERTS_RETRACTED,
+        ALERTS_LEFT_PROVISIONAL,
     )
     moved = {f: after[f, ()] - before.get((f, ()), 0.0) for f in families}
     assert moved == {
@@ -232,6 +245,9 @@ async def test_consumer_runtime_exports_its_counters_lag_and_batch_time() -> Non
         BATCHES: 1,
         COMMITS_REFUSED: 0,
         ALERTS_RAISED: 2,
+        ALERTS_CONFIRMED: 1,
+        ALERTS_RETRACTED: 2,
+        ALERTS_LEFT_PROVISIONAL: 3,
     }
     assert after[CONSUMER_LAG, (tp.topic, "0")] == 7  # highwater 10, offsets 0..2 handled
     assert batch_seconds_count() - seconds_before == 1

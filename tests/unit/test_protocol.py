@@ -24,6 +24,7 @@ from tickstream_gateway.protocol import (
     parse_by,
     parse_command,
     parse_since,
+    parse_statuses,
     ranks_frame,
     status_frame,
 )
@@ -207,6 +208,30 @@ def test_since_refuses_anything_else(raw: object) -> None:
     with pytest.raises(ProtocolError) as info:
         parse_since(raw)
     assert info.value.code == "bad_since"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (None, None),
+        ("retracted", ("retracted",)),
+        ("provisional,confirmed,provisional", ("provisional", "confirmed")),
+    ],
+)
+def test_statuses_filter_alerts_by_comma_separated_names(
+    raw: str | None, expected: tuple[str, ...] | None
+) -> None:
+    """`/api/alerts?status=` names statuses once each, in order; absent means all of them."""
+    assert parse_statuses(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["", "withdrawn", "confirmed,", "Confirmed", "confirmed retracted"])
+def test_statuses_refuse_anything_else(raw: str) -> None:
+    """An empty name or one that is not a status is `bad_status`, echoing the word."""
+    with pytest.raises(ProtocolError) as info:
+        parse_statuses(raw)
+    assert info.value.code == "bad_status"
+    assert "is not one of: provisional, confirmed, retracted" in info.value.message
 
 
 def test_by_defaults_to_std_and_depends_on_kind() -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.unit.spike_reference import RuleParams, Update, rule_spikes
+from tests.unit.spike_reference import RuleParams, Update, judge, rule_spikes
 from tickstream_alerts.rule import MinuteSpikeRule, Spike
 from tickstream_shared.schemas import MINUTE_MS
 
@@ -272,3 +272,37 @@ def test_invalid_configuration_raises(
     """Factor and window must be positive, the guards non-negative and finite."""
     with pytest.raises(ValueError, match=match):
         MinuteSpikeRule(factor, window, min_samples, min_active, zscore)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), params=_PARAMS, correction=st.integers(0, 4))
+def test_judge_matches_the_exact_reference_for_every_held_minute(
+    data: st.DataObject, params: RuleParams, correction: int
+) -> None:
+    """Reaching `correction` minutes back, observe still gives the exact verdicts, and judging a
+    minute again gives the exact verdict on its latest value against its window as it is now."""
+    updates = data.draw(update_streams(st.integers(1, 8).map(float), params))
+    rule = MinuteSpikeRule(
+        params.factor,
+        params.window_minutes,
+        params.min_samples,
+        params.min_active_minutes,
+        params.min_zscore,
+        correction_minutes=correction,
+    )
+    seen: dict[int, tuple[float, float]] = {}
+    for update, expected in zip(updates, rule_spikes(updates, params), strict=True):
+        spikes = rule.observe(update.minute, update.close, update.volume)
+        assert [(s.kind, s.samples) for s in spikes] == [(e.kind, e.samples) for e in expected]
+        seen[update.minute] = (update.close, update.volume)
+        newest = max(seen)
+        for index in range(-correction - 2, 1):
+            at = newest + index * MINUTE_MS
+            held = at in seen and index >= -correction
+            assert rule.holds(at) == held
+            if not held:
+                continue
+            again = judge(seen, Update(at, update.seq, *seen[at]), params)
+            assert [(s.kind, s.samples, s.mean) for s in rule.judge(at)] == [
+                (r.kind, r.samples, float(r.exact_mean)) for r in again
+            ]

@@ -29,23 +29,27 @@ class Spike:
 class MinuteSpikeRule:
     """The spike rule for one market's two metrics (price = close, volume), minute by minute.
 
-    Keeps the values of the newest `window_minutes + 1` minutes in a ring indexed by minute, so
-    its size is bounded by time whatever the update rate. Only updates of the market's newest
-    minute are judged, against the minutes `minute - window .. minute - 1` that are present
-    (their latest values). A value is a spike if, exactly (integer arithmetic, no rounding):
-    at least `min_samples` minutes are present, at least `min_active_minutes` of them have
-    non-zero volume, their mean is positive, value > factor x mean, and
-    value > mean + min_zscore x (population std of those values). A late update of an earlier
-    minute replaces that minute's value for later windows and is not judged.
+    Keeps the values of the newest `window_minutes + 1 + correction_minutes` minutes in a ring
+    indexed by minute, so its size is bounded by time whatever the update rate. `observe` judges
+    only updates of the market's newest minute, against the minutes `minute - window ..
+    minute - 1` that are present (their latest values). A value is a spike if, exactly (integer
+    arithmetic, no rounding): at least `min_samples` minutes are present, at least
+    `min_active_minutes` of them have non-zero volume, their mean is positive,
+    value > factor x mean, and value > mean + min_zscore x (population std of those values).
+    A late update of an earlier minute replaces that minute's value for later windows and is
+    not judged by `observe`; `judge` judges a minute up to `correction_minutes` before the newest
+    again, with its latest value against its own trailing window (a closing or corrected bar).
 
-    The trailing window's sums are kept exactly (ExactMoments) and moved, not recomputed: an
-    update of the forming minute costs O(1), a new minute costs the minutes it moves over
-    (each minute enters and leaves once). Not thread-safe.
+    The newest minute's trailing sums are kept exactly (ExactMoments) and moved, not recomputed:
+    an update of the forming minute costs O(1), a new minute costs the minutes it moves over
+    (each minute enters and leaves once); `judge` of an earlier minute sums its window afresh
+    (O(window)), which only alerts being re-judged need. Not thread-safe.
     """
 
     __slots__ = (
         "_active",
         "_closes",
+        "_correction",
         "_factor",
         "_min_active",
         "_min_samples",
@@ -66,6 +70,7 @@ class MinuteSpikeRule:
         min_samples: int,
         min_active_minutes: int = 0,
         min_zscore: float = 0.0,
+        correction_minutes: int = 0,
     ) -> None:
         if not (math.isfinite(factor) and factor > 0):
             raise ValueError(f"factor must be positive and finite, got {factor!r}")
@@ -77,15 +82,19 @@ class MinuteSpikeRule:
             raise ValueError(f"min_active_minutes must be >= 0, got {min_active_minutes}")
         if not (math.isfinite(min_zscore) and min_zscore >= 0):
             raise ValueError(f"min_zscore must be >= 0 and finite, got {min_zscore!r}")
+        if correction_minutes < 0:
+            raise ValueError(f"correction_minutes must be >= 0, got {correction_minutes}")
         # Exact rationals of the floats given, so verdicts never depend on rounding.
         self._factor = Fraction(factor)
         self._min_zscore = Fraction(min_zscore)
         self._window = window_minutes
         self._min_samples = min_samples
         self._min_active = min_active_minutes
-        # One slot per minute of the window plus the judged one; a slot is valid only while its
-        # minute tag matches, so a gap needs no clean-up.
-        self._size = window_minutes + 1
+        self._correction = correction_minutes
+        # One slot per minute of the window, the newest minute and the minutes `judge` may
+        # still reach back to (with their windows); a slot is valid only while its minute tag
+        # matches, so a gap needs no clean-up.
+        self._size = window_minutes + 1 + correction_minutes
         self._minutes = [-1] * self._size
         self._closes = [0.0] * self._size
         self._volumes = [0.0] * self._size
@@ -108,14 +117,47 @@ class MinuteSpikeRule:
         """Record the update of `minute`; return the spikes it shows (none, one or both kinds)."""
         if not self._store(minute, close, volume):
             return ()
-        samples = self._price.count
-        if samples < self._min_samples or self._active < self._min_active:
+        return self._verdict(close, volume, self._price, self._volume, self._active)
+
+    def holds(self, minute: int) -> bool:
+        """Whether `judge` can judge `minute`: held, at most correction_minutes before newest."""
+        if not self._newest - self._correction * MINUTE_MS <= minute <= self._newest:
+            return False
+        return self._minutes[(minute // MINUTE_MS) % self._size] == minute
+
+    def judge(self, minute: int) -> tuple[Spike, ...]:
+        """The spikes of `minute`'s latest value against its own trailing window, now.
+
+        The same verdict `observe` gives an update of the newest minute, for any minute `holds`;
+        raises ValueError for one it does not hold.
+        """
+        if not self.holds(minute):
+            raise ValueError(f"minute {minute} is not held (newest {self._newest})")
+        slot = (minute // MINUTE_MS) % self._size
+        close, volume = self._closes[slot], self._volumes[slot]
+        if minute == self._newest:
+            return self._verdict(close, volume, self._price, self._volume, self._active)
+        price, volumes = ExactMoments(), ExactMoments()
+        active = 0
+        for earlier in range(minute - self._window * MINUTE_MS, minute, MINUTE_MS):
+            slot = (earlier // MINUTE_MS) % self._size
+            if self._minutes[slot] == earlier:
+                price.add(self._closes[slot])
+                volumes.add(self._volumes[slot])
+                active += self._volumes[slot] != 0.0
+        return self._verdict(close, volume, price, volumes, active)
+
+    def _verdict(
+        self, close: float, volume: float, price: ExactMoments, volumes: ExactMoments, active: int
+    ) -> tuple[Spike, ...]:
+        """The rule itself: the spikes of (close, volume) over a window's sums."""
+        if price.count < self._min_samples or active < self._min_active:
             return ()
         spikes: tuple[Spike, ...] = ()
-        if self._exceeds(close, self._price):
-            spikes = (_spike("price", close, self._price),)
-        if self._exceeds(volume, self._volume):
-            spikes = (*spikes, _spike("volume", volume, self._volume))
+        if self._exceeds(close, price):
+            spikes = (_spike("price", close, price),)
+        if self._exceeds(volume, volumes):
+            spikes = (*spikes, _spike("volume", volume, volumes))
         return spikes
 
     def _store(self, minute: int, close: float, volume: float) -> bool:
@@ -130,14 +172,15 @@ class MinuteSpikeRule:
         if minute == newest:
             self._put(minute, close, volume)  # the forming minute: not in its own window
             return True
-        if minute < newest - self._window * MINUTE_MS:
+        if minute < newest - (self._window + self._correction) * MINUTE_MS:
             return False  # older than any window still to be judged: cannot matter
-        # A late update of a minute inside the newest minute's window changes its baseline.
         slot = (minute // MINUTE_MS) % self._size
-        if self._minutes[slot] == minute:
-            self._leave(self._closes[slot], self._volumes[slot])
+        if minute >= newest - self._window * MINUTE_MS:
+            # A late update of a minute inside the newest minute's window changes its baseline.
+            if self._minutes[slot] == minute:
+                self._leave(self._closes[slot], self._volumes[slot])
+            self._enter(close, volume)
         self._put(minute, close, volume)
-        self._enter(close, volume)
         return False
 
     def _slide(self, newest: int, minute: int) -> None:
@@ -150,13 +193,13 @@ class MinuteSpikeRule:
             self._volume.clear()
             self._active = 0
             return
-        # Minutes [newest - window, first_kept) leave; the old newest minute enters.
+        # Minutes [newest - window, first_kept) leave the sums (their slots stay valid for
+        # `judge` until reused); the old newest minute enters.
         leaving = newest - self._window * MINUTE_MS
         while leaving < first_kept:
             slot = (leaving // MINUTE_MS) % size
             if self._minutes[slot] == leaving:
                 self._leave(self._closes[slot], self._volumes[slot])
-                self._minutes[slot] = -1
             leaving += MINUTE_MS
         slot = (newest // MINUTE_MS) % size
         self._enter(self._closes[slot], self._volumes[slot])

@@ -23,7 +23,7 @@ from tickstream_shared.naming import (
     Market,
     market_of,
 )
-from tickstream_shared.schemas import MINUTE_MS, Tick
+from tickstream_shared.schemas import MINUTE_MS, Alert, Tick
 from tickstream_shared.settings import ServiceSettings
 
 log = logging.getLogger("tickstream.alerts")
@@ -34,7 +34,8 @@ class _AlertsHandler:
     """Alerts' part of each batch (see ConsumerRuntime): judge, store, publish.
 
     A market's rule state is built lazily at its first tick (see `_warm_new_markets`) and
-    forgotten when its partition leaves.
+    forgotten when its partition leaves. `raised`, `confirmed` and `retracted` count what the
+    store changed (so a re-delivered batch counts nothing twice): exported by the runtime.
     """
 
     def __init__(
@@ -49,10 +50,16 @@ class _AlertsHandler:
         self.detector = detector
         self.stored_by_stats = stored_by_stats
         self.raised = 0
+        self.confirmed = 0
+        self.retracted = 0
         self._next_report = time.monotonic() + _REPORT_EVERY_S
 
     async def assigned(self, markets: set[Market]) -> None:
         """Nothing yet: warmed at each market's first tick."""
+
+    @property
+    def left_provisional(self) -> int:
+        return self.detector.left_provisional
 
     def revoked(self, markets: set[Market]) -> None:
         for market in markets:
@@ -81,26 +88,39 @@ class _AlertsHandler:
         alerts = self.detector.observe(ticks)
         if alerts:
 
-            async def insert() -> bool:
-                await alert_store.insert_alerts(self.pool, alerts)
-                return True
+            async def store() -> alert_store.Stored:
+                return await alert_store.store_alerts(self.pool, alerts)
 
-            if await retry_until_done("store alerts", insert, stop) is None:
+            stored = await retry_until_done("store alerts", store, stop)
+            if stored is None:
                 return False
+            # Published (this batch's changes and any left by an earlier failure) before the
+            # batch is committed: a crash in between publishes them at the next start.
             if await _publish_pending(self.pool, self.producer, stop) is None:
                 return False
-            self.raised += len(alerts)
+            self.raised += stored.raised
+            self.confirmed += stored.confirmed
+            self.retracted += stored.retracted
             for alert in alerts:
                 log.debug(
-                    "alert %s value=%.6g mean=%.6g ratio=%.1fx",
+                    "alert %s %s value=%.6g mean=%.6g ratio=%.1fx final=%s",
                     alert.alert_id,
+                    alert.status,
                     alert.value,
                     alert.mean,
                     alert.ratio,
+                    alert.final_value,
                 )
         if time.monotonic() >= self._next_report:
             self._next_report = time.monotonic() + _REPORT_EVERY_S
-            log.info("alerts=%d skipped_stale=%d", self.raised, self.detector.skipped_stale)
+            log.info(
+                "alerts raised=%d confirmed=%d retracted=%d left_provisional=%d skipped_stale=%d",
+                self.raised,
+                self.confirmed,
+                self.retracted,
+                self.detector.left_provisional,
+                self.detector.skipped_stale,
+            )
         return True
 
 
@@ -181,44 +201,59 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
 
 
 async def _warm_new_markets(pool: Any, detector: SpikeDetector, ticks: list[Tick]) -> None:
-    """Rebuild a market's trailing minutes and cooldown at its first consumed tick.
+    """Rebuild a market's trailing minutes, open alerts and cooldown at its first consumed tick.
 
-    The bars are those before that tick's minute m (m - window .. m - 1), as stats stored them,
-    keeping only updates older than the tick (lower seq): stats may have stored updates this
-    service has not evaluated yet, and those must still be evaluated, not skipped. The last
-    alert minutes include m itself, so a minute that alerted before a restart does not alert
-    again and the cooldown runs on from it.
+    With m that tick's minute and c = correction_minutes: the bars are those before m
+    (m - window - c .. m - 1, so that minutes from m - c on can be judged again with whole
+    windows), as stats stored them, keeping only updates older than the tick (lower seq):
+    stats may have stored updates this service has not evaluated yet, and those must still be
+    evaluated, not skipped. The open alerts are every stored alert of the market's metrics from
+    m - c on (m itself included, so a minute that alerted before a restart does not alert
+    again, and a provisional alert is confirmed or retracted by the closed bar still to come);
+    the cooldown runs on from them or from the last alert before them that is not retracted.
     """
     first: dict[str, Tick] = {}
     for tick in ticks:
         if tick.market not in detector and tick.market not in first:
             first[tick.market] = tick
-    window_ms = detector.settings.window_minutes * MINUTE_MS
+    settings = detector.settings
+    correction_ms = settings.correction_minutes * MINUTE_MS
+    reach_ms = settings.window_minutes * MINUTE_MS + correction_ms
     for market_id, tick in first.items():
         bars = await db.bars_between(
-            pool, market_id, tick.minute - window_ms, tick.minute - MINUTE_MS
+            pool, market_id, tick.minute - reach_ms, tick.minute - MINUTE_MS
         )
         metric_ids = [market_of(market_id).metric_id(kind) for kind in METRIC_KINDS]
-        last_alerts = await alert_store.last_alert_minutes(
-            pool, metric_ids, tick.minute + MINUTE_MS
+        first_open = tick.minute - correction_ms
+        open_alerts = await alert_store.alerts_since(pool, metric_ids, first_open)
+        last_alerts = await alert_store.last_alert_minutes(pool, metric_ids, first_open)
+        detector.warm(
+            market_id, (bar for bar in bars if bar.seq < tick.seq), last_alerts, open_alerts
         )
-        detector.warm(market_id, (bar for bar in bars if bar.seq < tick.seq), last_alerts)
 
 
 async def _publish_pending(
     pool: Any, producer: RenewableProducer, stop: asyncio.Event
 ) -> int | None:
-    """Publish every stored-but-unpublished alert, then mark them; None if stopped first."""
+    """Publish every stored-but-unpublished alert state, then mark them; None if stopped first.
+
+    Keyed by metric, so one alert's states stay in order on one partition.
+    """
 
     async def attempt() -> int:
         pending = await alert_store.unpublished_alerts(pool)
         if not pending:
             return 0
         await producer.send_all(
-            Message(ALERTS_TOPIC, a.encode(), a.metric.encode(), timestamp_ms=a.exchange_ts)
+            Message(ALERTS_TOPIC, a.encode(), a.metric.encode(), timestamp_ms=_changed_at(a))
             for a in pending
         )
-        await alert_store.mark_published(pool, [a.alert_id for a in pending])
+        await alert_store.mark_published(pool, pending)
         return len(pending)
 
     return await retry_until_done("publish alerts", attempt, stop)
+
+
+def _changed_at(alert: Alert) -> int:
+    """The record timestamp: event time of the update that set the alert's current status."""
+    return alert.exchange_ts if alert.status_ts is None else alert.status_ts

@@ -13,7 +13,13 @@ from starlette.responses import Response
 from tickstream_gateway import metrics
 from tickstream_gateway.bars import merge_history
 from tickstream_gateway.httpcache import EncodedBody, not_modified
-from tickstream_gateway.protocol import ProtocolError, encode, parse_by, parse_since
+from tickstream_gateway.protocol import (
+    ProtocolError,
+    encode,
+    parse_by,
+    parse_since,
+    parse_statuses,
+)
 from tickstream_gateway.ranks import rank_snapshot
 from tickstream_gateway.state import GatewayState
 from tickstream_shared import alert_store, db, health, observability
@@ -119,7 +125,12 @@ async def get_alerts(request: Request) -> Response:
         return error(400, "bad_limit", f"limit {echo(raw_limit)} is not an integer")
     if not 1 <= limit <= MAX_ALERTS:
         return error(400, "bad_limit", f"limit must be between 1 and {MAX_ALERTS}")
-    alerts = await alert_store.recent_alerts(_state(request).pool, limit)
+    try:
+        # Retracted alerts are listed too unless asked otherwise: marked, not silently gone.
+        statuses = parse_statuses(request.query_params.get("status"))
+    except ProtocolError as exc:
+        return error(400, exc.code, exc.message)
+    alerts = await alert_store.recent_alerts(_state(request).pool, limit, statuses)
     return json_response({"alerts": alerts})
 
 

@@ -19,7 +19,15 @@ from tickstream_shared.naming import (
     parse_kind,
     parse_measure,
 )
-from tickstream_shared.schemas import MAX_ID_CHARS, MAX_TS_MS, MIN_TS_MS, Alert, Tick
+from tickstream_shared.schemas import (
+    ALERT_STATUSES,
+    MAX_ID_CHARS,
+    MAX_TS_MS,
+    MIN_TS_MS,
+    Alert,
+    AlertStatus,
+    Tick,
+)
 
 Channel = Literal["market", "ranks", "alerts"]
 # A client frame's limits: its UTF-8 size (a command is ~100 bytes), and how deeply its JSON
@@ -219,6 +227,26 @@ def parse_since(value: object) -> int | None:
     return value
 
 
+def parse_statuses(value: str | None) -> tuple[AlertStatus, ...] | None:
+    """`GET /api/alerts?status=`: comma-separated alert statuses, or None (all) if absent.
+
+    Raises ProtocolError `bad_status` for an empty list or a word that is not a status.
+    """
+    if value is None:
+        return None
+    statuses: list[AlertStatus] = []
+    for word in value.split(","):
+        status = next((s for s in ALERT_STATUSES if s == word), None)
+        if status is None:
+            raise ProtocolError(
+                "bad_status",
+                f"status {echo(word)} is not one of: {', '.join(ALERT_STATUSES)} (comma-separated)",
+            )
+        if status not in statuses:
+            statuses.append(status)
+    return tuple(statuses)
+
+
 # ---------------------------------------------------------------- server frames
 
 # One encoder for every frame and HTTP body; NaN or infinity would encode as null.
@@ -357,6 +385,8 @@ def ranks_frame(snapshot: dict[str, Any]) -> Frame:
 
 
 def alert_frame(alert: Alert) -> Frame:
+    """An alert, or a new status of one (the same `alert_id`, a larger `status_seq`): never
+    conflated, so a retraction always reaches a client that got the alert."""
     return _frame(_encoder.encode({"type": "alert", "alert": alert}))
 
 

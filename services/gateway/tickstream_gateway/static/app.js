@@ -1,5 +1,6 @@
 // tickstream dashboard: minute-bar charts, rank tables by a chosen measure, alerts, feed states.
 
+import { ALERT_STATUS_TITLES, alertStatus, alertVersion, supersedes } from './alerts.js';
 import { emptyState, feedBadgeOf, openStatus, originBadges } from './feeds.js';
 
 const MINUTE_MS = 60000;
@@ -168,7 +169,7 @@ const state = {
   measure: { price: 'std', volume: 'std' }, // what each rank table is ordered by
   ranks: { price: null, volume: null },
   alerts: [], // newest first
-  alertIds: new Set(),
+  alertById: new Map(), // alert id -> its newest state held (see alertVersion)
   freshAlerts: new Set(),
 };
 
@@ -377,9 +378,13 @@ function renderRanks(kind) {
 
 function alertRow(alert) {
   const li = document.createElement('li');
-  li.className = 'alert';
+  const status = alertStatus(alert);
+  li.className = `alert ${status}`;
   li.dataset.alertId = alert.alert_id;
   li.dataset.metric = alert.metric;
+  li.dataset.status = status;
+  li.dataset.version = String(alertVersion(alert));
+  li.title = `${status}: ${ALERT_STATUS_TITLES[status]}`;
   const time = document.createElement('time');
   time.className = 'alert-time';
   time.textContent = fmtHHMMSS(alert.exchange_ts);
@@ -390,6 +395,10 @@ function alertRow(alert) {
   const detail = document.createElement('span');
   detail.className = 'alert-detail';
   detail.textContent = `value ${fmtSig(alert.value, 6)} · mean ${fmtSig(alert.mean, 6)}`;
+  if (status === 'retracted' && Number.isFinite(alert.final_value)) {
+    detail.textContent += ` · closed at ${fmtSig(alert.final_value, 6)}`;
+  }
+  if (status !== 'confirmed') detail.textContent = `${status} · ${detail.textContent}`;
   const ratio = document.createElement('span');
   ratio.className = 'alert-ratio';
   ratio.textContent = fmtRatio(alert.ratio);
@@ -408,8 +417,14 @@ function renderAlerts() {
   // Keyed update: existing rows stay in place so only new ones flash.
   const list = els.alerts;
   const existing = new Map([...list.children].map((el) => [el.dataset.alertId, el]));
-  const keep = new Set(state.alerts.map((a) => a.alert_id));
-  for (const [id, el] of existing) if (!keep.has(id)) el.remove();
+  for (const [id, el] of existing) {
+    // Gone, or superseded by a newer state (confirmed, retracted): its row is made again.
+    const alert = state.alertById.get(id);
+    if (!alert || el.dataset.version !== String(alertVersion(alert))) {
+      el.remove();
+      existing.delete(id);
+    }
+  }
   let cursor = list.firstElementChild;
   for (const alert of state.alerts) {
     const el = existing.get(alert.alert_id) ?? alertRow(alert);
@@ -791,16 +806,20 @@ function applyRanks(kind, measure, ranks) {
 function addAlerts(alerts, live) {
   let added = false;
   for (const alert of alerts) {
-    if (!alert || typeof alert.alert_id !== 'string' || state.alertIds.has(alert.alert_id)) continue;
-    state.alerts.push(alert);
-    state.alertIds.add(alert.alert_id);
+    if (!alert || typeof alert.alert_id !== 'string') continue;
+    const held = state.alertById.get(alert.alert_id);
+    // A newer state of a held alert replaces it; a repeated or older one changes nothing.
+    if (!supersedes(alert, held)) continue;
+    if (held) state.alerts[state.alerts.indexOf(held)] = alert;
+    else state.alerts.push(alert);
+    state.alertById.set(alert.alert_id, alert);
     if (live) state.freshAlerts.add(alert.alert_id);
     added = true;
   }
   if (!added) return;
   state.alerts.sort((a, b) => b.exchange_ts - a.exchange_ts || b.seq - a.seq);
   for (const old of state.alerts.splice(MAX_ALERTS)) {
-    state.alertIds.delete(old.alert_id);
+    state.alertById.delete(old.alert_id);
     state.freshAlerts.delete(old.alert_id);
   }
   markDirty('alerts');
