@@ -168,6 +168,8 @@ async def test_the_exchanges_word_is_what_is_stored_and_every_rule_is_counted(
     assert {m: (t.close, t.volume) for m, t in final.items()} == truth
     assert max(t.close for t in ticks) < 1.0, "the implausible price was published"
     assert exchange.now_minute + 4 * M not in {t.minute for t in ticks}
+    # Event time never runs ahead of the watcher's clock: the shared clock cannot jump.
+    assert all(t.exchange_ts <= t.received_ts for t in ticks)
     seqs = [t.seq for t in ticks]
     assert seqs == sorted(set(seqs))
     assert counters["tickstream_live_ahead_total"] == 1
