@@ -370,10 +370,11 @@ class SoakCoinbase(SoakExchange):
         self.skipped[gap_symbol].update(whole)
         self.skipped[self.symbols[0]].update(part)
         self.next_trade: dict[str, int] = {}
+        # Not a minute held for REST anyway (a gap's minutes and the one its next trade opens):
+        # the mispriced minute must be one only reconciliation can correct.
+        held = (gap_minute, gap_minute + M, part_minute)
         spare = [
-            first + k * M
-            for k in range(2, max(3, int(soak // 60)))
-            if first + k * M not in (gap_minute, part_minute)
+            first + k * M for k in range(2, max(3, int(soak // 60))) if first + k * M not in held
         ]
         if spare:
             self.mispriced = (self.symbols[0], rng.choice(spare))
