@@ -614,4 +614,7 @@ def test_restart_from_storage_gives_the_same_states(
         stored[alert.alert_id] = alert
     expected, left = detector_states(updates, params, correction)
     assert final_states(list(stored.values())) == expected
-    assert first.left_provisional + restarted.left_provisional == left
+    # The counter is per process: an alert whose minute passes out of reach exactly while
+    # the service is down (before the restarted one's first minute, after the first one's
+    # horizon) is counted by neither. Never more than an uninterrupted run counts.
+    assert first.left_provisional + restarted.left_provisional <= left
