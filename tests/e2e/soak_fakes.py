@@ -127,6 +127,7 @@ class SoakExchange:
         self.implausible_at = sorted(injections.at(40, soak * 0.8) for _ in range(2))
         self.malformed_at = sorted(injections.at(10, soak * 0.9) for _ in range(3))
         self.silent: tuple[str, int, int] | None = None  # (symbol, from ms, to ms)
+        self.frozen = False
         # A minute the stream tells wrong to the end (a plausible close 0.01% off): only
         # reconciliation with REST can correct it.
         self.mispriced: tuple[str, int] | None = None
@@ -138,16 +139,20 @@ class SoakExchange:
         silent = self.silent
         return silent is not None and silent[0] == symbol and silent[1] <= at < silent[2]
 
+    def freeze(self) -> None:
+        """No more lies from now on (the counters are about to be read)."""
+        self.frozen = True
+
     def due(self, schedule: list[int], kind: str) -> bool:
         """True once per scheduled moment that has passed (and counts the injection)."""
-        if schedule and now_ms() >= schedule[0]:
+        if schedule and now_ms() >= schedule[0] and not self.frozen:
             schedule.pop(0)
             self.lies.done[kind] += 1
             return True
         return False
 
     def rest_row_bad(self, symbol: str, minute: int) -> bool:
-        if (symbol, minute) in self.bad_rows:
+        if (symbol, minute) in self.bad_rows and not self.frozen:
             self.bad_rows.discard((symbol, minute))
             self.lies.done["bad_rest_row"] += 1
             return True

@@ -11,6 +11,7 @@ import random
 import shutil
 import sys
 import urllib.request
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
@@ -154,7 +155,11 @@ async def test_five_minutes_of_lies_leave_every_stored_minute_equal_to_the_truth
         for fake in fakes:
             for symbol in fake.symbols:
                 await converged(fake, symbol)
+        for fake in fakes:
+            fake.freeze()
+        await asyncio.sleep(3)  # what was sent before is counted by now
         counters = await asyncio.to_thread(_scrape, port)
+        injected = {name: Counter(lie.done) for name, lie in lies.items()}
     for fake in fakes:
         for symbol in fake.symbols:
             ticks = await read_all(
@@ -169,7 +174,7 @@ async def test_five_minutes_of_lies_leave_every_stored_minute_equal_to_the_truth
             assert all(t.exchange_ts <= t.received_ts for t in ticks)
             seqs = [t.seq for t in ticks]
             assert seqs == sorted(set(seqs))
-    _assert_counted(counters, lies, seed)
+    _assert_counted(counters, injected, seed)
 
 
 def _values(tick: Tick) -> tuple[float, ...]:
@@ -177,18 +182,19 @@ def _values(tick: Tick) -> tuple[float, ...]:
 
 
 def _assert_counted(
-    counters: dict[tuple[str, str], float], lies: dict[str, Injections], seed: int
+    counters: dict[tuple[str, str], float], lies: dict[str, Counter[str]], seed: int
 ) -> None:
     def count(name: str, exchange: str) -> float:
         return counters.get((f"tickstream_{name}", exchange), 0.0)
 
-    for exchange, injected in lies.items():
-        done = injected.done
+    for exchange, done in lies.items():
         why = f"{exchange}: injected {dict(done)}, seed {seed}"
         assert done["ahead"] == 2 and done["implausible"] == 2 and done["malformed"] == 3, why
         assert count("live_ahead_total", exchange) == done["ahead"], why
         assert count("live_implausible_total", exchange) == done["implausible"], why
-        assert count("live_bad_rest_rows_total", exchange) == done["bad_rest_row"] == 2, why
+        # A bad row is served when its minute is first asked for, which for the last minutes
+        # may come after the counters are read: at least one, and counted as served.
+        assert count("live_bad_rest_rows_total", exchange) == done["bad_rest_row"] >= 1, why
         assert count("feed_bad_frames_total", exchange) == done["malformed"], why
         assert count("live_stale_detected_total", exchange) == 1, why
         # Each late final word and each mispriced minute is corrected; a silent market's
