@@ -137,9 +137,10 @@ class ExchangeFeed:
         exchange's reconnect request; nothing if no connection is open. Idempotent."""
         if self._socket is not None and not self._renew:
             self._renew = True
-            task = asyncio.get_running_loop().create_task(self._socket.close())
-            # Owned by the connection: its close ends the read loop, which awaits nothing more.
-            self._closing = task
+            # Held here until done; the socket closing ends the read loop; a failure to close
+            # is logged by the callback rather than lost with the task.
+            self._closing = asyncio.get_running_loop().create_task(self._socket.close())
+            self._closing.add_done_callback(_log_close_failure)
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -251,6 +252,11 @@ class ExchangeFeed:
         if events:
             await self.deliver(events, received_us)
         return reconnect
+
+
+def _log_close_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.warning("closing a connection to renew it failed: %r", error)
 
 
 async def _close_on(stop: asyncio.Event, ws: ClientConnection) -> None:

@@ -7,8 +7,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from tickstream_shared.schemas import MINUTE_MS
-
 # Closed bars kept per market (by minute, not by count of updates): the reference of the
 # plausibility check, what a late final candle is compared with, and what reconciliation
 # checks against REST. A minute older than this behind the market's newest is forgotten.
@@ -76,7 +74,3 @@ class Reference:
         limit = rules.volume_factor * self.max_volume
         # A market whose recent minutes had no volume at all gives no volume scale to judge by.
         return not (rules.volume_factor and self.max_volume > 0 and volume > limit)
-
-
-def minute_of(ms: int) -> int:
-    return ms - ms % MINUTE_MS
