@@ -75,7 +75,8 @@ class RestClient:
                     delay = retry_after if retry_after is not None else self.default_retry_s
                     if delay > MAX_RETRY_AFTER_S:
                         raise RestUnavailable(f"{path}: {status}, retry after {delay:.0f}s")
-                    log.warning("%s%s: HTTP %d, waiting %.1fs", self.base_url, path, status, delay)
+                    what = f"HTTP {status}" + (", rate limit in the body" if throttled else "")
+                    log.warning("%s%s: %s, waiting %.1fs", self.base_url, path, what, delay)
                     await asyncio.sleep(delay)
                     continue
                 if status < 500:
