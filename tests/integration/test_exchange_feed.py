@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 from collections.abc import AsyncIterator
@@ -338,13 +339,21 @@ async def okx_feed(url: str, received: Received, limits: FeedLimits) -> AsyncIte
             await task
 
 
-async def test_okx_keepalive_pings_in_text_and_pongs_keep_the_connection() -> None:
-    """A quiet OKX connection gets a text `ping` per quiet spell; each `pong` keeps it open."""
+@pytest.mark.parametrize(
+    "limits",
+    [OKX_KEEPALIVE, dataclasses.replace(OKX_KEEPALIVE, keepalive_s=30.0)],
+    ids=["keepalive-first", "silence-bound-below-keepalive"],
+)
+async def test_okx_keepalive_pings_in_text_and_pongs_keep_the_connection(
+    limits: FeedLimits,
+) -> None:
+    """A quiet OKX connection gets a text `ping` per quiet spell (at the latest at half the
+    silence bound, however that is set); each `pong` keeps it open."""
     server = PingServer(answers=True)
     received = Received()
     async with serve(server.handler, "127.0.0.1", 0) as listener:
         url = f"ws://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
-        async with okx_feed(url, received, OKX_KEEPALIVE) as feed:
+        async with okx_feed(url, received, limits) as feed:
             await wait_until(lambda: server.received and server.received[0].count("ping") >= 3, 10)
             assert feed.counters.connects == 1 and feed.counters.reconnects == 0
             assert feed.counters.bad_frames == 0 and feed.state == "live"

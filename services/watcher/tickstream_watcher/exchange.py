@@ -182,8 +182,8 @@ class FeedLimits:
     # Reconnect ahead of the exchange's own limit on a connection's life (Binance: 24 h).
     max_connection_s: float | None = None
     # For exchanges that want the client to prove it is alive (OKX): after this long without a
-    # frame, send `keepalive_frame` (a text frame); the answer is a frame like any other, and
-    # silence_s still ends a connection that stays silent.
+    # frame (or half of silence_s, if sooner), send `keepalive_frame` (a text frame); the answer
+    # is a frame like any other, and silence_s still ends a connection that stays silent.
     keepalive_s: float | None = None
     keepalive_frame: str = ""
 
