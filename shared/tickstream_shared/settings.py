@@ -148,8 +148,8 @@ class WatcherSettings:
         "WATCHER_FEED_SILENCE_MS",
         0,
         "Live source: a connection with no frame (data or heartbeat) for this long is dropped"
-        " and reconnected; 0 = each exchange's own bound (Binance 30 s, Coinbase and Kraken"
-        " 15 s).",
+        " and reconnected; 0 = each exchange's own bound (Binance and OKX 30 s, Coinbase and"
+        " Kraken 15 s).",
         ge=0,
         le=600_000,
     )
@@ -293,6 +293,12 @@ class ExchangeSettings:
     kraken_rest_url: str = setting(
         "KRAKEN_REST_URL", "https://api.kraken.com", "Kraken REST base URL."
     )
+    okx_ws_url: str = setting(
+        "OKX_WS_URL",
+        "wss://ws.okx.com:8443/ws/v5/business",
+        "OKX v5 business WebSocket URL (the one serving `candle1m`).",
+    )
+    okx_rest_url: str = setting("OKX_REST_URL", "https://www.okx.com", "OKX v5 REST base URL.")
 
     def endpoints(self, exchange: str) -> tuple[str, str]:
         """(WebSocket URL, REST base URL) of `exchange`, from its `<exchange>_ws_url` and
@@ -626,6 +632,8 @@ def _url_settings(settings: ServiceSettings) -> list[tuple[str, str, tuple[str, 
         ("COINBASE_REST_URL", ex.coinbase_rest_url, http),
         ("KRAKEN_WS_URL", ex.kraken_ws_url, ws),
         ("KRAKEN_REST_URL", ex.kraken_rest_url, http),
+        ("OKX_WS_URL", ex.okx_ws_url, ws),
+        ("OKX_REST_URL", ex.okx_rest_url, http),
     ]
 
 

@@ -396,3 +396,148 @@ def assert_no_gap(
             continue
         assert values(tick) == want, f"minute {minute}"
     return repaired
+
+
+# OKX: REST limits the fake enforces as OKX documents them (rows per request, 24 h on candles).
+OKX_CANDLES_LIMIT = 300
+OKX_HISTORY_LIMIT = 100
+OKX_RECENT_ROWS = 1440
+OKX_NOTICE_64008 = json.dumps(
+    {
+        "event": "notice",
+        "code": "64008",
+        "msg": "The connection will soon be closed for a service upgrade. Please reconnect.",
+        "connId": "a4d3ae55",
+    }
+)
+
+
+def okx_instrument(inst_id: str, state: str = "live", inst_type: str = "SPOT") -> dict[str, str]:
+    """An entry of /api/v5/public/instruments as OKX writes it."""
+    base, _, quote = inst_id.partition("-")
+    return {
+        "instType": inst_type,
+        "instId": inst_id,
+        "baseCcy": base,
+        "quoteCcy": quote.split("-")[0],
+        "tickSz": "0.1",
+        "lotSz": "0.00000001",
+        "minSz": "0.00001",
+        "listTime": "1606468572000",
+        "state": state,
+    }
+
+
+@dataclass
+class FakeOkx:
+    """OKX v5 playing the `Outage` script for every instrument of `bars`, in OKX's formats.
+
+    REST: the SPOT instruments (those of `bars` live, plus `others`); `candles` (only the
+    latest OKX_RECENT_ROWS minutes, limit <= 300) and `history-candles` (limit <= 100), rows
+    newest first, closed ones (confirm "1") before the connection's minute and that minute as
+    forming (confirm "0", which the watcher must leave out). A path in `rate_limited` is
+    answered HTTP 200 with code 50011 the first time. WS (the business endpoint): acks each
+    subscribed arg, pushes the step's minute of every instrument as forming and, if it is past,
+    confirmed; the first connection then sends malformed frames and closes with 4004, the
+    silent one goes silent, the next sends notice 64008; the others push their minute again
+    twice a second and answer a text ping with a text pong.
+    """
+
+    outage: Outage
+    bars: dict[str, dict[int, Bar]]  # instId -> minute -> bar
+    others: list[dict[str, str]] = field(default_factory=list)
+    rate_limited: frozenset[str] = frozenset()
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    subscribed: list[list[str]] = field(default_factory=list)  # instIds, per connection
+    sent: dict[tuple[str, int], list[str]] = field(default_factory=dict)  # last row pushed
+
+    def route(self, path: str, query: dict[str, str]) -> Answer:
+        first = all(seen != path for seen, _ in self.requests)
+        self.requests.append((path, query))
+        if path in self.rate_limited and first:
+            return 200, {"code": "50011", "msg": "Rate limit reached.", "data": []}
+        if path == "/api/v5/public/instruments" and query == {"instType": "SPOT"}:
+            listed = [okx_instrument(inst) for inst in sorted(self.bars)]
+            return 200, {"code": "0", "msg": "", "data": [*listed, *self.others]}
+        if path in ("/api/v5/market/candles", "/api/v5/market/history-candles"):
+            return 200, self.candles(path.endswith("/candles"), query)
+        return 404, {"code": "50000", "msg": "Not found", "data": []}
+
+    def candles(self, recent: bool, query: dict[str, str]) -> dict[str, Any]:
+        bars = self.bars.get(query.get("instId", ""))
+        limit = int(query.get("limit", "100"))
+        if bars is None:
+            return {"code": "51001", "msg": "Instrument ID does not exist", "data": []}
+        if query.get("bar", "1m") != "1m" or limit > (
+            OKX_CANDLES_LIMIT if recent else OKX_HISTORY_LIMIT
+        ):
+            return {"code": "51000", "msg": "Parameter error", "data": []}
+        after, before = int(query.get("after", 2**62)), int(query.get("before", 0))
+        forming = self.outage.rest_before
+        oldest = forming - (OKX_RECENT_ROWS - 1) * MINUTE_MS if recent else 0
+        minutes = [m for m in bars if before < m < after and oldest <= m <= forming]
+        rows = [self.row(bars[m], m, "1") for m in minutes if m != forming]
+        if forming in minutes:  # as it stands so far: the watcher must leave it out
+            bar = bars[forming]
+            rows.append(self.row(Bar(*[bar.open] * 4, bar.volume / 2, 1), forming, "0"))
+        return {"code": "0", "msg": "", "data": sorted(rows, reverse=True)[:limit]}
+
+    @staticmethod
+    def row(bar: Bar, minute: int, confirm: str) -> list[str]:
+        prices = [f"{p:.8f}" for p in (bar.open, bar.high, bar.low, bar.close, bar.volume)]
+        quote = f"{bar.volume * bar.close:.8f}"
+        return [str(minute), *prices, quote, quote, confirm]
+
+    def push(self, inst_id: str, minute: int, confirm: str) -> str:
+        row = self.row(self.bars[inst_id][minute], minute, confirm)
+        self.sent[inst_id, minute] = row
+        return json.dumps({"arg": {"channel": "candle1m", "instId": inst_id}, "data": [row]})
+
+    async def ws(self, connection: ServerConnection) -> None:
+        step = self.outage.connect()  # before the watcher can ask REST anything
+        request = json.loads(await connection.recv())
+        assert request["op"] == "subscribe"
+        insts = [arg["instId"] for arg in request["args"]]
+        self.subscribed.append(insts)
+        for arg in request["args"]:
+            ack = {"id": request["id"], "event": "subscribe", "arg": arg, "connId": "a4d3ae55"}
+            await connection.send(json.dumps(ack))
+        frames = [self.push(inst, step.minute, "0") for inst in insts]
+        if step.minute < self.outage.now_minute:  # a past minute: OKX has confirmed it
+            frames += [self.push(inst, step.minute, "1") for inst in insts]
+        for frame in frames:
+            await connection.send(frame)
+        if step.end == "drop":
+            bad = json.loads(frames[0])
+            bad["data"][0][8] = "2"  # confirm neither "0" nor "1"
+            await connection.send(json.dumps(bad))
+            await connection.send('{"arg":{"channel":"candle1m","instId":"BTC-USDT"},"data":[[')
+            await connection.close(4004, "No data received in 30s.")
+            return
+        if step.end == "silence":
+            await connection.wait_closed()
+            return
+        if step.end == "reconnect request":
+            await connection.send(OKX_NOTICE_64008)
+        latest = frames[-len(insts) :]
+        with contextlib.suppress(ConnectionClosed):
+            while True:  # the minute goes on being pushed; a text ping gets a text pong
+                try:
+                    frame = await asyncio.wait_for(connection.recv(), timeout=0.5)
+                except TimeoutError:
+                    for push in latest:
+                        await connection.send(push)
+                    continue
+                if frame == "ping":
+                    await connection.send("pong")
+
+    def expected(self, inst_id: str) -> dict[int, BarValues]:
+        """Pushed minutes as their last push says (a confirmed one stamped at its end, a
+        forming one at its open), the others as REST's candles (no trade count)."""
+        out = {m: rest_values(m, bar, trades=False) for m, bar in self.bars[inst_id].items()}
+        for (inst, minute), row in self.sent.items():
+            if inst == inst_id:
+                o, h, low, c, v = (float(x) for x in row[1:6])
+                stamp = minute + MINUTE_MS if row[8] == "1" else minute
+                out[minute] = (o, h, low, c, v, None, stamp)
+        return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import random
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from tickstream_watcher.coinbase import CoinbaseProtocol
 from tickstream_watcher.exchange import CandleUpdate, FeedEvent, Heartbeat
 from tickstream_watcher.feed import ExchangeFeed, FeedLimits
 from tickstream_watcher.kraken import KrakenProtocol
+from tickstream_watcher.okx import OkxProtocol
 
 FAST = FeedLimits(min_reconnect_s=0.01, max_reconnect_s=0.05, silence_s=0.5)
 SYMBOLS = {"NKNUSDT": Market("binance", "nkn", "usdt"), "LRCBTC": Market("binance", "lrc", "btc")}
@@ -55,6 +57,9 @@ class Exchange:
                 await ws.send(value)
             elif action == "close":
                 return  # the server drops the connection
+            elif action == "close code":
+                await ws.close(*value)  # (code, reason), as OKX closes with 4004/4008/4009
+                return
             elif action == "silence":
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ws.wait_closed(), timeout=value)
@@ -198,6 +203,10 @@ KRAKEN_OHLC = (
     '[{"symbol":"BTC/USD","open":1.5,"high":1.6,"low":1.4,"close":1.5,"trades":3,'
     '"volume":2.5,"vwap":1.5,"interval_begin":"2023-10-04T16:26:00.000000000Z","interval":1}]}'
 )
+OKX_CANDLE = (
+    '{"arg":{"channel":"candle1m","instId":"BTC-USDT"},"data":[["1597026360000","8533.02",'
+    '"8553.74","8527.17","8548.26","45247","529.5858061","5529.5858061","0"]]}'
+)
 COINBASE_MATCH = (
     '{"type":"match","trade_id":10,"sequence":50,"time":"2023-10-04T16:26:30.028459Z",'
     '"product_id":"BTC-USD","size":"0.5","price":"400.23","side":"sell"}'
@@ -211,6 +220,10 @@ MALFORMED = [
     '{"type":"match","trade_id":-1,"product_id":"BTC-USD"}',
     COINBASE_MATCH.replace('"0.5"', '"nan"'),
     COINBASE_MATCH.replace("BTC-USD", "XYZ-USD"),
+    OKX_CANDLE.replace('"0"]]', '"2"]]'),
+    OKX_CANDLE.replace('"8553.74"', '"-8553.74"'),
+    OKX_CANDLE.replace("BTC-USDT", "XYZ-USDT"),
+    '{"event":"error","code":"60012","msg":"Invalid request"}',
     "[" * 5000 + "]" * 5000,
     "\udcff",
     '{"stream":"x","data":{"e":"kline"',
@@ -227,8 +240,9 @@ MALFORMED = [
             COINBASE_MATCH,
         ),
         (BinanceProtocol(SYMBOLS), sorted(SYMBOLS), captured_klines),
+        (OkxProtocol({"BTC-USDT": Market("okx", "btc", "usdt")}), ["BTC-USDT"], OKX_CANDLE),
     ],
-    ids=["kraken", "coinbase", "binance"],
+    ids=["kraken", "coinbase", "binance", "okx"],
 )
 async def test_malformed_frames_never_close_the_connection(
     protocol: Any, symbols: list[str], valid: Any
@@ -272,3 +286,114 @@ async def test_renew_reconnects_and_subscribes_again() -> None:
         feed.renew()
         await wait_until(lambda: received.connected == 2, within=5)
         assert len(exchange.paths) == 2 and feed.counters.reconnects == 1
+
+
+OKX_BTC = {"BTC-USDT": Market("okx", "btc", "usdt")}
+OKX_ACK = '{"id":"1","event":"subscribe","arg":{"channel":"candle1m","instId":"BTC-USDT"}}'
+OKX_NOTICE = (
+    '{"event":"notice","code":"64008","msg":"The connection will soon be closed for a service'
+    ' upgrade. Please reconnect.","connId":"a4d3ae55"}'
+)
+# OKX's text ping after 0.2 s of silence; its pong must come within 0.4 s more.
+OKX_KEEPALIVE = FeedLimits(
+    min_reconnect_s=0.01,
+    max_reconnect_s=0.05,
+    silence_s=0.6,
+    keepalive_s=0.2,
+    keepalive_frame="ping",
+)
+
+
+@dataclass
+class PingServer:
+    """OKX's business endpoint: acks the subscription, then only answers text pings, with a
+    text pong while `answers` (else never)."""
+
+    answers: bool
+    received: list[list[str]] = field(default_factory=list)  # text frames, per connection
+
+    async def handler(self, ws: ServerConnection) -> None:
+        frames: list[str] = []
+        self.received.append(frames)
+        async for frame in ws:
+            assert isinstance(frame, str)
+            frames.append(frame)
+            if frame.startswith("{"):
+                await ws.send(OKX_ACK)
+            elif frame == "ping" and self.answers:
+                await ws.send("pong")
+
+
+@contextlib.asynccontextmanager
+async def okx_feed(url: str, received: Received, limits: FeedLimits) -> AsyncIterator[ExchangeFeed]:
+    feed = ExchangeFeed(
+        OkxProtocol(OKX_BTC), url, ["BTC-USDT"], limits, received.deliver, received.on_connected
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(feed.run(stop))
+    try:
+        yield feed
+    finally:
+        stop.set()
+        async with asyncio.timeout(deadline(5)):
+            await task
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [OKX_KEEPALIVE, dataclasses.replace(OKX_KEEPALIVE, keepalive_s=30.0)],
+    ids=["keepalive-first", "silence-bound-below-keepalive"],
+)
+async def test_okx_keepalive_pings_in_text_and_pongs_keep_the_connection(
+    limits: FeedLimits,
+) -> None:
+    """A quiet OKX connection gets a text `ping` per quiet spell (at the latest at half the
+    silence bound, however that is set); each `pong` keeps it open."""
+    server = PingServer(answers=True)
+    received = Received()
+    async with serve(server.handler, "127.0.0.1", 0) as listener:
+        url = f"ws://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+        async with okx_feed(url, received, limits) as feed:
+            await wait_until(lambda: server.received and server.received[0].count("ping") >= 3, 10)
+            assert feed.counters.connects == 1 and feed.counters.reconnects == 0
+            assert feed.counters.bad_frames == 0 and feed.state == "live"
+    subscribe = json.loads(server.received[0][0])
+    assert subscribe["args"] == [{"channel": "candle1m", "instId": "BTC-USDT"}]
+    assert set(server.received[0][1:]) == {"ping"}
+    assert received.events.count(Heartbeat()) == len(received.events) >= 3
+
+
+async def test_okx_connection_without_pong_is_replaced() -> None:
+    """A ping left unanswered ends the connection at the silence bound; a new one subscribes."""
+    server = PingServer(answers=False)
+    received = Received()
+    async with serve(server.handler, "127.0.0.1", 0) as listener:
+        url = f"ws://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+        async with okx_feed(url, received, OKX_KEEPALIVE) as feed:
+            await wait_until(lambda: len(server.received) >= 2 and server.received[1], 10)
+            assert feed.counters.connects >= 2 and received.connected >= 2
+    assert server.received[0][1:] == ["ping"]  # one ping, then the silence bound
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        ("send", OKX_NOTICE),
+        ("close code", (4004, "No data received in 30s.")),
+        ("close code", (4008, "The number of subscribed channels exceeds the limit.")),
+        ("close code", (4009, "The number of subscribed channels exceeds the limit.")),
+    ],
+    ids=["notice-64008", "close-4004", "close-4008", "close-4009"],
+)
+async def test_okx_notice_and_close_codes_reconnect(ending: tuple[str, Any]) -> None:
+    """Notice 64008 reconnects at once (before any silence); OKX's close codes reconnect too."""
+    first = [("send", OKX_ACK), ending, ("silence", 3600)]
+    exchange = Exchange([first, [("send", OKX_ACK), ("send", OKX_CANDLE)]])
+    received = Received()
+    patient = FeedLimits(min_reconnect_s=0.01, max_reconnect_s=0.05, silence_s=60.0)
+    async with serve(exchange.handler, "127.0.0.1", 0) as server:
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with okx_feed(url, received, patient) as feed:
+            await wait_until(lambda: len(received.candles()) == 1, within=5)
+            assert feed.counters.connects == 2 and feed.counters.reconnects == 1
+    assert received.candles()[0].market == Market("okx", "btc", "usdt")

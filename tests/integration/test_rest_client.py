@@ -77,6 +77,28 @@ async def test_throttled_answers_wait_retry_after_then_succeed() -> None:
     assert t1 - t0 >= 0.3 and t2 - t1 >= 0.2
 
 
+async def test_a_body_saying_slow_down_is_waited_out_like_a_429() -> None:
+    """OKX's rate limit with HTTP 200 (code 50011) is retried after the default wait; the next
+    answer, code "0", is returned; without the hook the first body would be returned."""
+    from tickstream_watcher.okx import rest_throttled
+
+    limited = b'{"code":"50011","msg":"Rate limit reached. Please refer to API document","data":[]}'
+    good = b'{"code":"0","msg":"","data":[]}'
+    server = Server([(200, {}, limited), (200, {}, good)])
+    async with serving(server) as base:
+        rest = RestClient(
+            base, min_interval_s=0.0, default_retry_s=0.2, throttled_body=rest_throttled
+        )
+        try:
+            async with asyncio.timeout(deadline(5)):
+                assert await rest.get("/api/v5/market/candles?instId=BTC-USDT") == good
+        finally:
+            await rest.aclose()
+        assert rest.throttled == 1
+    (t0, _), (t1, _) = server.requests
+    assert t1 - t0 >= 0.2
+
+
 async def test_server_errors_retry_then_give_up() -> None:
     """5xx answers are retried with doubling waits; after the attempts RestUnavailable."""
     server = Server([(503, {}, b"down")])

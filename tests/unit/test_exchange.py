@@ -47,7 +47,7 @@ def test_every_registered_exchange_is_described_in_one_spec() -> None:
     from tickstream_shared.settings import ExchangeSettings
     from tickstream_watcher.registry import EXCHANGES
 
-    assert sorted(EXCHANGES) == ["binance", "coinbase", "kraken"]
+    assert sorted(EXCHANGES) == ["binance", "coinbase", "kraken", "okx"]
     settings = ExchangeSettings()
     for name, spec in EXCHANGES.items():
         protocol = spec.from_listing({})
@@ -58,7 +58,7 @@ def test_every_registered_exchange_is_described_in_one_spec() -> None:
         assert ws.startswith("wss://") and rest.startswith("https://")
     assert EXCHANGES["binance"].markets_per_connection == 1024
     with pytest.raises(KeyError):
-        settings.endpoints("okx")
+        settings.endpoints("bitfinex")
 
 
 def test_candle_page_keeps_good_rows_in_order_and_names_the_bad_ones() -> None:

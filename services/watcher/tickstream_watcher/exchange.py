@@ -1,4 +1,4 @@
-"""What every sans-I/O exchange protocol (Binance, Coinbase, Kraken) turns frames into."""
+"""What every sans-I/O exchange protocol (Binance, Coinbase, Kraken, OKX) turns frames into."""
 
 from __future__ import annotations
 
@@ -181,6 +181,11 @@ class FeedLimits:
     silence_s: float
     # Reconnect ahead of the exchange's own limit on a connection's life (Binance: 24 h).
     max_connection_s: float | None = None
+    # For exchanges that want the client to prove it is alive (OKX): after this long without a
+    # frame (or half of silence_s, if sooner), send `keepalive_frame` (a text frame); the answer
+    # is a frame like any other, and silence_s still ends a connection that stays silent.
+    keepalive_s: float | None = None
+    keepalive_frame: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +204,9 @@ class ExchangeSpec:
     # Most markets one connection subscribes (None: all of them on one connection).
     markets_per_connection: int | None
     from_listing: Callable[[Mapping[Market, str]], ExchangeProtocol]
+    # For exchanges that refuse with HTTP 200 and a code in the body (OKX 50011): True for a
+    # body that means "slow down", waited out and asked again like a 429.
+    rest_throttled: Callable[[bytes], bool] | None = None
 
 
 class ExchangeProtocol(Protocol):
@@ -207,7 +215,7 @@ class ExchangeProtocol(Protocol):
     Every parse function is pure and raises only BadFrame on input it cannot use.
     """
 
-    name: str  # the exchange part of market ids: "binance", "coinbase", "kraken"
+    name: str  # the exchange part of market ids: "binance", "coinbase", "kraken", "okx"
 
     def ws_url(self, base_url: str, symbols: Sequence[str]) -> str:
         """The WebSocket URL to connect to for these exchange symbols."""

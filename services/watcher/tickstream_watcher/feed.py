@@ -94,7 +94,10 @@ class ExchangeFeed:
     `on_connected()` is awaited after every successful subscribe (to backfill what was
     missed). Reconnects forever with exponential backoff and full jitter within `limits`;
     reconnects at once on the exchange's request and ahead of its connection-age limit; a
-    connection silent for `limits.silence_s` is dropped. A bad frame is counted, logged once
+    connection silent for `limits.silence_s` is dropped
+    (where the exchange wants it, `limits.keepalive_frame` is sent once it has been silent for
+    `limits.keepalive_s`, or half the silence bound if that is sooner; the answer counts as a
+    frame). A bad frame is counted, logged once
     and skipped: the connection and the other markets go on. `run` returns when `stop` is set
     (safe to cancel: the connection is closed on the way out).
     """
@@ -201,8 +204,17 @@ class ExchangeFeed:
     async def _read(self, ws: ClientConnection, stop: asyncio.Event) -> None:
         opened = time.monotonic()
         max_age = self.limits.max_connection_s
+        silence, keepalive = self.limits.silence_s, self.limits.keepalive_s
+        if keepalive is not None:
+            # A silence bound set below the exchange's keepalive (WATCHER_FEED_SILENCE_MS) still
+            # leaves the answer half of it to come.
+            keepalive = min(keepalive, silence / 2)
+        pinged = False  # the keepalive frame was sent since the last frame received
         while not stop.is_set():
-            timeout = self.limits.silence_s
+            timeout = silence
+            if keepalive is not None:
+                # Wait for the ping's moment, then for the rest of the silence bound.
+                timeout = silence - keepalive if pinged else keepalive
             if max_age is not None:
                 timeout = min(timeout, max_age - (time.monotonic() - opened))
                 if timeout <= 0:
@@ -214,11 +226,16 @@ class ExchangeFeed:
             except TimeoutError:
                 if max_age is not None and time.monotonic() - opened >= max_age:
                     continue  # the age check above renews it
-                raise TimeoutError(f"no frame for {self.limits.silence_s:.0f}s") from None
+                if keepalive is not None and not pinged:
+                    await ws.send(self.limits.keepalive_frame)
+                    pinged = True
+                    continue
+                raise TimeoutError(f"no frame for {silence:.0f}s") from None
             except ConnectionClosed:
                 if stop.is_set() or self._renew:
                     return  # closed by `_close_on` or `renew`
                 raise
+            pinged = False
             if await self._handle(frame):
                 return
 

@@ -113,7 +113,7 @@ def _bar_totals(counters: dict[str, LiveBarCounters], detected: dict[str, int]) 
 
 
 class LiveSource:
-    """Minute bars of WATCHER_MARKETS from Binance, Coinbase and Kraken, live.
+    """Minute bars of WATCHER_MARKETS from Binance, Coinbase, Kraken and OKX, live.
 
     `start` reads each exchange's listing, each on its own (one that cannot be read is
     logged, its markets shown unreachable, and asked again in the background: when it
@@ -181,8 +181,11 @@ class LiveSource:
         RestUnavailable if no exchange's listing could be read."""
         exchanges = sorted({spec.exchange for spec in self._specs})
         for exchange in exchanges:
+            spec = EXCHANGES[exchange]
             self._rest[exchange] = RestClient(
-                self._endpoints[exchange][1], min_interval_s=EXCHANGES[exchange].rest_interval_s
+                self._endpoints[exchange][1],
+                min_interval_s=spec.rest_interval_s,
+                throttled_body=spec.rest_throttled,
             )
         found = await asyncio.gather(*(self._listing(exchange) for exchange in exchanges))
         listings = {ex: listing for ex, listing in zip(exchanges, found, strict=True) if listing}

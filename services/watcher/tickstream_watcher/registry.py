@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from tickstream_watcher import binance, coinbase, kraken
+from tickstream_watcher import binance, coinbase, kraken, okx
 from tickstream_watcher.exchange import ExchangeSpec
 
 EXCHANGES: Final[dict[str, ExchangeSpec]] = {
@@ -13,5 +13,6 @@ EXCHANGES: Final[dict[str, ExchangeSpec]] = {
         binance.SPEC,
         coinbase.SPEC,
         kraken.SPEC,
+        okx.SPEC,
     )
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -28,7 +29,8 @@ class RestUnavailable(Exception):
 class RestClient:
     """GETs on one exchange's REST API, at most one every `min_interval_s`.
 
-    429/418 wait the server's Retry-After (seconds; `default_retry_s` when absent) and retry;
+    429/418 wait the server's Retry-After (seconds; `default_retry_s` when absent) and retry,
+    as does a 200 whose body `throttled_body` says means "slow down" (OKX's code 50011);
     connection errors, timeouts and 5xx retry with doubling waits; after `attempts` tries
     RestUnavailable is raised. Other 4xx raise BadFrame (our request or the symbol is wrong).
     A body over MAX_REST_BYTES is refused unread. Safe to cancel. Call `aclose` when done.
@@ -39,6 +41,7 @@ class RestClient:
     attempts: int = 5
     default_retry_s: float = 1.0
     timeout_s: float = 10.0
+    throttled_body: Callable[[bytes], bool] | None = None
     _client: httpx.AsyncClient = field(init=False)
     _next_at: float = field(default=0.0, init=False)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False)
@@ -64,14 +67,16 @@ class RestClient:
             except (httpx.TransportError, TimeoutError) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             else:
-                if status == 200:
+                throttled = self.throttled_body is not None and self.throttled_body(body)
+                if status == 200 and not throttled:
                     return body
-                if status in _THROTTLED:
+                if status in _THROTTLED or throttled:
                     self.throttled += 1
                     delay = retry_after if retry_after is not None else self.default_retry_s
                     if delay > MAX_RETRY_AFTER_S:
                         raise RestUnavailable(f"{path}: {status}, retry after {delay:.0f}s")
-                    log.warning("%s%s: HTTP %d, waiting %.1fs", self.base_url, path, status, delay)
+                    what = f"HTTP {status}" + (", rate limit in the body" if throttled else "")
+                    log.warning("%s%s: %s, waiting %.1fs", self.base_url, path, what, delay)
                     await asyncio.sleep(delay)
                     continue
                 if status < 500:
