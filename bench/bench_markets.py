@@ -161,6 +161,28 @@ def steady(seconds: float) -> tuple[dict[str, float], dict[str, float]]:
     return cpu, rss
 
 
+def profile(
+    services: list[subprocess.Popen[bytes]], args: argparse.Namespace
+) -> list[subprocess.Popen[bytes]]:
+    """py-spy on each service for the steady window: collapsed stacks in `--profile`."""
+    target = Path(args.profile)
+    target.mkdir(parents=True, exist_ok=True)
+    py_spy = Path(sys.executable).with_name("py-spy")
+    names = ("stats", "alerts", "gateway", "watcher")
+    return [
+        subprocess.Popen(
+            [
+                *(str(py_spy), "record", "--pid", str(process.pid), "--rate", "100"),
+                *("--duration", str(int(args.steady_s)), "--format", "raw", "--nonblocking"),
+                *("--output", str(target / f"{name}.txt")),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, process in zip(names, services, strict=True)
+    ]
+
+
 def run_wrk(url: str, seconds: int) -> str:
     if shutil.which("wrk") is None:
         return "wrk not installed (apt-get install wrk)"
@@ -275,7 +297,11 @@ def run(count: int, args: argparse.Namespace) -> Result:
             if result.backfill_s is not None:
                 print(f"   backfill complete after {result.backfill_s:.0f} s", flush=True)
             _ = started
+            time.sleep(args.settle_s)  # what the backfill left in flight is not steady state
+            profilers = profile(processes[-4:], args) if args.profile else []
             result.cpu, result.rss_mib = steady(args.steady_s)
+            for profiler in profilers:
+                profiler.wait(60)
             ranks = f"http://127.0.0.1:{gateway_port}/api/ranks?kind=price"
             result.wrk = run_wrk(ranks, args.wrk_s)
             result.dashboard = dashboard_bytes(
@@ -323,7 +349,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--markets", default="100,1000,2000", help="comma-separated counts")
     parser.add_argument("--timeout-s", type=float, default=900)
+    parser.add_argument("--settle-s", type=float, default=30, help="wait after the backfill")
     parser.add_argument("--steady-s", type=float, default=60)
+    parser.add_argument("--profile", default="", help="py-spy each service into this folder")
     parser.add_argument("--wrk-s", type=int, default=10)
     parser.add_argument("--dashboard-s", type=float, default=30)
     parser.add_argument("--env", action="append", default=[], help="NAME=value for every service")
