@@ -6,10 +6,11 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tickstream_shared.lifecycle import run_service
+from tickstream_shared.settings import WHOLE_MARKET, WHOLE_MARKET_MAX
 
 SERVICES = ("watcher", "stats", "alerts", "gateway")
 
@@ -62,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def live_defaults(environ: Mapping[str, str]) -> dict[str, str]:
+    """The whole market for `up --source live`: settings the environment leaves unset."""
+    defaults = {
+        "WATCHER_MARKETS": ",".join(WHOLE_MARKET),
+        "WATCHER_MAX_MARKETS": str(WHOLE_MARKET_MAX),
+    }
+    return {name: value for name, value in defaults.items() if name not in environ}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "up":
@@ -76,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # One data directory per source: replayed 2023 candles next to today's synthetic bars
         # would share one event-time clock and one retention horizon, and hide each other.
         source = args.source or os.environ.get("WATCHER_SOURCE") or "synthetic"
+        if source == "live":
+            overrides |= live_defaults(os.environ)
         data_dir = args.data_dir or Path(".tickstream") / source
         return run_up(data_dir, {k: v for k, v in overrides.items() if v is not None})
     if args.command == "init":

@@ -108,6 +108,17 @@ class LogSettings:
     )
 
 
+# What `tickstream up --source live` (`make run SOURCE=live`) watches when WATCHER_MARKETS is
+# not set: every USD and USDT spot market of the four exchanges (about 1,500 in late 2026), up
+# to WHOLE_MARKET_MAX markets. A one-service deployment keeps WATCHER_MARKETS' own default.
+WHOLE_MARKET: Final = tuple(
+    f"{exchange}:*-{quote}"
+    for exchange in ("binance", "coinbase", "kraken", "okx")
+    for quote in ("usd", "usdt")
+)
+WHOLE_MARKET_MAX: Final = 3000
+
+
 @dataclass(frozen=True, slots=True)
 class WatcherSettings:
     source: str = setting(
