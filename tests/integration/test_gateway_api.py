@@ -231,7 +231,10 @@ async def test_ranks_listing_and_detail_under_every_measure(gateway: Gateway) ->
     status, body = await http_fresh(
         gateway.base, "/api/ranks?kind=volume", lambda b: b["total"] == 2
     )
-    assert body["by"] == "std" and "logret" not in body["ranks"][0]
+    assert body["by"] == "cv" and "logret" not in body["ranks"][0]
+    status, body = await http_json(gateway.base, "/api/ranks?kind=price")
+    assert body["by"] == "logret"
+    assert [e["metric"] for e in body["ranks"]] == [m.metric_id("price") for m in (calm, wild)]
     status, body = await http_json(gateway.base, "/api/ranks?kind=volume&by=logret")
     assert (status, body["error"]) == (400, "bad_measure")
 
@@ -372,15 +375,15 @@ async def test_unknown_market_and_rank_subscription(gateway: Gateway) -> None:
             "type": "subscribed",
             "channel": "ranks",
             "kind": "price",
-            "by": "std",
+            "by": "logret",
         }
-        assert (await recv_json(ws))["by"] == "std"
+        assert (await recv_json(ws))["by"] == "logret"
         await ws.send(
-            json.dumps({"op": "subscribe", "channel": "ranks", "kind": "price", "by": "logret"})
+            json.dumps({"op": "subscribe", "channel": "ranks", "kind": "price", "by": "std"})
         )
-        assert (await recv_json(ws))["by"] == "logret"  # the subscribed frame
+        assert (await recv_json(ws))["by"] == "std"  # the subscribed frame
         snapshot = await recv_json(ws)
-        assert (snapshot["type"], snapshot["kind"], snapshot["by"]) == ("ranks", "price", "logret")
+        assert (snapshot["type"], snapshot["kind"], snapshot["by"]) == ("ranks", "price", "std")
         await ws.send(json.dumps({"op": "unsubscribe", "channel": "ranks", "kind": "price"}))
         assert await recv_json(ws) == {"type": "unsubscribed", "channel": "ranks", "kind": "price"}
 

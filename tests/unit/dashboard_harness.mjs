@@ -98,9 +98,10 @@ globalThis.WebSocket = class {
 };
 globalThis.fetch = async (url) => {
   let body = { alerts: [] };
+  const by = new URL(url, 'http://gateway').searchParams.get('by');
   if (url === '/api/metrics') body = scenario.metrics;
-  else if (url.startsWith('/api/ranks?kind=price')) body = { by: 'std', ranks: scenario.ranks ?? [] };
-  else if (url.startsWith('/api/ranks')) body = { by: 'std', ranks: [] };
+  else if (url.startsWith('/api/ranks?kind=price')) body = { by, ranks: scenario.ranks ?? [] };
+  else if (url.startsWith('/api/ranks')) body = { by, ranks: [] };
   return { ok: true, status: 200, json: async () => body };
 };
 

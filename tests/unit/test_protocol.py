@@ -67,7 +67,7 @@ def test_parse_valid_commands() -> None:
         '{"op":"subscribe","channel":"market","market":"binance:btc-usdt"}'
     ) == Subscribe(Subscription("market", market=BTC), since=None)
     assert parse_command('{"op":"subscribe","channel":"ranks","kind":"volume"}') == Subscribe(
-        Subscription("ranks", kind="volume", measure="std")
+        Subscription("ranks", kind="volume", measure="cv")
     )
     assert parse_command('{"op":"unsubscribe","channel":"ranks","kind":"price"}') == Unsubscribe(
         Subscription("ranks", kind="price")
@@ -234,9 +234,11 @@ def test_statuses_refuse_anything_else(raw: str) -> None:
     assert "is not one of: provisional, confirmed, retracted" in info.value.message
 
 
-def test_by_defaults_to_std_and_depends_on_kind() -> None:
-    """`by` is std when absent; logret exists only for price."""
-    assert parse_by("price", None) == "std"
+def test_by_defaults_to_a_measure_that_compares_and_depends_on_kind() -> None:
+    """`by` is logret for price and cv for volume when absent; logret exists only for price."""
+    assert parse_by("price", None) == "logret"
+    assert parse_by("volume", None) == "cv"
+    assert parse_by("price", "std") == "std"
     assert parse_by("volume", "cv") == "cv"
     assert parse_by("price", "logret") == "logret"
     with pytest.raises(ProtocolError) as info:

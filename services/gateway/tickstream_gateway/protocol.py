@@ -12,7 +12,7 @@ import msgspec
 
 from tickstream_shared.errors import BadIdentifier, echo
 from tickstream_shared.naming import (
-    DEFAULT_MEASURE,
+    DEFAULT_MEASURE_BY_KIND,
     Market,
     MetricKind,
     RankMeasure,
@@ -195,12 +195,13 @@ def _parse_subscription(obj: dict[str, Any], subscribing: bool) -> Subscription:
 
 
 def parse_by(kind: MetricKind, value: object) -> RankMeasure:
-    """The rank measure asked for (default std); raises ProtocolError `bad_measure`.
+    """The rank measure asked for (default: the kind's, DEFAULT_MEASURE_BY_KIND); raises
+    ProtocolError `bad_measure`.
 
     Shared by the WebSocket subscription and `GET /api/ranks?by=`.
     """
     if value is None:
-        return DEFAULT_MEASURE
+        return DEFAULT_MEASURE_BY_KIND[kind]
     try:
         return parse_measure(kind, value if isinstance(value, str) else repr(value))
     except BadIdentifier as exc:

@@ -17,6 +17,8 @@ const FRESH_MS = 3000;
 const KINDS = ['price', 'volume'];
 // What each kind can be ranked by (the gateway refuses logret for volume).
 const MEASURES = { price: ['std', 'cv', 'logret'], volume: ['std', 'cv'] };
+// The gateway's default per kind (DEFAULT_MEASURE_BY_KIND): measures that compare markets.
+const DEFAULT_MEASURE = { price: 'logret', volume: 'cv' };
 const MEASURE_TITLES = {
   std: 'population standard deviation of the minute values',
   cv: 'std / |mean|: unitless, comparable across price levels',
@@ -166,7 +168,7 @@ const state = {
   metrics: new Map(), // metric id -> view from /api/metrics, patched by ranks pushes
   feeds: null, // market id -> feed report from /api/metrics; null until the first poll
   origins: null, // origin -> its markets summed up (`origins` of /api/metrics); null until then
-  measure: { price: 'std', volume: 'std' }, // what each rank table is ordered by
+  measure: { ...DEFAULT_MEASURE }, // what each rank table is ordered by
   ranks: { price: null, volume: null },
   alerts: [], // newest first
   alertById: new Map(), // alert id -> its newest state held (see alertVersion)
@@ -897,7 +899,7 @@ function hashParam(name) {
 
 function writeHash() {
   const parts = state.selected ? [`market=${state.selected}`] : [];
-  for (const kind of KINDS) if (state.measure[kind] !== 'std') parts.push(`${kind}_by=${state.measure[kind]}`);
+  for (const kind of KINDS) if (state.measure[kind] !== DEFAULT_MEASURE[kind]) parts.push(`${kind}_by=${state.measure[kind]}`);
   // replaceState: the hash remembers choices without a history entry per switch or a hashchange.
   window.history.replaceState(null, '', `#${parts.join('&')}`);
 }
@@ -949,7 +951,7 @@ function start() {
   els.select.addEventListener('change', () => selectMarket(els.select.value));
   window.addEventListener('hashchange', () => {
     selectMarket(hashParam('market'));
-    for (const kind of KINDS) selectMeasure(kind, hashParam(`${kind}_by`) ?? 'std');
+    for (const kind of KINDS) selectMeasure(kind, hashParam(`${kind}_by`) ?? DEFAULT_MEASURE[kind]);
   });
   for (const kind of KINDS) {
     const picker = byTestId(`rank-measure-${kind}`);
