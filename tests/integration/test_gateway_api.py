@@ -376,6 +376,8 @@ async def test_unknown_market_and_rank_subscription(gateway: Gateway) -> None:
             "channel": "ranks",
             "kind": "price",
             "by": "logret",
+            "offset": 0,
+            "limit": 20,
         }
         assert (await recv_json(ws))["by"] == "logret"
         await ws.send(
@@ -418,7 +420,7 @@ async def test_metrics_show_each_markets_feed(gateway: Gateway) -> None:
 
         status, body = await http_fresh(
             gateway.base,
-            "/api/metrics",
+            "/api/feeds",
             lambda b: any(m.startswith(f"{exchange}:") for m in b["feeds"]),
         )
         feeds = {m: f for m, f in body["feeds"].items() if m.startswith(f"{exchange}:")}
@@ -471,8 +473,11 @@ async def test_metrics_show_each_markets_feed(gateway: Gateway) -> None:
             "markets": {"stale": 1, "live": 1},
             "last_data_ms": now_ms - 200,
         }
-        status, listed = await http_json(gateway.base, "/api/feeds")
-        assert (status, listed) == (200, {"origins": body["origins"], "feeds": body["feeds"]})
+        # /api/metrics holds the same origins, and the feeds of the markets it lists only.
+        status, listed = await http_json(gateway.base, f"/api/metrics?exchange={exchange}")
+        assert (status, listed["origins"]) == (200, body["origins"])
+        assert listed["feeds"] == {m.id: body["feeds"][m.id] for m in (fresh, old)}
+        body = listed
         status, ready = await http_json(gateway.base, "/readyz")
         assert (status, set(ready)) == (200, {"status", "broker", "redis", "database", "feed"})
         shown = {
@@ -684,3 +689,92 @@ async def test_metrics_listing_comes_with_an_etag_and_follows_a_change(gateway: 
         assert waited < deadline(2.0)  # the listing is at most 1 s old
     finally:
         await forget_stats(gateway.redis, [first, second])
+
+
+async def test_ranks_and_metrics_are_paged_and_filtered(gateway: Gateway) -> None:
+    """Positions count the markets compared (exchange, quote); q, limit and offset only cut."""
+    exchange, other = unique_exchange(), unique_exchange()
+    calm, wild, coin = (
+        Market(exchange, b, q) for b, q in (("a", "usdt"), ("b", "usdt"), ("c", "btc"))
+    )
+    elsewhere = Market(other, "a", "usdt")
+    markets = [calm, wild, coin, elsewhere]
+    try:
+        for market, logret in ((calm, 0.001), (wild, 0.003), (coin, 0.002), (elsewhere, 0.009)):
+            await write_stats(gateway.redis, market, std=1.0, cv=0.1, logret=logret, stale=False)
+
+        def labels(body: Any) -> list[tuple[str, str]]:
+            return [(e["metric"], e["label"]) for e in body["ranks"]]
+
+        path = f"/api/ranks?kind=price&exchange={exchange.upper()}"
+        status, body = await http_fresh(gateway.base, path, lambda b: b["total"] == 3)
+        assert labels(body) == [
+            (wild.metric_id("price"), "1/3"),
+            (coin.metric_id("price"), "2/3"),
+            (calm.metric_id("price"), "3/3"),
+        ]
+        assert (body["by"], body["matching"], body["offset"], body["limit"]) == (
+            "logret",
+            3,
+            0,
+            100,
+        )
+        status, body = await http_json(gateway.base, f"{path}&quote=usdt")
+        assert labels(body) == [(wild.metric_id("price"), "1/2"), (calm.metric_id("price"), "2/2")]
+        status, body = await http_json(gateway.base, f"{path}&q=C-BTC")
+        assert labels(body) == [(coin.metric_id("price"), "2/3")]
+        assert (body["total"], body["matching"]) == (3, 1)
+        status, body = await http_json(gateway.base, f"{path}&limit=1&offset=1")
+        assert labels(body) == [(coin.metric_id("price"), "2/3")]
+        assert (body["total"], body["matching"], body["offset"], body["limit"]) == (3, 3, 1, 1)
+        status, body = await http_json(gateway.base, f"{path}&offset=3")
+        assert (status, body["ranks"], body["matching"]) == (200, [], 3)
+
+        status, body = await http_fresh(
+            gateway.base,
+            f"/api/metrics?exchange={exchange}&quote=usdt&limit=3",
+            lambda b: b["matching"] == 4,
+        )
+        assert [m["id"] for m in body["metrics"]] == [
+            calm.metric_id("price"),
+            calm.metric_id("volume"),
+            wild.metric_id("price"),
+        ]
+        assert (body["offset"], body["limit"]) == (0, 3)
+        assert body["metrics"][2]["ranks"]["logret"] == {"position": 1, "total": 2, "rank": "1/2"}
+        status, body = await http_json(gateway.base, f"/api/metrics?q={other}:")
+        assert [m["id"] for m in body["metrics"]] == [
+            elsewhere.metric_id("price"),
+            elsewhere.metric_id("volume"),
+        ]
+        assert body["metrics"][0]["ranks"]["logret"]["total"] >= 4  # among every market
+    finally:
+        await forget_stats(gateway.redis, markets)
+
+
+@pytest.mark.parametrize("route", ["/api/ranks?kind=price&", "/api/metrics?"])
+@pytest.mark.parametrize(
+    ("query", "code", "message"),
+    [
+        ("limit=0", "bad_limit", "limit must be between 1 and 1000, not 0"),
+        ("limit=1001", "bad_limit", "limit must be between 1 and 1000, not 1001"),
+        ("limit=ten", "bad_limit", "limit 'ten' is not an integer in 1..1000"),
+        ("offset=-1", "bad_offset", "offset '-1' is not an integer in 0..100000"),
+        ("offset=100001", "bad_offset", "offset must be between 0 and 100000, not 100001"),
+        (
+            "offset=" + "9" * 5000,
+            "bad_offset",
+            f"offset {'9' * 64!r}… is not an integer in 0..100000",
+        ),
+        ("exchange=", "bad_exchange", "exchange '' must be 1 to 32 of a-z and 0-9"),
+        ("quote=us%24t", "bad_quote", "quote 'us$t' must be 1 to 32 of a-z and 0-9"),
+        ("q=btc%2F", "bad_query", "q 'btc/' must be 1 to 64 of a-z, 0-9, ':' and '-'"),
+        ("q=" + "a" * 65, "bad_query", f"q {'a' * 64!r}… must be 1 to 64 of a-z, 0-9, ':' and '-'"),
+    ],
+)
+async def test_bad_pages_and_filters_are_refused(
+    gateway: Gateway, route: str, query: str, code: str, message: str
+) -> None:
+    """A bad limit, offset, exchange, quote or q is a 400 naming the parameter and its range."""
+    status, body = await http_json(gateway.base, route + query)
+    assert (status, body) == (400, {"error": code, "message": message})

@@ -16,16 +16,16 @@ from tickstream_gateway.bars import RecentBars
 from tickstream_gateway.history import MarketHistory
 from tickstream_gateway.httpcache import (
     EncodedBody,
-    ResponseCache,
     SharedRefresh,
     not_modified,
     renewed,
 )
 from tickstream_gateway.hub import Hub
-from tickstream_gateway.protocol import Frame
-from tickstream_gateway.state import GatewayState
+from tickstream_gateway.rankboard import RankBoard, RankEntry
+from tickstream_gateway.ranks import RANKINGS, Ranking
+from tickstream_gateway.state import GatewayState, ResponseCache
 from tickstream_shared import health
-from tickstream_shared.naming import MetricKind, RankMeasure
+from tickstream_shared.naming import MEASURES_BY_KIND, MetricKind, RankMeasure, market_of
 from tickstream_shared.settings import GatewaySettings, ServiceSettings
 
 
@@ -342,35 +342,48 @@ async def test_a_stale_value_is_served_at_once_while_it_is_refreshed() -> None:
     assert await waiting == 3
 
 
-async def test_rank_poller_stores_every_snapshot_and_rehashes_only_changes(
+def board(kind: MetricKind, measure: RankMeasure, *metrics: str) -> RankBoard:
+    """A board of `metrics` in that order, each with the same made-up stats."""
+    measures = tuple((m, 1.0) for m in MEASURES_BY_KIND[kind])
+    return RankBoard(
+        kind,
+        measure,
+        tuple(RankEntry(m, market_of(m.rsplit(":", 1)[0]), measures, 1.0, 1) for m in metrics),
+    )
+
+
+async def test_rank_poller_stores_every_board_and_pushes_only_changes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Each interval every body is stored anew; a changed snapshot gets a new ETag and a frame."""
-    snapshots: dict[tuple[MetricKind, RankMeasure], dict[str, Any]] = {}
-    reads: list[tuple[MetricKind, RankMeasure]] = []
+    """Each interval every board is stored anew; a changed one is pushed; a full read comes
+    first and then only every FULL_READ_EVERY polls."""
+    boards = {key: board(*key) for key in RANKINGS}
+    reads: list[bool] = []
     read = asyncio.Condition()
 
-    async def rank_snapshot(client: object, kind: MetricKind, measure: RankMeasure) -> Any:
-        reads.append((kind, measure))
+    async def read_boards(
+        client: object, held: dict[Ranking, RankBoard], reread_all: bool
+    ) -> dict[Ranking, RankBoard]:
+        reads.append(reread_all)
         async with read:
             read.notify_all()
-        return snapshots.get((kind, measure), {"kind": kind, "by": measure, "total": 0})
+        return dict(boards)
 
-    monkeypatch.setattr(feed, "rank_snapshot", rank_snapshot)
+    monkeypatch.setattr(feed, "read_boards", read_boards)
     settings = ServiceSettings(gateway=GatewaySettings(rank_interval_ms=50))
     cache = ResponseCache(0.05)
     hub = Hub(10)
-    published: list[tuple[MetricKind, RankMeasure]] = []
+    published: list[RankBoard] = []
     publish = hub.publish_ranks
 
-    def publish_ranks(kind: MetricKind, measure: RankMeasure, frame: Frame) -> None:
-        published.append((kind, measure))
-        publish(kind, measure, frame)
+    def publish_ranks(pushed: RankBoard) -> None:
+        published.append(pushed)
+        publish(pushed)
 
     monkeypatch.setattr(hub, "publish_ranks", publish_ranks)
     price_cv = cache.ranks["price", "cv"]
 
-    async def unread() -> EncodedBody:
+    async def unread() -> RankBoard:
         raise AssertionError("the poller stored it")
 
     async def reads_at_least(count: int) -> None:
@@ -379,19 +392,16 @@ async def test_rank_poller_stores_every_snapshot_and_rehashes_only_changes(
 
     poller = asyncio.create_task(feed.run_rank_poller(settings, hub, object(), cache.ranks))  # type: ignore[arg-type]
     try:
-        await reads_at_least(2 * len(cache.ranks))  # two full rounds
-        first = await price_cv.get(unread)
-        assert json.loads(first.body) == {"kind": "price", "by": "cv", "total": 0}
-        assert len(published) == len(cache.ranks)  # one frame each, at the first round only
-        snapshots["price", "cv"] = {"kind": "price", "by": "cv", "total": 1}
-        await reads_at_least(len(reads) + 2 * len(cache.ranks))
-        changed = await price_cv.get(unread)
-        assert json.loads(changed.body) == {"kind": "price", "by": "cv", "total": 1}
-        assert changed.etag != first.etag
-        assert published == [*cache.ranks, ("price", "cv")]
-        latest = hub.latest_ranks["price", "cv"]
-        assert latest.text == '{"type":"ranks","kind":"price","by":"cv","total":1}'
-        assert await cache.ranks["volume", "std"].get(unread) is not None
+        await reads_at_least(2)
+        assert await price_cv.get(unread) is boards["price", "cv"]
+        assert published == [boards[key] for key in RANKINGS]  # at the first poll only
+        changed = board("price", "cv", "binance:btc-usdt:price")
+        boards["price", "cv"] = changed
+        await reads_at_least(len(reads) + 2)
+        assert await price_cv.get(unread) is changed
+        assert published[len(RANKINGS) :] == [changed]
+        assert hub.latest_ranks["price", "cv"] is changed
+        assert reads[:3] == [True, False, False]
     finally:
         poller.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -405,7 +415,9 @@ async def test_rank_poller_stops_when_the_redis_client_swallows_its_cancellation
     reading = asyncio.Event()
     swallowed = 0
 
-    async def rank_snapshot(client: object, kind: MetricKind, measure: RankMeasure) -> Any:
+    async def read_boards(
+        client: object, held: dict[Ranking, RankBoard], reread_all: bool
+    ) -> dict[Ranking, RankBoard]:
         nonlocal swallowed
         reading.set()
         if swallowed == 0:
@@ -413,11 +425,11 @@ async def test_rank_poller_stops_when_the_redis_client_swallows_its_cancellation
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.Event().wait()
             swallowed += 1
-            return {"kind": kind, "by": measure, "total": 0}
+            return {key: board(*key) for key in RANKINGS}
         await asyncio.Event().wait()  # later reads: until cancelled, which they let through
         raise AssertionError("unreachable")
 
-    monkeypatch.setattr(feed, "rank_snapshot", rank_snapshot)
+    monkeypatch.setattr(feed, "read_boards", read_boards)
     settings = ServiceSettings(gateway=GatewaySettings(rank_interval_ms=50))
     cache = ResponseCache(0.05)
     poller = asyncio.create_task(feed.run_rank_poller(settings, Hub(10), object(), cache.ranks))  # type: ignore[arg-type]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any
+from typing import Any, Final
 
 from redis.asyncio import Redis
 from starlette.requests import Request
@@ -20,11 +20,21 @@ from tickstream_gateway.protocol import (
     parse_since,
     parse_statuses,
 )
-from tickstream_gateway.ranks import rank_snapshot
+from tickstream_gateway.rankboard import RankBoard
+from tickstream_gateway.ranks import read_boards
+from tickstream_gateway.selection import parse_selection
 from tickstream_gateway.state import GatewayState
 from tickstream_shared import alert_store, db, health, observability
 from tickstream_shared.errors import BadIdentifier, echo
-from tickstream_shared.naming import MetricId, MetricKind, RankMeasure, parse_kind
+from tickstream_shared.naming import (
+    DEFAULT_MEASURE_BY_KIND,
+    MEASURES_BY_KIND,
+    METRIC_KINDS,
+    MetricId,
+    MetricKind,
+    RankMeasure,
+    parse_kind,
+)
 
 MAX_ALERTS = 1000
 
@@ -55,13 +65,13 @@ def _state(request: Request) -> GatewayState:
 
 
 async def list_metrics(request: Request) -> Response:
+    try:
+        selection = parse_selection(request.query_params)
+    except ProtocolError as exc:
+        return error(400, exc.code, exc.message)
     state = _state(request)
-    listing = await state.cache.listing.get(functools.partial(_listing_body, state.redis))
-    return cached_json(request, listing)
-
-
-async def _listing_body(client: Redis) -> EncodedBody:
-    return EncodedBody.of(encode(await metrics.metrics_listing(client)))
+    listing = await state.cache.listing.get(functools.partial(metrics.read_listing, state.redis))
+    return cached_json(request, listing.body(selection))
 
 
 async def list_feeds(request: Request) -> Response:
@@ -103,18 +113,41 @@ async def get_ranks(request: Request) -> Response:
     try:
         kind = parse_kind(kind_param)
         measure = parse_by(kind, request.query_params.get("by"))
+        selection = parse_selection(request.query_params)
     except BadIdentifier as exc:
         return error(400, "bad_kind", str(exc))
     except ProtocolError as exc:
         return error(400, exc.code, exc.message)
     state = _state(request)
-    load = functools.partial(_rank_body, state.redis, kind, measure)
-    return cached_json(request, await state.cache.ranks[kind, measure].get(load))
+    load = functools.partial(_read_board, state.redis, kind, measure)
+    board = await state.cache.ranks[kind, measure].get(load)
+    return cached_json(request, board.body(selection))
 
 
-async def _rank_body(client: Redis, kind: MetricKind, measure: RankMeasure) -> EncodedBody:
-    # Only when the rank poller's snapshot is too old: it normally stores every one it reads.
-    return EncodedBody.of(encode(await rank_snapshot(client, kind, measure)))
+async def _read_board(client: Redis, kind: MetricKind, measure: RankMeasure) -> RankBoard:
+    # Only when the rank poller's board is too old: it normally stores every one it reads.
+    return (await read_boards(client, {}))[kind, measure]
+
+
+KINDS_BODY: Final = EncodedBody.of(
+    encode(
+        {
+            "kinds": [
+                {
+                    "kind": kind,
+                    "measures": MEASURES_BY_KIND[kind],
+                    "default": DEFAULT_MEASURE_BY_KIND[kind],
+                }
+                for kind in METRIC_KINDS
+            ]
+        }
+    )
+)
+
+
+async def list_kinds(request: Request) -> Response:
+    """Every metric kind, the measures it is ranked by and its default: what clients offer."""
+    return cached_json(request, KINDS_BODY)
 
 
 async def get_alerts(request: Request) -> Response:

@@ -104,6 +104,7 @@ def create_app(settings: ServiceSettings) -> Starlette:
         Route("/api/metrics/{metric_id:str}", api.get_metric),
         Route("/api/feeds", api.list_feeds),
         Route("/api/ranks", api.get_ranks),
+        Route("/api/kinds", api.list_kinds),
         Route("/api/alerts", api.get_alerts),
         WebSocketRoute("/ws", websocket_endpoint),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),

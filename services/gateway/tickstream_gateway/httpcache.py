@@ -10,9 +10,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
-from tickstream_gateway.ranks import RANKINGS
-from tickstream_shared.naming import MetricKind, RankMeasure
-
 T = TypeVar("T")
 
 # How old `/api/metrics`, `/api/feeds` and the readiness answer may be when handed out
@@ -128,27 +125,3 @@ class SharedRefresh(Generic[T]):
 def _retrieve(task: asyncio.Task[object]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-class ResponseCache:
-    """One gateway's cached answers: each rank snapshot, the metrics and feeds listings, readiness.
-
-    The rank poller stores every snapshot it reads (each GATEWAY_RANK_INTERVAL_MS); one older
-    than twice that (the poller is behind or cannot read Redis) is read again by a request.
-    """
-
-    def __init__(self, rank_interval_s: float) -> None:
-        self.ranks: dict[tuple[MetricKind, RankMeasure], SharedRefresh[EncodedBody]] = {
-            key: SharedRefresh(2 * rank_interval_s) for key in RANKINGS
-        }
-        self.listing: SharedRefresh[EncodedBody] = SharedRefresh(LISTING_MAX_AGE_S)
-        self.feeds: SharedRefresh[EncodedBody] = SharedRefresh(LISTING_MAX_AGE_S)
-        self.readiness: SharedRefresh[tuple[int, bytes]] = SharedRefresh(
-            READINESS_MAX_AGE_S, serve_stale_s=READINESS_SERVE_STALE_S
-        )
-
-    async def aclose(self) -> None:
-        """Cancel every load in flight. Idempotent."""
-        for refresh in (*self.ranks.values(), self.listing, self.feeds):
-            await refresh.aclose()
-        await self.readiness.aclose()
