@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import math
 import time
@@ -778,3 +779,31 @@ async def test_bad_pages_and_filters_are_refused(
     """A bad limit, offset, exchange, quote or q is a 400 naming the parameter and its range."""
     status, body = await http_json(gateway.base, route + query)
     assert (status, body) == (400, {"error": code, "message": message})
+
+
+async def test_large_answers_are_gzipped_for_clients_that_accept_it(gateway: Gateway) -> None:
+    """A ranks page over 1 KB comes gzipped with its own ETag and Vary, and revalidates to 304;
+    without Accept-Encoding the same content comes as it is."""
+    exchange = unique_exchange()
+    markets = [Market(exchange, f"c{i}", "usdt") for i in range(12)]
+    path = f"/api/ranks?kind=price&exchange={exchange}"
+    try:
+        for i, market in enumerate(markets):
+            await write_stats(gateway.redis, market, std=1.0, cv=0.1, logret=i / 100, stale=False)
+        await http_fresh(gateway.base, path, lambda b: b["total"] == len(markets))
+        status, plain_headers, plain = await http_get(gateway.base, path)
+        assert status == 200 and len(plain) > 1024 and "content-encoding" not in plain_headers
+        status, headers, body = await http_get(gateway.base, path, {"Accept-Encoding": "gzip"})
+        assert (status, headers["content-encoding"], headers["vary"]) == (
+            200,
+            "gzip",
+            "Accept-Encoding",
+        )
+        assert gzip.decompress(body) == plain and len(body) < len(plain) / 3
+        assert headers["etag"] == f'{plain_headers["etag"][:-1]}-gzip"'
+        status, revalidated, empty = await http_get(
+            gateway.base, path, {"Accept-Encoding": "gzip", "If-None-Match": headers["etag"]}
+        )
+        assert (status, revalidated["etag"], empty) == (304, headers["etag"], b"")
+    finally:
+        await forget_stats(gateway.redis, markets)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 from typing import Any
 
@@ -15,10 +16,11 @@ from tickstream_gateway import api, feed
 from tickstream_gateway.bars import RecentBars
 from tickstream_gateway.history import MarketHistory
 from tickstream_gateway.httpcache import (
+    GZIP_MIN_BYTES,
     EncodedBody,
     SharedRefresh,
+    accepts_gzip,
     not_modified,
-    renewed,
 )
 from tickstream_gateway.hub import Hub
 from tickstream_gateway.rankboard import RankBoard, RankEntry
@@ -66,15 +68,6 @@ def test_etag_changes_when_the_content_changes() -> None:
     assert EncodedBody.of(b'{"total":2}').etag != EncodedBody.of(b'{"total":3}').etag
 
 
-def test_renewed_keeps_the_previous_body_when_the_bytes_are_equal() -> None:
-    """Unchanged bytes return the previous object (no new hash); changed bytes a new one."""
-    previous = EncodedBody.of(b"[1]")
-    assert renewed(previous, b"[1]") is previous
-    changed = renewed(previous, b"[2]")
-    assert changed == EncodedBody.of(b"[2]")
-    assert renewed(None, b"[1]") == previous
-
-
 @pytest.mark.parametrize(
     ("header", "expected"),
     [
@@ -108,6 +101,57 @@ def test_cached_json_is_304_without_body_when_the_etag_matches() -> None:
     assert "content-type" not in hit.headers and "content-length" not in hit.headers
     miss = api.cached_json(request({"If-None-Match": EncodedBody.of(b"{}").etag}), cached)
     assert (miss.status_code, miss.body) == (200, b'{"kind":"price"}')
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, False),
+        ("", False),
+        ("gzip", True),
+        ("deflate, gzip;q=1.0, br", True),
+        ("GZIP", True),
+        ("br, *", True),
+        ("gzip;q=0", False),
+        ("gzip; q=0.5", True),
+        ("gzip;q=zero", False),
+        ("deflate, br", False),
+        ("identity", False),
+    ],
+)
+def test_accept_encoding_names_gzip(header: str | None, expected: bool) -> None:
+    """gzip (or *) with a q above 0 is accepted; q=0, a bad q or other codings are not."""
+    assert accepts_gzip(header) is expected
+
+
+def test_large_bodies_are_gzipped_once_when_accepted_and_keep_their_etags() -> None:
+    """A body of GZIP_MIN_BYTES or more is sent gzipped to a client accepting it, with its
+    own tag and Vary; compressed once; either tag revalidates; small bodies are sent as is."""
+    body = json.dumps({"ranks": [{"metric": f"binance:c{i}-usdt:price"} for i in range(100)]})
+    cached = EncodedBody.of(body.encode())
+    assert len(cached.body) >= GZIP_MIN_BYTES
+    gzipping = {"Accept-Encoding": "gzip, deflate"}
+    sent = api.cached_json(request(gzipping), cached)
+    assert sent.status_code == 200
+    assert gzip.decompress(sent.body) == cached.body and len(sent.body) < len(cached.body) // 4
+    assert sent.headers["content-encoding"] == "gzip"
+    assert sent.headers["vary"] == "Accept-Encoding"
+    assert sent.headers["etag"] == cached.gzip_etag == f'{cached.etag[:-1]}-gzip"'
+    assert api.cached_json(request(gzipping), cached).body is sent.body  # compressed once
+    plain = api.cached_json(request(), cached)
+    assert (plain.body, plain.headers["etag"]) == (cached.body, cached.etag)
+    assert "content-encoding" not in plain.headers and plain.headers["vary"] == "Accept-Encoding"
+    for tag in (cached.etag, cached.gzip_etag):
+        again = api.cached_json(request({**gzipping, "If-None-Match": tag}), cached)
+        assert (again.status_code, again.body, again.headers["etag"]) == (
+            304,
+            b"",
+            cached.gzip_etag,
+        )
+    small = EncodedBody.of(b'{"kind":"price"}')
+    sent = api.cached_json(request(gzipping), small)
+    assert (sent.body, sent.headers["etag"]) == (small.body, small.etag)
+    assert "content-encoding" not in sent.headers
 
 
 async def test_concurrent_gets_share_one_load() -> None:

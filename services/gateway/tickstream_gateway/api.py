@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from tickstream_gateway import metrics
 from tickstream_gateway.bars import merge_history
-from tickstream_gateway.httpcache import EncodedBody, not_modified
+from tickstream_gateway.httpcache import EncodedBody, accepts_gzip, not_modified
 from tickstream_gateway.protocol import (
     ProtocolError,
     encode,
@@ -44,15 +44,36 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(encode(body), status_code=status, media_type="application/json")
 
 
+def fresh_json(request: Request, body: Any) -> Response:
+    """A 200 JSON body read for this request alone: gzipped when large and accepted."""
+    return _send(request, EncodedBody.of(encode(body)), {})
+
+
 def cached_json(request: Request, cached: EncodedBody) -> Response:
     """200 with the cached body, or 304 without one when If-None-Match names its ETag.
 
-    `no-cache`: clients and proxies may keep the body but must revalidate it each time.
+    `no-cache`: clients and proxies may keep the body but must revalidate it each time. The
+    gzip form (when the client accepts it and the body is large) has its own tag; a request
+    naming either tag is answered 304: both are the same content.
     """
-    headers = {"ETag": cached.etag, "Cache-Control": "no-cache"}
-    if not_modified(request.headers.get("if-none-match"), cached.etag):
-        return Response(status_code=304, headers=headers)
-    return Response(cached.body, headers=headers, media_type="application/json")
+    gzipped = cached.compressible and accepts_gzip(request.headers.get("accept-encoding"))
+    headers = {"ETag": cached.gzip_etag if gzipped else cached.etag, "Cache-Control": "no-cache"}
+    if_none_match = request.headers.get("if-none-match")
+    if not_modified(if_none_match, cached.etag) or not_modified(if_none_match, cached.gzip_etag):
+        return Response(status_code=304, headers=headers | {"Vary": "Accept-Encoding"})
+    return _send(request, cached, headers)
+
+
+def _send(request: Request, encoded: EncodedBody, headers: dict[str, str]) -> Response:
+    # Every JSON route answers by this one path: a body's gzip form is made once per
+    # EncodedBody, so a cached body is compressed once, whatever the number of requests.
+    headers = headers | {"Vary": "Accept-Encoding"}
+    if encoded.compressible and accepts_gzip(request.headers.get("accept-encoding")):
+        body = encoded.gzipped()
+        headers["Content-Encoding"] = "gzip"
+    else:
+        body = encoded.body
+    return Response(body, headers=headers, media_type="application/json")
 
 
 def error(status: int, code: str, message: str) -> Response:
@@ -103,7 +124,7 @@ async def get_metric(request: Request) -> Response:
     bars = merge_history(stored, state.hub.recent.of(market_id), minutes, since)
     body["window_minutes"] = state.settings.stats.window_minutes
     body["values"] = [(bar.minute, bar.value(metric.kind)) for bar in bars]
-    return json_response(body)
+    return fresh_json(request, body)
 
 
 async def get_ranks(request: Request) -> Response:
@@ -164,7 +185,7 @@ async def get_alerts(request: Request) -> Response:
     except ProtocolError as exc:
         return error(400, exc.code, exc.message)
     alerts = await alert_store.recent_alerts(_state(request).pool, limit, statuses)
-    return json_response({"alerts": alerts})
+    return fresh_json(request, {"alerts": alerts})
 
 
 async def readyz(request: Request) -> Response:
