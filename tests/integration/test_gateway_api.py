@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import deadline, unique_exchange
+from tickstream_gateway.rankboard import RankBoard
+from tickstream_gateway.ranks import read_boards
 from tickstream_gateway.service import run
 from tickstream_shared import db
 from tickstream_shared.feed_status import FEEDS_KEY, STALE_AFTER_MS, FeedStatus
@@ -806,4 +808,97 @@ async def test_large_answers_are_gzipped_for_clients_that_accept_it(gateway: Gat
         )
         assert (status, revalidated["etag"], empty) == (304, headers["etag"], b"")
     finally:
+        await forget_stats(gateway.redis, markets)
+
+
+async def test_rank_boards_read_hashes_only_for_metrics_whose_values_moved(
+    gateway: Gateway,
+) -> None:
+    """A poll takes every measure from the rank sets and reads mean/count only for metrics
+    whose values changed (or all, when asked); an unchanged ranking keeps its board."""
+    exchange = unique_exchange()
+    calm, wild = Market(exchange, "calm", "usd"), Market(exchange, "wild", "usd")
+    client = gateway.redis
+
+    def ours(board: RankBoard) -> list[tuple[str, float, int]]:
+        return [(e.metric, e.mean, e.count) for e in board.entries if e.market.exchange == exchange]
+
+    try:
+        await write_stats(client, calm, std=1.0, cv=0.1, logret=0.2, stale=False)
+        await write_stats(client, wild, std=2.0, cv=0.3, logret=0.1, stale=False)
+        first = await read_boards(client, {})
+        price = first["price", "logret"]
+        assert ours(price) == [
+            (calm.metric_id("price"), 100.0, 40),
+            (wild.metric_id("price"), 100.0, 40),
+        ]
+        assert [e.measures for e in price.entries if e.market.exchange == exchange] == [
+            (("std", 1.0), ("cv", 0.1), ("logret", 0.2)),
+            (("std", 2.0), ("cv", 0.3), ("logret", 0.1)),
+        ]
+        # A hash rewritten with the same values: not read again, the boards are the same.
+        await client.hset(stats_key(calm.metric_id("price")), mapping={"mean": "7.0", "count": "9"})
+        again = await read_boards(client, first, reread_all=False)
+        assert all(again[key] is first[key] for key in first)
+        # Every FULL_READ_EVERY polls the poller reads all: the new mean and count show.
+        full = await read_boards(client, again, reread_all=True)
+        assert ours(full["price", "logret"])[0] == (calm.metric_id("price"), 7.0, 9)
+        assert full["volume", "cv"] is first["volume", "cv"]
+        # A value that moved is read with its hash at once.
+        await client.hset(stats_key(wild.metric_id("price")), mapping={"mean": "5.0"})
+        await client.zadd(rank_key("price", "std"), {wild.metric_id("price"): 2.5})
+        moved = await read_boards(client, full, reread_all=False)
+        assert ours(moved["price", "std"]) == [
+            (wild.metric_id("price"), 5.0, 40),
+            (calm.metric_id("price"), 7.0, 9),
+        ]
+        # In a rank set but stale by its hash, or missing from one set of its kind: not ranked.
+        await client.hset(stats_key(calm.metric_id("price")), mapping={"stale": "1"})
+        await client.zrem(rank_key("volume", "cv"), wild.metric_id("volume"))
+        odd = await read_boards(client, moved, reread_all=True)
+        assert [m for m, _, _ in ours(odd["price", "cv"])] == [wild.metric_id("price")]
+        assert [m for m, _, _ in ours(odd["volume", "std"])] == [calm.metric_id("volume")]
+    finally:
+        await forget_stats(client, [calm, wild])
+
+
+async def test_a_ranks_subscription_gets_its_page_and_its_own_market(gateway: Gateway) -> None:
+    """A ranks frame holds `limit` entries and, in `own`, the client's subscribed market ranked
+    below them; a bad limit is refused with an error and subscribes nothing."""
+    exchange = unique_exchange()
+    markets = [Market(exchange, f"c{i}", "usd") for i in range(5)]
+    mine = markets[-1]
+    pool = await db.create_pool(gateway.settings.database)
+    try:
+        await db.store_bars(pool, [bar(mine, i, 100.0) for i in range(3)])
+        for i, market in enumerate(markets):
+            await write_stats(
+                gateway.redis, market, std=1.0, cv=0.1, logret=1 - i / 10, stale=False
+            )
+        path = f"/api/ranks?kind=price&exchange={exchange}"
+        await http_fresh(gateway.base, path, lambda b: b["total"] == len(markets))
+        async with connect(f"ws://{gateway.base}/ws") as ws:
+            bad = {"op": "subscribe", "channel": "ranks", "kind": "price", "limit": 500}
+            await ws.send(json.dumps(bad))
+            assert await recv_json(ws) == {
+                "type": "error",
+                "code": "bad_limit",
+                "message": "limit must be between 1 and 100, not 500",
+            }
+            await ws.send(json.dumps({"op": "subscribe", "channel": "market", "market": mine.id}))
+            assert [(await recv_json(ws))["type"] for _ in range(2)] == ["subscribed", "history"]
+            ranks = {**bad, "limit": 2, "exchange": exchange}
+            await ws.send(json.dumps(ranks))
+            assert (await recv_json(ws))["type"] == "subscribed"
+            frame = await recv_json(ws)
+        assert [(e["metric"], e["label"]) for e in frame["ranks"]] == [
+            (markets[0].metric_id("price"), "1/5"),
+            (markets[1].metric_id("price"), "2/5"),
+        ]
+        assert [(e["metric"], e["label"]) for e in frame["own"]] == [
+            (mine.metric_id("price"), "5/5")
+        ]
+        assert (frame["total"], frame["matching"], frame["limit"]) == (5, 5, 2)
+    finally:
+        await pool.close()
         await forget_stats(gateway.redis, markets)
