@@ -59,26 +59,66 @@ class RankBoard:
         self.kind = kind
         self.measure = measure
         self.entries = entries
-        self._by_metric = {e.metric: e for e in entries}
+        # Each memo is bounded in bytes (sizes estimated for the lists: ~100 bytes an entry).
+        self._compared: SizedMemo[tuple[str | None, str | None], _Compared] = SizedMemo(
+            VIEW_BUDGET_BYTES, lambda c: 100 * len(c.entries) + 100
+        )
+        self._views: SizedMemo[Selection, _View] = SizedMemo(
+            VIEW_BUDGET_BYTES, lambda v: 250 * len(v.body["ranks"]) + 100
+        )
         self._bodies: SizedMemo[Selection, EncodedBody] = SizedMemo(
             VIEW_BUDGET_BYTES, lambda b: len(b.body)
         )
         self._frames: SizedMemo[tuple[Selection, tuple[str, ...]], Frame] = SizedMemo(
             VIEW_BUDGET_BYTES, lambda f: f.size
         )
-        # The metric ids on each page asked for (about 50 bytes each).
-        self._pages: SizedMemo[Selection, frozenset[str]] = SizedMemo(
-            VIEW_BUDGET_BYTES, lambda page: 50 * len(page) + 50
-        )
 
     def view(self, selection: Selection, own: Collection[str] = ()) -> dict[str, Any]:
-        """The `/api/ranks` body for `selection`; with `own` metric ids, those of them ranked
-        among the compared markets but not on the page come in `own` (WebSocket ranks)."""
-        compared = (
-            self.entries
-            if selection.compares_all
-            else tuple(e for e in self.entries if selection.compares(e.market))
+        """The `/api/ranks` body for `selection` (shared: never to be changed); with `own`
+        metric ids, those of them ranked among the compared markets but not on the page come
+        in `own` (WebSocket ranks), in rank order."""
+        view = self._view(selection)
+        if not own:
+            return view.body
+        compared = self._compared_by(selection)
+        total = len(compared.entries)
+        extra = sorted(
+            (compared.positions[m], m)
+            for m in own
+            if m in compared.positions and m not in view.shown
         )
+        entries = [compared.entries[p - 1].as_json(p, total, self.measure) for p, _ in extra]
+        return {**view.body, "own": entries}
+
+    def body(self, selection: Selection) -> EncodedBody:
+        """The encoded `/api/ranks` body, built once per selection while this board holds."""
+        return self._bodies.get(selection, lambda: EncodedBody.of(encode(self.view(selection))))
+
+    def frame(self, selection: Selection = EVERYTHING, own: Collection[str] = ()) -> Frame:
+        """The `ranks` frame for a subscription, shared by every client asking the same.
+
+        Keyed by the client's own metrics that are ranked off its page, so clients whose
+        markets are on the page (or unranked) share one frame. Costs dictionary lookups per
+        client; the O(markets) work is done once per selection (memos of this board).
+        """
+        extra: tuple[str, ...] = ()
+        if own:
+            shown = self._view(selection).shown
+            positions = self._compared_by(selection).positions
+            extra = tuple(sorted(m for m in own if m in positions and m not in shown))
+        return self._frames.get(
+            (selection, extra), lambda: ranks_frame(self.view(selection, extra))
+        )
+
+    def _compared_by(self, selection: Selection) -> _Compared:
+        key = (selection.exchange, selection.quote)
+        return self._compared.get(key, lambda: _Compared.of(self.entries, selection))
+
+    def _view(self, selection: Selection) -> _View:
+        return self._views.get(selection, lambda: self._build_view(selection))
+
+    def _build_view(self, selection: Selection) -> _View:
+        compared = self._compared_by(selection).entries
         total = len(compared)
         found = [(p, e) for p, e in enumerate(compared, start=1) if selection.finds(e.market)]
         page = selection.page(found)
@@ -89,44 +129,30 @@ class RankBoard:
             **selection.describe(len(found)),
             "ranks": [e.as_json(p, total, self.measure) for p, e in page],
         }
-        if own:
-            shown = {e.metric for _, e in page}
-            body["own"] = [
-                e.as_json(p, total, self.measure)
-                for p, e in enumerate(compared, start=1)
-                if e.metric in own and e.metric not in shown
-            ]
-        return body
-
-    def body(self, selection: Selection) -> EncodedBody:
-        """The encoded `/api/ranks` body, built once per selection while this board holds."""
-        return self._bodies.get(selection, lambda: EncodedBody.of(encode(self.view(selection))))
-
-    def frame(self, selection: Selection = EVERYTHING, own: Collection[str] = ()) -> Frame:
-        """The `ranks` frame for a subscription, shared by every client asking the same.
-
-        Keyed by the client's own metrics that are ranked off its page, so clients whose
-        markets are on the page (or unranked) share one frame.
-        """
-        page = self._pages.get(selection, lambda: self._page_metrics(selection))
-        extra = tuple(
-            sorted(
-                m
-                for m in own
-                if m not in page
-                and (entry := self._by_metric.get(m)) is not None
-                and selection.compares(entry.market)
-            )
-        )
-        return self._frames.get(
-            (selection, extra), lambda: ranks_frame(self.view(selection, extra))
-        )
-
-    def _page_metrics(self, selection: Selection) -> frozenset[str]:
-        found = [
-            e for e in self.entries if selection.compares(e.market) and selection.finds(e.market)
-        ]
-        return frozenset(e.metric for e in selection.page(found))
+        return _View(body, frozenset(e.metric for _, e in page))
 
     def same_as(self, other: RankBoard) -> bool:
         return other.entries == self.entries
+
+
+@dataclass(frozen=True, slots=True)
+class _Compared:
+    """The entries of the markets compared (an exchange, a quote), in order, and each one's
+    position among them (1 = first)."""
+
+    entries: tuple[RankEntry, ...]
+    positions: dict[str, int]
+
+    @classmethod
+    def of(cls, entries: tuple[RankEntry, ...], selection: Selection) -> _Compared:
+        if not selection.compares_all:
+            entries = tuple(e for e in entries if selection.compares(e.market))
+        return cls(entries, {e.metric: p for p, e in enumerate(entries, start=1)})
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """A page of the board as a body (shared, never changed) and the metrics on it."""
+
+    body: dict[str, Any]
+    shown: frozenset[str]
