@@ -354,9 +354,7 @@ def test_dashboard_asks_only_for_what_it_shows(tmp_path: Path) -> None:
     )
     assert shown["fetched"][:2] == ["/api/alerts?limit=50", "/api/kinds"]
     assert "/api/metrics?limit=1" in shown["fetched"]  # no market chosen yet: find one
-    assert (
-        "/api/metrics?exchange=binance&quote=usdt&q=binance%3Abtc-usdt&limit=2" in shown["fetched"]
-    )
+    assert "/api/metrics?q=binance%3Abtc-usdt&limit=4" in shown["fetched"]
     assert {
         "/api/metrics/binance%3Abtc-usdt%3Aprice",
         "/api/metrics/binance%3Abtc-usdt%3Avolume",

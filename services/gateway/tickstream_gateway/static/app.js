@@ -186,6 +186,9 @@ const state = {
   measure: {}, // kind -> what its rank table is ordered by
   quote: null, // rank only markets of this quote currency; null: every market
   ranks: {}, // kind -> {ranks, own, total} of its newest ranks frame; absent until one arrives
+  // kind -> the selected market's rank label in that kind's newest ranks frame (top or own),
+  // null when the frame does not hold it.
+  selectedRank: {},
   results: null, // markets found by the search box, null while it is closed
   alerts: [], // newest first
   alertById: new Map(), // alert id -> its newest state held (see alertVersion)
@@ -376,7 +379,10 @@ function renderStats() {
     const items = [statItem('count', fmtCount(m.count)), statItem('mean', fmtSig(m.mean, 6))];
     for (const name of measures) items.push(statItem(name, fmtSig(m[name])));
     items.push(statItem('min', fmtSig(m.min, 6)), statItem('max', fmtSig(m.max, 6)));
-    const rank = m.stale ? 'stale' : m.ranks?.[measure]?.rank ?? '—';
+    // As the table ranks it (its frame holds the selected market once subscribed); else,
+    // among every market, the poll's position (older by up to METRICS_POLL_MS).
+    const polled = state.quote ? null : m.ranks?.[measure]?.rank;
+    const rank = m.stale ? 'stale' : state.selectedRank[kind] ?? polled ?? '—';
     const among = state.quote ? ` (${state.quote})` : '';
     items.push(statItem(`rank by ${measure}${among}`, rank, m.stale ? 'stat-stale' : 'stat-rank'));
     row.replaceChildren(label, ...items);
@@ -802,7 +808,14 @@ const frameHandlers = {
   },
   ranks: onRanks,
   alert: (msg) => addAlerts([msg.alert], true),
-  error: (msg) => toast(`${msg.code ?? 'error'}: ${msg.message ?? 'the server rejected a request'}`),
+  error: (msg) => {
+    // A market without bars: nothing to wait for (its stats, if any, still show).
+    if (msg.code === 'unknown_market') {
+      state.awaitingHistory = false;
+      markDirty('charts');
+    }
+    toast(`${msg.code ?? 'error'}: ${msg.message ?? 'the server rejected a request'}`);
+  },
   pong: () => {},
   subscribed: (msg) => {
     if (msg.channel === 'ranks') conn.switchingRanks.delete(msg.kind);
@@ -861,17 +874,12 @@ function applyRanks(kind, measure, shown) {
   }
   // Ranks pushes are fresher than the last metrics poll: patch the selected market's stats.
   const metric = `${state.selected}:${kind}`;
+  const r = [...shown.ranks, ...shown.own].find((entry) => entry.metric === metric);
+  state.selectedRank[kind] = r ? r.label : null;
   const held = state.metrics.get(metric);
-  if (held) {
-    const r = [...shown.ranks, ...shown.own].find((entry) => entry.metric === metric);
-    const measures = kindInfo(kind).measures;
-    if (r) {
-      for (const name of [...measures, 'mean', 'count']) held[name] = r[name];
-      held.stale = false;
-    }
-    // Not in the frame: stale, gone, or not among the markets compared (quote).
-    const position = r ? { position: r.position, total: r.total, rank: r.label } : { position: null, total: shown.total, rank: null };
-    held.ranks = { ...held.ranks, [measure]: position };
+  if (held && r) {
+    for (const name of [...kindInfo(kind).measures, 'mean', 'count']) held[name] = r[name];
+    held.stale = false;
   }
   markDirty('ranks', 'stats', 'markets');
 }
@@ -936,12 +944,14 @@ async function load(name, url, apply) {
 
 const query = (params) => Object.entries(params).map(([k, v]) => `${k}=${encodeURIComponent(v)}`).join('&');
 
-/** Where the selected market's metrics are: one small page, whatever the number of markets. */
+/**
+ * Where the selected market's metrics are: one small page, whatever the number of markets.
+ * No exchange or quote, so that positions are among every market; the search text is the
+ * whole id, and the few other ids holding it (a longer quote) sort after it.
+ */
 function selectedMetricsUrl() {
-  const parts = partsOf(state.selected);
-  if (!parts) return `/api/metrics?${query({ limit: 1 })}`;
-  const params = { exchange: parts.exchange, quote: parts.quote, q: state.selected, limit: Math.max(1, state.kinds.length) };
-  return `/api/metrics?${query(params)}`;
+  if (!partsOf(state.selected)) return `/api/metrics?${query({ limit: 1 })}`;
+  return `/api/metrics?${query({ q: state.selected, limit: 2 * Math.max(1, state.kinds.length) })}`;
 }
 
 /**
@@ -1069,6 +1079,7 @@ function selectMarket(market) {
   state.selected = market;
   state.series.clear();
   state.metrics = new Map();
+  state.selectedRank = {};
   state.awaitingHistory = true;
   writeHash();
   loadHistory(market);
@@ -1088,6 +1099,7 @@ function selectMeasure(kind, measure) {
   if (!info || !info.measures.includes(measure) || measure === state.measure[kind]) return;
   state.measure[kind] = measure;
   delete state.ranks[kind]; // loading until the ranks by the new measure arrive
+  delete state.selectedRank[kind];
   els.kind[kind].picker.value = measure;
   writeHash();
   subscribeRanks(kind);
@@ -1106,6 +1118,7 @@ function selectQuote(raw) {
   writeHash();
   for (const kind of kindNames()) {
     delete state.ranks[kind];
+    delete state.selectedRank[kind];
     subscribeRanks(kind);
   }
   markDirty('ranks', 'stats');
