@@ -23,6 +23,7 @@ from tickstream_gateway.httpcache import (
     not_modified,
 )
 from tickstream_gateway.hub import Hub
+from tickstream_gateway.memo import SizedMemo
 from tickstream_gateway.rankboard import RankBoard, RankEntry
 from tickstream_gateway.ranks import RANKINGS, Ranking
 from tickstream_gateway.state import GatewayState, ResponseCache
@@ -490,3 +491,23 @@ async def test_rank_poller_stops_when_the_redis_client_swallows_its_cancellation
 async def _no_history(market_id: str) -> list[Any]:
     """A history read these tests never make."""
     raise AssertionError("no history read expected")
+
+
+def test_a_sized_memo_builds_once_and_keeps_within_its_budget() -> None:
+    """A key is built once while held; past the byte budget the oldest views are dropped."""
+    memo: SizedMemo[int, bytes] = SizedMemo(100, len)
+    built: list[int] = []
+
+    def build(key: int) -> bytes:
+        built.append(key)
+        return bytes(40)
+
+    first = memo.get(1, lambda: build(1))
+    assert memo.get(1, lambda: build(1)) is first and built == [1]
+    memo.get(2, lambda: build(2))
+    memo.get(3, lambda: build(3))  # 120 bytes: the oldest goes
+    assert (len(memo), built) == (2, [1, 2, 3])
+    memo.get(1, lambda: build(1))
+    assert built == [1, 2, 3, 1]
+    huge = SizedMemo[int, bytes](10, len)
+    assert huge.get(1, lambda: bytes(50)) == bytes(50) and len(huge) == 1  # one entry is kept
