@@ -10,7 +10,8 @@ events (Chrome DevTools Protocol): every HTTP response's encoded length (headers
 gzip as sent) and every WebSocket frame's payload.
 
 "load" is everything until the page shows its rank tables and charts, plus 3 s; "after" is
-what arrives over the next `--seconds` (the ranks pushes, the 5 s stats poll, bars).
+what arrives over the next `--seconds` (the ranks pushes, the 5 s stats poll, bars), with the
+gateway process's CPU meanwhile (mostly its rank poller, with every ranking changing).
 
     .venv/bin/pip install playwright   # the Python package only: its browser is not used
     .venv/bin/python bench/bench_dashboard.py --markets 100 1000 2000
@@ -169,8 +170,10 @@ async def measure(count: int, seconds: float) -> None:
                 shown_s = time.monotonic() - started
                 await asyncio.sleep(3)
                 load = wire.take()
+                cpu_before = gateway.cpu()
                 await asyncio.sleep(seconds)
                 after = wire.take()
+                cpu_share = (gateway.cpu() - cpu_before) / seconds
                 rows = await page.locator('[data-testid="ranks-price"] tr[data-metric]').count()
                 await browser.close()
         finally:
@@ -181,6 +184,7 @@ async def measure(count: int, seconds: float) -> None:
     print(f"{count:,} markets: shown after {shown_s:.1f} s, {rows} price rank rows")
     print(f"  load:  {describe(*load)}")
     print(f"  after: {describe(*after)} in {seconds:g} s = {sum(per_s.values()):,} bytes/s")
+    print(f"  gateway CPU meanwhile: {cpu_share:.0%} of a core (rank poller, one page, one client)")
 
 
 def main() -> None:

@@ -164,4 +164,6 @@ async def run_rank_poller(
                     hub.publish_ranks(board)
                 boards[key].store(board, at=started)
             held = read
-        await asyncio.sleep(interval)
+        # Each round starts one interval after the last began: a slow read (a busy Redis)
+        # does not stretch the period, and one longer than the interval is followed at once.
+        await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
