@@ -115,11 +115,18 @@ class Wire:
     def __init__(self) -> None:
         self.bytes: Counter[str] = Counter()
         self.count: Counter[str] = Counter()
-        self.urls: Counter[str] = Counter()
+        self.sizes: Counter[str] = Counter()  # bytes by path, since the start
+        self._paths: dict[str, str] = {}
+
+    def request(self, event: dict[str, Any]) -> None:
+        url = event["request"]["url"]
+        self._paths[event["requestId"]] = url.split("/", 3)[-1].split("?")[0]
 
     def http(self, event: dict[str, Any]) -> None:
-        self.bytes["http"] += int(event.get("encodedDataLength", 0))
+        size = int(event.get("encodedDataLength", 0))
+        self.bytes["http"] += size
         self.count["http"] += 1
+        self.sizes["/" + self._paths.get(event["requestId"], "?")] += size
 
     def ws(self, event: dict[str, Any]) -> None:
         self.bytes["ws"] += len(event["response"]["payloadData"].encode())
@@ -160,6 +167,7 @@ async def measure(count: int, seconds: float) -> None:
                 page = await browser.new_page()
                 cdp = await page.context.new_cdp_session(page)
                 wire = Wire()
+                cdp.on("Network.requestWillBeSent", wire.request)
                 cdp.on("Network.loadingFinished", wire.http)
                 cdp.on("Network.webSocketFrameReceived", wire.ws)
                 await cdp.send("Network.enable")
@@ -170,6 +178,7 @@ async def measure(count: int, seconds: float) -> None:
                 shown_s = time.monotonic() - started
                 await asyncio.sleep(3)
                 load = wire.take()
+                largest = wire.sizes.most_common(6)
                 cpu_before = gateway.cpu()
                 await asyncio.sleep(seconds)
                 after = wire.take()
@@ -183,6 +192,7 @@ async def measure(count: int, seconds: float) -> None:
     per_s = Counter({k: round(v / seconds) for k, v in after[0].items()})
     print(f"{count:,} markets: shown after {shown_s:.1f} s, {rows} price rank rows")
     print(f"  load:  {describe(*load)}")
+    print("  largest HTTP at load: " + ", ".join(f"{path} {size:,}" for path, size in largest))
     print(f"  after: {describe(*after)} in {seconds:g} s = {sum(per_s.values()):,} bytes/s")
     print(f"  gateway CPU meanwhile: {cpu_share:.0%} of a core (rank poller, one page, one client)")
 

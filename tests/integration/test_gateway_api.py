@@ -905,3 +905,20 @@ async def test_a_ranks_subscription_gets_its_page_and_its_own_market(gateway: Ga
     finally:
         await pool.close()
         await forget_stats(gateway.redis, markets)
+
+
+async def test_dashboard_files_are_gzipped_for_clients_that_accept_it(gateway: Gateway) -> None:
+    """/static/app.js comes gzipped on request, whole otherwise; a missing file is still 404."""
+    status, headers, plain = await http_get(gateway.base, "/static/app.js")
+    assert status == 200 and "content-encoding" not in headers
+    status, headers, body = await http_get(
+        gateway.base, "/static/app.js", {"Accept-Encoding": "gzip"}
+    )
+    assert (status, headers["content-encoding"], headers["vary"]) == (
+        200,
+        "gzip",
+        "Accept-Encoding",
+    )
+    assert gzip.decompress(body) == plain and len(body) < len(plain) / 2
+    status, body = await http_json(gateway.base, "/static/nope.js")
+    assert (status, body["error"]) == (404, "not_found")
