@@ -888,12 +888,16 @@ async def test_a_ranks_subscription_gets_its_page_and_its_own_market(gateway: Ga
                 "code": "bad_limit",
                 "message": "limit must be between 1 and 100, not 500",
             }
-            await ws.send(json.dumps({"op": "subscribe", "channel": "market", "market": mine.id}))
-            assert [(await recv_json(ws))["type"] for _ in range(2)] == ["subscribed", "history"]
             ranks = {**bad, "limit": 2, "exchange": exchange}
             await ws.send(json.dumps(ranks))
             assert (await recv_json(ws))["type"] == "subscribed"
-            frame = await recv_json(ws)
+            assert "own" not in await recv_json(ws)
+            # Subscribing to a market sends the ranks again at once, now with it (the
+            # ranking does not change meanwhile: nothing else would send a frame).
+            await ws.send(json.dumps({"op": "subscribe", "channel": "market", "market": mine.id}))
+            frames = [await recv_json(ws) for _ in range(3)]
+            assert [f["type"] for f in frames] == ["subscribed", "history", "ranks"]
+            frame = frames[2]
         assert [(e["metric"], e["label"]) for e in frame["ranks"]] == [
             (markets[0].metric_id("price"), "1/5"),
             (markets[1].metric_id("price"), "2/5"),

@@ -128,6 +128,13 @@ class Hub:
             if sub is not None and sub.measure == board.measure:
                 session.offer(rank_frame(session, sub, board))
 
+    def resend_ranks(self, session: ClientSession) -> None:
+        """Send the client its current ranks frames again (its own markets changed)."""
+        for kind, sub in session.ranks.items():
+            board = None if sub.measure is None else self.latest_ranks.get((kind, sub.measure))
+            if board is not None:
+                session.offer(rank_frame(session, sub, board))
+
 
 def rank_frame(session: ClientSession, sub: Subscription, board: RankBoard) -> Frame:
     """The `ranks` frame of `board` for a client: its page plus its own markets' entries."""

@@ -197,6 +197,9 @@ async def _subscribe_market(
     for frame in reply.frames:
         session.offer(frame)
     state.hub.watch_market(session, market_id, reply.after_seq)
+    # The client's ranks frames now hold this market among its own: send them at once
+    # rather than at the next change of each ranking.
+    state.hub.resend_ranks(session)
 
 
 def _holds(session: ClientSession, sub: Subscription) -> bool:
