@@ -1,6 +1,7 @@
 // Runs the dashboard's app.js in node against a stand-in DOM, WebSocket and fetch, and prints
 // what it shows. argv[2]: {"open": bool, "metrics": <every /api/metrics?… body>, "ranks": [...],
-// "own": [...]} (`ranks`, `own`: the price ranks frame the socket delivers once open).
+// "own": [...], "search": [...]} (`ranks`, `own`: the price ranks frame the socket delivers once
+// open; `search`: texts typed into the search box one after another, each left to settle).
 // Run by tests/unit/test_gateway_dashboard.py from a folder holding app.js, feeds.js and alerts.js.
 
 const scenario = JSON.parse(process.argv[2]);
@@ -25,6 +26,7 @@ class El {
     this.colSpan = 1;
     this.tBodies = tag === 'table' ? [new El('tbody')] : [];
     this.found = new Map();
+    this.listeners = new Map();
   }
 
   get classList() { return { toggle() {}, add() {}, remove() {}, contains: () => false }; }
@@ -40,7 +42,14 @@ class El {
 
   append(...nodes) { this.children.push(...nodes); }
 
-  addEventListener() {}
+  addEventListener(type, listener) {
+    if (!this.listeners.has(type)) this.listeners.set(type, []);
+    this.listeners.get(type).push(listener);
+  }
+
+  dispatch(type, event = {}) {
+    for (const listener of this.listeners.get(type) ?? []) listener({ target: this, ...event });
+  }
 
   setAttribute() {}
 
@@ -157,6 +166,16 @@ const rows = findTestId(byTestId.get('rank-panels'), 'ranks-price').tBodies[0].c
 shown.rank_feeds = rows
   .filter((tr) => tr.children.length === 4)
   .map((tr) => tr.children[2].children.map((b) => [b.textContent, b.dataset.tone]));
+shown.searches = [];
+for (const text of scenario.search ?? []) {
+  const box = byTestId.get('market-search');
+  box.value = text;
+  box.dispatch('input');
+  await new Promise((resolve) => setTimeout(resolve, 300)); // past the typing pause
+  await settle();
+  const results = byTestId.get('market-results');
+  shown.searches.push({ hidden: results.hidden, items: results.children.map((li) => li.textContent) });
+}
 shown.rank_rows = rows.map((tr) => tr.children.length === 4 ? tr.children[1].textContent : tr.className);
 shown.fetched = fetched;
 shown.sent = sent;

@@ -387,3 +387,29 @@ def test_dashboard_shows_the_selected_market_below_the_top_rows(tmp_path: Path) 
     assert shown["rank_rows"] == ["kraken:eth-usd:price", "gap", "binance:btc-usdt:price"]
     # A row of a market without a loaded report shows its exchange's summary (none: unknown).
     assert shown["rank_feeds"] == [[["unknown", "muted"]], [["live", "good"]]]
+
+
+@needs_node
+def test_dashboard_searches_markets_on_the_server(tmp_path: Path) -> None:
+    """Typed text goes to /api/metrics as `q` once typing pauses; the markets found are listed
+    once each; text the gateway would refuse is answered on the page, never sent."""
+    reports = {"binance:btc-usdt": report("live", "live"), "kraken:btc-usd": report("live", "live")}
+    origins = {
+        "binance": summary("live", "live", live=1),
+        "kraken": summary("live", "live", live=1),
+    }
+    shown = run_dashboard(
+        tmp_path,
+        {
+            "open": True,
+            "metrics": metrics_body(reports, origins, with_metrics=True),
+            "search": [" BTC", "btc/usd", ""],
+        },
+    )
+    searches = [url for url in shown["fetched"] if "q=btc" in url and "limit=40" in url]
+    assert searches == ["/api/metrics?q=btc&limit=40"]
+    assert shown["searches"] == [
+        {"hidden": False, "items": ["binance:btc-usdt", "kraken:btc-usd"]},
+        {"hidden": False, "items": ["use a-z, 0-9, ':' and '-' (at most 64)"]},
+        {"hidden": True, "items": ["use a-z, 0-9, ':' and '-' (at most 64)"]},
+    ]
