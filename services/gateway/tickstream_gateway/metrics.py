@@ -10,7 +10,7 @@ from redis.client import NEVER_DECODE
 
 from tickstream_gateway.feeds import decode_feeds, feeds_json, origins_json, shown_state
 from tickstream_gateway.listing import ListedMetric, MetricsListing, metric_json
-from tickstream_gateway.ranks import RANKINGS, parse_stats, ranked
+from tickstream_gateway.ranks import RANKINGS, STATS_FIELDS, hmget_many, parse_stats, ranked
 from tickstream_shared.errors import BadIdentifier
 from tickstream_shared.feed_status import FEEDS_KEY, decode_feed_status
 from tickstream_shared.naming import (
@@ -33,8 +33,9 @@ async def read_listing(client: redis.Redis) -> MetricsListing:
     sorted by id, the live order of every ranking and the feed reports (`feeds`, `origins`).
 
     Positions come from the same rank sets and the same filter as the rank boards, so a
-    listing agrees with `/api/ranks` read at the same moment. One MULTI and one pipeline:
-    bounded by the metrics stats keeps, read at most once a second (see ResponseCache).
+    listing agrees with `/api/ranks` read at the same moment. One MULTI, the feeds hash, and
+    one script call per 1,000 metrics (hmget_many): bounded by the metrics stats keeps, read
+    at most once a second (see ResponseCache).
     """
     async with client.pipeline(transaction=True) as pipe:
         pipe.smembers(METRICS_KEY)
@@ -47,18 +48,19 @@ async def read_listing(client: redis.Redis) -> MetricsListing:
             metrics[raw_id] = MetricId.parse(raw_id)
         except BadIdentifier:
             continue  # not written by stats; nothing to show
-    async with client.pipeline(transaction=False) as pipe:
-        # Undecoded: a field or value that is not UTF-8 is skipped by decode_feeds rather
-        # than failing the whole reply.
-        pipe.execute_command("HGETALL", FEEDS_KEY, **{NEVER_DECODE: True})
-        for metric_id in metrics:
-            pipe.hgetall(stats_key(metric_id))
-        raw_feeds, *hashes = await pipe.execute()
+    # Undecoded: a field or value that is not UTF-8 is skipped by decode_feeds rather than
+    # failing the whole reply.
+    raw_feeds = await client.execute_command(  # type: ignore[no-untyped-call]
+        "HGETALL", FEEDS_KEY, **{NEVER_DECODE: True}
+    )
+    hashes = await hmget_many(client, [stats_key(m) for m in metrics], STATS_FIELDS)
     now_ms = _wall_ms()
     feeds = decode_feeds(raw_feeds)
     stats = {
-        metric_id: parse_stats(metric.kind, raw)
-        for (metric_id, metric), raw in zip(metrics.items(), hashes, strict=True)
+        metric_id: parse_stats(
+            metric.kind, {f: v for f, v in zip(STATS_FIELDS, values, strict=True) if v is not None}
+        )
+        for (metric_id, metric), values in zip(metrics.items(), hashes, strict=True)
     }
     live_orders = {
         ranking: ranked(order, stats) for ranking, order in zip(RANKINGS, orders, strict=True)

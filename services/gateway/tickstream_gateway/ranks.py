@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -66,6 +66,54 @@ class MetricStats:
         return body
 
 
+# The fields of a stats hash the gateway reads (`logret` only where the kind has it).
+STATS_FIELDS: Final = (
+    "count",
+    "mean",
+    "std",
+    "min",
+    "max",
+    "cv",
+    "logret",
+    "last",
+    "minute",
+    "last_ts",
+    "stale",
+    "clock",
+)
+# Keys per script call: Redis runs a script alone, so a long one would hold up every other
+# client (about 3 ms for 1,000 HMGETs); the calls of one read go in one pipeline.
+_HMGET_CHUNK: Final = 1000
+# HMGET of the same fields of many keys in one command: redis-py spends about 35 µs of
+# Python per pipelined command (75 ms of CPU for 2,000 HMGETs), the script's one reply about
+# 5 (9 ms). Read-only, touches only the keys it is given.
+_HMGET_MANY: Final = """
+local replies = {}
+for i, key in ipairs(KEYS) do
+  replies[i] = redis.call('HMGET', key, unpack(ARGV))
+end
+return replies
+"""
+
+
+async def hmget_many(
+    client: redis.Redis, keys: Sequence[str], fields: Sequence[str]
+) -> list[list[str | None]]:
+    """The values of `fields` (None where absent) of every key, in order, in one round trip.
+
+    Raises what redis-py raises (the script is loaded again if Redis forgot it). Safe to
+    cancel: it only reads.
+    """
+    if not keys:
+        return []
+    script = client.register_script(_HMGET_MANY)
+    async with client.pipeline(transaction=False) as pipe:
+        for start in range(0, len(keys), _HMGET_CHUNK):
+            await script(keys=keys[start : start + _HMGET_CHUNK], args=fields, client=pipe)
+        chunks = cast(list[list[list[str | None]]], await pipe.execute())
+    return [values for chunk in chunks for values in chunk]
+
+
 def parse_stats(kind: MetricKind, raw: Mapping[str, str]) -> MetricStats | None:
     """The stats of a hash, or None when it is missing or incomplete (being rewritten)."""
     try:
@@ -120,12 +168,10 @@ async def read_boards(
     for kind in METRIC_KINDS:
         measures = MEASURES_BY_KIND[kind]
         scores = [dict(orders[kind, measure]) for measure in measures]
-        for metric in scores[0]:
-            if all(metric in by_measure for by_measure in scores):
-                values[metric] = tuple(
-                    (measure, by_measure[metric])
-                    for measure, by_measure in zip(measures, scores, strict=True)
-                )
+        # In every rank set of the kind (set operations: this runs per metric per poll).
+        for metric in set(scores[0]).intersection(*scores[1:]):
+            column = [by_measure[metric] for by_measure in scores]
+            values[metric] = tuple(zip(measures, column, strict=True))
     entries: dict[str, RankEntry] = {}
     unread: list[str] = []
     for metric, measured in values.items():
@@ -135,10 +181,8 @@ async def read_boards(
         else:
             unread.append(metric)
     if unread:
-        async with client.pipeline(transaction=False) as pipe:
-            for metric in unread:
-                pipe.hmget(stats_key(metric), ["mean", "count", "stale"])
-            fields = cast(list[list[str | None]], await pipe.execute())
+        keys = [stats_key(metric) for metric in unread]
+        fields = await hmget_many(client, keys, ("mean", "count", "stale"))
         for metric, (mean, count, stale) in zip(unread, fields, strict=True):
             entry = _entry(metric, values[metric], mean, count, stale)
             if entry is not None:
