@@ -20,7 +20,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import deadline, unique_exchange
 from tickstream_gateway.rankboard import RankBoard
-from tickstream_gateway.ranks import read_boards
+from tickstream_gateway.ranks import hmget_many, read_boards
 from tickstream_gateway.service import run
 from tickstream_shared import db
 from tickstream_shared.feed_status import FEEDS_KEY, STALE_AFTER_MS, FeedStatus
@@ -926,3 +926,22 @@ async def test_dashboard_files_are_gzipped_for_clients_that_accept_it(gateway: G
     assert gzip.decompress(body) == plain and len(body) < len(plain) / 2
     status, body = await http_json(gateway.base, "/static/nope.js")
     assert (status, body["error"]) == (404, "not_found")
+
+
+async def test_hmget_many_reads_every_key_in_order_across_script_calls(gateway: Gateway) -> None:
+    """2,500 keys (three script calls): each key's fields in order, None where absent."""
+    prefix = f"test:{unique_exchange()}:"
+    keys = [f"{prefix}{i}" for i in range(2500)]
+    try:
+        async with gateway.redis.pipeline(transaction=False) as pipe:
+            for i, key in enumerate(keys):
+                if i % 7:  # every 7th key is missing altogether
+                    pipe.hset(key, mapping={"a": str(i)} | ({"b": "x"} if i % 2 else {}))
+            await pipe.execute()
+        values = await hmget_many(gateway.redis, keys, ("a", "b"))
+        assert values == [
+            [None, None] if i % 7 == 0 else [str(i), "x" if i % 2 else None] for i in range(2500)
+        ]
+        assert await hmget_many(gateway.redis, [], ("a",)) == []
+    finally:
+        await gateway.redis.delete(*keys)
