@@ -20,7 +20,16 @@ MEASURES_BY_KIND: Final[dict[MetricKind, tuple[RankMeasure, ...]]] = {
     "price": ("std", "cv", "logret"),
     "volume": ("std", "cv"),
 }
-DEFAULT_MEASURE: Final[RankMeasure] = "std"
+# The measure a rank uses when none is asked for: the first of these that the kind has.
+# Unitless measures come first because they compare markets of any price level or size
+# (std ranks a price by its level and a volume by its unit); logret, where a kind has it,
+# before cv: it measures moves, not the spread of levels over the window. Derived from
+# MEASURES_BY_KIND so that a new kind gets a default without an entry here.
+_DEFAULT_MEASURE_PREFERENCE: Final[tuple[RankMeasure, ...]] = ("logret", "cv", "std")
+DEFAULT_MEASURE_BY_KIND: Final[dict[MetricKind, RankMeasure]] = {
+    kind: next(m for m in _DEFAULT_MEASURE_PREFERENCE if m in measures)
+    for kind, measures in MEASURES_BY_KIND.items()
+}
 
 TICK_TOPIC_PREFIX: Final = "ticks."
 # Regex subscriptions (stats, alerts, gateway) match every per-pair tick topic, now and future.
@@ -135,7 +144,7 @@ def stats_key(metric_id: str) -> str:
     return f"{REDIS_PREFIX}:stats:{metric_id}"
 
 
-def rank_key(kind: MetricKind, measure: RankMeasure = DEFAULT_MEASURE) -> str:
+def rank_key(kind: MetricKind, measure: RankMeasure) -> str:
     """Redis sorted set of every live (not stale) metric of one kind, scored by `measure`."""
     return f"{REDIS_PREFIX}:rank:{kind}:{measure}"
 

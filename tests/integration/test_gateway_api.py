@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import math
 import time
@@ -18,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import deadline, unique_exchange
+from tickstream_gateway.rankboard import RankBoard
+from tickstream_gateway.ranks import hmget_many, read_boards
 from tickstream_gateway.service import run
 from tickstream_shared import db
 from tickstream_shared.feed_status import FEEDS_KEY, STALE_AFTER_MS, FeedStatus
@@ -231,7 +234,10 @@ async def test_ranks_listing_and_detail_under_every_measure(gateway: Gateway) ->
     status, body = await http_fresh(
         gateway.base, "/api/ranks?kind=volume", lambda b: b["total"] == 2
     )
-    assert body["by"] == "std" and "logret" not in body["ranks"][0]
+    assert body["by"] == "cv" and "logret" not in body["ranks"][0]
+    status, body = await http_json(gateway.base, "/api/ranks?kind=price")
+    assert body["by"] == "logret"
+    assert [e["metric"] for e in body["ranks"]] == [m.metric_id("price") for m in (calm, wild)]
     status, body = await http_json(gateway.base, "/api/ranks?kind=volume&by=logret")
     assert (status, body["error"]) == (400, "bad_measure")
 
@@ -372,15 +378,17 @@ async def test_unknown_market_and_rank_subscription(gateway: Gateway) -> None:
             "type": "subscribed",
             "channel": "ranks",
             "kind": "price",
-            "by": "std",
+            "by": "logret",
+            "offset": 0,
+            "limit": 20,
         }
-        assert (await recv_json(ws))["by"] == "std"
+        assert (await recv_json(ws))["by"] == "logret"
         await ws.send(
-            json.dumps({"op": "subscribe", "channel": "ranks", "kind": "price", "by": "logret"})
+            json.dumps({"op": "subscribe", "channel": "ranks", "kind": "price", "by": "std"})
         )
-        assert (await recv_json(ws))["by"] == "logret"  # the subscribed frame
+        assert (await recv_json(ws))["by"] == "std"  # the subscribed frame
         snapshot = await recv_json(ws)
-        assert (snapshot["type"], snapshot["kind"], snapshot["by"]) == ("ranks", "price", "logret")
+        assert (snapshot["type"], snapshot["kind"], snapshot["by"]) == ("ranks", "price", "std")
         await ws.send(json.dumps({"op": "unsubscribe", "channel": "ranks", "kind": "price"}))
         assert await recv_json(ws) == {"type": "unsubscribed", "channel": "ranks", "kind": "price"}
 
@@ -415,7 +423,7 @@ async def test_metrics_show_each_markets_feed(gateway: Gateway) -> None:
 
         status, body = await http_fresh(
             gateway.base,
-            "/api/metrics",
+            "/api/feeds",
             lambda b: any(m.startswith(f"{exchange}:") for m in b["feeds"]),
         )
         feeds = {m: f for m, f in body["feeds"].items() if m.startswith(f"{exchange}:")}
@@ -468,8 +476,14 @@ async def test_metrics_show_each_markets_feed(gateway: Gateway) -> None:
             "markets": {"stale": 1, "live": 1},
             "last_data_ms": now_ms - 200,
         }
-        status, listed = await http_json(gateway.base, "/api/feeds")
-        assert (status, listed) == (200, {"origins": body["origins"], "feeds": body["feeds"]})
+        # /api/metrics holds the same origins, and the feeds of the markets it lists only.
+        # Cached apart from /api/feeds (each at most 1 s old): wait for the one with our feeds.
+        status, listed = await http_fresh(
+            gateway.base, f"/api/metrics?exchange={exchange}", lambda b: exchange in b["origins"]
+        )
+        assert listed["origins"] == body["origins"]
+        assert listed["feeds"] == {m.id: body["feeds"][m.id] for m in (fresh, old)}
+        body = listed
         status, ready = await http_json(gateway.base, "/readyz")
         assert (status, set(ready)) == (200, {"status", "broker", "redis", "database", "feed"})
         shown = {
@@ -681,3 +695,253 @@ async def test_metrics_listing_comes_with_an_etag_and_follows_a_change(gateway: 
         assert waited < deadline(2.0)  # the listing is at most 1 s old
     finally:
         await forget_stats(gateway.redis, [first, second])
+
+
+async def test_ranks_and_metrics_are_paged_and_filtered(gateway: Gateway) -> None:
+    """Positions count the markets compared (exchange, quote); q, limit and offset only cut."""
+    exchange, other = unique_exchange(), unique_exchange()
+    calm, wild, coin = (
+        Market(exchange, b, q) for b, q in (("a", "usdt"), ("b", "usdt"), ("c", "btc"))
+    )
+    elsewhere = Market(other, "a", "usdt")
+    markets = [calm, wild, coin, elsewhere]
+    try:
+        for market, logret in ((calm, 0.001), (wild, 0.003), (coin, 0.002), (elsewhere, 0.009)):
+            await write_stats(gateway.redis, market, std=1.0, cv=0.1, logret=logret, stale=False)
+
+        def labels(body: Any) -> list[tuple[str, str]]:
+            return [(e["metric"], e["label"]) for e in body["ranks"]]
+
+        path = f"/api/ranks?kind=price&exchange={exchange.upper()}"
+        status, body = await http_fresh(gateway.base, path, lambda b: b["total"] == 3)
+        assert labels(body) == [
+            (wild.metric_id("price"), "1/3"),
+            (coin.metric_id("price"), "2/3"),
+            (calm.metric_id("price"), "3/3"),
+        ]
+        assert (body["by"], body["matching"], body["offset"], body["limit"]) == (
+            "logret",
+            3,
+            0,
+            100,
+        )
+        status, body = await http_json(gateway.base, f"{path}&quote=usdt")
+        assert labels(body) == [(wild.metric_id("price"), "1/2"), (calm.metric_id("price"), "2/2")]
+        status, body = await http_json(gateway.base, f"{path}&q=C-BTC")
+        assert labels(body) == [(coin.metric_id("price"), "2/3")]
+        assert (body["total"], body["matching"]) == (3, 1)
+        status, body = await http_json(gateway.base, f"{path}&limit=1&offset=1")
+        assert labels(body) == [(coin.metric_id("price"), "2/3")]
+        assert (body["total"], body["matching"], body["offset"], body["limit"]) == (3, 3, 1, 1)
+        status, body = await http_json(gateway.base, f"{path}&offset=3")
+        assert (status, body["ranks"], body["matching"]) == (200, [], 3)
+
+        status, body = await http_fresh(
+            gateway.base,
+            f"/api/metrics?exchange={exchange}&quote=usdt&limit=3",
+            lambda b: b["matching"] == 4,
+        )
+        assert [m["id"] for m in body["metrics"]] == [
+            calm.metric_id("price"),
+            calm.metric_id("volume"),
+            wild.metric_id("price"),
+        ]
+        assert (body["offset"], body["limit"]) == (0, 3)
+        assert body["metrics"][2]["ranks"]["logret"] == {"position": 1, "total": 2, "rank": "1/2"}
+        status, body = await http_json(gateway.base, f"/api/metrics?q={other}:")
+        assert [m["id"] for m in body["metrics"]] == [
+            elsewhere.metric_id("price"),
+            elsewhere.metric_id("volume"),
+        ]
+        assert body["metrics"][0]["ranks"]["logret"]["total"] >= 4  # among every market
+    finally:
+        await forget_stats(gateway.redis, markets)
+
+
+@pytest.mark.parametrize("route", ["/api/ranks?kind=price&", "/api/metrics?"])
+@pytest.mark.parametrize(
+    ("query", "code", "message"),
+    [
+        ("limit=0", "bad_limit", "limit must be between 1 and 1000, not 0"),
+        ("limit=1001", "bad_limit", "limit must be between 1 and 1000, not 1001"),
+        ("limit=ten", "bad_limit", "limit 'ten' is not an integer in 1..1000"),
+        ("offset=-1", "bad_offset", "offset '-1' is not an integer in 0..100000"),
+        ("offset=100001", "bad_offset", "offset must be between 0 and 100000, not 100001"),
+        (
+            "offset=" + "9" * 5000,
+            "bad_offset",
+            f"offset {'9' * 64!r}… is not an integer in 0..100000",
+        ),
+        ("exchange=", "bad_exchange", "exchange '' must be 1 to 32 of a-z and 0-9"),
+        ("quote=us%24t", "bad_quote", "quote 'us$t' must be 1 to 32 of a-z and 0-9"),
+        ("q=btc%2F", "bad_query", "q 'btc/' must be 1 to 64 of a-z, 0-9, ':' and '-'"),
+        ("q=" + "a" * 65, "bad_query", f"q {'a' * 64!r}… must be 1 to 64 of a-z, 0-9, ':' and '-'"),
+    ],
+)
+async def test_bad_pages_and_filters_are_refused(
+    gateway: Gateway, route: str, query: str, code: str, message: str
+) -> None:
+    """A bad limit, offset, exchange, quote or q is a 400 naming the parameter and its range."""
+    status, body = await http_json(gateway.base, route + query)
+    assert (status, body) == (400, {"error": code, "message": message})
+
+
+async def test_large_answers_are_gzipped_for_clients_that_accept_it(gateway: Gateway) -> None:
+    """A ranks page over 1 KB comes gzipped with its own ETag and Vary, and revalidates to 304;
+    without Accept-Encoding the same content comes as it is."""
+    exchange = unique_exchange()
+    markets = [Market(exchange, f"c{i}", "usdt") for i in range(12)]
+    path = f"/api/ranks?kind=price&exchange={exchange}"
+    try:
+        for i, market in enumerate(markets):
+            await write_stats(gateway.redis, market, std=1.0, cv=0.1, logret=i / 100, stale=False)
+        await http_fresh(gateway.base, path, lambda b: b["total"] == len(markets))
+        status, plain_headers, plain = await http_get(gateway.base, path)
+        assert status == 200 and len(plain) > 1024 and "content-encoding" not in plain_headers
+        status, headers, body = await http_get(gateway.base, path, {"Accept-Encoding": "gzip"})
+        assert (status, headers["content-encoding"], headers["vary"]) == (
+            200,
+            "gzip",
+            "Accept-Encoding",
+        )
+        assert gzip.decompress(body) == plain and len(body) < len(plain) / 3
+        assert headers["etag"] == f'{plain_headers["etag"][:-1]}-gzip"'
+        status, revalidated, empty = await http_get(
+            gateway.base, path, {"Accept-Encoding": "gzip", "If-None-Match": headers["etag"]}
+        )
+        assert (status, revalidated["etag"], empty) == (304, headers["etag"], b"")
+    finally:
+        await forget_stats(gateway.redis, markets)
+
+
+async def test_rank_boards_read_hashes_only_for_metrics_whose_values_moved(
+    gateway: Gateway,
+) -> None:
+    """A poll takes every measure from the rank sets and reads mean/count only for metrics
+    whose values changed (or all, when asked); an unchanged ranking keeps its board."""
+    exchange = unique_exchange()
+    calm, wild = Market(exchange, "calm", "usd"), Market(exchange, "wild", "usd")
+    client = gateway.redis
+
+    def ours(board: RankBoard) -> list[tuple[str, float, int]]:
+        return [(e.metric, e.mean, e.count) for e in board.entries if e.market.exchange == exchange]
+
+    try:
+        await write_stats(client, calm, std=1.0, cv=0.1, logret=0.2, stale=False)
+        await write_stats(client, wild, std=2.0, cv=0.3, logret=0.1, stale=False)
+        first = await read_boards(client, {})
+        price = first["price", "logret"]
+        assert ours(price) == [
+            (calm.metric_id("price"), 100.0, 40),
+            (wild.metric_id("price"), 100.0, 40),
+        ]
+        assert [e.measures for e in price.entries if e.market.exchange == exchange] == [
+            (("std", 1.0), ("cv", 0.1), ("logret", 0.2)),
+            (("std", 2.0), ("cv", 0.3), ("logret", 0.1)),
+        ]
+        # A hash rewritten with the same values: not read again, the boards are the same.
+        await client.hset(stats_key(calm.metric_id("price")), mapping={"mean": "7.0", "count": "9"})
+        again = await read_boards(client, first, reread_all=False)
+        assert all(again[key] is first[key] for key in first)
+        # Every FULL_READ_EVERY polls the poller reads all: the new mean and count show.
+        full = await read_boards(client, again, reread_all=True)
+        assert ours(full["price", "logret"])[0] == (calm.metric_id("price"), 7.0, 9)
+        assert full["volume", "cv"] is first["volume", "cv"]
+        # A value that moved is read with its hash at once.
+        await client.hset(stats_key(wild.metric_id("price")), mapping={"mean": "5.0"})
+        await client.zadd(rank_key("price", "std"), {wild.metric_id("price"): 2.5})
+        moved = await read_boards(client, full, reread_all=False)
+        assert ours(moved["price", "std"]) == [
+            (wild.metric_id("price"), 5.0, 40),
+            (calm.metric_id("price"), 7.0, 9),
+        ]
+        # In a rank set but stale by its hash, or missing from one set of its kind: not ranked.
+        await client.hset(stats_key(calm.metric_id("price")), mapping={"stale": "1"})
+        await client.zrem(rank_key("volume", "cv"), wild.metric_id("volume"))
+        odd = await read_boards(client, moved, reread_all=True)
+        assert [m for m, _, _ in ours(odd["price", "cv"])] == [wild.metric_id("price")]
+        assert [m for m, _, _ in ours(odd["volume", "std"])] == [calm.metric_id("volume")]
+    finally:
+        await forget_stats(client, [calm, wild])
+
+
+async def test_a_ranks_subscription_gets_its_page_and_its_own_market(gateway: Gateway) -> None:
+    """A ranks frame holds `limit` entries and, in `own`, the client's subscribed market ranked
+    below them; a bad limit is refused with an error and subscribes nothing."""
+    exchange = unique_exchange()
+    markets = [Market(exchange, f"c{i}", "usd") for i in range(5)]
+    mine = markets[-1]
+    pool = await db.create_pool(gateway.settings.database)
+    try:
+        await db.store_bars(pool, [bar(mine, i, 100.0) for i in range(3)])
+        for i, market in enumerate(markets):
+            await write_stats(
+                gateway.redis, market, std=1.0, cv=0.1, logret=1 - i / 10, stale=False
+            )
+        path = f"/api/ranks?kind=price&exchange={exchange}"
+        await http_fresh(gateway.base, path, lambda b: b["total"] == len(markets))
+        async with connect(f"ws://{gateway.base}/ws") as ws:
+            bad = {"op": "subscribe", "channel": "ranks", "kind": "price", "limit": 500}
+            await ws.send(json.dumps(bad))
+            assert await recv_json(ws) == {
+                "type": "error",
+                "code": "bad_limit",
+                "message": "limit must be between 1 and 100, not 500",
+            }
+            ranks = {**bad, "limit": 2, "exchange": exchange}
+            await ws.send(json.dumps(ranks))
+            assert (await recv_json(ws))["type"] == "subscribed"
+            assert "own" not in await recv_json(ws)
+            # Subscribing to a market sends the ranks again at once, now with it (the
+            # ranking does not change meanwhile: nothing else would send a frame).
+            await ws.send(json.dumps({"op": "subscribe", "channel": "market", "market": mine.id}))
+            frames = [await recv_json(ws) for _ in range(3)]
+            assert [f["type"] for f in frames] == ["subscribed", "history", "ranks"]
+            frame = frames[2]
+        assert [(e["metric"], e["label"]) for e in frame["ranks"]] == [
+            (markets[0].metric_id("price"), "1/5"),
+            (markets[1].metric_id("price"), "2/5"),
+        ]
+        assert [(e["metric"], e["label"]) for e in frame["own"]] == [
+            (mine.metric_id("price"), "5/5")
+        ]
+        assert (frame["total"], frame["matching"], frame["limit"]) == (5, 5, 2)
+    finally:
+        await pool.close()
+        await forget_stats(gateway.redis, markets)
+
+
+async def test_dashboard_files_are_gzipped_for_clients_that_accept_it(gateway: Gateway) -> None:
+    """/static/app.js comes gzipped on request, whole otherwise; a missing file is still 404."""
+    status, headers, plain = await http_get(gateway.base, "/static/app.js")
+    assert status == 200 and "content-encoding" not in headers
+    status, headers, body = await http_get(
+        gateway.base, "/static/app.js", {"Accept-Encoding": "gzip"}
+    )
+    assert (status, headers["content-encoding"], headers["vary"]) == (
+        200,
+        "gzip",
+        "Accept-Encoding",
+    )
+    assert gzip.decompress(body) == plain and len(body) < len(plain) / 2
+    status, body = await http_json(gateway.base, "/static/nope.js")
+    assert (status, body["error"]) == (404, "not_found")
+
+
+async def test_hmget_many_reads_every_key_in_order_across_script_calls(gateway: Gateway) -> None:
+    """2,500 keys (three script calls): each key's fields in order, None where absent."""
+    prefix = f"test:{unique_exchange()}:"
+    keys = [f"{prefix}{i}" for i in range(2500)]
+    try:
+        async with gateway.redis.pipeline(transaction=False) as pipe:
+            for i, key in enumerate(keys):
+                if i % 7:  # every 7th key is missing altogether
+                    pipe.hset(key, mapping={"a": str(i)} | ({"b": "x"} if i % 2 else {}))
+            await pipe.execute()
+        values = await hmget_many(gateway.redis, keys, ("a", "b"))
+        assert values == [
+            [None, None] if i % 7 == 0 else [str(i), "x" if i % 2 else None] for i in range(2500)
+        ]
+        assert await hmget_many(gateway.redis, [], ("a",)) == []
+    finally:
+        await gateway.redis.delete(*keys)

@@ -1,6 +1,7 @@
 // Runs the dashboard's app.js in node against a stand-in DOM, WebSocket and fetch, and prints
-// what it shows. argv[2]: {"open": bool, "metrics": <the /api/metrics body>, "ranks": [...]}
-// (`ranks`: the price ranks /api/ranks answers).
+// what it shows. argv[2]: {"open": bool, "metrics": <every /api/metrics?… body>, "ranks": [...],
+// "own": [...], "search": [...]} (`ranks`, `own`: the price ranks frame the socket delivers once
+// open; `search`: texts typed into the search box one after another, each left to settle).
 // Run by tests/unit/test_gateway_dashboard.py from a folder holding app.js, feeds.js and alerts.js.
 
 const scenario = JSON.parse(process.argv[2]);
@@ -25,6 +26,7 @@ class El {
     this.colSpan = 1;
     this.tBodies = tag === 'table' ? [new El('tbody')] : [];
     this.found = new Map();
+    this.listeners = new Map();
   }
 
   get classList() { return { toggle() {}, add() {}, remove() {}, contains: () => false }; }
@@ -40,7 +42,14 @@ class El {
 
   append(...nodes) { this.children.push(...nodes); }
 
-  addEventListener() {}
+  addEventListener(type, listener) {
+    if (!this.listeners.has(type)) this.listeners.set(type, []);
+    this.listeners.get(type).push(listener);
+  }
+
+  dispatch(type, event = {}) {
+    for (const listener of this.listeners.get(type) ?? []) listener({ target: this, ...event });
+  }
 
   setAttribute() {}
 
@@ -96,13 +105,31 @@ globalThis.WebSocket = class {
 
   close() {}
 };
+const KINDS = {
+  kinds: [
+    { kind: 'price', measures: ['std', 'cv', 'logret'], default: 'logret' },
+    { kind: 'volume', measures: ['std', 'cv'], default: 'cv' },
+  ],
+};
+const fetched = [];
 globalThis.fetch = async (url) => {
+  fetched.push(url);
   let body = { alerts: [] };
-  if (url === '/api/metrics') body = scenario.metrics;
-  else if (url.startsWith('/api/ranks?kind=price')) body = { by: 'std', ranks: scenario.ranks ?? [] };
-  else if (url.startsWith('/api/ranks')) body = { by: 'std', ranks: [] };
+  if (url === '/api/kinds') body = KINDS;
+  else if (url.startsWith('/api/metrics?')) body = scenario.metrics;
+  else if (url.startsWith('/api/metrics/')) body = { values: [] };
   return { ok: true, status: 200, json: async () => body };
 };
+
+/** The element with data-testid `id` under `root` (the page's, or one app.js made). */
+function findTestId(root, id) {
+  if (root.dataset?.testid === id) return root;
+  for (const child of root.children ?? []) {
+    const found = child instanceof El ? findTestId(child, id) : null;
+    if (found) return found;
+  }
+  return null;
+}
 
 /** Lets the fetches resolve, then renders the frames they asked for. */
 async function settle() {
@@ -118,19 +145,39 @@ function status() {
 await import('./app.js');
 await settle();
 const shown = { before_open: status() };
+const sent = [];
 if (scenario.open) {
   sockets[0].readyState = 1;
+  sockets[0].send = (text) => sent.push(JSON.parse(text));
   sockets[0].onopen();
+  await settle();
+  const frame = (msg) => sockets[0].onmessage({ data: JSON.stringify(msg) });
+  frame({ type: 'subscribed', channel: 'ranks', kind: 'price', by: 'logret', limit: 15 });
+  const ranks = scenario.ranks ?? [];
+  frame({ type: 'ranks', kind: 'price', by: 'logret', total: ranks.length, ranks, own: scenario.own ?? [] });
   await settle();
 }
 shown.status = status();
 const empty = byTestId.get('empty-state');
 shown.empty = empty.hidden ? null : empty.textContent;
 shown.origins = byTestId.get('feed-origins').children.map((badge) => [badge.textContent, badge.dataset.tone]);
-const rows = byTestId.get('ranks-price').tBodies[0].children[0]?.children ?? [];
+const rows = findTestId(byTestId.get('rank-panels'), 'ranks-price').tBodies[0].children[0]?.children ?? [];
 // A table without ranks has one row of a single cell saying so.
 shown.rank_feeds = rows
   .filter((tr) => tr.children.length === 4)
   .map((tr) => tr.children[2].children.map((b) => [b.textContent, b.dataset.tone]));
+shown.searches = [];
+for (const text of scenario.search ?? []) {
+  const box = byTestId.get('market-search');
+  box.value = text;
+  box.dispatch('input');
+  await new Promise((resolve) => setTimeout(resolve, 300)); // past the typing pause
+  await settle();
+  const results = byTestId.get('market-results');
+  shown.searches.push({ hidden: results.hidden, items: results.children.map((li) => li.textContent) });
+}
+shown.rank_rows = rows.map((tr) => tr.children.length === 4 ? tr.children[1].textContent : tr.className);
+shown.fetched = fetched;
+shown.sent = sent;
 console.log(JSON.stringify(shown));
 process.exit(0); // the polls and the heartbeat would keep node running

@@ -325,3 +325,91 @@ def test_alert_states_replace_older_ones_of_the_same_alert() -> None:
         ".map(alerts.alertStatus))",
     )
     assert got == [True, True, False, False, True, "provisional", "retracted", "provisional"]
+
+
+def rank_entry(metric: str, position: int, total: int) -> dict[str, object]:
+    """A ranks frame entry of a price metric."""
+    return {
+        "metric": metric,
+        "position": position,
+        "total": total,
+        "label": f"{position}/{total}",
+        "value": 1.0,
+        "std": 1.0,
+        "cv": 1.0,
+        "logret": 1.0,
+        "mean": 1.0,
+        "count": 1,
+    }
+
+
+@needs_node
+def test_dashboard_asks_only_for_what_it_shows(tmp_path: Path) -> None:
+    """Kinds come from /api/kinds; ranks are one limited subscription per kind; the stats poll
+    asks for the shown market alone; never the whole /api/metrics nor /api/ranks."""
+    reports = {"binance:btc-usdt": report("live", "live")}
+    origins = {"binance": summary("live", "live", live=1)}
+    shown = run_dashboard(
+        tmp_path, {"open": True, "metrics": metrics_body(reports, origins, with_metrics=True)}
+    )
+    assert shown["fetched"][:2] == ["/api/alerts?limit=50", "/api/kinds"]
+    assert "/api/metrics?limit=1" in shown["fetched"]  # no market chosen yet: find one
+    assert "/api/metrics?q=binance%3Abtc-usdt&limit=4" in shown["fetched"]
+    assert {
+        "/api/metrics/binance%3Abtc-usdt%3Aprice",
+        "/api/metrics/binance%3Abtc-usdt%3Avolume",
+    } <= set(shown["fetched"])
+    assert not any(
+        url == "/api/metrics" or url.startswith("/api/ranks") for url in shown["fetched"]
+    )
+    ranks = [f for f in shown["sent"] if f.get("channel") == "ranks"]
+    assert ranks == [
+        {"op": "subscribe", "channel": "ranks", "kind": "price", "by": "logret", "limit": 15},
+        {"op": "subscribe", "channel": "ranks", "kind": "volume", "by": "cv", "limit": 15},
+    ]
+    assert {"op": "subscribe", "channel": "market", "market": "binance:btc-usdt"} in shown["sent"]
+
+
+@needs_node
+def test_dashboard_shows_the_selected_market_below_the_top_rows(tmp_path: Path) -> None:
+    """The selected market ranked below the top rows comes in `own`: shown after a gap row."""
+    reports = {"binance:btc-usdt": report("live", "live")}
+    origins = {"binance": summary("live", "live", live=1)}
+    shown = run_dashboard(
+        tmp_path,
+        {
+            "open": True,
+            "metrics": metrics_body(reports, origins, with_metrics=True),
+            "ranks": [rank_entry("kraken:eth-usd:price", 1, 40)],
+            "own": [rank_entry("binance:btc-usdt:price", 37, 40)],
+        },
+    )
+    assert shown["rank_rows"] == ["kraken:eth-usd:price", "gap", "binance:btc-usdt:price"]
+    # A row of a market without a loaded report shows its exchange's summary (none: unknown).
+    assert shown["rank_feeds"] == [[["unknown", "muted"]], [["live", "good"]]]
+
+
+@needs_node
+def test_dashboard_searches_markets_on_the_server(tmp_path: Path) -> None:
+    """Typed text goes to /api/metrics as `q` once typing pauses; the markets found are listed
+    once each; text the gateway would refuse is answered on the page, never sent."""
+    reports = {"binance:btc-usdt": report("live", "live"), "kraken:btc-usd": report("live", "live")}
+    origins = {
+        "binance": summary("live", "live", live=1),
+        "kraken": summary("live", "live", live=1),
+    }
+    shown = run_dashboard(
+        tmp_path,
+        {
+            "open": True,
+            "metrics": metrics_body(reports, origins, with_metrics=True),
+            "search": [" BTC", "btc/usd", ""],
+        },
+    )
+    searches = [url for url in shown["fetched"] if "q=btc" in url and "limit=40" in url]
+    assert searches == ["/api/metrics?q=btc&limit=40"]
+    assert shown["searches"] == [
+        {"hidden": False, "items": ["binance:btc-usdt", "kraken:btc-usd"]},
+        {"hidden": False, "items": ["use a-z, 0-9, ':' and '-' (at most 64)"]},
+        {"hidden": True, "items": ["use a-z, 0-9, ':' and '-' (at most 64)"]},
+    ]

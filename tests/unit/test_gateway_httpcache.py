@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 from typing import Any
 
@@ -15,17 +16,19 @@ from tickstream_gateway import api, feed
 from tickstream_gateway.bars import RecentBars
 from tickstream_gateway.history import MarketHistory
 from tickstream_gateway.httpcache import (
+    GZIP_MIN_BYTES,
     EncodedBody,
-    ResponseCache,
     SharedRefresh,
+    accepts_gzip,
     not_modified,
-    renewed,
 )
 from tickstream_gateway.hub import Hub
-from tickstream_gateway.protocol import Frame
-from tickstream_gateway.state import GatewayState
+from tickstream_gateway.memo import SizedMemo
+from tickstream_gateway.rankboard import RankBoard, RankEntry
+from tickstream_gateway.ranks import RANKINGS, Ranking
+from tickstream_gateway.state import GatewayState, ResponseCache
 from tickstream_shared import health
-from tickstream_shared.naming import MetricKind, RankMeasure
+from tickstream_shared.naming import MEASURES_BY_KIND, MetricKind, RankMeasure, market_of
 from tickstream_shared.settings import GatewaySettings, ServiceSettings
 
 
@@ -66,15 +69,6 @@ def test_etag_changes_when_the_content_changes() -> None:
     assert EncodedBody.of(b'{"total":2}').etag != EncodedBody.of(b'{"total":3}').etag
 
 
-def test_renewed_keeps_the_previous_body_when_the_bytes_are_equal() -> None:
-    """Unchanged bytes return the previous object (no new hash); changed bytes a new one."""
-    previous = EncodedBody.of(b"[1]")
-    assert renewed(previous, b"[1]") is previous
-    changed = renewed(previous, b"[2]")
-    assert changed == EncodedBody.of(b"[2]")
-    assert renewed(None, b"[1]") == previous
-
-
 @pytest.mark.parametrize(
     ("header", "expected"),
     [
@@ -108,6 +102,57 @@ def test_cached_json_is_304_without_body_when_the_etag_matches() -> None:
     assert "content-type" not in hit.headers and "content-length" not in hit.headers
     miss = api.cached_json(request({"If-None-Match": EncodedBody.of(b"{}").etag}), cached)
     assert (miss.status_code, miss.body) == (200, b'{"kind":"price"}')
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, False),
+        ("", False),
+        ("gzip", True),
+        ("deflate, gzip;q=1.0, br", True),
+        ("GZIP", True),
+        ("br, *", True),
+        ("gzip;q=0", False),
+        ("gzip; q=0.5", True),
+        ("gzip;q=zero", False),
+        ("deflate, br", False),
+        ("identity", False),
+    ],
+)
+def test_accept_encoding_names_gzip(header: str | None, expected: bool) -> None:
+    """gzip (or *) with a q above 0 is accepted; q=0, a bad q or other codings are not."""
+    assert accepts_gzip(header) is expected
+
+
+def test_large_bodies_are_gzipped_once_when_accepted_and_keep_their_etags() -> None:
+    """A body of GZIP_MIN_BYTES or more is sent gzipped to a client accepting it, with its
+    own tag and Vary; compressed once; either tag revalidates; small bodies are sent as is."""
+    body = json.dumps({"ranks": [{"metric": f"binance:c{i}-usdt:price"} for i in range(100)]})
+    cached = EncodedBody.of(body.encode())
+    assert len(cached.body) >= GZIP_MIN_BYTES
+    gzipping = {"Accept-Encoding": "gzip, deflate"}
+    sent = api.cached_json(request(gzipping), cached)
+    assert sent.status_code == 200
+    assert gzip.decompress(sent.body) == cached.body and len(sent.body) < len(cached.body) // 4
+    assert sent.headers["content-encoding"] == "gzip"
+    assert sent.headers["vary"] == "Accept-Encoding"
+    assert sent.headers["etag"] == cached.gzip_etag == f'{cached.etag[:-1]}-gzip"'
+    assert api.cached_json(request(gzipping), cached).body is sent.body  # compressed once
+    plain = api.cached_json(request(), cached)
+    assert (plain.body, plain.headers["etag"]) == (cached.body, cached.etag)
+    assert "content-encoding" not in plain.headers and plain.headers["vary"] == "Accept-Encoding"
+    for tag in (cached.etag, cached.gzip_etag):
+        again = api.cached_json(request({**gzipping, "If-None-Match": tag}), cached)
+        assert (again.status_code, again.body, again.headers["etag"]) == (
+            304,
+            b"",
+            cached.gzip_etag,
+        )
+    small = EncodedBody.of(b'{"kind":"price"}')
+    sent = api.cached_json(request(gzipping), small)
+    assert (sent.body, sent.headers["etag"]) == (small.body, small.etag)
+    assert "content-encoding" not in sent.headers
 
 
 async def test_concurrent_gets_share_one_load() -> None:
@@ -342,35 +387,48 @@ async def test_a_stale_value_is_served_at_once_while_it_is_refreshed() -> None:
     assert await waiting == 3
 
 
-async def test_rank_poller_stores_every_snapshot_and_rehashes_only_changes(
+def board(kind: MetricKind, measure: RankMeasure, *metrics: str) -> RankBoard:
+    """A board of `metrics` in that order, each with the same made-up stats."""
+    measures = tuple((m, 1.0) for m in MEASURES_BY_KIND[kind])
+    return RankBoard(
+        kind,
+        measure,
+        tuple(RankEntry(m, market_of(m.rsplit(":", 1)[0]), measures, 1.0, 1) for m in metrics),
+    )
+
+
+async def test_rank_poller_stores_every_board_and_pushes_only_changes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Each interval every body is stored anew; a changed snapshot gets a new ETag and a frame."""
-    snapshots: dict[tuple[MetricKind, RankMeasure], dict[str, Any]] = {}
-    reads: list[tuple[MetricKind, RankMeasure]] = []
+    """Each interval every board is stored anew; a changed one is pushed; a full read comes
+    first and then only every FULL_READ_EVERY polls."""
+    boards = {key: board(*key) for key in RANKINGS}
+    reads: list[bool] = []
     read = asyncio.Condition()
 
-    async def rank_snapshot(client: object, kind: MetricKind, measure: RankMeasure) -> Any:
-        reads.append((kind, measure))
+    async def read_boards(
+        client: object, held: dict[Ranking, RankBoard], reread_all: bool
+    ) -> dict[Ranking, RankBoard]:
+        reads.append(reread_all)
         async with read:
             read.notify_all()
-        return snapshots.get((kind, measure), {"kind": kind, "by": measure, "total": 0})
+        return dict(boards)
 
-    monkeypatch.setattr(feed, "rank_snapshot", rank_snapshot)
+    monkeypatch.setattr(feed, "read_boards", read_boards)
     settings = ServiceSettings(gateway=GatewaySettings(rank_interval_ms=50))
     cache = ResponseCache(0.05)
     hub = Hub(10)
-    published: list[tuple[MetricKind, RankMeasure]] = []
+    published: list[RankBoard] = []
     publish = hub.publish_ranks
 
-    def publish_ranks(kind: MetricKind, measure: RankMeasure, frame: Frame) -> None:
-        published.append((kind, measure))
-        publish(kind, measure, frame)
+    def publish_ranks(pushed: RankBoard) -> None:
+        published.append(pushed)
+        publish(pushed)
 
     monkeypatch.setattr(hub, "publish_ranks", publish_ranks)
     price_cv = cache.ranks["price", "cv"]
 
-    async def unread() -> EncodedBody:
+    async def unread() -> RankBoard:
         raise AssertionError("the poller stored it")
 
     async def reads_at_least(count: int) -> None:
@@ -379,19 +437,16 @@ async def test_rank_poller_stores_every_snapshot_and_rehashes_only_changes(
 
     poller = asyncio.create_task(feed.run_rank_poller(settings, hub, object(), cache.ranks))  # type: ignore[arg-type]
     try:
-        await reads_at_least(2 * len(cache.ranks))  # two full rounds
-        first = await price_cv.get(unread)
-        assert json.loads(first.body) == {"kind": "price", "by": "cv", "total": 0}
-        assert len(published) == len(cache.ranks)  # one frame each, at the first round only
-        snapshots["price", "cv"] = {"kind": "price", "by": "cv", "total": 1}
-        await reads_at_least(len(reads) + 2 * len(cache.ranks))
-        changed = await price_cv.get(unread)
-        assert json.loads(changed.body) == {"kind": "price", "by": "cv", "total": 1}
-        assert changed.etag != first.etag
-        assert published == [*cache.ranks, ("price", "cv")]
-        latest = hub.latest_ranks["price", "cv"]
-        assert latest.text == '{"type":"ranks","kind":"price","by":"cv","total":1}'
-        assert await cache.ranks["volume", "std"].get(unread) is not None
+        await reads_at_least(2)
+        assert await price_cv.get(unread) is boards["price", "cv"]
+        assert published == [boards[key] for key in RANKINGS]  # at the first poll only
+        changed = board("price", "cv", "binance:btc-usdt:price")
+        boards["price", "cv"] = changed
+        await reads_at_least(len(reads) + 2)
+        assert await price_cv.get(unread) is changed
+        assert published[len(RANKINGS) :] == [changed]
+        assert hub.latest_ranks["price", "cv"] is changed
+        assert reads[:3] == [True, False, False]
     finally:
         poller.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -405,7 +460,9 @@ async def test_rank_poller_stops_when_the_redis_client_swallows_its_cancellation
     reading = asyncio.Event()
     swallowed = 0
 
-    async def rank_snapshot(client: object, kind: MetricKind, measure: RankMeasure) -> Any:
+    async def read_boards(
+        client: object, held: dict[Ranking, RankBoard], reread_all: bool
+    ) -> dict[Ranking, RankBoard]:
         nonlocal swallowed
         reading.set()
         if swallowed == 0:
@@ -413,11 +470,11 @@ async def test_rank_poller_stops_when_the_redis_client_swallows_its_cancellation
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.Event().wait()
             swallowed += 1
-            return {"kind": kind, "by": measure, "total": 0}
+            return {key: board(*key) for key in RANKINGS}
         await asyncio.Event().wait()  # later reads: until cancelled, which they let through
         raise AssertionError("unreachable")
 
-    monkeypatch.setattr(feed, "rank_snapshot", rank_snapshot)
+    monkeypatch.setattr(feed, "read_boards", read_boards)
     settings = ServiceSettings(gateway=GatewaySettings(rank_interval_ms=50))
     cache = ResponseCache(0.05)
     poller = asyncio.create_task(feed.run_rank_poller(settings, Hub(10), object(), cache.ranks))  # type: ignore[arg-type]
@@ -434,3 +491,23 @@ async def test_rank_poller_stops_when_the_redis_client_swallows_its_cancellation
 async def _no_history(market_id: str) -> list[Any]:
     """A history read these tests never make."""
     raise AssertionError("no history read expected")
+
+
+def test_a_sized_memo_builds_once_and_keeps_within_its_budget() -> None:
+    """A key is built once while held; past the byte budget the oldest views are dropped."""
+    memo: SizedMemo[int, bytes] = SizedMemo(100, len)
+    built: list[int] = []
+
+    def build(key: int) -> bytes:
+        built.append(key)
+        return bytes(40)
+
+    first = memo.get(1, lambda: build(1))
+    assert memo.get(1, lambda: build(1)) is first and built == [1]
+    memo.get(2, lambda: build(2))
+    memo.get(3, lambda: build(3))  # 120 bytes: the oldest goes
+    assert (len(memo), built) == (2, [1, 2, 3])
+    memo.get(1, lambda: build(1))
+    assert built == [1, 2, 3, 1]
+    huge = SizedMemo[int, bytes](10, len)
+    assert huge.get(1, lambda: bytes(50)) == bytes(50) and len(huge) == 1  # one entry is kept

@@ -10,7 +10,10 @@ import msgspec
 from tests.unit.gateway_ticks import BTC, MINUTE, alert, update
 from tickstream_gateway.hub import ClientSession, Hub
 from tickstream_gateway.outbox import SLOT_BYTES
-from tickstream_gateway.protocol import bar_frame, ranks_frame
+from tickstream_gateway.protocol import Subscription, bar_frame
+from tickstream_gateway.rankboard import RankBoard, RankEntry
+from tickstream_gateway.selection import Selection
+from tickstream_shared.naming import MEASURES_BY_KIND, MetricKind, RankMeasure, market_of
 from tickstream_shared.schemas import MINUTE_MS
 
 ETH = "binance:eth-usdt"
@@ -22,6 +25,20 @@ def sent(session: ClientSession) -> list[dict[str, Any]]:
     while len(session.outbox):
         frames.append(json.loads(session.outbox.get_nowait().text))
     return frames
+
+
+def board(kind: MetricKind, measure: RankMeasure, markets: list[str], count: int = 1) -> RankBoard:
+    """`markets`' metrics of `kind` ranked in that order, each with `count` minutes."""
+    measures = tuple((m, 1.0) for m in MEASURES_BY_KIND[kind])
+    return RankBoard(
+        kind,
+        measure,
+        tuple(RankEntry(f"{m}:{kind}", market_of(m), measures, 1.0, count) for m in markets),
+    )
+
+
+def ranks_sub(kind: MetricKind, measure: RankMeasure, **selection: Any) -> Subscription:
+    return Subscription("ranks", kind=kind, measure=measure, selection=Selection(**selection))
 
 
 def watching(hub: Hub, *markets: str) -> ClientSession:
@@ -88,15 +105,19 @@ async def test_a_client_that_stops_reading_resumes_with_the_newest_state() -> No
     """A client that reads nothing for 10,000 updates is not closed and then gets the newest."""
     hub = Hub(client_queue_bytes=MIB)
     slow, reading = watching(hub, BTC, ETH), watching(hub, BTC)
-    slow.rank_measures["price"] = "std"
+    slow.ranks["price"] = ranks_sub("price", "std")
     for seq in range(1, 10_001):
         hub.publish_tick(update(seq, market=BTC))
         hub.publish_tick(update(seq, market=ETH))
         if seq % 100 == 0:
-            hub.publish_ranks("price", "std", ranks_frame({"kind": "price", "by": "std", "n": seq}))
+            hub.publish_ranks(board("price", "std", [BTC], count=seq))
         reading.outbox.get_nowait()
     assert not slow.overflowed.is_set()
-    assert [(f["type"], f.get("market"), f.get("seq"), f.get("n")) for f in sent(slow)] == [
+    shown = [
+        (f["type"], f.get("market"), f.get("seq"), f["ranks"][0]["count"] if "ranks" in f else None)
+        for f in sent(slow)
+    ]
+    assert shown == [
         ("bar", BTC, 10_000, None),
         ("bar", ETH, 10_000, None),
         ("ranks", None, None, 10_000),
@@ -158,18 +179,75 @@ async def test_unsubscribed_markets_receive_nothing() -> None:
 
 
 async def test_ranks_go_to_the_measure_subscribed() -> None:
-    """Rank frames reach clients subscribed to that kind with that measure only."""
+    """Rank frames reach clients subscribed to that kind with that measure only, and clients
+    asking the same page share one frame."""
     hub = Hub(client_queue_bytes=MIB)
-    by_std, by_cv, volume_only = hub.connect(), hub.connect(), hub.connect()
-    by_std.rank_measures["price"] = "std"
-    by_cv.rank_measures["price"] = "cv"
-    volume_only.rank_measures["volume"] = "std"
-    frame = ranks_frame({"kind": "price", "by": "cv"})
-    hub.publish_ranks("price", "cv", frame)
+    by_std, by_cv, also_cv, volume_only = hub.connect(), hub.connect(), hub.connect(), hub.connect()
+    by_std.ranks["price"] = ranks_sub("price", "std")
+    by_cv.ranks["price"] = also_cv.ranks["price"] = ranks_sub("price", "cv")
+    volume_only.ranks["volume"] = ranks_sub("volume", "std")
+    ranking = board("price", "cv", [BTC])
+    hub.publish_ranks(ranking)
     assert len(by_std.outbox) == len(volume_only.outbox) == 0
-    assert by_cv.outbox.get_nowait() is frame
-    assert frame.text == '{"type":"ranks","kind":"price","by":"cv"}'
-    assert hub.latest_ranks == {("price", "cv"): frame}
+    frame = by_cv.outbox.get_nowait()
+    assert also_cv.outbox.get_nowait() is frame
+    assert json.loads(frame.text) == {
+        "type": "ranks",
+        "kind": "price",
+        "by": "cv",
+        "total": 1,
+        "matching": 1,
+        "offset": 0,
+        "limit": 100,
+        "ranks": [
+            {
+                "metric": f"{BTC}:price",
+                "position": 1,
+                "total": 1,
+                "label": "1/1",
+                "value": 1.0,
+                "std": 1.0,
+                "cv": 1.0,
+                "logret": 1.0,
+                "mean": 1.0,
+                "count": 1,
+            }
+        ],
+    }
+    assert hub.latest_ranks == {("price", "cv"): ranking}
+
+
+async def test_a_ranks_frame_holds_the_top_and_the_clients_own_markets() -> None:
+    """A frame holds `limit` entries plus the client's subscribed markets ranked below them,
+    at their positions; whatever the number of markets, its size depends only on those."""
+    hub = Hub(client_queue_bytes=MIB)
+    markets = [f"binance:c{i:04d}-usdt" for i in range(1000)]
+    watcher = watching(hub, markets[500], markets[1], "kraken:gone-usd")
+    top_only = hub.connect()
+    for session in (watcher, top_only):
+        session.ranks["volume"] = ranks_sub("volume", "cv", limit=3)
+    hub.publish_ranks(board("volume", "cv", markets))
+    frame = json.loads(watcher.outbox.get_nowait().text)
+    assert [(e["metric"], e["label"]) for e in frame["ranks"]] == [
+        (f"{m}:volume", f"{i + 1}/1000") for i, m in enumerate(markets[:3])
+    ]
+    assert [(e["metric"], e["label"]) for e in frame["own"]] == [
+        (f"{markets[500]}:volume", "501/1000")
+    ]
+    assert (frame["total"], frame["matching"], frame["limit"]) == (1000, 1000, 3)
+    assert "own" not in json.loads(top_only.outbox.get_nowait().text)
+
+
+async def test_ranks_rank_among_the_markets_compared() -> None:
+    """With a quote, positions count only that quote's markets; a search only cuts the page."""
+    hub = Hub(client_queue_bytes=MIB)
+    session = hub.connect()
+    session.ranks["price"] = ranks_sub("price", "logret", quote="usdt", search="eth")
+    markets = ["binance:btc-usdt", "kraken:eth-usd", "binance:doge-usdt", "okx:eth-usdt"]
+    hub.publish_ranks(board("price", "logret", markets))
+    frame = json.loads(session.outbox.get_nowait().text)
+    assert [(e["metric"], e["label"]) for e in frame["ranks"]] == [("okx:eth-usdt:price", "3/3")]
+    assert (frame["total"], frame["matching"]) == (3, 1)
 
 
 async def test_routing_state_is_bounded_by_subscriptions() -> None:

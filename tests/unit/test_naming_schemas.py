@@ -9,6 +9,9 @@ import pytest
 
 from tickstream_shared.errors import BadIdentifier, BadMessage, ConfigError
 from tickstream_shared.naming import (
+    DEFAULT_MEASURE_BY_KIND,
+    MEASURES_BY_KIND,
+    METRIC_KINDS,
     Market,
     MetricId,
     market_of,
@@ -75,13 +78,21 @@ def test_kinds_measures_and_redis_keys() -> None:
     with pytest.raises(BadIdentifier):
         parse_kind("PRICE ")
     assert stats_key("binance:btc-usdt:price") == "tickstream:stats:binance:btc-usdt:price"
-    assert rank_key("volume") == "tickstream:rank:volume:std"
+    assert rank_key("volume", "std") == "tickstream:rank:volume:std"
     assert rank_key("price", "logret") == "tickstream:rank:price:logret"
     assert parse_measure("price", "logret") == "logret"
     assert parse_measure("volume", "cv") == "cv"
     with pytest.raises(BadIdentifier, match="std, cv for kind volume"):
         parse_measure("volume", "logret")
     assert market_of("binance:btc-usdt") is market_of("binance:btc-usdt")
+
+
+def test_every_kind_has_a_default_measure_of_its_own() -> None:
+    """Defaults compare across markets: logret where a kind has it, else cv; never std."""
+    assert (DEFAULT_MEASURE_BY_KIND["price"], DEFAULT_MEASURE_BY_KIND["volume"]) == ("logret", "cv")
+    for kind in METRIC_KINDS:
+        assert DEFAULT_MEASURE_BY_KIND[kind] in MEASURES_BY_KIND[kind]
+        assert DEFAULT_MEASURE_BY_KIND[kind] != "std"
 
 
 def test_tick_round_trip() -> None:

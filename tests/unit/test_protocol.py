@@ -28,6 +28,7 @@ from tickstream_gateway.protocol import (
     ranks_frame,
     status_frame,
 )
+from tickstream_gateway.selection import Selection
 from tickstream_shared.errors import MAX_ECHO_CHARS, echo
 from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MAX_TS_MS, MIN_TS_MS, Tick
@@ -67,7 +68,7 @@ def test_parse_valid_commands() -> None:
         '{"op":"subscribe","channel":"market","market":"binance:btc-usdt"}'
     ) == Subscribe(Subscription("market", market=BTC), since=None)
     assert parse_command('{"op":"subscribe","channel":"ranks","kind":"volume"}') == Subscribe(
-        Subscription("ranks", kind="volume", measure="std")
+        Subscription("ranks", kind="volume", measure="cv", selection=Selection(limit=20))
     )
     assert parse_command('{"op":"unsubscribe","channel":"ranks","kind":"price"}') == Unsubscribe(
         Subscription("ranks", kind="price")
@@ -84,11 +85,50 @@ def test_subscribe_carries_since_and_by() -> None:
     )
     assert market == Subscribe(Subscription("market", market=BTC), since=MINUTE)
     ranks = parse_command('{"op":"subscribe","channel":"ranks","kind":"price","by":"logret"}')
-    assert ranks == Subscribe(Subscription("ranks", kind="price", measure="logret"))
+    assert ranks == Subscribe(
+        Subscription("ranks", kind="price", measure="logret", selection=Selection(limit=20))
+    )
     # One rank subscription per kind: unsubscribe ignores `by`.
     assert parse_command(
         '{"op":"unsubscribe","channel":"ranks","kind":"volume","by":"nonsense"}'
     ) == Unsubscribe(Subscription("ranks", kind="volume"))
+
+
+def test_a_ranks_subscribe_carries_its_page_and_filters() -> None:
+    """`limit` (default 20, at most 100), `offset`, `exchange`, `quote` and `q` are kept."""
+    command = parse_command(
+        '{"op":"subscribe","channel":"ranks","kind":"volume","limit":5,"offset":10,'
+        '"exchange":"Binance","quote":"usdt","q":" BTC "}'
+    )
+    assert command == Subscribe(
+        Subscription(
+            "ranks",
+            kind="volume",
+            measure="cv",
+            selection=Selection("binance", "usdt", "btc", offset=10, limit=5),
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "code", "message"),
+    [
+        ('"limit":101', "bad_limit", "limit must be between 1 and 100, not 101"),
+        ('"limit":0', "bad_limit", "limit must be between 1 and 100, not 0"),
+        ('"limit":"5"', "bad_limit", "limit must be an integer"),
+        ('"limit":true', "bad_limit", "limit must be an integer"),
+        ('"offset":-1', "bad_offset", "offset '-1' is not an integer in 0..100000"),
+        ('"quote":7', "bad_quote", "quote must be a string"),
+        ('"quote":"us dt"', "bad_quote", "quote 'us dt' must be 1 to 32 of a-z and 0-9"),
+        ('"exchange":""', "bad_exchange", "exchange '' must be 1 to 32 of a-z and 0-9"),
+        ('"q":"b%"', "bad_query", "q 'b%' must be 1 to 64 of a-z, 0-9, ':' and '-'"),
+    ],
+)
+def test_a_bad_ranks_page_or_filter_is_refused(fields: str, code: str, message: str) -> None:
+    """Each bad field of a ranks subscribe names itself and what is allowed."""
+    with pytest.raises(ProtocolError) as info:
+        parse_command(f'{{"op":"subscribe","channel":"ranks","kind":"price",{fields}}}')
+    assert (info.value.code, info.value.message) == (code, message)
 
 
 @pytest.mark.parametrize(
@@ -234,9 +274,11 @@ def test_statuses_refuse_anything_else(raw: str) -> None:
     assert "is not one of: provisional, confirmed, retracted" in info.value.message
 
 
-def test_by_defaults_to_std_and_depends_on_kind() -> None:
-    """`by` is std when absent; logret exists only for price."""
-    assert parse_by("price", None) == "std"
+def test_by_defaults_to_a_measure_that_compares_and_depends_on_kind() -> None:
+    """`by` is logret for price and cv for volume when absent; logret exists only for price."""
+    assert parse_by("price", None) == "logret"
+    assert parse_by("volume", None) == "cv"
+    assert parse_by("price", "std") == "std"
     assert parse_by("volume", "cv") == "cv"
     assert parse_by("price", "logret") == "logret"
     with pytest.raises(ProtocolError) as info:
@@ -286,12 +328,15 @@ def test_history_frame_lists_bars_oldest_first() -> None:
 
 def test_status_and_error_frames() -> None:
     """Subscribed frames echo the subscription (with `by` for ranks); errors carry a code."""
-    ranks = Subscription("ranks", kind="price", measure="cv")
+    ranks = Subscription("ranks", kind="price", measure="cv", selection=Selection(quote="usd"))
     assert json.loads(status_frame("subscribed", ranks).text) == {
         "type": "subscribed",
         "channel": "ranks",
         "kind": "price",
         "by": "cv",
+        "quote": "usd",
+        "offset": 0,
+        "limit": 100,
     }
     assert json.loads(error_frame("bad_since", "no").text) == {
         "type": "error",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any
+from typing import Any, Final
 
 from redis.asyncio import Redis
 from starlette.requests import Request
@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from tickstream_gateway import metrics
 from tickstream_gateway.bars import merge_history
-from tickstream_gateway.httpcache import EncodedBody, not_modified
+from tickstream_gateway.httpcache import EncodedBody, accepts_gzip, not_modified
 from tickstream_gateway.protocol import (
     ProtocolError,
     encode,
@@ -20,11 +20,21 @@ from tickstream_gateway.protocol import (
     parse_since,
     parse_statuses,
 )
-from tickstream_gateway.ranks import rank_snapshot
+from tickstream_gateway.rankboard import RankBoard
+from tickstream_gateway.ranks import read_boards
+from tickstream_gateway.selection import parse_selection
 from tickstream_gateway.state import GatewayState
 from tickstream_shared import alert_store, db, health, observability
 from tickstream_shared.errors import BadIdentifier, echo
-from tickstream_shared.naming import MetricId, MetricKind, RankMeasure, parse_kind
+from tickstream_shared.naming import (
+    DEFAULT_MEASURE_BY_KIND,
+    MEASURES_BY_KIND,
+    METRIC_KINDS,
+    MetricId,
+    MetricKind,
+    RankMeasure,
+    parse_kind,
+)
 
 MAX_ALERTS = 1000
 
@@ -34,15 +44,36 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(encode(body), status_code=status, media_type="application/json")
 
 
+def fresh_json(request: Request, body: Any) -> Response:
+    """A 200 JSON body read for this request alone: gzipped when large and accepted."""
+    return _send(request, EncodedBody.of(encode(body)), {})
+
+
 def cached_json(request: Request, cached: EncodedBody) -> Response:
     """200 with the cached body, or 304 without one when If-None-Match names its ETag.
 
-    `no-cache`: clients and proxies may keep the body but must revalidate it each time.
+    `no-cache`: clients and proxies may keep the body but must revalidate it each time. The
+    gzip form (when the client accepts it and the body is large) has its own tag; a request
+    naming either tag is answered 304: both are the same content.
     """
-    headers = {"ETag": cached.etag, "Cache-Control": "no-cache"}
-    if not_modified(request.headers.get("if-none-match"), cached.etag):
-        return Response(status_code=304, headers=headers)
-    return Response(cached.body, headers=headers, media_type="application/json")
+    gzipped = cached.compressible and accepts_gzip(request.headers.get("accept-encoding"))
+    headers = {"ETag": cached.gzip_etag if gzipped else cached.etag, "Cache-Control": "no-cache"}
+    if_none_match = request.headers.get("if-none-match")
+    if not_modified(if_none_match, cached.etag) or not_modified(if_none_match, cached.gzip_etag):
+        return Response(status_code=304, headers=headers | {"Vary": "Accept-Encoding"})
+    return _send(request, cached, headers)
+
+
+def _send(request: Request, encoded: EncodedBody, headers: dict[str, str]) -> Response:
+    # Every JSON route answers by this one path: a body's gzip form is made once per
+    # EncodedBody, so a cached body is compressed once, whatever the number of requests.
+    headers = headers | {"Vary": "Accept-Encoding"}
+    if encoded.compressible and accepts_gzip(request.headers.get("accept-encoding")):
+        body = encoded.gzipped()
+        headers["Content-Encoding"] = "gzip"
+    else:
+        body = encoded.body
+    return Response(body, headers=headers, media_type="application/json")
 
 
 def error(status: int, code: str, message: str) -> Response:
@@ -55,13 +86,13 @@ def _state(request: Request) -> GatewayState:
 
 
 async def list_metrics(request: Request) -> Response:
+    try:
+        selection = parse_selection(request.query_params)
+    except ProtocolError as exc:
+        return error(400, exc.code, exc.message)
     state = _state(request)
-    listing = await state.cache.listing.get(functools.partial(_listing_body, state.redis))
-    return cached_json(request, listing)
-
-
-async def _listing_body(client: Redis) -> EncodedBody:
-    return EncodedBody.of(encode(await metrics.metrics_listing(client)))
+    listing = await state.cache.listing.get(functools.partial(metrics.read_listing, state.redis))
+    return cached_json(request, listing.body(selection))
 
 
 async def list_feeds(request: Request) -> Response:
@@ -93,7 +124,7 @@ async def get_metric(request: Request) -> Response:
     bars = merge_history(stored, state.hub.recent.of(market_id), minutes, since)
     body["window_minutes"] = state.settings.stats.window_minutes
     body["values"] = [(bar.minute, bar.value(metric.kind)) for bar in bars]
-    return json_response(body)
+    return fresh_json(request, body)
 
 
 async def get_ranks(request: Request) -> Response:
@@ -103,18 +134,41 @@ async def get_ranks(request: Request) -> Response:
     try:
         kind = parse_kind(kind_param)
         measure = parse_by(kind, request.query_params.get("by"))
+        selection = parse_selection(request.query_params)
     except BadIdentifier as exc:
         return error(400, "bad_kind", str(exc))
     except ProtocolError as exc:
         return error(400, exc.code, exc.message)
     state = _state(request)
-    load = functools.partial(_rank_body, state.redis, kind, measure)
-    return cached_json(request, await state.cache.ranks[kind, measure].get(load))
+    load = functools.partial(_read_board, state.redis, kind, measure)
+    board = await state.cache.ranks[kind, measure].get(load)
+    return cached_json(request, board.body(selection))
 
 
-async def _rank_body(client: Redis, kind: MetricKind, measure: RankMeasure) -> EncodedBody:
-    # Only when the rank poller's snapshot is too old: it normally stores every one it reads.
-    return EncodedBody.of(encode(await rank_snapshot(client, kind, measure)))
+async def _read_board(client: Redis, kind: MetricKind, measure: RankMeasure) -> RankBoard:
+    # Only when the rank poller's board is too old: it normally stores every one it reads.
+    return (await read_boards(client, {}))[kind, measure]
+
+
+KINDS_BODY: Final = EncodedBody.of(
+    encode(
+        {
+            "kinds": [
+                {
+                    "kind": kind,
+                    "measures": MEASURES_BY_KIND[kind],
+                    "default": DEFAULT_MEASURE_BY_KIND[kind],
+                }
+                for kind in METRIC_KINDS
+            ]
+        }
+    )
+)
+
+
+async def list_kinds(request: Request) -> Response:
+    """Every metric kind, the measures it is ranked by and its default: what clients offer."""
+    return cached_json(request, KINDS_BODY)
 
 
 async def get_alerts(request: Request) -> Response:
@@ -131,7 +185,7 @@ async def get_alerts(request: Request) -> Response:
     except ProtocolError as exc:
         return error(400, exc.code, exc.message)
     alerts = await alert_store.recent_alerts(_state(request).pool, limit, statuses)
-    return json_response({"alerts": alerts})
+    return fresh_json(request, {"alerts": alerts})
 
 
 async def readyz(request: Request) -> Response:

@@ -11,10 +11,10 @@ from collections.abc import Mapping
 import redis.asyncio as redis
 from aiokafka.errors import KafkaError
 
-from tickstream_gateway.httpcache import EncodedBody, SharedRefresh, renewed
+from tickstream_gateway.httpcache import SharedRefresh
 from tickstream_gateway.hub import Hub
-from tickstream_gateway.protocol import encode, ranks_frame
-from tickstream_gateway.ranks import RANKINGS, rank_snapshot
+from tickstream_gateway.rankboard import RankBoard
+from tickstream_gateway.ranks import Ranking, read_boards
 from tickstream_shared.consuming import (
     DecodeCounters,
     decode_batch,
@@ -28,8 +28,6 @@ from tickstream_shared.naming import (
     ALERTS_TOPIC,
     DEADLETTER_TOPIC,
     TICK_TOPIC_PATTERN,
-    MetricKind,
-    RankMeasure,
 )
 from tickstream_shared.observability import READINGS
 from tickstream_shared.schemas import decode_alert
@@ -41,6 +39,7 @@ log = logging.getLogger("tickstream.gateway.feed")
 FEED_PATTERN = rf"({TICK_TOPIC_PATTERN})|(^{ALERTS_TOPIC}$)"
 _DEAD_LETTER_TIMEOUT_S = 10.0
 _FANOUT_SLICE_S = 0.005
+FULL_READ_EVERY = 60
 
 
 async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) -> None:
@@ -136,29 +135,35 @@ async def run_rank_poller(
     settings: ServiceSettings,
     hub: Hub,
     client: redis.Redis,
-    bodies: Mapping[tuple[MetricKind, RankMeasure], SharedRefresh[EncodedBody]],
+    boards: Mapping[Ranking, SharedRefresh[RankBoard]],
 ) -> None:
-    """Read every (kind, measure) snapshot each interval, push those that changed, and store
-    each as the encoded `GET /api/ranks` body (ETag computed only when it changed).
+    """Read every ranking each interval, push those that changed to the hub, and store each
+    board for `GET /api/ranks` (an unchanged one is the same object, views and ETags kept).
+
+    What a poll costs is bounded by the ranked metrics, never by the update rate: see
+    read_boards. The mean and count of a metric whose values did not move are read again
+    every FULL_READ_EVERY polls, so they are at most that many intervals old.
 
     Runs until cancelled. Errors (Redis restarting) are logged and retried on the next tick
     of the interval.
     """
     interval = settings.gateway.rank_interval_ms / 1000
-    previous: dict[tuple[MetricKind, RankMeasure], EncodedBody] = {}
+    held: dict[Ranking, RankBoard] = {}
+    polls = 0
     while True:
-        for kind, measure in RANKINGS:
-            _stop_if_cancelled()
-            started = time.monotonic()
-            try:
-                snapshot = await rank_snapshot(client, kind, measure)
-            except (OSError, redis.RedisError) as exc:
-                log.warning("rank snapshot %s/%s failed: %r", kind, measure, exc)
-                continue
-            known = previous.get((kind, measure))
-            body = renewed(known, encode(snapshot))
-            if body is not known:
-                previous[kind, measure] = body
-                hub.publish_ranks(kind, measure, ranks_frame(snapshot))
-            bodies[kind, measure].store(body, at=started)
-        await asyncio.sleep(interval)
+        _stop_if_cancelled()
+        started = time.monotonic()
+        try:
+            read = await read_boards(client, held, reread_all=polls % FULL_READ_EVERY == 0)
+        except (OSError, redis.RedisError) as exc:
+            log.warning("reading the rank sets failed: %r", exc)
+        else:
+            polls += 1
+            for key, board in read.items():
+                if board is not held.get(key):
+                    hub.publish_ranks(board)
+                boards[key].store(board, at=started)
+            held = read
+        # Each round starts one interval after the last began: a slow read (a busy Redis)
+        # does not stretch the period, and one longer than the interval is followed at once.
+        await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))

@@ -1,17 +1,14 @@
-"""HTTP bodies encoded once, with a strong ETag, refreshed by one caller at a time."""
+"""HTTP bodies encoded (and gzipped) once, with a strong ETag, refreshed by one caller at a time."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
-
-from tickstream_gateway.ranks import RANKINGS
-from tickstream_shared.naming import MetricKind, RankMeasure
 
 T = TypeVar("T")
 
@@ -25,23 +22,63 @@ READINESS_MAX_AGE_S: Final = 1.0
 READINESS_SERVE_STALE_S: Final = 4.0
 
 
-@dataclass(frozen=True, slots=True)
-class EncodedBody:
-    """A response body as sent, and its strong ETag (the same bytes give the same tag)."""
+# Bodies below this are sent as they are: gzip's header and a JSON error or a one-metric page
+# would gain a few bytes at most, and cost a compression.
+GZIP_MIN_BYTES: Final = 1024
+# zlib's default: within 10% of level 9's size on these JSON bodies at a third of its time.
+GZIP_LEVEL: Final = 6
 
-    body: bytes
-    etag: str
+
+class EncodedBody:
+    """A response body as sent, its strong ETag (the same bytes give the same tag), and its
+    gzip form, compressed at most once (at the first request that accepts it)."""
+
+    __slots__ = ("_gzipped", "body", "etag")
+
+    def __init__(self, body: bytes, etag: str) -> None:
+        self.body = body
+        self.etag = etag
+        self._gzipped: bytes | None = None
 
     @classmethod
     def of(cls, body: bytes) -> EncodedBody:
         return cls(body, f'"{hashlib.blake2b(body, digest_size=16).hexdigest()}"')
 
+    @property
+    def compressible(self) -> bool:
+        return len(self.body) >= GZIP_MIN_BYTES
 
-def renewed(previous: EncodedBody | None, body: bytes) -> EncodedBody:
-    """`previous` if `body` is the same bytes (no new hash), else `body` with its own ETag."""
-    if previous is not None and previous.body == body:
-        return previous
-    return EncodedBody.of(body)
+    def gzipped(self) -> bytes:
+        """The body gzip-compressed; computed at the first call, then held with the body.
+
+        `mtime=0`: the same body gives the same bytes on every gateway (and so the same tag).
+        """
+        if self._gzipped is None:
+            self._gzipped = gzip.compress(self.body, GZIP_LEVEL, mtime=0)
+        return self._gzipped
+
+    @property
+    def gzip_etag(self) -> str:
+        """The gzip form's own strong tag (a representation of its own, RFC 9110 8.8.3)."""
+        return f'{self.etag[:-1]}-gzip"'
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an Accept-Encoding header accepts gzip (`gzip` or `*`, with a q above 0)."""
+    if not accept_encoding:
+        return False
+    for coding in accept_encoding.split(","):
+        name, _, params = coding.partition(";")
+        if name.strip().lower() not in ("gzip", "*"):
+            continue
+        quality = params.strip().lower()
+        if not quality.startswith("q="):
+            return True
+        try:
+            return float(quality[2:]) > 0
+        except ValueError:
+            return False
+    return False
 
 
 def not_modified(if_none_match: str | None, etag: str) -> bool:
@@ -128,27 +165,3 @@ class SharedRefresh(Generic[T]):
 def _retrieve(task: asyncio.Task[object]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-class ResponseCache:
-    """One gateway's cached answers: each rank snapshot, the metrics and feeds listings, readiness.
-
-    The rank poller stores every snapshot it reads (each GATEWAY_RANK_INTERVAL_MS); one older
-    than twice that (the poller is behind or cannot read Redis) is read again by a request.
-    """
-
-    def __init__(self, rank_interval_s: float) -> None:
-        self.ranks: dict[tuple[MetricKind, RankMeasure], SharedRefresh[EncodedBody]] = {
-            key: SharedRefresh(2 * rank_interval_s) for key in RANKINGS
-        }
-        self.listing: SharedRefresh[EncodedBody] = SharedRefresh(LISTING_MAX_AGE_S)
-        self.feeds: SharedRefresh[EncodedBody] = SharedRefresh(LISTING_MAX_AGE_S)
-        self.readiness: SharedRefresh[tuple[int, bytes]] = SharedRefresh(
-            READINESS_MAX_AGE_S, serve_stale_s=READINESS_SERVE_STALE_S
-        )
-
-    async def aclose(self) -> None:
-        """Cancel every load in flight. Idempotent."""
-        for refresh in (*self.ranks.values(), self.listing, self.feeds):
-            await refresh.aclose()
-        await self.readiness.aclose()

@@ -9,8 +9,11 @@ from dataclasses import dataclass, field
 
 from tickstream_gateway.bars import RecentBars
 from tickstream_gateway.outbox import FanoutCounters, Outbox
-from tickstream_gateway.protocol import Frame, alert_frame, bar_frame
-from tickstream_shared.naming import MetricKind, RankMeasure
+from tickstream_gateway.protocol import Frame, Subscription, alert_frame, bar_frame
+from tickstream_gateway.rankboard import RankBoard
+from tickstream_gateway.ranks import Ranking
+from tickstream_gateway.selection import EVERYTHING
+from tickstream_shared.naming import MetricKind
 from tickstream_shared.schemas import Alert, Tick
 
 
@@ -28,7 +31,8 @@ class ClientSession:
     # Live market subscriptions: market id -> the largest seq queued. The gateway's own feed
     # can lag behind what stats stored, so updates at or below it are never sent.
     markets: dict[str, int] = field(default_factory=dict)
-    rank_measures: dict[MetricKind, RankMeasure] = field(default_factory=dict)
+    # Ranks subscriptions, at most one per kind (its measure and selection).
+    ranks: dict[MetricKind, Subscription] = field(default_factory=dict)
     alerts: bool = False
 
     def offer(self, frame: Frame) -> None:
@@ -45,7 +49,7 @@ class Hub:
     sessions: set[ClientSession] = field(default_factory=set)
     counters: FanoutCounters = field(default_factory=FanoutCounters)
     recent: RecentBars = field(default_factory=RecentBars)
-    latest_ranks: dict[tuple[MetricKind, RankMeasure], Frame] = field(default_factory=dict)
+    latest_ranks: dict[Ranking, RankBoard] = field(default_factory=dict)
     _by_market: dict[str, set[ClientSession]] = field(default_factory=lambda: defaultdict(set))
 
     def connect(self) -> ClientSession:
@@ -112,8 +116,27 @@ class Hub:
             if session.alerts:
                 session.offer(frame)
 
-    def publish_ranks(self, kind: MetricKind, measure: RankMeasure, frame: Frame) -> None:
-        self.latest_ranks[kind, measure] = frame
+    def publish_ranks(self, board: RankBoard) -> None:
+        """Hold a ranking that changed and send each client subscribed to it its frame.
+
+        Clients asking the same page, whose own markets are ranked on it (or not at all),
+        share one frame, encoded once (RankBoard.frame).
+        """
+        self.latest_ranks[board.kind, board.measure] = board
         for session in self.sessions:
-            if session.rank_measures.get(kind) == measure:
-                session.offer(frame)
+            sub = session.ranks.get(board.kind)
+            if sub is not None and sub.measure == board.measure:
+                session.offer(rank_frame(session, sub, board))
+
+    def resend_ranks(self, session: ClientSession) -> None:
+        """Send the client its current ranks frames again (its own markets changed)."""
+        for kind, sub in session.ranks.items():
+            board = None if sub.measure is None else self.latest_ranks.get((kind, sub.measure))
+            if board is not None:
+                session.offer(rank_frame(session, sub, board))
+
+
+def rank_frame(session: ClientSession, sub: Subscription, board: RankBoard) -> Frame:
+    """The `ranks` frame of `board` for a client: its page plus its own markets' entries."""
+    own = [f"{market_id}:{board.kind}" for market_id in session.markets]
+    return board.frame(sub.selection or EVERYTHING, own)

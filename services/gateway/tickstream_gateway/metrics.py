@@ -1,4 +1,4 @@
-"""Metric views for the HTTP API: stats, staleness, positions under every measure, feed state."""
+"""Metric views read for the HTTP API: stats, staleness, positions under every measure, feeds."""
 
 from __future__ import annotations
 
@@ -9,15 +9,10 @@ import redis.asyncio as redis
 from redis.client import NEVER_DECODE
 
 from tickstream_gateway.feeds import decode_feeds, feeds_json, origins_json, shown_state
-from tickstream_gateway.ranks import (
-    RANKINGS,
-    MetricStats,
-    parse_stats,
-    positions_json,
-    ranked,
-)
+from tickstream_gateway.listing import ListedMetric, MetricsListing, metric_json
+from tickstream_gateway.ranks import RANKINGS, STATS_FIELDS, hmget_many, parse_stats, ranked
 from tickstream_shared.errors import BadIdentifier
-from tickstream_shared.feed_status import FEEDS_KEY, ReportedState, decode_feed_status
+from tickstream_shared.feed_status import FEEDS_KEY, decode_feed_status
 from tickstream_shared.naming import (
     MEASURES_BY_KIND,
     METRICS_KEY,
@@ -28,33 +23,19 @@ from tickstream_shared.naming import (
 )
 
 
-def metric_json(
-    metric: MetricId,
-    stats: MetricStats,
-    positions: dict[RankMeasure, tuple[int | None, int]],
-    feed: ReportedState | None,
-) -> dict[str, Any]:
-    return {
-        "id": str(metric),
-        "market": metric.market.id,
-        "kind": metric.kind,
-        **stats.as_json(),
-        **positions_json(positions),
-        "feed": feed,
-    }
-
-
 def _wall_ms() -> int:
     # Reports carry the watcher's wall clock, so their age is measured on the wall clock too.
     return time.time_ns() // 1_000_000
 
 
-async def metrics_listing(client: redis.Redis) -> dict[str, Any]:
-    """The body of `/api/metrics`: `metrics`, the feed reports (`feeds`) and their `origins`.
+async def read_listing(client: redis.Redis) -> MetricsListing:
+    """The `/api/metrics` listing: every metric in METRICS_KEY with stats, stale ones too,
+    sorted by id, the live order of every ranking and the feed reports (`feeds`, `origins`).
 
-    `metrics` holds every metric in METRICS_KEY with stats, stale ones too, sorted by id.
-    Positions come from the same rank sets and the same filter as the rank snapshots, so a
-    listing agrees with `/api/ranks` read at the same moment.
+    Positions come from the same rank sets and the same filter as the rank boards, so a
+    listing agrees with `/api/ranks` read at the same moment. One MULTI, the feeds hash, and
+    one script call per 1,000 metrics (hmget_many): bounded by the metrics stats keeps, read
+    at most once a second (see ResponseCache).
     """
     async with client.pipeline(transaction=True) as pipe:
         pipe.smembers(METRICS_KEY)
@@ -67,40 +48,31 @@ async def metrics_listing(client: redis.Redis) -> dict[str, Any]:
             metrics[raw_id] = MetricId.parse(raw_id)
         except BadIdentifier:
             continue  # not written by stats; nothing to show
-    async with client.pipeline(transaction=False) as pipe:
-        # Undecoded: a field or value that is not UTF-8 is skipped by decode_feeds rather
-        # than failing the whole reply.
-        pipe.execute_command("HGETALL", FEEDS_KEY, **{NEVER_DECODE: True})
-        for metric_id in metrics:
-            pipe.hgetall(stats_key(metric_id))
-        raw_feeds, *hashes = await pipe.execute()
+    # Undecoded: a field or value that is not UTF-8 is skipped by decode_feeds rather than
+    # failing the whole reply.
+    raw_feeds = await client.execute_command(  # type: ignore[no-untyped-call]
+        "HGETALL", FEEDS_KEY, **{NEVER_DECODE: True}
+    )
+    hashes = await hmget_many(client, [stats_key(m) for m in metrics], STATS_FIELDS)
     now_ms = _wall_ms()
     feeds = decode_feeds(raw_feeds)
     stats = {
-        metric_id: parse_stats(metric.kind, raw)
-        for (metric_id, metric), raw in zip(metrics.items(), hashes, strict=True)
-    }
-    positions: dict[str, dict[RankMeasure, tuple[int | None, int]]] = {
-        metric_id: {} for metric_id in metrics
-    }
-    for (kind, measure), order in zip(RANKINGS, orders, strict=True):
-        live = ranked(order, stats)
-        index = {metric_id: i + 1 for i, metric_id in enumerate(live)}
-        for metric_id, metric in metrics.items():
-            if metric.kind == kind:
-                positions[metric_id][measure] = (index.get(metric_id), len(live))
-    listed = [
-        metric_json(
-            metric, s, positions[metric_id], shown_state(feeds.get(metric.market.id), now_ms)
+        metric_id: parse_stats(
+            metric.kind, {f: v for f, v in zip(STATS_FIELDS, values, strict=True) if v is not None}
         )
+        for (metric_id, metric), values in zip(metrics.items(), hashes, strict=True)
+    }
+    live_orders = {
+        ranking: ranked(order, stats) for ranking, order in zip(RANKINGS, orders, strict=True)
+    }
+    listed = tuple(
+        ListedMetric(metric, s, shown_state(feeds.get(metric.market.id), now_ms))
         for metric_id, metric in metrics.items()
         if (s := stats[metric_id]) is not None
-    ]
-    return {
-        "metrics": listed,
-        "origins": origins_json(feeds, now_ms),
-        "feeds": feeds_json(feeds, now_ms),
-    }
+    )
+    return MetricsListing(
+        listed, live_orders, feeds_json(feeds, now_ms), origins_json(feeds, now_ms)
+    )
 
 
 async def feeds_listing(client: redis.Redis) -> dict[str, Any]:

@@ -10,9 +10,17 @@ from typing import Any, Final, Literal
 
 import msgspec
 
+# Re-exported: the protocol's parsers raise it, and its callers catch it from here.
+from tickstream_gateway.errors import ProtocolError as ProtocolError
+from tickstream_gateway.selection import (
+    MAX_FRAME_RANKS,
+    RANK_FRAME_LIMIT,
+    Selection,
+    parse_selection,
+)
 from tickstream_shared.errors import BadIdentifier, echo
 from tickstream_shared.naming import (
-    DEFAULT_MEASURE,
+    DEFAULT_MEASURE_BY_KIND,
     Market,
     MetricKind,
     RankMeasure,
@@ -38,15 +46,6 @@ MAX_JSON_DEPTH: Final = 16
 _DIGITS: Final = re.compile(r"[0-9]{1,30}")
 
 
-class ProtocolError(Exception):
-    """A client request we cannot act on; `code` and message go back to the client."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass(frozen=True, slots=True)
 class Subscription:
     """What a client asked for: one market's bars, one kind's ranks by a measure, or alerts.
@@ -59,6 +58,8 @@ class Subscription:
     market: Market | None = None
     kind: MetricKind | None = None
     measure: RankMeasure | None = None
+    # Ranks: which entries each frame holds (None in an unsubscribe).
+    selection: Selection | None = None
 
     @property
     def stream(self) -> str:
@@ -77,6 +78,11 @@ class Subscription:
             frame["kind"] = self.kind
         if self.measure is not None:
             frame["by"] = self.measure
+        if self.selection is not None:
+            sel = self.selection
+            named = {"exchange": sel.exchange, "quote": sel.quote, "q": sel.search}
+            frame |= {field: value for field, value in named.items() if value is not None}
+            frame |= {"offset": sel.offset, "limit": sel.limit}
         return frame
 
 
@@ -190,17 +196,41 @@ def _parse_subscription(obj: dict[str, Any], subscribing: bool) -> Subscription:
             raise ProtocolError("bad_kind", f"channel 'ranks' needs 'kind': {exc}") from exc
         if not subscribing:
             return Subscription("ranks", kind=kind)
-        return Subscription("ranks", kind=kind, measure=parse_by(kind, obj.get("by")))
+        measure = parse_by(kind, obj.get("by"))
+        return Subscription("ranks", kind=kind, measure=measure, selection=_rank_selection(obj))
     raise ProtocolError("bad_request", "'channel' must be one of: market, ranks, alerts")
 
 
+def _rank_selection(obj: dict[str, Any]) -> Selection:
+    """A ranks subscription's `exchange`, `quote`, `q` (strings), `offset` and `limit`
+    (integers; limit default RANK_FRAME_LIMIT, at most MAX_FRAME_RANKS), checked like the
+    HTTP parameters of the same names."""
+    params: dict[str, str] = {}
+    for field, code in (("exchange", "bad_exchange"), ("quote", "bad_quote"), ("q", "bad_query")):
+        value = obj.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ProtocolError(code, f"{field} must be a string")
+        params[field] = value
+    for field, code in (("offset", "bad_offset"), ("limit", "bad_limit")):
+        value = obj.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ProtocolError(code, f"{field} must be an integer")
+        params[field] = str(value)
+    return parse_selection(params, RANK_FRAME_LIMIT, MAX_FRAME_RANKS)
+
+
 def parse_by(kind: MetricKind, value: object) -> RankMeasure:
-    """The rank measure asked for (default std); raises ProtocolError `bad_measure`.
+    """The rank measure asked for (default: the kind's, DEFAULT_MEASURE_BY_KIND); raises
+    ProtocolError `bad_measure`.
 
     Shared by the WebSocket subscription and `GET /api/ranks?by=`.
     """
     if value is None:
-        return DEFAULT_MEASURE
+        return DEFAULT_MEASURE_BY_KIND[kind]
     try:
         return parse_measure(kind, value if isinstance(value, str) else repr(value))
     except BadIdentifier as exc:

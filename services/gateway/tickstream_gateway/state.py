@@ -9,9 +9,44 @@ from typing import Any
 import redis.asyncio as redis
 
 from tickstream_gateway.history import MarketHistory
-from tickstream_gateway.httpcache import ResponseCache
+from tickstream_gateway.httpcache import (
+    LISTING_MAX_AGE_S,
+    READINESS_MAX_AGE_S,
+    READINESS_SERVE_STALE_S,
+    EncodedBody,
+    SharedRefresh,
+)
 from tickstream_gateway.hub import Hub
+from tickstream_gateway.listing import MetricsListing
+from tickstream_gateway.rankboard import RankBoard
+from tickstream_gateway.ranks import RANKINGS, Ranking
 from tickstream_shared.settings import ServiceSettings
+
+
+class ResponseCache:
+    """One gateway's cached answers: each rank snapshot, the metrics and feeds listings, readiness.
+
+    The rank poller stores every snapshot it reads (each GATEWAY_RANK_INTERVAL_MS); one older
+    than twice that (the poller is behind or cannot read Redis) is read again by a request.
+    """
+
+    def __init__(self, rank_interval_s: float) -> None:
+        self.ranks: dict[Ranking, SharedRefresh[RankBoard]] = {
+            key: SharedRefresh(2 * rank_interval_s) for key in RANKINGS
+        }
+        self.listing: SharedRefresh[MetricsListing] = SharedRefresh(LISTING_MAX_AGE_S)
+        self.feeds: SharedRefresh[EncodedBody] = SharedRefresh(LISTING_MAX_AGE_S)
+        self.readiness: SharedRefresh[tuple[int, bytes]] = SharedRefresh(
+            READINESS_MAX_AGE_S, serve_stale_s=READINESS_SERVE_STALE_S
+        )
+
+    async def aclose(self) -> None:
+        """Cancel every load in flight. Idempotent."""
+        for board in self.ranks.values():
+            await board.aclose()
+        await self.listing.aclose()
+        await self.feeds.aclose()
+        await self.readiness.aclose()
 
 
 @dataclass

@@ -10,7 +10,7 @@ from starlette.websockets import WebSocket
 
 from tickstream_gateway import api
 from tickstream_gateway.access import TOKEN_EXPIRES_AT, refuse_websocket
-from tickstream_gateway.hub import ClientSession, Hub
+from tickstream_gateway.hub import ClientSession, Hub, rank_frame
 from tickstream_gateway.protocol import (
     PONG_FRAME,
     Ping,
@@ -19,10 +19,9 @@ from tickstream_gateway.protocol import (
     Subscription,
     error_frame,
     parse_command,
-    ranks_frame,
     status_frame,
 )
-from tickstream_gateway.ranks import rank_snapshot
+from tickstream_gateway.ranks import read_boards
 from tickstream_gateway.state import GatewayState
 from tickstream_gateway.telemetry import WEBSOCKET_CLOSED
 from tickstream_gateway.token_bucket import TokenBucket, Verdict
@@ -169,17 +168,17 @@ async def _subscribe(session: ClientSession, command: Subscribe, state: GatewayS
         session.alerts = True
     elif sub.kind is not None and sub.measure is not None:
         # One rank subscription per kind: subscribing again with another `by` switches it.
-        session.rank_measures[sub.kind] = sub.measure
+        session.ranks[sub.kind] = sub
         key = (sub.kind, sub.measure)
         if key not in hub.latest_ranks:  # only before the poller's first round
             try:
-                fetched = ranks_frame(await rank_snapshot(state.redis, sub.kind, sub.measure))
+                fetched = (await read_boards(state.redis, {}))[key]
             except BaseException:
-                session.rank_measures.pop(sub.kind, None)
+                session.ranks.pop(sub.kind, None)
                 raise
             # A push during the query was newer and already sent; never send an older one.
             hub.latest_ranks.setdefault(key, fetched)
-        session.offer(hub.latest_ranks[key])
+        session.offer(rank_frame(session, sub, hub.latest_ranks[key]))
     elif sub.market is not None:
         await _subscribe_market(session, sub.market.id, command.since, state)
 
@@ -198,6 +197,9 @@ async def _subscribe_market(
     for frame in reply.frames:
         session.offer(frame)
     state.hub.watch_market(session, market_id, reply.after_seq)
+    # The client's ranks frames now hold this market among its own: send them at once
+    # rather than at the next change of each ranking.
+    state.hub.resend_ranks(session)
 
 
 def _holds(session: ClientSession, sub: Subscription) -> bool:
@@ -205,19 +207,19 @@ def _holds(session: ClientSession, sub: Subscription) -> bool:
     if sub.channel == "alerts":
         return session.alerts
     if sub.kind is not None:
-        return sub.kind in session.rank_measures
+        return sub.kind in session.ranks
     return sub.market is not None and sub.market.id in session.markets
 
 
 def _subscription_count(session: ClientSession) -> int:
-    return len(session.markets) + len(session.rank_measures) + int(session.alerts)
+    return len(session.markets) + len(session.ranks) + int(session.alerts)
 
 
 def _unsubscribe(session: ClientSession, sub: Subscription, hub: Hub) -> None:
     if sub.channel == "alerts":
         session.alerts = False
     elif sub.kind is not None:
-        session.rank_measures.pop(sub.kind, None)
+        session.ranks.pop(sub.kind, None)
     elif sub.market is not None:
         hub.drop_market(session, sub.market.id)
     session.offer(status_frame("unsubscribed", sub))

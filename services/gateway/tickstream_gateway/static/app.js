@@ -1,7 +1,10 @@
 // tickstream dashboard: minute-bar charts, rank tables by a chosen measure, alerts, feed states.
+// What it receives stays small whatever the number of markets: rank tables are the top
+// RANK_ROWS entries (plus the selected market) of the WebSocket's ranks channel, the stats
+// poll asks for the selected market only, and markets are found by a server-side search.
 
 import { ALERT_STATUS_TITLES, alertStatus, alertVersion, supersedes } from './alerts.js';
-import { emptyState, feedBadgeOf, openStatus, originBadges } from './feeds.js';
+import { emptyState, feedBadgeOf, openStatus, originBadges, rowBadge } from './feeds.js';
 
 const MINUTE_MS = 60000;
 const WINDOW_MINUTES = 1440; // history is at most this + 1 bars (the forming one)
@@ -14,13 +17,19 @@ const PING_EVERY_MS = 20000;
 const SILENCE_LIMIT_MS = 45000; // no frame (not even a pong) for this long: the socket is dead
 const TOAST_MS = 6000;
 const FRESH_MS = 3000;
-const KINDS = ['price', 'volume'];
-// What each kind can be ranked by (the gateway refuses logret for volume).
-const MEASURES = { price: ['std', 'cv', 'logret'], volume: ['std', 'cv'] };
+// Rows per rank table: each ranks frame holds this many entries (about 220 bytes each) and
+// comes at most once a second per kind, so the page's bytes per second stay bounded.
+const RANK_ROWS = 15;
+const SEARCH_RESULTS = 20; // markets shown for a search
+const SEARCH_DELAY_MS = 250; // typing pauses this long before a search is sent
+// What the gateway accepts in `q` and `quote` (docs/protocol.md, "Listing parameters").
+const SEARCH_TEXT = /^[a-z0-9:-]{1,64}$/;
+const QUOTE_TEXT = /^[a-z0-9]{1,32}$/;
+// Descriptions of the measures the gateway may offer (GET /api/kinds says which per kind).
 const MEASURE_TITLES = {
-  std: 'population standard deviation of the minute values',
-  cv: 'std / |mean|: unitless, comparable across price levels',
-  logret: 'std of minute-to-minute log returns: volatility',
+  std: 'population standard deviation of the minute values (in the metric\'s unit)',
+  cv: 'std / |mean|: unitless, comparable across price levels and sizes',
+  logret: 'std of minute-to-minute log returns: volatility, comparable across markets',
 };
 
 // With GATEWAY_JWT_SECRET set, open the page as /?token=<token>: it is passed on to /api and /ws.
@@ -28,7 +37,12 @@ const TOKEN = new URLSearchParams(location.search).get('token');
 
 const byTestId = (id) => document.querySelector(`[data-testid="${id}"]`);
 const els = {
-  select: byTestId('market-select'),
+  search: byTestId('market-search'),
+  results: byTestId('market-results'),
+  quote: byTestId('rank-quote'),
+  quotes: byTestId('quote-list'),
+  rankPanels: byTestId('rank-panels'),
+  stats: byTestId('stats'),
   staleBadge: byTestId('stale-badge'),
   selectedFeed: byTestId('selected-feed'),
   origins: byTestId('feed-origins'),
@@ -40,6 +54,7 @@ const els = {
   volumeChart: byTestId('volume-chart'),
   alerts: byTestId('alerts'),
   toasts: byTestId('toasts'),
+  kind: {}, // kind -> {table, picker, stats}: the elements made for it (see buildKinds)
 };
 
 // ---------------------------------------------------------------- formatting
@@ -156,26 +171,43 @@ class Series {
   }
 }
 
+
 // ---------------------------------------------------------------- state
 
 const state = {
-  markets: [],
+  kinds: [], // [{kind, measures, default}] from GET /api/kinds; nothing is ranked before it
   selected: null,
   awaitingHistory: false, // bars before the market's history would be overwritten by it anyway
   series: new Series(),
-  metrics: new Map(), // metric id -> view from /api/metrics, patched by ranks pushes
-  feeds: null, // market id -> feed report from /api/metrics; null until the first poll
+  metrics: new Map(), // the selected market's metric id -> view (its poll, patched by ranks pushes)
+  anyMetrics: null, // whether stats has any metric at all; null until the first poll says
+  feeds: null, // market id -> feed report of the polled market(s); null until the first poll
   origins: null, // origin -> its markets summed up (`origins` of /api/metrics); null until then
-  measure: { price: 'std', volume: 'std' }, // what each rank table is ordered by
-  ranks: { price: null, volume: null },
+  measure: {}, // kind -> what its rank table is ordered by
+  quote: null, // rank only markets of this quote currency; null: every market
+  ranks: {}, // kind -> {ranks, own, total} of its newest ranks frame; absent until one arrives
+  // kind -> the selected market's rank label in that kind's newest ranks frame (top or own),
+  // null when the frame does not hold it.
+  selectedRank: {},
+  results: null, // markets found by the search box, null while it is closed
   alerts: [], // newest first
   alertById: new Map(), // alert id -> its newest state held (see alertVersion)
   freshAlerts: new Set(),
+  quotesSeen: new Set(), // for the quote box's suggestions: quotes of markets shown so far
 };
 
-/** A market is stale when its metrics say so (both kinds share the market's last update). */
+const kindNames = () => state.kinds.map((k) => k.kind);
+const kindInfo = (kind) => state.kinds.find((k) => k.kind === kind);
+
+/** The selected market is stale when its metrics say so (every kind shares its last update). */
 function isStale(market) {
-  return KINDS.some((kind) => state.metrics.get(`${market}:${kind}`)?.stale === true);
+  return kindNames().some((kind) => state.metrics.get(`${market}:${kind}`)?.stale === true);
+}
+
+/** "binance:btc-usdt" -> {exchange, quote}; null for anything else. */
+function partsOf(market) {
+  const match = /^([a-z0-9]+):[a-z0-9]+-([a-z0-9]+)$/.exec(market ?? '');
+  return match ? { exchange: match[1], quote: match[2] } : null;
 }
 
 // ---------------------------------------------------------------- rendering (coalesced per frame)
@@ -206,9 +238,10 @@ function renderFrame() {
 
 const renderers = {
   charts: renderCharts,
-  ranks: () => KINDS.forEach(renderRanks),
+  ranks: () => kindNames().forEach(renderRanks),
   stats: renderStats,
   markets: renderMarkets,
+  results: renderResults,
   feeds: renderFeeds,
   status: renderStatus,
   alerts: renderAlerts,
@@ -255,22 +288,41 @@ function renderCharts() {
   document.body.dataset.bars = String(series.size);
 }
 
+/** The selected market in the search box (unless being typed in), its stale mark. */
 function renderMarkets() {
-  const options = state.selected && !state.markets.includes(state.selected) ? [state.selected, ...state.markets] : state.markets;
-  const label = (m) => (isStale(m) ? `${m} (stale)` : m);
-  const current = [...els.select.options].map((o) => `${o.value}\t${o.textContent}`);
-  if (current.join('\n') !== options.map((m) => `${m}\t${label(m)}`).join('\n')) {
-    els.select.replaceChildren(...options.map((m) => {
-      const option = new Option(label(m), m);
-      option.classList.toggle('stale', isStale(m));
-      return option;
-    }));
-  }
-  els.select.value = state.selected ?? '';
+  if (document.activeElement !== els.search) els.search.value = state.selected ?? '';
   const stale = state.selected !== null && isStale(state.selected);
   els.staleBadge.hidden = !stale;
   els.charts.classList.toggle('is-stale', stale);
   document.body.dataset.stale = String(stale);
+  const known = [...els.quotes.children].map((o) => o.value).join(',');
+  const quotes = [...state.quotesSeen].sort();
+  if (known !== quotes.join(',')) els.quotes.replaceChildren(...quotes.map((q) => new Option(q, q)));
+}
+
+/** The search box's list: the markets found, stale ones marked, how many more there are. */
+function renderResults() {
+  const found = state.results;
+  els.results.hidden = found === null;
+  if (found === null) return;
+  const items = found.markets.map(({ market, stale }) => {
+    const li = document.createElement('li');
+    li.className = stale ? 'result stale' : 'result';
+    li.dataset.market = market;
+    li.setAttribute('role', 'option');
+    li.textContent = stale ? `${market} (stale)` : market;
+    return li;
+  });
+  if (found.markets.length === 0) items.push(resultNote(found.error ?? 'no market matches'));
+  else if (found.more > 0) items.push(resultNote(`${found.more} more metrics match: type more`));
+  els.results.replaceChildren(...items);
+}
+
+function resultNote(text) {
+  const li = document.createElement('li');
+  li.className = 'result-note';
+  li.textContent = text;
+  return li;
 }
 
 function showFeed(span, badge) {
@@ -295,7 +347,8 @@ function renderFeeds() {
   const feed = state.selected ? feedBadgeOf(state.feeds, state.selected) : null;
   els.selectedFeed.hidden = feed === null;
   if (feed !== null) showFeed(els.selectedFeed.querySelector('.feed-badge'), feed);
-  const empty = emptyState(state.origins, state.metrics.size);
+  // Only once a poll has said that stats has no metric at all.
+  const empty = state.anyMetrics === false ? emptyState(state.origins, 0) : null;
   els.emptyState.hidden = empty === null;
   els.emptyState.textContent = empty ?? '';
 }
@@ -311,8 +364,8 @@ function statItem(key, value, className = '') {
 }
 
 function renderStats() {
-  for (const kind of KINDS) {
-    const row = byTestId(`stats-${kind}`);
+  for (const { kind, measures } of state.kinds) {
+    const row = els.kind[kind].stats;
     const m = state.selected ? state.metrics.get(`${state.selected}:${kind}`) : undefined;
     const label = document.createElement('span');
     label.className = 'stats-kind';
@@ -323,16 +376,15 @@ function renderStats() {
       continue;
     }
     const measure = state.measure[kind];
-    const items = [
-      statItem('count', fmtCount(m.count)),
-      statItem('mean', fmtSig(m.mean, 6)),
-      statItem('std', fmtSig(m.std)),
-      statItem('cv', fmtSig(m.cv)),
-    ];
-    if (kind === 'price') items.push(statItem('logret', fmtSig(m.logret)));
+    const items = [statItem('count', fmtCount(m.count)), statItem('mean', fmtSig(m.mean, 6))];
+    for (const name of measures) items.push(statItem(name, fmtSig(m[name])));
     items.push(statItem('min', fmtSig(m.min, 6)), statItem('max', fmtSig(m.max, 6)));
-    const rank = m.stale ? 'stale' : m.ranks?.[measure]?.rank ?? '—';
-    items.push(statItem(`rank by ${measure}`, rank, m.stale ? 'stat-stale' : 'stat-rank'));
+    // As the table ranks it (its frame holds the selected market once subscribed); else,
+    // among every market, the poll's position (older by up to METRICS_POLL_MS).
+    const polled = state.quote ? null : m.ranks?.[measure]?.rank;
+    const rank = m.stale ? 'stale' : state.selectedRank[kind] ?? polled ?? '—';
+    const among = state.quote ? ` (${state.quote})` : '';
+    items.push(statItem(`rank by ${measure}${among}`, rank, m.stale ? 'stat-stale' : 'stat-rank'));
     row.replaceChildren(label, ...items);
   }
 }
@@ -344,36 +396,51 @@ function cell(text, className = '') {
   return td;
 }
 
+function rankRow(kind, r) {
+  const tr = document.createElement('tr');
+  tr.dataset.metric = r.metric;
+  const market = marketOf(r.metric);
+  if (market === state.selected) {
+    tr.classList.add('selected');
+    tr.setAttribute('aria-current', 'true');
+  }
+  const feed = cell('', 'feed');
+  const badge = rowBadge(state.feeds, state.origins, market);
+  if (badge !== null) feed.append(feedBadge(badge));
+  tr.append(cell(r.label ?? `${r.position}/${r.total}`, 'num'), cell(r.metric, 'metric'), feed, cell(fmtSig(r.value), 'num'));
+  const measures = kindInfo(kind)?.measures ?? [];
+  const values = measures.map((name) => `${name} ${fmtSig(r[name])}`).join(' · ');
+  tr.title = `${values} · mean ${fmtSig(r.mean, 6)} · ${fmtCount(r.count)} minutes`;
+  return tr;
+}
+
+/** One kind's table: its top RANK_ROWS rows, then the selected market's row if ranked lower. */
 function renderRanks(kind) {
-  const table = byTestId(`ranks-${kind}`);
+  const { table } = els.kind[kind];
   const measure = state.measure[kind];
   table.querySelector('.measure-head').textContent = measure;
-  const rows = state.ranks[kind] ?? [];
+  const shown = state.ranks[kind];
   const frag = document.createDocumentFragment();
-  for (const r of rows) {
-    const tr = document.createElement('tr');
-    tr.dataset.metric = r.metric;
-    if (marketOf(r.metric) === state.selected) {
-      tr.classList.add('selected');
-      tr.setAttribute('aria-current', 'true');
-    }
-    const feed = cell('', 'feed');
-    const badge = feedBadgeOf(state.feeds, marketOf(r.metric));
-    if (badge !== null) feed.append(feedBadge(badge));
-    tr.append(cell(r.label ?? `${r.position}/${r.total}`, 'num'), cell(r.metric, 'metric'), feed, cell(fmtSig(r.value), 'num'));
-    const logret = kind === 'price' ? ` · logret ${fmtSig(r.logret)}` : '';
-    tr.title = `std ${fmtSig(r.std)} · cv ${fmtSig(r.cv)}${logret} · mean ${fmtSig(r.mean, 6)} · ${fmtCount(r.count)} minutes`;
-    frag.append(tr);
+  for (const r of shown?.ranks ?? []) frag.append(rankRow(kind, r));
+  if (shown?.own?.length > 0) {
+    const gap = document.createElement('tr');
+    gap.className = 'gap';
+    const td = cell('…');
+    td.colSpan = 4;
+    gap.append(td);
+    frag.append(gap);
+    for (const r of shown.own) frag.append(rankRow(kind, r));
   }
-  if (rows.length === 0) {
+  if (!shown || shown.ranks.length === 0) {
     const tr = document.createElement('tr');
     tr.className = 'empty';
-    const td = cell(state.ranks[kind] === null ? 'loading…' : 'no live metrics');
+    const td = cell(shown === undefined ? 'loading…' : 'no live metrics');
     td.colSpan = 4;
     tr.append(td);
     frag.append(tr);
   }
   table.tBodies[0].replaceChildren(frag);
+  els.kind[kind].total.textContent = shown ? `${fmtCount(shown.total)} ranked${state.quote ? ` (${state.quote})` : ''}` : '';
 }
 
 function alertRow(alert) {
@@ -637,6 +704,9 @@ const conn = {
   // What to (re-)subscribe on every open. Keyed by channel and market or kind, not by `by`:
   // the gateway holds one rank subscription per kind, and subscribing again switches it.
   subs: new Map(),
+  // Kinds whose ranks subscribe is not answered yet: their ranks frames until `subscribed`
+  // belong to the subscription it replaces.
+  switchingRanks: new Set(),
 };
 
 const subKey = (sub) => `${sub.channel}|${sub.market ?? sub.kind ?? ''}`;
@@ -648,6 +718,7 @@ function send(frame) {
 /** The subscribe frame for `sub` now: a market we already hold bars of asks only for the rest. */
 function subscribeFrame(sub) {
   const frame = { op: 'subscribe', ...sub };
+  if (sub.channel === 'ranks') conn.switchingRanks.add(sub.kind);
   if (sub.channel === 'market' && sub.market === state.selected && state.series.size > 0) {
     // The newest held minute was probably still forming: ask for it again.
     frame.since = state.series.lastMinute;
@@ -737,9 +808,18 @@ const frameHandlers = {
   },
   ranks: onRanks,
   alert: (msg) => addAlerts([msg.alert], true),
-  error: (msg) => toast(`${msg.code ?? 'error'}: ${msg.message ?? 'the server rejected a request'}`),
+  error: (msg) => {
+    // A market without bars: nothing to wait for (its stats, if any, still show).
+    if (msg.code === 'unknown_market') {
+      state.awaitingHistory = false;
+      markDirty('charts');
+    }
+    toast(`${msg.code ?? 'error'}: ${msg.message ?? 'the server rejected a request'}`);
+  },
   pong: () => {},
-  subscribed: () => {},
+  subscribed: (msg) => {
+    if (msg.channel === 'ranks') conn.switchingRanks.delete(msg.kind);
+  },
   unsubscribed: () => {},
 };
 
@@ -778,27 +858,28 @@ function onBar(msg) {
 }
 
 function onRanks(msg) {
-  if (!KINDS.includes(msg.kind) || !Array.isArray(msg.ranks)) return;
-  if (msg.by !== state.measure[msg.kind]) return; // a late frame of the previous measure
-  applyRanks(msg.kind, msg.by, msg.ranks);
+  const kind = msg.kind;
+  if (!kindInfo(kind) || !Array.isArray(msg.ranks)) return;
+  // A frame of the subscription this kind had before a switch (measure or quote): the
+  // gateway answers `subscribed` before the first frame of the new one.
+  if (conn.switchingRanks.has(kind) || msg.by !== state.measure[kind]) return;
+  applyRanks(kind, msg.by, { ranks: msg.ranks, own: Array.isArray(msg.own) ? msg.own : [], total: msg.total });
 }
 
-function applyRanks(kind, measure, ranks) {
-  state.ranks[kind] = ranks;
-  // Ranks pushes are fresher than the last metrics poll, so patch the stats with them.
-  const ranked = new Set();
-  for (const r of ranks) {
-    ranked.add(r.metric);
-    const m = state.metrics.get(r.metric) ?? { id: r.metric, market: marketOf(r.metric), kind, ranks: {} };
-    Object.assign(m, { std: r.std, cv: r.cv, logret: r.logret, mean: r.mean, count: r.count, stale: false });
-    m.ranks = { ...m.ranks, [measure]: { position: r.position, total: r.total, rank: r.label } };
-    state.metrics.set(r.metric, m);
+function applyRanks(kind, measure, shown) {
+  state.ranks[kind] = shown;
+  for (const r of shown.ranks) {
+    const quote = partsOf(marketOf(r.metric))?.quote;
+    if (quote) state.quotesSeen.add(quote);
   }
-  // A metric of this kind missing from the snapshot is stale or gone: it has no position.
-  for (const m of state.metrics.values()) {
-    if (m.kind === kind && !ranked.has(m.id) && m.ranks) {
-      m.ranks = { ...m.ranks, [measure]: { position: null, total: ranks.length, rank: null } };
-    }
+  // Ranks pushes are fresher than the last metrics poll: patch the selected market's stats.
+  const metric = `${state.selected}:${kind}`;
+  const r = [...shown.ranks, ...shown.own].find((entry) => entry.metric === metric);
+  state.selectedRank[kind] = r ? r.label : null;
+  const held = state.metrics.get(metric);
+  if (held && r) {
+    for (const name of [...kindInfo(kind).measures, 'mean', 'count']) held[name] = r[name];
+    held.stale = false;
   }
   markDirty('ranks', 'stats', 'markets');
 }
@@ -830,7 +911,9 @@ function addAlerts(alerts, live) {
 async function fetchJson(url) {
   const headers = { Accept: 'application/json' };
   if (TOKEN) headers.Authorization = `Bearer ${TOKEN}`;
-  const res = await fetch(url, { headers, cache: 'no-store' });
+  // no-cache: the browser revalidates with the ETag it holds, and an unchanged answer comes
+  // back as a 304 without a body.
+  const res = await fetch(url, { headers, cache: 'no-cache' });
   let body = null;
   try {
     body = await res.json();
@@ -850,37 +933,124 @@ async function load(name, url, apply) {
   try {
     apply(await fetchJson(url));
     failing.delete(name);
+    return true;
   } catch (err) {
     console.warn(`loading ${name} failed`, err);
     if (!failing.has(name)) toast(`Could not load ${name}: ${err.message}`);
     failing.add(name);
+    return false;
   }
 }
 
+const query = (params) => Object.entries(params).map(([k, v]) => `${k}=${encodeURIComponent(v)}`).join('&');
+
+/**
+ * Where the selected market's metrics are: one small page, whatever the number of markets.
+ * No exchange or quote, so that positions are among every market; the search text is the
+ * whole id, and the few other ids holding it (a longer quote) sort after it.
+ */
+function selectedMetricsUrl() {
+  if (!partsOf(state.selected)) return `/api/metrics?${query({ limit: 1 })}`;
+  return `/api/metrics?${query({ q: state.selected, limit: 2 * Math.max(1, state.kinds.length) })}`;
+}
+
+/**
+ * The selected market's stats and every origin's feed state, every METRICS_POLL_MS. Without
+ * a selection it asks for one metric: whether there are any, and a market to show first.
+ */
 async function pollMetrics() {
-  await load('metrics', '/api/metrics', (body) => {
+  const selected = state.selected;
+  await load('metrics', selectedMetricsUrl(), (body) => {
+    if (state.selected !== selected) return; // the selection changed meanwhile
     const metrics = Array.isArray(body.metrics) ? body.metrics : [];
-    state.metrics = new Map(metrics.map((m) => [m.id, m]));
+    const ours = selected ? metrics.filter((m) => m.market === selected) : [];
+    state.metrics = new Map(ours.map((m) => [m.id, m]));
     state.feeds = body.feeds !== null && typeof body.feeds === 'object' ? body.feeds : {};
     state.origins = body.origins !== null && typeof body.origins === 'object' ? body.origins : {};
-    setMarkets([...new Set(metrics.map((m) => m.market))].sort());
+    if (!selected || ours.length > 0) state.anyMetrics = (Number.isFinite(body.matching) ? body.matching : metrics.length) > 0;
+    if (!selected && metrics.length > 0) selectMarket(metrics[0].market);
     markDirty('stats', 'markets', 'feeds', 'ranks', 'status');
   });
-  setTimeout(pollMetrics, METRICS_POLL_MS);
+  clearTimeout(pollMetrics.timer);
+  pollMetrics.timer = setTimeout(pollMetrics, METRICS_POLL_MS);
 }
 
 function loadAlerts() {
   return load('alerts', '/api/alerts?limit=50', (body) => addAlerts(Array.isArray(body.alerts) ? body.alerts : [], false));
 }
 
-function loadRanks(kind) {
-  // Only a fallback for before the first push: a late reply must not overwrite fresher ranks.
-  const measure = state.measure[kind];
-  return load(`${kind} ranks`, `/api/ranks?kind=${kind}&by=${measure}`, (body) => {
-    if (state.ranks[kind] === null && body.by === state.measure[kind] && Array.isArray(body.ranks)) {
-      applyRanks(kind, body.by, body.ranks);
+/** The selected market's minute values (gzipped [minute, value] pairs: a fraction of a full
+ * history frame); the live subscription then asks only for what came after them. */
+async function loadHistory(market) {
+  const values = new Map(); // minute -> {close, volume}
+  const loaded = await Promise.all(['price', 'volume'].map((kind) => load(`${kind} history`, `/api/metrics/${encodeURIComponent(`${market}:${kind}`)}`, (body) => {
+    for (const pair of Array.isArray(body.values) ? body.values : []) {
+      if (!Array.isArray(pair)) continue;
+      const held = values.get(pair[0]) ?? { minute: pair[0], seq: -1, close: NaN, volume: 0 };
+      held[kind === 'price' ? 'close' : 'volume'] = pair[1];
+      values.set(pair[0], held);
     }
+  })));
+  if (state.selected !== market) return;
+  // Without both, the subscription's history frame brings everything.
+  if (loaded.every(Boolean)) state.series.merge([...values.values()].sort((a, b) => a.minute - b.minute));
+  subscribe({ channel: 'market', market });
+  markDirty('charts');
+}
+
+async function loadKinds() {
+  while (!(await load('kinds', '/api/kinds', (body) => {
+    if (Array.isArray(body.kinds)) state.kinds = body.kinds.filter((k) => k && typeof k.kind === 'string' && Array.isArray(k.measures));
+  }))) {
+    await new Promise((resolve) => setTimeout(resolve, BACKOFF_MAX_MS / 6));
+  }
+}
+
+// ---------------------------------------------------------------- search (server-side `q`)
+
+let searchTimer = 0;
+let searchSeq = 0;
+
+function onSearchInput() {
+  clearTimeout(searchTimer);
+  const text = els.search.value.trim().toLowerCase();
+  if (!text) {
+    state.results = null;
+    markDirty('results');
+    return;
+  }
+  if (!SEARCH_TEXT.test(text)) {
+    state.results = { markets: [], more: 0, error: "use a-z, 0-9, ':' and '-' (at most 64)" };
+    markDirty('results');
+    return;
+  }
+  searchTimer = setTimeout(() => search(text), SEARCH_DELAY_MS);
+}
+
+async function search(text) {
+  const seq = ++searchSeq;
+  const limit = SEARCH_RESULTS * Math.max(1, state.kinds.length);
+  await load('search', `/api/metrics?${query({ q: text, limit })}`, (body) => {
+    if (seq !== searchSeq) return; // a newer search was sent meanwhile
+    const metrics = Array.isArray(body.metrics) ? body.metrics : [];
+    const markets = new Map();
+    for (const m of metrics) {
+      const held = markets.get(m.market);
+      markets.set(m.market, { market: m.market, stale: (held?.stale ?? true) && m.stale === true });
+      const quote = partsOf(m.market)?.quote;
+      if (quote) state.quotesSeen.add(quote);
+    }
+    const shown = [...markets.values()].slice(0, SEARCH_RESULTS);
+    const matching = Number.isFinite(body.matching) ? body.matching : metrics.length;
+    state.results = { markets: shown, more: Math.max(0, matching - metrics.length) };
+    markDirty('results', 'markets');
   });
+}
+
+function closeSearch() {
+  state.results = null;
+  els.search.value = state.selected ?? '';
+  markDirty('results');
 }
 
 // ---------------------------------------------------------------- selection (kept in the URL hash)
@@ -897,39 +1067,116 @@ function hashParam(name) {
 
 function writeHash() {
   const parts = state.selected ? [`market=${state.selected}`] : [];
-  for (const kind of KINDS) if (state.measure[kind] !== 'std') parts.push(`${kind}_by=${state.measure[kind]}`);
+  for (const { kind, default: preset } of state.kinds) if (state.measure[kind] !== preset) parts.push(`${kind}_by=${state.measure[kind]}`);
+  if (state.quote) parts.push(`quote=${state.quote}`);
   // replaceState: the hash remembers choices without a history entry per switch or a hashchange.
   window.history.replaceState(null, '', `#${parts.join('&')}`);
 }
 
-function setMarkets(markets) {
-  state.markets = markets;
-  if (markets.length > 0 && !markets.includes(state.selected)) selectMarket(markets[0]);
-  renderMarkets();
-}
-
 function selectMarket(market) {
-  if (!market || market === state.selected) return;
+  if (!market || market === state.selected || !partsOf(market)) return;
   if (state.selected) unsubscribe({ channel: 'market', market: state.selected });
   state.selected = market;
   state.series.clear();
+  state.metrics = new Map();
+  state.selectedRank = {};
   state.awaitingHistory = true;
   writeHash();
-  subscribe({ channel: 'market', market });
+  loadHistory(market);
+  pollMetrics();
   markDirty('charts', 'stats', 'ranks', 'markets', 'feeds');
 }
 
+/** The ranks subscription of a kind as chosen now; subscribing again switches it. */
+function subscribeRanks(kind) {
+  const sub = { channel: 'ranks', kind, by: state.measure[kind], limit: RANK_ROWS };
+  if (state.quote) sub.quote = state.quote;
+  subscribe(sub);
+}
+
 function selectMeasure(kind, measure) {
-  if (!MEASURES[kind].includes(measure) || measure === state.measure[kind]) return;
+  const info = kindInfo(kind);
+  if (!info || !info.measures.includes(measure) || measure === state.measure[kind]) return;
   state.measure[kind] = measure;
-  state.ranks[kind] = null; // loading until the snapshot by the new measure arrives
-  byTestId(`rank-measure-${kind}`).value = measure;
+  delete state.ranks[kind]; // loading until the ranks by the new measure arrive
+  delete state.selectedRank[kind];
+  els.kind[kind].picker.value = measure;
   writeHash();
-  subscribe({ channel: 'ranks', kind, by: measure }); // replaces the kind's rank subscription
+  subscribeRanks(kind);
+  markDirty('ranks', 'stats');
+}
+
+function selectQuote(raw) {
+  const quote = (raw ?? '').trim().toLowerCase() || null;
+  if (quote !== null && !QUOTE_TEXT.test(quote)) {
+    toast('A quote currency is 1 to 32 of a-z and 0-9, e.g. usdt', 'warn');
+    return;
+  }
+  if (quote === state.quote) return;
+  state.quote = quote;
+  els.quote.value = quote ?? '';
+  writeHash();
+  for (const kind of kindNames()) {
+    delete state.ranks[kind];
+    delete state.selectedRank[kind];
+    subscribeRanks(kind);
+  }
   markDirty('ranks', 'stats');
 }
 
 // ---------------------------------------------------------------- start
+
+/** A rank table and a stats row per kind the gateway ranks (GET /api/kinds). */
+function buildKinds() {
+  const panels = [];
+  for (const { kind, measures, default: preset } of state.kinds) {
+    const chosen = hashParam(`${kind}_by`);
+    state.measure[kind] = measures.includes(chosen) ? chosen : measures.includes(preset) ? preset : measures[0];
+    const panel = document.createElement('section');
+    panel.className = 'panel';
+    panel.setAttribute('aria-label', `${kind} ranks`);
+    const head = document.createElement('div');
+    head.className = 'panel-head';
+    const title = document.createElement('h2');
+    title.className = 'panel-title';
+    title.textContent = `${kind} ranks`;
+    const total = document.createElement('span');
+    total.className = 'muted ranks-total';
+    const picker = document.createElement('select');
+    picker.dataset.testid = `rank-measure-${kind}`;
+    picker.setAttribute('aria-label', `${kind} rank measure`);
+    picker.replaceChildren(...measures.map((m) => {
+      const option = new Option(m, m);
+      option.title = MEASURE_TITLES[m] ?? m;
+      return option;
+    }));
+    picker.value = state.measure[kind];
+    picker.addEventListener('change', () => selectMeasure(kind, picker.value));
+    const label = document.createElement('label');
+    label.className = 'measure-picker';
+    const by = document.createElement('span');
+    by.className = 'muted';
+    by.textContent = 'by';
+    label.append(by, picker);
+    head.append(title, total, label);
+    const table = document.createElement('table');
+    table.className = 'ranks';
+    table.dataset.testid = `ranks-${kind}`;
+    table.innerHTML = '<thead><tr><th class="num">#</th><th>metric</th><th>feed</th><th class="num measure-head"></th></tr></thead><tbody></tbody>';
+    table.addEventListener('click', (event) => {
+      const row = event.target.closest('tr[data-metric]');
+      if (row) selectMarket(marketOf(row.dataset.metric));
+    });
+    panel.append(head, table);
+    panels.push(panel);
+    const stats = document.createElement('div');
+    stats.className = 'stats-row';
+    stats.dataset.testid = `stats-${kind}`;
+    els.stats.append(stats);
+    els.kind[kind] = { table, picker, stats, total };
+  }
+  els.rankPanels.replaceChildren(...panels);
+}
 
 function watchSize() {
   const redraw = () => markDirty('charts');
@@ -945,41 +1192,53 @@ function watchSize() {
   watchRatio();
 }
 
-function start() {
-  els.select.addEventListener('change', () => selectMarket(els.select.value));
-  window.addEventListener('hashchange', () => {
-    selectMarket(hashParam('market'));
-    for (const kind of KINDS) selectMeasure(kind, hashParam(`${kind}_by`) ?? 'std');
+function watchSearch() {
+  els.search.addEventListener('input', onSearchInput);
+  els.search.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape') closeSearch();
+    if (event.key === 'Enter') {
+      const first = state.results?.markets[0]?.market;
+      const typed = els.search.value.trim().toLowerCase();
+      selectMarket(partsOf(typed) ? typed : first);
+      closeSearch();
+    }
   });
-  for (const kind of KINDS) {
-    const picker = byTestId(`rank-measure-${kind}`);
-    picker.replaceChildren(...MEASURES[kind].map((m) => {
-      const option = new Option(m, m);
-      option.title = MEASURE_TITLES[m];
-      return option;
-    }));
-    const chosen = hashParam(`${kind}_by`);
-    if (MEASURES[kind].includes(chosen)) state.measure[kind] = chosen;
-    picker.value = state.measure[kind];
-    picker.addEventListener('change', () => selectMeasure(kind, picker.value));
-    byTestId(`ranks-${kind}`).addEventListener('click', (event) => {
-      const row = event.target.closest('tr[data-metric]');
-      if (row) selectMarket(marketOf(row.dataset.metric));
-    });
-  }
+  els.search.addEventListener('blur', () => setTimeout(closeSearch, 200)); // after a click on a result
+  els.results.addEventListener('mousedown', (event) => {
+    const item = event.target.closest('li[data-market]');
+    if (item) {
+      selectMarket(item.dataset.market);
+      closeSearch();
+    }
+  });
+  els.quote.addEventListener('change', () => selectQuote(els.quote.value));
+}
+
+async function start() {
   window.addEventListener('unhandledrejection', (event) => console.warn('unhandled rejection', event.reason));
   watchSize();
-
+  watchSearch();
   subscribe({ channel: 'alerts' });
-  for (const kind of KINDS) subscribe({ channel: 'ranks', kind, by: state.measure[kind] });
-  selectMarket(hashParam('market')); // before the metrics arrive, to save a round trip
   connect();
   setInterval(heartbeat, PING_EVERY_MS);
-
-  pollMetrics();
   loadAlerts();
-  KINDS.forEach(loadRanks);
-  markDirty('charts', 'stats', 'ranks', 'alerts', 'markets', 'feeds', 'status');
+  markDirty('charts', 'alerts', 'markets', 'feeds', 'status');
+
+  await loadKinds();
+  buildKinds();
+  const quote = hashParam('quote');
+  state.quote = quote && QUOTE_TEXT.test(quote) ? quote : null;
+  els.quote.value = state.quote ?? '';
+  for (const kind of kindNames()) subscribeRanks(kind);
+  window.addEventListener('hashchange', () => {
+    selectMarket(hashParam('market'));
+    for (const { kind, default: preset } of state.kinds) selectMeasure(kind, hashParam(`${kind}_by`) ?? preset);
+    selectQuote(hashParam('quote'));
+  });
+  const chosen = hashParam('market');
+  if (partsOf(chosen)) selectMarket(chosen); // also starts the poll
+  else pollMetrics(); // finds a market to show first
+  markDirty('stats', 'ranks');
 }
 
 start();

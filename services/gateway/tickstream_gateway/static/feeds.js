@@ -54,6 +54,23 @@ export function feedBadgeOf(feeds, market) {
 
 const isObject = (value) => value !== null && typeof value === 'object';
 
+/**
+ * A rank row's badge: its market's report when one was loaded (the selected market's), else
+ * the summary of the market's origin (its exchange, or `replay`/`synthetic`): the dashboard
+ * loads the reports of the markets it shows in detail only. The summary is the worst of its
+ * markets' states, so a row is never shown greener than its market's feed. Null before any
+ * load.
+ */
+export function rowBadge(feeds, origins, market) {
+  if (!feeds && !origins) return null;
+  if (isObject(feeds) && Object.hasOwn(feeds, market)) return feedBadge(feeds[market]);
+  const origin = String(market).split(':', 1)[0];
+  const summary = isObject(origins) && Object.hasOwn(origins, origin) ? origins[origin] : null;
+  if (!isObject(summary)) return feedBadge(null);
+  const badge = feedBadge(summary);
+  return { ...badge, title: `${origin}: ${badge.title} (the exchange's state)` };
+}
+
 /** The origins with a summary, sorted by name: [[origin, summary], ...]. */
 function originList(origins) {
   return Object.entries(isObject(origins) ? origins : {})
