@@ -33,7 +33,7 @@ class MetricStats:
     min: float
     max: float
     cv: float
-    logret: float | None  # price metrics only
+    logret: float | None  # kinds ranked by logret only (price)
     last: float
     minute: int
     last_ts: int
@@ -71,7 +71,7 @@ def parse_stats(kind: MetricKind, raw: Mapping[str, str]) -> MetricStats | None:
             min=float(raw["min"]),
             max=float(raw["max"]),
             cv=float(raw["cv"]),
-            logret=float(raw["logret"]) if kind == "price" else None,
+            logret=float(raw["logret"]) if "logret" in MEASURES_BY_KIND[kind] else None,
             last=float(raw["last"]),
             minute=int(raw["minute"]),
             last_ts=int(raw["last_ts"]),
