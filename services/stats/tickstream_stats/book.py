@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Final
 
 from tickstream_shared.naming import Market, MetricKind, market_of
 from tickstream_shared.schemas import MINUTE_MS, Tick
@@ -26,6 +27,11 @@ class MetricUpdate:
     @property
     def gone(self) -> bool:
         return self.stats is None
+
+
+# The turnover window's close column is never read: one constant close keeps its close and
+# log-return bookkeeping idle (a replaced minute's close never changes, no return is logged).
+_NO_CLOSE: Final = 1.0
 
 
 class _MarketState:
@@ -67,7 +73,7 @@ class _MarketState:
         self.turnover_minute = -1  # the newest minute with a known turnover, as last reported
         self.last_turnover = 0.0
 
-    def set_turnover(self, minute: int, close: float, quote_volume: float | None) -> None:
+    def set_turnover(self, minute: int, quote_volume: float | None) -> None:
         """Record the newest word on `minute`'s turnover; the minute is inside the market's
         window. A word without quote volume makes the minute's turnover unknown: a value known
         from an earlier word of that minute leaves the window rather than stay as if current.
@@ -77,7 +83,7 @@ class _MarketState:
             if turnover is None:
                 turnover = self.turnover = MinuteWindow(self.window_minutes)
             turnover.advance(self.window.clock)
-            turnover.set(minute, close, quote_volume)
+            turnover.set(minute, _NO_CLOSE, quote_volume)
         elif turnover is not None and turnover.bar(minute) is not None:
             self.turnover = _without(turnover, minute, self.window_minutes)
 
@@ -171,7 +177,7 @@ class MetricBook:
             if not window.set(minute, tick.close, tick.volume):
                 self.skipped_old += 1
                 continue
-            state.set_turnover(minute, tick.close, tick.quote_volume)
+            state.set_turnover(minute, tick.quote_volume)
             if minute >= state.newest:
                 state.newest = minute
                 state.last_close = tick.close
@@ -204,7 +210,7 @@ class MetricBook:
             state.last_seq = max(state.last_seq, bar.seq)
             state.last_ts = max(state.last_ts, bar.exchange_ts)
             state.window.set(minute, bar.close, bar.volume)
-            state.set_turnover(minute, bar.close, bar.quote_volume)
+            state.set_turnover(minute, bar.quote_volume)
             state.newest, state.last_close, state.last_volume = minute, bar.close, bar.volume
         if self.clock > clock_before:
             return self._updates(self._markets.values())
