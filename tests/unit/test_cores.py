@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -72,6 +74,17 @@ def test_synthetic_quote_volume_is_the_value_of_its_walk_steps() -> None:
     market = SyntheticMarket("binance:btc-usdt", "btc", 3, 0)
     times = range(T0, T0 + 3 * MINUTE_MS, 700)
     ticks = [t for now in times for t in market.update(now, now * 1000)]
+    # Between two updates of one minute the walk takes one step: the quote volume grows by the
+    # volume that step added times the price it reached (the update's close), not by close x
+    # volume of the whole bar.
+    steps = 0
+    for before, after in itertools.pairwise(ticks):
+        if before.minute == after.minute and after.volume > before.volume:
+            assert before.quote_volume is not None and after.quote_volume is not None
+            added = after.quote_volume - before.quote_volume
+            assert math.isclose(added, (after.volume - before.volume) * after.close, rel_tol=1e-6)
+            steps += 1
+    assert steps > 200
     ticks.append(SyntheticMarket("binance:eth-usdt", "eth", 3, 1).backfill_bar(T0, 1, T0))
     for t in ticks:
         assert t.quote_volume is not None
