@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tickstream_alerts.detector import SpikeDetector
-from tickstream_shared.naming import METRIC_KINDS
+from tickstream_shared.naming import ALERT_KINDS
 from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_shared.settings import AlertsSettings
 
@@ -86,7 +86,7 @@ def big_minutes(bars: dict[str, list[Tick]]) -> set[tuple[str, int]]:
     """
     big: set[tuple[str, int]] = set()
     for market, market_bars in bars.items():
-        values = {kind: {b.minute: b.value(kind) for b in market_bars} for kind in METRIC_KINDS}
+        values = {kind: {b.minute: b.value(kind) for b in market_bars} for kind in ALERT_KINDS}
         for kind, by_minute in values.items():
             for minute, value in by_minute.items():
                 window = [

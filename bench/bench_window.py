@@ -14,6 +14,8 @@ import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
+
 from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_stats.book import MetricBook
@@ -24,9 +26,10 @@ KIB = 1024
 MIB = 1024 * 1024
 
 
-def one_per_second(market: Market, seconds: int, seed: int) -> Iterator[Tick]:
+def one_per_second(market: Market, seconds: int, seed: int, quoted: bool = False) -> Iterator[Tick]:
     """A random-walk market updated every second: 60 updates per minute, the last one closes
-    the bar; 1% of minutes also get a late closing update of the previous bar."""
+    the bar; 1% of minutes also get a late closing update of the previous bar. `quoted`: each
+    update says its quote volume too (close x volume), so the book keeps a turnover window."""
     rng = random.Random(seed)
     price = 30_000.0
     volume = 0.0
@@ -39,21 +42,26 @@ def one_per_second(market: Market, seconds: int, seed: int) -> Iterator[Tick]:
             if previous is not None and rng.random() < 0.01:
                 seq += 1
                 ts = minute + 1_000
-                yield Tick(market.id, previous.minute, seq, ts, ts, *_ohlc(previous.close), 0.1)
+                late = Tick(market.id, previous.minute, seq, ts, ts, *_ohlc(previous.close), 0.1)
+                yield _quoted(late) if quoted else late
         price *= 1 + rng.gauss(0, 1e-4)
         volume += rng.expovariate(10.0)
         seq += 1
         ts = minute + (second % 60) * 1000
         tick = Tick(market.id, minute, seq, ts, ts, *_ohlc(price), volume, closed=second % 60 == 59)
         previous = tick
-        yield tick
+        yield _quoted(tick) if quoted else tick
+
+
+def _quoted(tick: Tick) -> Tick:
+    return msgspec.structs.replace(tick, quote_volume=tick.close * tick.volume)
 
 
 def _ohlc(price: float) -> tuple[float, float, float, float]:
     return price, price, price, price
 
 
-def memory(seed: int) -> None:
+def memory(seed: int, quoted: bool) -> None:
     """(a) traced memory of one market's state after 24h and 48h of updates at 1/s."""
     market = Market("bench", "btc", "usdt")
     gc.collect()
@@ -61,8 +69,10 @@ def memory(seed: int) -> None:
     baseline = tracemalloc.get_traced_memory()[0]
     book = MetricBook(window_minutes=1440)
     day = 86_400
-    print("(a) one market (price + volume metrics), window 1440 minutes, 1 update/s")
-    for n, tick in enumerate(one_per_second(market, 2 * day, seed), start=1):
+    metrics = 3 if quoted else 2
+    kinds = "price + volume + turnover" if quoted else "price + volume"
+    print(f"(a) one market ({kinds} metrics), window 1440 minutes, 1 update/s")
+    for n, tick in enumerate(one_per_second(market, 2 * day, seed, quoted), start=1):
         book.advance_clock(tick.minute)
         book.apply([tick])
         if n % day == 0:
@@ -70,12 +80,12 @@ def memory(seed: int) -> None:
             held = tracemalloc.get_traced_memory()[0] - baseline
             print(
                 f"    after {n // 3600}h ({n:,} updates): {held / KIB:5.1f} KiB per market,"
-                f" {held / 2 / KIB:5.1f} KiB per metric (bound: 40 KiB per metric)"
+                f" {held / metrics / KIB:5.1f} KiB per metric (bound: 40 KiB per metric)"
             )
     tracemalloc.stop()
 
 
-def update_times(hours: int, seed: int, repeats: int = 3) -> None:
+def update_times(hours: int, seed: int, quoted: bool, repeats: int = 3) -> None:
     """(b) wall and CPU time of each single update over `hours` at 1/s, `repeats` times.
 
     The same updates are replayed into a fresh book each time. A cost of the algorithm shows
@@ -84,7 +94,7 @@ def update_times(hours: int, seed: int, repeats: int = 3) -> None:
     worst over updates of each update's fastest repetition.
     """
     market = Market("bench", "btc", "usdt")
-    ticks = list(one_per_second(market, hours * 3600, seed))
+    ticks = list(one_per_second(market, hours * 3600, seed, quoted))
     wall_runs: list[list[int]] = []
     cpu_runs: list[list[int]] = []
     wall_clock, cpu_clock = time.perf_counter_ns, time.thread_time_ns
@@ -152,7 +162,7 @@ def worst_cases() -> None:
     )
 
 
-def many_markets(markets: int, seed: int) -> None:
+def many_markets(markets: int, seed: int, quoted: bool) -> None:
     """(c) RSS of a book holding `markets` x 24h of minutes, (e) one clock minute for all."""
     rng = random.Random(seed)
     gc.collect()
@@ -167,7 +177,8 @@ def many_markets(markets: int, seed: int) -> None:
         for i in range(1440):
             price *= 1 + rng.gauss(0, 1e-3)
             minute = START_MINUTE + i * MINUTE_MS
-            bars.append(Tick(market.id, minute, i, minute, minute, *_ohlc(price), rng.random()))
+            bar = Tick(market.id, minute, i, minute, minute, *_ohlc(price), rng.random())
+            bars.append(_quoted(bar) if quoted else bar)
         book.warm(market, bars)
     gc.collect()
     after = _rss()
@@ -200,24 +211,34 @@ def main() -> None:
     parser.add_argument(
         "--part", choices=("all", "memory", "updates", "worst", "rss"), default="all"
     )
+    parser.add_argument(
+        "--quote-volume",
+        action="store_true",
+        help="ticks carry a quote volume: every market also has a turnover window",
+    )
     args = parser.parse_args()
     if args.hours < 24:
         parser.error("--hours must be at least 24: the window is a day")
+    quoted = args.quote_volume
     if args.part == "memory":
-        memory(args.seed)
+        memory(args.seed, quoted)
     elif args.part == "updates":
-        update_times(args.hours, args.seed)
+        update_times(args.hours, args.seed, quoted)
     elif args.part == "worst":
         worst_cases()
     elif args.part == "rss":
-        many_markets(args.markets, args.seed)
+        many_markets(args.markets, args.seed, quoted)
     else:
-        print(f"python {platform.python_version()}, seed {args.seed}, {os.cpu_count()} CPUs")
+        print(
+            f"python {platform.python_version()}, seed {args.seed}, {os.cpu_count()} CPUs,"
+            f" quote volume {'on' if quoted else 'off'}"
+        )
         # Each part in a fresh process: tracemalloc slows the timed part, and RSS must not
         # include what earlier parts allocated.
         for part in ("memory", "updates", "worst", "rss"):
             command = [sys.executable, __file__, "--part", part, "--hours", str(args.hours)]
             command += ["--markets", str(args.markets), "--seed", str(args.seed)]
+            command += ["--quote-volume"] if quoted else []
             subprocess.run(command, check=True)
 
 

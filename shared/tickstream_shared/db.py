@@ -63,6 +63,7 @@ _BAR_COLUMNS = (
     "volume",
     "trades",
     "closed",
+    "quote_volume",
 )
 _UPDATED = ", ".join(f"{c} = EXCLUDED.{c}" for c in _BAR_COLUMNS[2:])
 _UPSERT = (
@@ -110,6 +111,7 @@ async def store_bars(pool: Any, ticks: Sequence[Tick]) -> int:
             t.volume,
             t.trades,
             t.closed,
+            t.quote_volume,
         )
         for t in rows
     ]
@@ -137,6 +139,7 @@ def _row_to_tick(row: Any) -> Tick:
         volume=row["volume"],
         trades=row["trades"],
         closed=row["closed"],
+        quote_volume=row["quote_volume"],
     )
 
 

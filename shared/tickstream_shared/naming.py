@@ -9,8 +9,15 @@ from typing import Final, Literal, get_args
 
 from tickstream_shared.errors import BadIdentifier, echo
 
-MetricKind = Literal["price", "volume"]
+# price: the minute's close; volume: base units traded in the minute; turnover: the minute's
+# traded value in the quote currency (what exchanges call quote volume), so that markets of
+# one quote currency compare by money traded rather than by how many units a coin is cut into.
+MetricKind = Literal["price", "volume", "turnover"]
 METRIC_KINDS: Final[tuple[MetricKind, ...]] = get_args(MetricKind)
+# The kinds alerts watch: a turnover spike is a volume spike seen through a steadier price, so
+# alerting on it too would say the same thing twice.
+AlertKind = Literal["price", "volume"]
+ALERT_KINDS: Final[tuple[AlertKind, ...]] = get_args(AlertKind)
 
 # What a rank compares: the window's std (in the metric's unit), std / |mean| (unitless), or,
 # for price only, the std of the minute-to-minute log returns (unitless volatility).
@@ -19,6 +26,7 @@ RANK_MEASURES: Final[tuple[RankMeasure, ...]] = get_args(RankMeasure)
 MEASURES_BY_KIND: Final[dict[MetricKind, tuple[RankMeasure, ...]]] = {
     "price": ("std", "cv", "logret"),
     "volume": ("std", "cv"),
+    "turnover": ("std", "cv"),
 }
 # The measure a rank uses when none is asked for: the first of these that the kind has.
 # Unitless measures come first because they compare markets of any price level or size
@@ -44,8 +52,9 @@ DEADLETTER_TOPIC: Final = "deadletter"
 
 _PART = r"[a-z0-9]+"
 _MARKET_RE: Final = re.compile(rf"^(?P<exchange>{_PART}):(?P<base>{_PART})-(?P<quote>{_PART})$")
+_KINDS = "|".join(METRIC_KINDS)
 _METRIC_RE: Final = re.compile(
-    rf"^(?P<exchange>{_PART}):(?P<base>{_PART})-(?P<quote>{_PART}):(?P<kind>price|volume)$"
+    rf"^(?P<exchange>{_PART}):(?P<base>{_PART})-(?P<quote>{_PART}):(?P<kind>{_KINDS})$"
 )
 _TOPIC_RE: Final = re.compile(TICK_TOPIC_PATTERN)
 
@@ -91,7 +100,7 @@ class Market:
 
 @dataclass(frozen=True, slots=True)
 class MetricId:
-    """A market's price or volume series: `<exchange>:<base>-<quote>:<kind>`."""
+    """A market's price, volume or turnover series: `<exchange>:<base>-<quote>:<kind>`."""
 
     market: Market
     kind: MetricKind
@@ -105,11 +114,10 @@ class MetricId:
         match = _METRIC_RE.match(metric_id.strip().lower())
         if match is None:
             raise BadIdentifier(
-                f"metric id {echo(metric_id)} is not <exchange>:<base>-<quote>:<price|volume>"
+                f"metric id {echo(metric_id)} is not <exchange>:<base>-<quote>:<{_KINDS}>"
             )
         market = Market(match["exchange"], match["base"], match["quote"])
-        kind: MetricKind = "price" if match["kind"] == "price" else "volume"
-        return cls(market, kind)
+        return cls(market, parse_kind(match["kind"]))
 
 
 def parse_kind(value: str) -> MetricKind:

@@ -35,6 +35,11 @@ CREATE TABLE IF NOT EXISTS bars (
     PRIMARY KEY (market, minute)
 );
 CREATE INDEX IF NOT EXISTS bars_by_minute ON bars (minute DESC);
+-- Quote units traded in the minute so far (the turnover), where the source says it; NULL is
+-- unknown (a source that does not give it, a REST candle without it, a row stored before it).
+-- Added to tables made before it too; last, so `INSERT ... SELECT *` from a stage made
+-- `LIKE bars` keeps the column order.
+ALTER TABLE bars ADD COLUMN IF NOT EXISTS quote_volume double precision;
 
 CREATE TABLE IF NOT EXISTS alerts (
     alert_id       text             PRIMARY KEY, -- <metric>@<minute>: one per metric and minute

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, overload
 
 import msgspec
 
 from tickstream_shared.errors import BadIdentifier, BadMessage
-from tickstream_shared.naming import Market, MetricKind, market_of
+from tickstream_shared.naming import AlertKind, Market, MetricKind, market_of
 
 MINUTE_MS: Final = 60_000
 # Plausible event times: 2010-01-01 (before any crypto exchange traded) to 2100-01-01.
@@ -36,7 +36,9 @@ _Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
 class Tick(msgspec.Struct, frozen=True, gc=False):
     """One update of a market's current one-minute bar, as the watcher publishes it.
 
-    `open`/`high`/`low`/`close` and `volume` (base units) are the bar so far; `closed` is true on
+    `open`/`high`/`low`/`close` and `volume` (base units) are the bar so far; `quote_volume` is
+    the value traded so far in the quote currency, where the source says it (None: unknown,
+    never estimated; messages from before it existed decode as unknown). `closed` is true on
     the bar's last update. `seq` orders a market's updates: a larger `seq` is newer, always.
     """
 
@@ -52,10 +54,20 @@ class Tick(msgspec.Struct, frozen=True, gc=False):
     volume: _Volume
     trades: _Count | None = None  # trades in the bar so far, when the source knows it
     closed: bool = False
+    quote_volume: _Volume | None = None  # quote units traded so far, when the source says it
 
-    def value(self, kind: MetricKind) -> float:
-        """The metric's value in this bar: the close (price) or the volume so far (volume)."""
-        return self.close if kind == "price" else self.volume
+    @overload
+    def value(self, kind: AlertKind) -> float: ...
+    @overload
+    def value(self, kind: MetricKind) -> float | None: ...
+    def value(self, kind: MetricKind) -> float | None:
+        """The metric's value in this bar: the close (price), the base volume so far (volume),
+        or the quote volume so far (turnover: None when unknown)."""
+        if kind == "price":
+            return self.close
+        if kind == "volume":
+            return self.volume
+        return self.quote_volume
 
     def encode(self) -> bytes:
         return _encoder.encode(self)
@@ -80,7 +92,7 @@ class Alert(msgspec.Struct, frozen=True, gc=False):
 
     alert_id: _Id  # <metric>@<minute>: at most one alert per metric and minute
     metric: _Id
-    kind: Literal["price", "volume"]
+    kind: AlertKind
     minute: _Ts
     exchange_ts: _Ts  # event time of the update that crossed the threshold
     seq: _Seq

@@ -9,6 +9,7 @@ import itertools
 import math
 import statistics
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,19 @@ MARKETS = ("binance:btc-usdt", "binance:eth-usdt", "binance:doge-usdt", "binance
 GAPPY = "binance:ada-usdt"  # every 7th minute missing: log returns must bridge the gaps
 SILENT = "binance:doge-usdt"  # stops 30 minutes early: ages with the clock and goes stale
 SILENT_MINUTES = 30
+# Replay files carry no quote volume unless they have the optional column: every market but
+# this one gets it (the exact decimal close x volume), so this one must have no turnover.
+UNQUOTED = GAPPY
 MINUTES = 3 * 1440  # three days of event time per market
 REPLAY_SECONDS = 25.0  # wall time the replay is paced to, so a client can join mid-stream
 WINDOW_MINUTES = 1440
 MINUTE_MS = 60_000
 STALE_MS = 300_000
-MEASURES = {"price": ("std", "cv", "logret"), "volume": ("std", "cv")}
+MEASURES = {
+    "price": ("std", "cv", "logret"),
+    "volume": ("std", "cv"),
+    "turnover": ("std", "cv"),
+}
 
 
 def write_replay_candles(source: Path, target: Path) -> dict[str, list[Row]]:
@@ -44,11 +52,14 @@ def write_replay_candles(source: Path, target: Path) -> dict[str, list[Row]]:
             rows = [r for i, r in enumerate(rows) if i % 7 != 3]
         if market == SILENT:
             rows = rows[:-SILENT_MINUTES]
+        fields = ["ts_ms", "open", "high", "low", "close", "volume"]
+        if market != UNQUOTED:
+            fields.append("quote_volume")
+            for r in rows:
+                r["quote_volume"] = str(Decimal(r["close"]) * Decimal(r["volume"]))
         path = target / f"binance_{pair}_1m.csv"
         with path.open("w", newline="") as out:
-            writer = csv.DictWriter(
-                out, fieldnames=["ts_ms", "open", "high", "low", "close", "volume"]
-            )
+            writer = csv.DictWriter(out, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
         with path.open(newline="") as handle:
@@ -61,6 +72,7 @@ def write_replay_candles(source: Path, target: Path) -> dict[str, list[Row]]:
                     low=float(r["low"]),
                     close=float(r["close"]),
                     volume=float(r["volume"]),
+                    quote_volume=float(r["quote_volume"]) if "quote_volume" in r else None,
                 )
                 for i, r in enumerate(csv.DictReader(handle))
             ]
@@ -95,8 +107,11 @@ def reference_stats(expected: dict[str, list[Row]]) -> Reference:
         window = [r for r in rows if clock - WINDOW_MINUTES * MINUTE_MS < r.minute <= clock]
         if clock - rows[-1].minute > STALE_MS:
             stale.add(market)
-        for kind in ("price", "volume"):
-            values = [r.close if kind == "price" else r.volume for r in window]
+        kinds = ["price", "volume"]
+        if any(r.quote_volume is not None for r in window):
+            kinds.append("turnover")
+        for kind in kinds:
+            values = [v for r in window if (v := _value(r, kind)) is not None]
             mean = statistics.fmean(values)
             std = statistics.pstdev(values)
             entry = {
@@ -112,6 +127,12 @@ def reference_stats(expected: dict[str, list[Row]]) -> Reference:
                 entry["logret"] = statistics.pstdev(returns) if len(returns) >= 1 else 0.0
             stats[f"{market}:{kind}"] = entry
     return Reference(clock, stats, stale)
+
+
+def _value(row: Row, kind: str) -> float | None:
+    if kind == "price":
+        return row.close
+    return row.volume if kind == "volume" else row.quote_volume
 
 
 def bar_fields(point: dict[str, Any]) -> tuple[Any, ...]:
@@ -133,7 +154,8 @@ async def check_bars_stored_once(
 
     await wait_for(all_stored, within=120, what=f"{total} stored bars", services=services)
     rows = await conn.fetch(
-        "SELECT market, minute, seq, open, high, low, close, volume, closed, exchange_ts FROM bars"
+        "SELECT market, minute, seq, open, high, low, close, volume, quote_volume, closed,"
+        " exchange_ts FROM bars"
     )
     stored = {
         (
@@ -145,10 +167,11 @@ async def check_bars_stored_once(
             r["low"],
             r["close"],
             r["volume"],
+            r["quote_volume"],
         )
         for r in rows
     }
-    wanted = {(m, *row_fields(r)) for m, rs in expected.items() for r in rs}
+    wanted = {(m, *row_fields(r), r.quote_volume) for m, rs in expected.items() for r in rs}
     assert len(rows) == len(stored) == total
     assert stored == wanted
     assert all(r["closed"] and r["exchange_ts"] == r["minute"] + MINUTE_MS for r in rows)
@@ -157,7 +180,7 @@ async def check_bars_stored_once(
 async def check_ranks_and_metrics(base: str, reference: Reference, services: Services) -> None:
     def settled() -> bool:
         status, body = http_json(base, "/api/metrics")
-        if status != 200 or len(body["metrics"]) != 2 * len(MARKETS):
+        if status != 200 or len(body["metrics"]) != len(reference.stats):
             return False
         return all(m["clock"] == reference.clock for m in body["metrics"])
 

@@ -19,6 +19,7 @@ class Row:
     low: float
     close: float
     volume: float
+    quote_volume: float | None = None  # the file's quote_volume cell, if it has that column
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio as redis
 from prometheus_client.parser import text_string_to_metric_families
@@ -27,6 +28,8 @@ from tickstream_shared.feed_status import FEEDS_KEY, STALE_AFTER_MS, FeedStatus
 from tickstream_shared.kafka import ensure_topics, make_producer
 from tickstream_shared.local_infra import LocalInfra, free_port
 from tickstream_shared.naming import (
+    MEASURES_BY_KIND,
+    METRIC_KINDS,
     METRICS_KEY,
     Market,
     MetricKind,
@@ -42,6 +45,8 @@ from tickstream_shared.settings import (
     RedisSettings,
     ServiceSettings,
 )
+from tickstream_stats import store as stats_store
+from tickstream_stats.book import MetricBook
 
 # A Redis database of its own, flushed at the start: rank totals are then exact.
 REDIS_DB = 11
@@ -945,3 +950,93 @@ async def test_hmget_many_reads_every_key_in_order_across_script_calls(gateway: 
         assert await hmget_many(gateway.redis, [], ("a",)) == []
     finally:
         await gateway.redis.delete(*keys)
+
+
+async def test_turnover_is_ranked_listed_and_has_a_history_of_known_minutes(
+    gateway: Gateway,
+) -> None:
+    """Turnover, written by the stats book and store, appears in ranks and listings like
+    volume; a market without quote volume has none; its history leaves unknown minutes out."""
+    exchange = unique_exchange()
+    btc, doge, lone = (Market(exchange, base, "usdt") for base in ("btc", "doge", "lone"))
+    # Few BTC at a high price against many DOGE at a low one: DOGE leads by base volume, BTC
+    # by value traded. Every fifth BTC minute comes without its quote volume.
+    book = MetricBook(window_minutes=1440)
+    btc_bars = [
+        msgspec.structs.replace(
+            bar(btc, i, 30_000.0),
+            volume=1.0 + i % 3,
+            quote_volume=None if i % 5 == 0 else 30_000.0 * (1 + i % 3),
+        )
+        for i in range(BARS)
+    ]
+    doge_bars = [
+        msgspec.structs.replace(
+            bar(doge, i, 0.1), volume=1e5 + 1e3 * (i % 3), quote_volume=1e4 + 1e2 * (i % 3)
+        )
+        for i in range(BARS)
+    ]
+    lone_bars = [bar(lone, i, 5.0) for i in range(BARS)]
+    updates = book.apply([*btc_bars, *doge_bars, *lone_bars])
+    turnover = {u.metric_id: u for u in updates if u.kind == "turnover"}
+    assert sorted(turnover) == sorted(m.metric_id("turnover") for m in (btc, doge))
+    pool = await db.create_pool(gateway.settings.database)
+    try:
+        await db.store_bars(pool, btc_bars)
+        await stats_store.write_stats(gateway.redis, updates)
+        btc_turnover = turnover[btc.metric_id("turnover")].stats
+        assert btc_turnover is not None
+        for measure, order in (("std", [btc, doge]), ("cv", [btc, doge])):
+            status, body = await http_fresh(
+                gateway.base,
+                f"/api/ranks?kind=turnover&by={measure}",
+                lambda b: any(e["metric"].startswith(f"{exchange}:") for e in b["ranks"]),
+            )
+            ours = [e for e in body["ranks"] if e["metric"].startswith(f"{exchange}:")]
+            assert [e["metric"] for e in ours] == [m.metric_id("turnover") for m in order]
+            assert ours[0]["value"] == getattr(btc_turnover, measure)
+            assert "logret" not in ours[0]
+        status, body = await http_fresh(
+            gateway.base,
+            "/api/ranks?kind=volume&by=std",
+            lambda b: any(e["metric"].startswith(f"{exchange}:") for e in b["ranks"]),
+        )
+        ours_volume = [e["metric"] for e in body["ranks"] if e["metric"].startswith(f"{exchange}:")]
+        assert ours_volume[0] == doge.metric_id("volume")
+        status, body = await http_json(gateway.base, "/api/ranks?kind=turnover&by=logret")
+        assert (status, body["error"]) == (400, "bad_measure")
+
+        status, listing = await http_fresh(
+            gateway.base,
+            "/api/metrics",
+            lambda b: any(m["market"] == btc.id for m in b["metrics"]),
+        )
+        listed = {m["id"]: m for m in listing["metrics"] if m["market"].startswith(f"{exchange}:")}
+        assert sorted(listed) == sorted(
+            [m.metric_id(k) for m in (btc, doge, lone) for k in ("price", "volume")]
+            + [btc.metric_id("turnover"), doge.metric_id("turnover")]
+        )
+        entry = listed[btc.metric_id("turnover")]
+        assert (entry["kind"], entry["count"], set(entry["ranks"])) == (
+            "turnover",
+            32,
+            {"std", "cv"},
+        )
+        assert "logret" not in entry
+
+        status, detail = await http_json(gateway.base, f"/api/metrics/{btc.metric_id('turnover')}")
+        assert status == 200
+        first = BARS - 1 - HISTORY_MINUTES
+        assert detail["values"] == [
+            [MINUTE + i * MINUTE_MS, 30_000.0 * (1 + i % 3)]
+            for i in range(first, BARS)
+            if i % 5 != 0
+        ]
+    finally:
+        await pool.close()
+        metric_ids = [m.metric_id(k) for m in (btc, doge, lone) for k in METRIC_KINDS]
+        await gateway.redis.delete(*(stats_key(m) for m in metric_ids))
+        await gateway.redis.srem(METRICS_KEY, *metric_ids)
+        for kind, measures in MEASURES_BY_KIND.items():
+            for measure in measures:
+                await gateway.redis.zrem(rank_key(kind, measure), *metric_ids)  # type: ignore[arg-type]

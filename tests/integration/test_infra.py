@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import asyncpg
+import msgspec
 import redis.asyncio as redis
 
 from tests.conftest import unique_exchange
@@ -115,6 +117,64 @@ async def test_bars_upsert_by_seq_and_store_twice_keeps_one_row_each(infra: Loca
         assert [b.seq for b in missed] == [10 + i for i in range(35, 40)]
     finally:
         await pool.close()
+
+
+_BARS_BEFORE_QUOTE_VOLUME = """
+CREATE TABLE bars (
+    market text NOT NULL, minute bigint NOT NULL, seq bigint NOT NULL,
+    exchange_ts bigint NOT NULL, received_ts bigint NOT NULL,
+    open double precision NOT NULL, high double precision NOT NULL,
+    low double precision NOT NULL, close double precision NOT NULL,
+    volume double precision NOT NULL, trades bigint, closed boolean NOT NULL,
+    PRIMARY KEY (market, minute)
+);
+"""
+
+
+async def test_quote_volume_round_trips_and_old_tables_gain_it_unknown(infra: LocalInfra) -> None:
+    """A bars table from before quote_volume gains it (old rows unknown, NULL); a stored quote
+    volume reads back exactly, and a newer update without one makes the minute unknown."""
+    name = f"quote_{uuid.uuid4().hex[:10]}"
+    server = infra.database_url.rsplit("/", 1)[0]
+    admin = await asyncpg.connect(f"{server}/postgres")
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+        conn = await asyncpg.connect(f"{server}/{name}")
+        try:
+            await conn.execute(_BARS_BEFORE_QUOTE_VOLUME)
+            market = Market(unique_exchange(), "btc", "usdt")
+            old = bar(market, 0, 1, 11.0, closed=True)
+            await conn.execute(
+                "INSERT INTO bars VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                *(getattr(old, field) for field in old.__struct_fields__[:12]),
+            )
+            pool = await db.create_pool(DatabaseSettings(url=f"{server}/{name}"))
+            try:
+                await db.ensure_schema(pool)
+                await db.ensure_schema(pool)
+                assert await db.bars_between(pool, market.id, BASE_MINUTE, BASE_MINUTE) == [old]
+                # A value that is not a short decimal, and a zero: both stored as they are.
+                minute_1 = bar(market, 1, 2, 12.0, closed=True)
+                minute_2 = bar(market, 2, 3, 13.0, closed=True)
+                priced = [
+                    msgspec.structs.replace(minute_1, quote_volume=24.000000000000004),
+                    msgspec.structs.replace(minute_2, quote_volume=0.0),
+                ]
+                assert await db.store_bars(pool, priced) == 2
+                assert await db.store_bars(pool, priced) == 0
+                last = BASE_MINUTE + 2 * MINUTE_MS
+                assert await db.bars_between(pool, market.id, BASE_MINUTE, last) == [old, *priced]
+                # A REST correction of minute 1 that does not carry the quote volume.
+                corrected = bar(market, 1, 9, 12.5, closed=True)
+                assert await db.store_bars(pool, [corrected]) == 1
+                assert await db.recent_bars(pool, market.id, 2) == [old, corrected, priced[1]]
+            finally:
+                await pool.close()
+        finally:
+            await conn.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
 
 
 async def test_redis_and_postgres_answer(infra: LocalInfra) -> None:

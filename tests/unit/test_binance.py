@@ -95,14 +95,17 @@ def test_capture_klines_parse_to_exactly_their_candle_updates() -> None:
         open_, high, low, close, volume = (float(k[f]) for f in ("o", "h", "l", "c", "v"))
         market = MARKETS[data["s"]]
         expected.append(
-            CandleUpdate(market, k["t"], open_, high, low, close, volume, k["n"], k["x"], data["E"])
-        )
+            CandleUpdate(
+                market, k["t"], open_, high, low, close, volume, k["n"], k["x"], data["E"],
+                float(k["q"]),
+            )
+        )  # fmt: skip
         got += PROTOCOL.parse(frame)
     assert [c.market for c in expected] == [MARKETS["NKNUSDT"], MARKETS["LRCBTC"]]
     assert got == expected
     assert got[0] == CandleUpdate(
         MARKETS["NKNUSDT"], 1633998480000, 0.3527, 0.3528, 0.3522, 0.3528, 25877.0, 30, False,
-        1633998523963,
+        1633998523963, 9116.046,
     )  # fmt: skip
 
 
@@ -116,15 +119,25 @@ def test_capture_other_frames_parse_to_nothing() -> None:
 def test_bytes_and_bare_events_parse_like_wrapped_text() -> None:
     """A frame as bytes, or a bare event without the combined-stream wrapper, parses the same."""
     expected = [
-        CandleUpdate(BTC, MINUTE, 100.5, 102.25, 99.75, 101.0, 12.5, 101, False, MINUTE + 1_500)
+        CandleUpdate(
+            BTC, MINUTE, 100.5, 102.25, 99.75, 101.0, 12.5, 101, False, MINUTE + 1_500, 1262.5
+        )
     ]
     assert PROTOCOL.parse(wrapped(kline())) == expected
     assert PROTOCOL.parse(wrapped(kline()).encode()) == expected
     assert PROTOCOL.parse(json.dumps(kline())) == expected
-    closed = PROTOCOL.parse(json.dumps(event(kline(x=True, n=0, v="0"), E=MINUTE + M)))
+    closed = PROTOCOL.parse(json.dumps(event(kline(x=True, n=0, v="0", q="0"), E=MINUTE + M)))
     assert closed == [
-        CandleUpdate(BTC, MINUTE, 100.5, 102.25, 99.75, 101.0, 0.0, 0, True, MINUTE + M)
+        CandleUpdate(BTC, MINUTE, 100.5, 102.25, 99.75, 101.0, 0.0, 0, True, MINUTE + M, 0.0)
     ]
+
+
+def test_quote_volume_is_binance_q_and_unknown_without_it() -> None:
+    """`k.q` is the candle's quote volume, exactly; a kline without `q` has it unknown (None)."""
+    (candle,) = PROTOCOL.parse(wrapped(kline(q="1262.12345678")))
+    assert isinstance(candle, CandleUpdate) and candle.quote_volume == 1262.12345678
+    (bare,) = PROTOCOL.parse(wrapped(kline(q=None)))
+    assert isinstance(bare, CandleUpdate) and bare.quote_volume is None
 
 
 def test_server_shutdown_asks_to_reconnect() -> None:
@@ -195,6 +208,10 @@ DEEP = "[" * 10_000 + "]" * 10_000
         pytest.param(wrapped(kline(l="-1")), r"\$\.data\.k\.l", id="negative"),
         pytest.param(wrapped(kline(h="1e400")), r"\$\.data\.k\.h", id="1e400"),
         pytest.param(wrapped(kline(v="abc")), r"\$\.data\.k\.v", id="abc"),
+        pytest.param(wrapped(kline(q="-1")), r"\$\.data\.k\.q", id="negative-quote"),
+        pytest.param(wrapped(kline(q="nan")), r"\$\.data\.k\.q", id="nan-quote"),
+        pytest.param(wrapped(kline(q=1262.5)), r"\$\.data\.k\.q", id="number-quote"),
+        pytest.param(wrapped(kline(q="1" * 19)), "quote volume not in", id="huge-quote"),
         pytest.param(wrapped(kline(o="")), r"\$\.data\.k\.o", id="empty"),
         pytest.param(wrapped(kline(o=100.5)), r"Expected `str`, got `float`", id="number-price"),
         pytest.param(wrapped(kline(n="101")), r"\$\.data\.k\.n", id="string-count"),
@@ -291,7 +308,9 @@ def test_listing_maps_trading_markets_to_their_symbols() -> None:
     protocol = BinanceProtocol.from_listing(listing)
     frame = wrapped(event(kline(s="ETHBTC"), s="ETHBTC"), "ethbtc@kline_1m")
     assert protocol.parse(frame) == [
-        CandleUpdate(eth, MINUTE, 100.5, 102.25, 99.75, 101.0, 12.5, 101, False, MINUTE + 1_500)
+        CandleUpdate(
+            eth, MINUTE, 100.5, 102.25, 99.75, 101.0, 12.5, 101, False, MINUTE + 1_500, 1262.5
+        )
     ]
 
 
@@ -312,8 +331,10 @@ def test_bad_listings_are_bad_frames(body: bytes, problem: str) -> None:
         PROTOCOL.parse_listing(body)
 
 
-def row(minute: int, *prices: str, volume: str = "12.5", trades: int = 7) -> list[Any]:
-    return [minute, *prices, volume, minute + 59_999, "1262.5", trades, "6", "606", "0"]
+def row(
+    minute: int, *prices: str, volume: str = "12.5", quote: str = "1262.5", trades: int = 7
+) -> list[Any]:
+    return [minute, *prices, volume, minute + 59_999, quote, trades, "6", "606", "0"]
 
 
 def test_rest_klines_are_closed_candles_ending_with_their_minute() -> None:
@@ -321,12 +342,14 @@ def test_rest_klines_are_closed_candles_ending_with_their_minute() -> None:
     body = json.dumps(
         [
             row(MINUTE, "100.5", "102.25", "99.75", "101"),
-            row(MINUTE + M, "101", "101", "101", "101", volume="0", trades=0),
+            row(MINUTE + M, "101", "101", "101", "101", volume="0", quote="0", trades=0),
         ]
     ).encode()
     assert PROTOCOL.parse_candles(BTC, body).candles == [
-        CandleUpdate(BTC, MINUTE, 100.5, 102.25, 99.75, 101.0, 12.5, 7, True, MINUTE + M),
-        CandleUpdate(BTC, MINUTE + M, 101.0, 101.0, 101.0, 101.0, 0.0, 0, True, MINUTE + 2 * M),
+        CandleUpdate(BTC, MINUTE, 100.5, 102.25, 99.75, 101.0, 12.5, 7, True, MINUTE + M, 1262.5),
+        CandleUpdate(
+            BTC, MINUTE + M, 101.0, 101.0, 101.0, 101.0, 0.0, 0, True, MINUTE + 2 * M, 0.0
+        ),
     ]
     assert PROTOCOL.parse_candles(BTC, b"[]") == CandlePage([], [])
 
@@ -345,8 +368,19 @@ GOOD = row(MINUTE, "100.5", "102.25", "99.75", "101")
         ([GOOD, {"t": MINUTE}], r"^row 1: Expected `array`"),
         ([row(MINUTE + M, "1", "1", "1", "1"), GOOD], r"^row 1: not after the row before"),
         ([GOOD, GOOD], r"^row 1: not after the row before"),
+        ([GOOD, row(MINUTE + M, "1", "1", "1", "1", quote="-3")], r"^row 1: Expected `str` m"),
     ],
-    ids=["nan", "low-above-high", "close-time", "unaligned", "short", "object", "order", "dup"],
+    ids=[
+        "nan",
+        "low-above-high",
+        "close-time",
+        "unaligned",
+        "short",
+        "object",
+        "order",
+        "dup",
+        "bad-quote",
+    ],
 )
 def test_a_bad_rest_row_costs_only_its_own_minute(rows: list[Any], problem: str) -> None:
     """An invalid or misordered row is skipped and named by index; the good row is kept."""

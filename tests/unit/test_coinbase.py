@@ -353,6 +353,8 @@ def test_candles_newest_first_become_closed_oldest_first() -> None:
             1_700_000_160_000,
         ),
     ]
+    # Coinbase candles carry base volume only: their quote volume is unknown, not estimated.
+    assert [c.quote_volume for c in candles] == [None, None]
     assert PROTOCOL.parse_candles(BTC, b"[]").candles == []
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import itertools
+import math
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,22 @@ def test_candle_files_merge_by_event_time(tmp_path: Path) -> None:
     ]
     assert [c.row_number for c in merged_candles(files, limit=1)] == [0, 0]
     assert list(find_candle_files(tmp_path, ["kraken:eth-usd"])) == [Market("kraken", "eth", "usd")]
+    assert [c.quote_volume for c in merged_candles(files)] == [None, None, None]
+
+
+def test_an_optional_quote_volume_column_is_read_and_checked(tmp_path: Path) -> None:
+    """A quote_volume column (any position) gives each bar its value; an empty cell is unknown;
+    a bad one costs its row only."""
+    rows = [f"3.25,{T0},1,2,1,1.5,2", f",{T0 + MINUTE_MS},1.5,2,1,1,3"]
+    rows += [f"-1,{T0 + 2 * MINUTE_MS},1,1,1,1,1", f"x,{T0 + 3 * MINUTE_MS},1,1,1,1,1"]
+    rows += [f"0,{T0 + 4 * MINUTE_MS},1,1,1,1,0"]
+    (tmp_path / "binance_btc-usdt_1m.csv").write_text("quote_volume," + HEADER + "\n".join(rows))
+    candles = list(merged_candles(find_candle_files(tmp_path)))
+    assert [(c.row_number, c.volume, c.quote_volume) for c in candles] == [
+        (0, 2.0, 3.25),
+        (1, 3.0, None),
+        (4, 0.0, 0.0),
+    ]
 
 
 def test_synthetic_market_is_seeded() -> None:
@@ -48,6 +66,30 @@ def test_synthetic_market_is_seeded() -> None:
     assert first != walk(2)
     assert 50_000 < first[0][3] < 80_000
     assert all(low > 0 and volume >= 0 for _, _, low, _, volume in first)
+
+
+def test_synthetic_quote_volume_is_the_value_of_its_walk_steps() -> None:
+    """Each walk step trades its volume at its price: quote volume lies between low x volume and
+    high x volume of the bar, grows with it, and is never absent."""
+    market = SyntheticMarket("binance:btc-usdt", "btc", 3, 0)
+    times = range(T0, T0 + 3 * MINUTE_MS, 700)
+    ticks = [t for now in times for t in market.update(now, now * 1000)]
+    # Between two updates of one minute the walk takes one step: the quote volume grows by the
+    # volume that step added times the price it reached (the update's close), not by close x
+    # volume of the whole bar.
+    steps = 0
+    for before, after in itertools.pairwise(ticks):
+        if before.minute == after.minute and after.volume > before.volume:
+            assert before.quote_volume is not None and after.quote_volume is not None
+            added = after.quote_volume - before.quote_volume
+            assert math.isclose(added, (after.volume - before.volume) * after.close, rel_tol=1e-6)
+            steps += 1
+    assert steps > 200
+    ticks.append(SyntheticMarket("binance:eth-usdt", "eth", 3, 1).backfill_bar(T0, 1, T0))
+    for t in ticks:
+        assert t.quote_volume is not None
+        # Rounding of the sum aside (1e-12), every step traded between the bar's low and high.
+        assert t.low * t.volume * (1 - 1e-12) <= t.quote_volume <= t.high * t.volume * (1 + 1e-12)
 
 
 @pytest.mark.parametrize("bad", ["nope", ""])

@@ -108,6 +108,21 @@ def test_alert_carries_the_crossing_update() -> None:
     )
 
 
+def test_a_turnover_spike_alone_raises_nothing() -> None:
+    """Alerts watch price and volume only: a quote volume 100x its usual level alerts nothing,
+    while a volume spike of the same ticks alerts on volume alone."""
+    detector = SpikeDetector(alert_settings())
+    seq = 0
+    for index in range(5):
+        quoted = msgspec.structs.replace(bar(seq, index, volume=10.0), quote_volume=100.0)
+        assert detector.observe([quoted]) == []
+        seq += 1
+    spike = msgspec.structs.replace(bar(seq, 5, volume=10.0), quote_volume=10_000.0)
+    assert detector.observe([spike]) == []
+    both = msgspec.structs.replace(bar(seq + 1, 6, volume=40.0), quote_volume=40_000.0)
+    assert [(a.metric, a.kind) for a in detector.observe([both])] == [(VOLUME, "volume")]
+
+
 def test_one_alert_per_metric_and_minute() -> None:
     """Later, larger updates of a minute that already alerted raise nothing; price still can."""
     detector = SpikeDetector(alert_settings())

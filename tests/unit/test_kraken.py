@@ -54,7 +54,9 @@ def test_ohlc_update_gives_the_candle_stamped_with_the_frame_time() -> None:
     """An update entry becomes a not-closed CandleUpdate at its frame's time in whole ms."""
     minute = ms(2021, 4, 17, 16, 49)
     assert KRAKEN.parse(UPDATE) == [
-        CandleUpdate(XMR, minute, 354.11, 354.55, 353.81, 354.04, 4.12, 4, False, minute + 2557)
+        CandleUpdate(
+            XMR, minute, 354.11, 354.55, 353.81, 354.04, 4.12, 4, False, minute + 2557, 354.2 * 4.12
+        )
     ]
     assert KRAKEN.parse(UPDATE.encode()) == KRAKEN.parse(UPDATE)
 
@@ -70,10 +72,13 @@ def test_ohlc_snapshot_gives_one_candle_per_entry() -> None:
     stamp = ms(2021, 4, 17, 16, 50, 10)
     assert KRAKEN.parse(frame) == [
         CandleUpdate(
-            BTC, ms(2021, 4, 17, 16, 50), 61250.1, 61300.0, 61200.5, 61299.9, 3.5, 57, False, stamp
+            BTC, ms(2021, 4, 17, 16, 50), 61250.1, 61300.0, 61200.5, 61299.9, 3.5, 57, False, stamp,
+            214410.0,
         ),
-        CandleUpdate(DOGE, ms(2021, 4, 17, 16, 45), 0.3, 0.31, 0.29, 0.305, 0.0, 0, False, stamp),
-    ]
+        CandleUpdate(
+            DOGE, ms(2021, 4, 17, 16, 45), 0.3, 0.31, 0.29, 0.305, 0.0, 0, False, stamp, 0.0
+        ),
+    ]  # fmt: skip
 
 
 def test_ohlc_snapshot_without_timestamp_is_stamped_with_its_minute() -> None:
@@ -81,8 +86,16 @@ def test_ohlc_snapshot_without_timestamp_is_stamped_with_its_minute() -> None:
     frame = '{"channel":"ohlc","type":"snapshot","data":[{"symbol":"XMR/USD",' + GOOD + "}]}"
     minute = ms(2021, 4, 17, 16, 49)
     assert KRAKEN.parse(frame) == [
-        CandleUpdate(XMR, minute, 354.11, 354.55, 353.81, 354.04, 4.12, 4, False, minute)
+        CandleUpdate(XMR, minute, 354.11, 354.55, 353.81, 354.04, 4.12, 4, False, minute, 1459.304)
     ]
+
+
+def test_quote_volume_is_kraken_vwap_times_volume_and_unknown_without_vwap() -> None:
+    """Kraken gives no quote volume: it is its own vwap x volume; an entry without vwap, unknown."""
+    (candle,) = KRAKEN.parse(ohlc(GOOD))
+    assert isinstance(candle, CandleUpdate) and candle.quote_volume == 354.2 * 4.12 == 1459.304
+    (bare,) = KRAKEN.parse(ohlc(GOOD.replace('"vwap":354.2,', "")))
+    assert isinstance(bare, CandleUpdate) and bare.quote_volume is None
 
 
 @pytest.mark.parametrize(
@@ -186,6 +199,10 @@ DEEP = "[" * 10_000 + "]" * 10_000
         ohlc(GOOD.replace('"close":354.04', '"close":355')),
         ohlc(GOOD.replace('"high":354.55', '"high":2e12')),
         ohlc(GOOD.replace('"volume":4.12', '"volume":-1')),
+        ohlc(GOOD.replace('"vwap":354.2', '"vwap":-354.2')),
+        ohlc(GOOD.replace('"vwap":354.2', '"vwap":1e400')),
+        ohlc(GOOD.replace('"vwap":354.2', '"vwap":3e17')),
+        ohlc(GOOD.replace('"vwap":354.2', '"vwap":"354.2"')),
         ohlc(GOOD.replace('"trades":4', '"trades":-1')),
         ohlc(GOOD.replace('"open":354.11', '"open":"354.11"')),
         ohlc(GOOD.replace('"interval":1', '"interval":5')),
@@ -304,8 +321,10 @@ def test_rest_candles_are_closed_oldest_first_without_the_forming_one() -> None:
     """Every row but the last (forming) one, closed, stamped with the end of its minute."""
     first, second = ms(2021, 4, 17, 16, 47), ms(2021, 4, 17, 16, 48)
     assert KRAKEN.parse_candles(XMR, OHLC_BODY).candles == [
-        CandleUpdate(XMR, first, 353.5, 354.2, 353.4, 354.0, 1.25, 3, True, first + 60_000),
-        CandleUpdate(XMR, second, 354.0, 354.0, 354.0, 354.0, 0.0, 0, True, second + 60_000),
+        CandleUpdate(
+            XMR, first, 353.5, 354.2, 353.4, 354.0, 1.25, 3, True, first + 60_000, 353.9 * 1.25
+        ),
+        CandleUpdate(XMR, second, 354.0, 354.0, 354.0, 354.0, 0.0, 0, True, second + 60_000, 0.0),
     ]
     empty = KRAKEN.parse_candles(XMR, b'{"error":[],"result":{"XXMRZUSD":[],"last":0}}')
     assert (empty.candles, empty.bad_rows) == ([], [])
@@ -335,6 +354,9 @@ def test_bad_rest_answers_are_a_bad_frame(body: bytes) -> None:
         (OHLC_BODY.replace(b'"353.40"', b'"x"'), [1618678080]),
         (OHLC_BODY.replace(b'"354.20","353.40"', b'"353.20","353.40"'), [1618678080]),
         (OHLC_BODY.replace(b'"1.25000000"', b'"-1"'), [1618678080]),
+        (OHLC_BODY.replace(b'"353.90"', b'"nan"'), [1618678080]),
+        (OHLC_BODY.replace(b'"353.90"', b'"-353.90"'), [1618678080]),
+        (OHLC_BODY.replace(b'"353.90"', b'"inf"'), [1618678080]),
         (OHLC_BODY.replace(b"[1618678020,", b"[1618678020.5,"), [1618678080]),
         (OHLC_BODY.replace(b",3],", b"],"), [1618678080]),
     ],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -264,9 +266,10 @@ def test_closed_bars_equal_an_independent_aggregation_of_the_accepted_trades(
     assert [t.minute for t in closed] == sorted(accepted)
     for tick in closed:
         trades = accepted[tick.minute]
-        volume = 0.0
-        for _, size in trades:
+        volume = quote_volume = 0.0
+        for price, size in trades:
             volume += size
+            quote_volume += price * size
         prices = [p for p, _ in trades]
         assert (tick.open, tick.high, tick.low, tick.close) == (
             prices[0],
@@ -275,11 +278,60 @@ def test_closed_bars_equal_an_independent_aggregation_of_the_accepted_trades(
             prices[-1],
         )
         assert (tick.volume, tick.trades) == (volume, len(trades))
+        assert tick.quote_volume == quote_volume
     seqs = [t.seq for t in published]
     assert seqs == sorted(set(seqs))
     # Nothing of a minute is published after it closed.
     closed_at = {t.minute: i for i, t in enumerate(published) if t.closed}
     assert all(i <= closed_at[t.minute] for i, t in enumerate(published))
+
+
+def test_trade_bars_carry_the_sum_of_price_times_size_and_rest_without_it_corrects_nothing() -> (
+    None
+):
+    """Coinbase: quote volume is the sum of price x size; REST candles lack it, so a REST-made
+    minute has it unknown, and a REST candle that differs only by lacking it corrects nothing."""
+    bars = LiveBars(min_interval_ms=0)
+    trades = [(BASE + 1_000, 100.5, 0.25), (BASE + M + 1_000, 101.0, 2.0)]
+    trades += [(BASE + M + 2_000, 100.25, 0.5), (BASE + 2 * M + 1_000, 100.0, 1.0)]
+    published = []
+    for trade_id, (ts, price, size) in enumerate(trades, start=1):
+        published += valid(bars.trade(Trade(BTC, trade_id, price, size, ts), us(ts + 5)))
+    assert [t.quote_volume for t in published] == [25.125, 202.0, 252.125, 252.125, 100.0]
+    (closed,) = [t for t in published if t.closed]
+    assert (closed.minute, closed.volume, closed.quote_volume) == (BASE + M, 2.5, 252.125)
+    # The first minute seen closes from its REST candle: no quote volume there, so unknown.
+    first = CandleUpdate(BTC, BASE, 100.5, 100.5, 100.5, 100.5, 0.75, None, True, 0)
+    (repaired,) = valid(bars.repair(BTC, [first], us(BASE + M + REPAIR_DELAY_MS)))
+    assert (repaired.minute, repaired.volume, repaired.quote_volume) == (BASE, 0.75, None)
+    same = CandleUpdate(BTC, BASE + M, 101.0, 101.0, 100.25, 100.25, 2.5, None, True, 0)
+    assert bars.reconcile(BTC, [same], BASE + M, BASE + M, us(BASE + 5 * M)) == []
+    assert bars.total().corrected == 0
+    differs = CandleUpdate(BTC, BASE + M, 101.0, 101.0, 100.25, 100.5, 2.5, None, True, 0)
+    (fixed,) = valid(bars.reconcile(BTC, [differs], BASE + M, BASE + M, us(BASE + 6 * M)))
+    assert (fixed.close, fixed.quote_volume, bars.total().corrected) == (100.5, None, 1)
+
+
+def test_candle_quote_volume_passes_through_and_a_final_word_differing_in_it_corrects() -> None:
+    """Binance: the kline's quote volume is published as is; a closed kline whose quote volume
+    differs from what was published (both known) is a correction like any other field."""
+    bars = LiveBars(min_interval_ms=0)
+    forming = dataclasses.replace(candle(BASE, 11.0, 5.0, BASE + 50_000), quote_volume=52.5)
+    (tick,) = valid(bars.candle(forming, us(BASE + 50_000)))
+    assert tick.quote_volume == 52.5
+    bars.candle(candle(BASE + M, 11.0, 0.1, BASE + M + 5), us(BASE + M + 6))
+    final = dataclasses.replace(forming, exchange_ts=BASE + M - 1, closed=True, quote_volume=53.0)
+    (fixed,) = valid(bars.candle(final, us(BASE + M + 300)))
+    assert (fixed.closed, fixed.volume, fixed.quote_volume) == (True, 5.0, 53.0)
+    assert bars.total().corrected == 1
+
+
+def test_a_trade_sum_beyond_the_bound_makes_the_quote_volume_unknown() -> None:
+    """A minute whose price x size sum passes 1e18 publishes its quote volume as unknown."""
+    bars = LiveBars(min_interval_ms=0, rules=TrustRules(price_factor=0, volume_factor=0))
+    out = valid(bars.trade(Trade(BTC, 1, 1e12, 6e5, BASE + 1_000), us(BASE + 1_005)))
+    out += valid(bars.trade(Trade(BTC, 2, 1e12, 6e5, BASE + 2_000), us(BASE + 2_005)))
+    assert [t.quote_volume for t in out] == [6e17, None]
 
 
 def test_resume_continues_a_previous_publisher_without_closing_its_minutes_again() -> None:

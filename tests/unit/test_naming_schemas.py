@@ -9,6 +9,7 @@ import pytest
 
 from tickstream_shared.errors import BadIdentifier, BadMessage, ConfigError
 from tickstream_shared.naming import (
+    ALERT_KINDS,
     DEFAULT_MEASURE_BY_KIND,
     MEASURES_BY_KIND,
     METRIC_KINDS,
@@ -49,6 +50,9 @@ def test_market_topic_and_metric_ids() -> None:
     assert market.metric_id("price") == "binance:btc-usdt:price"
     assert Market.from_topic("ticks.binance.btc-usdt") == market
     assert str(MetricId.parse("binance:btc-usdt:volume")) == "binance:btc-usdt:volume"
+    turnover = MetricId.parse("Kraken:ETH-USD:Turnover")
+    assert (turnover.market, turnover.kind) == (Market("kraken", "eth", "usd"), "turnover")
+    assert str(turnover) == "kraken:eth-usd:turnover"
 
 
 @pytest.mark.parametrize("bad", ["", "binance", "binance:btcusdt", "bin ance:btc-usdt", "a:b-c:d"])
@@ -60,7 +64,7 @@ def test_bad_market_ids_are_rejected(bad: str) -> None:
 
 @pytest.mark.parametrize("bad", ["binance:btc-usdt", "binance:btc-usdt:spread", "x"])
 def test_bad_metric_ids_are_rejected(bad: str) -> None:
-    """Metric ids need a kind of price or volume."""
+    """Metric ids need one of the kinds (price, volume, turnover)."""
     with pytest.raises(BadIdentifier):
         MetricId.parse(bad)
 
@@ -82,6 +86,11 @@ def test_kinds_measures_and_redis_keys() -> None:
     assert rank_key("price", "logret") == "tickstream:rank:price:logret"
     assert parse_measure("price", "logret") == "logret"
     assert parse_measure("volume", "cv") == "cv"
+    assert METRIC_KINDS == ("price", "volume", "turnover") and ALERT_KINDS == ("price", "volume")
+    assert parse_kind("turnover") == "turnover"
+    assert rank_key("turnover", "cv") == "tickstream:rank:turnover:cv"
+    with pytest.raises(BadIdentifier, match="std, cv for kind turnover"):
+        parse_measure("turnover", "logret")
     with pytest.raises(BadIdentifier, match="std, cv for kind volume"):
         parse_measure("volume", "logret")
     assert market_of("binance:btc-usdt") is market_of("binance:btc-usdt")
@@ -106,6 +115,17 @@ def test_tick_round_trip() -> None:
     )
 
 
+def test_quote_volume_round_trip_and_old_messages() -> None:
+    """quote_volume decodes as sent; a message from before it decodes with it unknown (None)."""
+    priced = msgspec.structs.replace(TICK, quote_volume=577_655.125)
+    assert decode_tick(priced.encode(), now_ms=NOW) == priced
+    assert priced.value("turnover") == 577_655.125 and priced.value("volume") == 20.3
+    old = json.loads(TICK.encode())
+    del old["quote_volume"]
+    decoded = decode_tick(json.dumps(old).encode(), now_ms=NOW)
+    assert decoded == TICK and decoded.quote_volume is None and decoded.value("turnover") is None
+
+
 def _with(**changes: object) -> bytes:
     return json.dumps({**json.loads(TICK.encode()), **changes}).encode()
 
@@ -122,6 +142,9 @@ def _with(**changes: object) -> bytes:
         (_with(close=-1.0), "close"),
         (TICK.encode().replace(b":28455.92", b":1e400"), "close"),
         (_with(volume=-0.5), "volume"),
+        (_with(quote_volume=-0.5), "quote_volume"),
+        (_with(quote_volume=1e19), "quote_volume"),
+        (_with(quote_volume="12.5"), "Expected `float | null`, got `str`"),
         (_with(trades=1.5), "trades"),
         (_with(market="binance:BT C-usdt"), "is not <exchange>"),
         (_with(market="binance:BTC-usdt"), "lower case"),

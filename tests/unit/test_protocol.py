@@ -198,7 +198,8 @@ def test_nesting_is_counted_outside_strings() -> None:
         ),
         (
             '{"op":"subscribe","channel":"ranks","kind":"' + "k" * 3000 + '"}',
-            f"channel 'ranks' needs 'kind': kind {echo('k' * 3000)} is not one of price, volume",
+            f"channel 'ranks' needs 'kind': kind {echo('k' * 3000)} is not one of "
+            "price, volume, turnover",
         ),
         (
             '{"op":"subscribe","channel":"market","market":"a:b-c","since":"' + "9" * 3000 + '"}',

@@ -16,9 +16,19 @@ BTC = Market("binance", "btc", "usdt")
 ETH = Market("binance", "eth", "usdt")
 
 
-def tick(market: Market, seq: int, minute: int, close: float = 10.0, volume: float = 1.0) -> Tick:
+def tick(
+    market: Market,
+    seq: int,
+    minute: int,
+    close: float = 10.0,
+    volume: float = 1.0,
+    quote_volume: float | None = None,
+) -> Tick:
     ts = minute + 30_000
-    return Tick(market.id, minute, seq, ts, ts, close, close, close, close, volume)
+    return Tick(
+        market.id, minute, seq, ts, ts, close, close, close, close, volume,
+        quote_volume=quote_volume,
+    )  # fmt: skip
 
 
 def by_id(updates: list[MetricUpdate]) -> dict[str, MetricUpdate]:
@@ -177,12 +187,72 @@ def test_forget_drops_the_market() -> None:
     assert BTC not in book and book.advance_clock(BASE + M) == []
 
 
+def test_turnover_comes_only_from_ticks_that_say_their_quote_volume() -> None:
+    """A market whose ticks carry no quote volume has no turnover metric (not a zero one)."""
+    book = MetricBook(window_minutes=10)
+    updates = by_id(
+        book.apply(
+            [
+                tick(BTC, 0, BASE, 10.0, 2.0, 20.5),
+                tick(BTC, 1, BASE + M, 12.0, 3.0),  # a minute whose quote volume is unknown
+                tick(BTC, 2, BASE + 2 * M, 11.0, 1.0, 11.25),
+                tick(ETH, 0, BASE + 2 * M, 5.0, 4.0),
+            ]
+        )
+    )
+    assert set(updates) == {
+        "binance:btc-usdt:price",
+        "binance:btc-usdt:volume",
+        "binance:btc-usdt:turnover",
+        "binance:eth-usdt:price",
+        "binance:eth-usdt:volume",
+    }
+    turnover, volume = updates["binance:btc-usdt:turnover"], updates["binance:btc-usdt:volume"]
+    assert turnover.kind == "turnover" and turnover.stats is not None
+    assert (turnover.stats.count, turnover.stats.mean) == (2, 15.875)
+    assert (turnover.stats.min, turnover.stats.max, turnover.stats.logret) == (11.25, 20.5, None)
+    assert (turnover.minute, turnover.last_value) == (BASE + 2 * M, 11.25)
+    assert volume.stats is not None and volume.stats.count == 3
+
+
+def test_a_newer_word_without_quote_volume_makes_its_minute_unknown() -> None:
+    """A correction that lacks the quote volume removes the minute's turnover; none left: gone."""
+    book = MetricBook(window_minutes=10)
+    book.apply([tick(BTC, 0, BASE, quote_volume=5.0), tick(BTC, 1, BASE + M, quote_volume=7.0)])
+    turnover = by_id(book.apply([tick(BTC, 2, BASE, 10.0, 1.0)]))["binance:btc-usdt:turnover"]
+    assert turnover.stats is not None
+    assert (turnover.stats.count, turnover.stats.mean, turnover.minute) == (1, 7.0, BASE + M)
+    gone = by_id(book.apply([tick(BTC, 3, BASE + M, 10.0, 1.0)]))["binance:btc-usdt:turnover"]
+    assert gone.gone and (gone.minute, gone.last_value) == (BASE + M, 7.0)
+    # Gone is said once; a later known quote volume brings the metric back.
+    assert "binance:btc-usdt:turnover" not in by_id(book.apply([tick(BTC, 4, BASE + 2 * M)]))
+    back = by_id(book.apply([tick(BTC, 5, BASE + 2 * M, quote_volume=9.0)]))
+    assert back["binance:btc-usdt:turnover"].stats is not None
+
+
+def test_turnover_ages_goes_stale_and_warms_like_volume() -> None:
+    """Turnover leaves the window with its minutes, is stale by its newest known minute, warms."""
+    book = MetricBook(window_minutes=5, stale_seconds=120)
+    book.apply([tick(BTC, 0, BASE, quote_volume=4.0), tick(BTC, 1, BASE + M, quote_volume=6.0)])
+    updates = by_id(book.apply([tick(BTC, 2, BASE + 4 * M)]))  # newest minute: quote unknown
+    turnover = updates["binance:btc-usdt:turnover"]
+    assert turnover.stale and not updates["binance:btc-usdt:volume"].stale
+    assert turnover.stats is not None and turnover.stats.count == 2
+    aged = by_id(book.advance_clock(BASE + 5 * M))["binance:btc-usdt:turnover"]
+    assert aged.stats is not None and (aged.stats.count, aged.stats.mean) == (1, 6.0)
+    assert by_id(book.advance_clock(BASE + 6 * M))["binance:btc-usdt:turnover"].gone
+    bars = [tick(ETH, 3, BASE + 5 * M, quote_volume=8.0), tick(ETH, 1, BASE + 5 * M)]
+    warmed = by_id(book.warm(ETH, bars))["binance:eth-usdt:turnover"]
+    assert warmed.stats is not None and (warmed.stats.count, warmed.last_value) == (1, 8.0)
+
+
 _TICKS = st.lists(
     st.tuples(
         st.sampled_from([BTC, ETH]),
         st.integers(min_value=-15, max_value=2),  # minutes after the market's last tick
         st.sampled_from([1.0, 2.5, 100000.0, 100000.000001, 0.3]),
         st.sampled_from([0.0, 1.0, 7.25]),
+        st.sampled_from([None, 0.0, 3.5, 12345.678]),  # quote volume (None: unknown)
         st.booleans(),  # True: re-deliver an already used seq
     ),
     min_size=1,
@@ -193,7 +263,7 @@ _TICKS = st.lists(
 @settings(max_examples=200, deadline=None)
 @given(steps=_TICKS, batch=st.integers(min_value=1, max_value=10))
 def test_book_matches_brute_force_reference(
-    steps: list[tuple[Market, int, float, float, bool]], batch: int
+    steps: list[tuple[Market, int, float, float, float | None, bool]], batch: int
 ) -> None:
     """Every metric's last reported state equals a brute-force model of the same ticks."""
     window_minutes, stale_ms = 10, 180_000
@@ -201,11 +271,11 @@ def test_book_matches_brute_force_reference(
     seqs = {BTC: 0, ETH: 0}
     last_minute = {BTC: BASE, ETH: BASE}
     ticks = []
-    for market, offset, close, volume, redeliver in steps:
+    for market, offset, close, volume, quote_volume, redeliver in steps:
         minute = max(last_minute[market] + offset * M, 0)
         if not redeliver:
             seqs[market] += 1
-        ticks.append(tick(market, seqs[market], minute, close, volume))
+        ticks.append(tick(market, seqs[market], minute, close, volume, quote_volume))
         last_minute[market] = max(last_minute[market], minute)
     reported: dict[str, MetricUpdate] = {}
     for start in range(0, len(ticks), batch):
@@ -214,6 +284,8 @@ def test_book_matches_brute_force_reference(
     # The model: apply in order, skip seqs not above the last applied, drop too-old minutes.
     clock = -1
     applied: dict[Market, dict[int, tuple[float, float]]] = {BTC: {}, ETH: {}}
+    # Turnover: (close, quote volume) of the minutes whose newest applied word says it.
+    turnover: dict[Market, dict[int, tuple[float, float]]] = {BTC: {}, ETH: {}}
     last_seq = {BTC: -1, ETH: -1}
     newest: dict[Market, tuple[int, float, float]] = {}
     skipped_stale = skipped_old = 0
@@ -228,6 +300,10 @@ def test_book_matches_brute_force_reference(
             skipped_old += 1
             continue
         applied[market][t.minute] = (t.close, t.volume)
+        if t.quote_volume is None:
+            turnover[market].pop(t.minute, None)
+        else:
+            turnover[market][t.minute] = (t.close, t.quote_volume)
         if market not in newest or t.minute >= newest[market][0]:
             newest[market] = (t.minute, t.close, t.volume)
     assert (book.clock, book.skipped_stale, book.skipped_old) == (clock, skipped_stale, skipped_old)
@@ -243,3 +319,14 @@ def test_book_matches_brute_force_reference(
         assert (price.minute, price.last_value, volume.last_value) == (minute, close, vol)
         assert price.stale == (clock - minute > stale_ms) == volume.stale
         assert price.clock == clock
+        known = {m: v for m, v in turnover[market].items() if m > clock - window_minutes * M}
+        turnover_id = market.metric_id("turnover")
+        if not known:
+            assert turnover_id not in reported or reported[turnover_id].gone
+            continue
+        value = reported[turnover_id]
+        assert value.stats == reference_stats(known)[1]
+        newest_known = max(known)
+        assert (value.minute, value.last_value) == (newest_known, known[newest_known][1])
+        assert value.stale == (clock - newest_known > stale_ms)
+        assert value.clock == clock

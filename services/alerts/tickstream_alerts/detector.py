@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from tickstream_alerts.rule import MinuteSpikeRule, Spike
-from tickstream_shared.naming import METRIC_KINDS, MetricKind, market_of
+from tickstream_shared.naming import ALERT_KINDS, AlertKind, market_of
 from tickstream_shared.schemas import MINUTE_MS, Alert, Tick, alert_id
 from tickstream_shared.settings import AlertsSettings
 
@@ -19,15 +19,15 @@ log = logging.getLogger("tickstream.alerts")
 @dataclass(slots=True)
 class _MarketState:
     rule: MinuteSpikeRule
-    metric_ids: dict[MetricKind, str]
+    metric_ids: dict[AlertKind, str]
     last_seq: int = -1
     # Every alert whose minute the rule can still judge again, by minute and kind: minutes at
     # most `correction_minutes` before the market's newest minute, one alert per metric and
     # minute, so at most 2 x (correction_minutes + 1) per market whatever the update rate.
-    open: dict[int, dict[MetricKind, Alert]] = field(default_factory=dict)
+    open: dict[int, dict[AlertKind, Alert]] = field(default_factory=dict)
     # Per kind, the newest minute of an alert that left `open` not retracted; the cooldown runs
     # from it or from a newer open alert that is not retracted.
-    settled: dict[MetricKind, int] = field(default_factory=dict)
+    settled: dict[AlertKind, int] = field(default_factory=dict)
     # The rule's newest minute when `open` was last settled: a tick of a later minute moved it.
     settled_at: int = -1
 
@@ -239,7 +239,7 @@ class SpikeDetector:
                 s.min_zscore,
                 s.correction_minutes,
             ),
-            metric_ids={kind: market.metric_id(kind) for kind in METRIC_KINDS},
+            metric_ids={kind: market.metric_id(kind) for kind in ALERT_KINDS},
         )
         self._markets[market_id] = state
         return state

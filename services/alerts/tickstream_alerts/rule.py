@@ -8,7 +8,7 @@ from fractions import Fraction
 from typing import Final
 
 from tickstream_shared.moments import ExactMoments
-from tickstream_shared.naming import MetricKind
+from tickstream_shared.naming import AlertKind
 from tickstream_shared.schemas import MINUTE_MS
 
 # An Alert's floats are bounded (schemas._Finite); a ratio over a mean that underflowed is capped.
@@ -19,7 +19,7 @@ _MAX_RATIO: Final = 1e300
 class Spike:
     """A value of the judged minute above the rule's threshold for its metric."""
 
-    kind: MetricKind
+    kind: AlertKind
     value: float
     mean: float  # the exact mean of the trailing minutes' values, correctly rounded
     ratio: float  # value / mean
@@ -229,7 +229,7 @@ class MinuteSpikeRule:
         return not self._min_zscore or window.exceeds_zscore(value, self._min_zscore)
 
 
-def _spike(kind: MetricKind, value: float, window: ExactMoments) -> Spike:
+def _spike(kind: AlertKind, value: float, window: ExactMoments) -> Spike:
     mean = window.mean()
     ratio = value / mean if mean > 0.0 else _MAX_RATIO
     return Spike(

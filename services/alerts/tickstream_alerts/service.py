@@ -14,10 +14,10 @@ from tickstream_shared.consuming import ConsumerRuntime, DecodedBatch, retry_unt
 from tickstream_shared.deadletter import DeadLetterSender
 from tickstream_shared.kafka import Message, RenewableProducer, ensure_topics, make_consumer
 from tickstream_shared.naming import (
+    ALERT_KINDS,
     ALERTS_GROUP,
     ALERTS_TOPIC,
     DEADLETTER_TOPIC,
-    METRIC_KINDS,
     STATS_GROUP,
     TICK_TOPIC_PATTERN,
     Market,
@@ -223,7 +223,7 @@ async def _warm_new_markets(pool: Any, detector: SpikeDetector, ticks: list[Tick
         bars = await db.bars_between(
             pool, market_id, tick.minute - reach_ms, tick.minute - MINUTE_MS
         )
-        metric_ids = [market_of(market_id).metric_id(kind) for kind in METRIC_KINDS]
+        metric_ids = [market_of(market_id).metric_id(kind) for kind in ALERT_KINDS]
         first_open = tick.minute - correction_ms
         open_alerts = await alert_store.alerts_since(pool, metric_ids, first_open)
         last_alerts = await alert_store.last_alert_minutes(pool, metric_ids, first_open)

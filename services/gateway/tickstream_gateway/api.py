@@ -123,14 +123,17 @@ async def get_metric(request: Request) -> Response:
     stored = await db.recent_bars(state.pool, market_id, minutes, since_minute=since)
     bars = merge_history(stored, state.hub.recent.of(market_id), minutes, since)
     body["window_minutes"] = state.settings.stats.window_minutes
-    body["values"] = [(bar.minute, bar.value(metric.kind)) for bar in bars]
+    # A minute whose value is unknown (turnover without a quote volume) is left out, not zero.
+    values = ((bar.minute, bar.value(metric.kind)) for bar in bars)
+    body["values"] = [(minute, value) for minute, value in values if value is not None]
     return fresh_json(request, body)
 
 
 async def get_ranks(request: Request) -> Response:
     kind_param = request.query_params.get("kind")
     if kind_param is None:
-        return error(400, "missing_kind", "query parameter 'kind' is required: price or volume")
+        kinds = ", ".join(METRIC_KINDS)
+        return error(400, "missing_kind", f"query parameter 'kind' is required: one of {kinds}")
     try:
         kind = parse_kind(kind_param)
         measure = parse_by(kind, request.query_params.get("by"))

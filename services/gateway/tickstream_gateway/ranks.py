@@ -38,7 +38,7 @@ class MetricStats:
     min: float
     max: float
     cv: float
-    logret: float | None  # price metrics only
+    logret: float | None  # kinds ranked by logret only (price)
     last: float
     minute: int
     last_ts: int

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Final
 
 from tickstream_shared.naming import Market, MetricKind, market_of
 from tickstream_shared.schemas import MINUTE_MS, Tick
@@ -28,29 +29,63 @@ class MetricUpdate:
         return self.stats is None
 
 
+# The turnover window's close column is never read: one constant close keeps its close and
+# log-return bookkeeping idle (a replaced minute's close never changes, no return is logged).
+_NO_CLOSE: Final = 1.0
+
+
 class _MarketState:
     __slots__ = (
         "last_close",
         "last_seq",
         "last_ts",
+        "last_turnover",
         "last_volume",
         "listed",
         "newest",
         "price_id",
+        "turnover",
+        "turnover_id",
+        "turnover_listed",
+        "turnover_minute",
         "volume_id",
         "window",
+        "window_minutes",
     )
 
     def __init__(self, market: Market, window_minutes: int) -> None:
+        self.window_minutes = window_minutes
         self.window = MinuteWindow(window_minutes)
         self.price_id = market.metric_id("price")
         self.volume_id = market.metric_id("volume")
+        self.turnover_id = market.metric_id("turnover")
         self.last_seq = -1
         self.last_ts = -1
         self.newest = -1  # newest minute applied
         self.last_close = 0.0
         self.last_volume = 0.0
         self.listed = False  # whether the last updates returned said it has data
+        # The minutes whose quote volume is known, in a window of their own (its volume column
+        # is the turnover): created by the first tick that says it, so a market whose source
+        # never does costs nothing more and has no turnover metric (unknown is not zero).
+        self.turnover: MinuteWindow | None = None
+        self.turnover_listed = False
+        self.turnover_minute = -1  # the newest minute with a known turnover, as last reported
+        self.last_turnover = 0.0
+
+    def set_turnover(self, minute: int, quote_volume: float | None) -> None:
+        """Record the newest word on `minute`'s turnover; the minute is inside the market's
+        window. A word without quote volume makes the minute's turnover unknown: a value known
+        from an earlier word of that minute leaves the window rather than stay as if current.
+        """
+        turnover = self.turnover
+        if quote_volume is not None:
+            if turnover is None:
+                turnover = self.turnover = MinuteWindow(self.window_minutes)
+            turnover.advance(self.window.clock)
+            turnover.set(minute, _NO_CLOSE, quote_volume)
+        elif turnover is not None and turnover.bar(minute) is not None:
+            self.turnover = _without(turnover, minute, self.window_minutes)
 
 
 class MetricBook:
@@ -142,6 +177,7 @@ class MetricBook:
             if not window.set(minute, tick.close, tick.volume):
                 self.skipped_old += 1
                 continue
+            state.set_turnover(minute, tick.quote_volume)
             if minute >= state.newest:
                 state.newest = minute
                 state.last_close = tick.close
@@ -174,6 +210,7 @@ class MetricBook:
             state.last_seq = max(state.last_seq, bar.seq)
             state.last_ts = max(state.last_ts, bar.exchange_ts)
             state.window.set(minute, bar.close, bar.volume)
+            state.set_turnover(minute, bar.quote_volume)
             state.newest, state.last_close, state.last_volume = minute, bar.close, bar.volume
         if self.clock > clock_before:
             return self._updates(self._markets.values())
@@ -185,10 +222,11 @@ class MetricBook:
 
     def _updates(self, states: Iterable[_MarketState]) -> list[MetricUpdate]:
         clock = self.clock
-        updates = []
+        updates: list[MetricUpdate] = []
         for state in states:
             window = state.window
             window.advance(clock)
+            self._turnover_update(state, updates)
             both = window.stats()
             if both is None:
                 if state.listed:
@@ -225,11 +263,58 @@ class MetricBook:
             )
         return updates
 
+    def _turnover_update(self, state: _MarketState, updates: list[MetricUpdate]) -> None:
+        """Append the market's turnover update, if it has one: as volume's, except that its
+        minute, last value and staleness are those of its newest minute with a known value."""
+        turnover = state.turnover
+        if turnover is None:
+            return
+        clock = self.clock
+        turnover.advance(clock)
+        both = turnover.stats()
+        newest = turnover.newest
+        if both is None or newest is None:
+            if state.turnover_listed:
+                state.turnover_listed = False
+                updates.append(self._gone(state, "turnover"))
+            return
+        state.turnover_listed = True
+        newest_bar = turnover.bar(newest)
+        assert newest_bar is not None  # the newest minute present has a bar
+        state.turnover_minute, state.last_turnover = newest, newest_bar[1]
+        stale = clock - newest > self.stale_ms
+        updates.append(
+            MetricUpdate(
+                state.turnover_id,
+                "turnover",
+                both[1],
+                state.last_turnover,
+                newest,
+                state.last_ts,
+                stale,
+                clock,
+            )
+        )
+
     def _gone(self, state: _MarketState, kind: MetricKind) -> MetricUpdate:
         if kind == "price":
-            metric_id, last = state.price_id, state.last_close
+            metric_id, last, minute = state.price_id, state.last_close, state.newest
+        elif kind == "volume":
+            metric_id, last, minute = state.volume_id, state.last_volume, state.newest
         else:
-            metric_id, last = state.volume_id, state.last_volume
-        return MetricUpdate(
-            metric_id, kind, None, last, state.newest, state.last_ts, True, self.clock
-        )
+            metric_id, last, minute = state.turnover_id, state.last_turnover, state.turnover_minute
+        return MetricUpdate(metric_id, kind, None, last, minute, state.last_ts, True, self.clock)
+
+
+def _without(window: MinuteWindow, minute: int, window_minutes: int) -> MinuteWindow:
+    """`window` less `minute`: rebuilt from the others in O(window), which is fine for what
+    calls it (a minute whose newer word lacks the quote volume an older one had: a correction
+    from a REST candle that does not carry it, a few a day at most)."""
+    rebuilt = MinuteWindow(window_minutes)
+    clock = window.clock
+    rebuilt.advance(clock)
+    for present in range(clock - (window_minutes - 1) * MINUTE_MS, clock + MINUTE_MS, MINUTE_MS):
+        bar = window.bar(present)
+        if bar is not None and present != minute:
+            rebuilt.set(present, *bar)
+    return rebuilt

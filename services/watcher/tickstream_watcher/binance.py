@@ -59,6 +59,8 @@ class _Kline(msgspec.Struct, frozen=True, gc=False):
     volume: DecimalText = msgspec.field(name="v")  # base units
     trades: _Count = msgspec.field(name="n")
     closed: bool = msgspec.field(name="x")
+    # Quote volume; Binance always sends it, a kline without it is taken as unknown.
+    quote_volume: DecimalText | None = msgspec.field(default=None, name="q")
 
 
 class _Event(msgspec.Struct, frozen=True, gc=False):
@@ -100,7 +102,7 @@ class _Row(msgspec.Struct, array_like=True, frozen=True, gc=False):
     close: DecimalText
     volume: DecimalText
     end: int
-    quote_volume: str
+    quote_volume: DecimalText
     trades: _Count
 
 
@@ -280,9 +282,11 @@ def _candle(market: Market, k: _Kline | _Row, *, closed: bool, ts: int) -> Candl
     if k.end != k.start + MINUTE_MS - 1:
         raise ValueError(f"close time {k.end} does not end the minute {k.start}")
     open_, high, low, close = float(k.open), float(k.high), float(k.low), float(k.close)
+    quote_volume = None if k.quote_volume is None else float(k.quote_volume)
     candle = CandleUpdate(
-        market, k.start, open_, high, low, close, float(k.volume), k.trades, closed, ts
-    )
+        market, k.start, open_, high, low, close, float(k.volume), k.trades, closed, ts,
+        quote_volume,
+    )  # fmt: skip
     return check_candle(candle)
 
 

@@ -21,6 +21,9 @@ from tickstream_shared.schemas import MAX_TS_MS, MIN_TS_MS, MINUTE_MS
 log = logging.getLogger(__name__)
 
 COLUMNS = ("ts_ms", "open", "high", "low", "close", "volume")
+# Optional: the minute's traded value in the quote currency. Without the column (or with the
+# cell empty) a bar's quote volume is unknown: a replay never derives it from close x volume.
+QUOTE_COLUMN = "quote_volume"
 # The bounds `decode_tick` enforces on prices and volumes: a row outside them is refused here,
 # where its file and line are known, rather than by every consumer.
 _MAX_PRICE = 1e12
@@ -41,6 +44,7 @@ class Candle(msgspec.Struct, frozen=True, order=True, gc=False):
     low: float
     close: float
     volume: float
+    quote_volume: float | None = None  # the file's quote_volume cell; None: unknown
 
 
 class BadRow(ValueError):
@@ -73,13 +77,15 @@ def parse_row(
 ) -> Candle:
     """The row's bar; raises BadRow if a field is missing, not a number or not a plausible bar.
 
-    `columns` picks ts_ms, open, high, low, close, volume from the row, in that order.
+    `columns` picks ts_ms, open, high, low, close, volume from the row, in that order, and
+    then quote_volume if the file has that column (an empty cell: unknown).
     """
     try:
-        ts, open_text, high_text, low_text, close_text, volume_text = columns(row)
+        ts, open_text, high_text, low_text, close_text, volume_text, *quote = columns(row)
         minute = int(ts)
         open_, high, low = float(open_text), float(high_text), float(low_text)
         close, volume = float(close_text), float(volume_text)
+        quote_volume = float(quote[0]) if quote and quote[0].strip() else None
     except (IndexError, ValueError) as exc:
         raise BadRow(f"unreadable ({exc})") from None
     if not MIN_TS_MS <= minute <= MAX_TS_MS - MINUTE_MS or minute % MINUTE_MS:
@@ -88,7 +94,9 @@ def parse_row(
         raise BadRow("prices must be in (0, 1e12] and volume in [0, 1e18]")
     if not (low <= open_ <= high and low <= close <= high):
         raise BadRow("open and close must lie within low..high")
-    return Candle(minute, market_id, row_number, open_, high, low, close, volume)
+    if quote_volume is not None and not 0 <= quote_volume <= _MAX_VOLUME:
+        raise BadRow("quote_volume must be in [0, 1e18]")
+    return Candle(minute, market_id, row_number, open_, high, low, close, volume, quote_volume)
 
 
 def read_candles(market: Market, path: Path, limit: int = 0) -> Iterator[Candle]:
@@ -111,7 +119,8 @@ def _read_rows(market_id: str, path: Path, handle: IO[str], limit: int) -> Itera
     if header is None or any(name not in header for name in COLUMNS):
         log.error("%s: header must name the columns %s; file skipped", path, ",".join(COLUMNS))
         return
-    columns = operator.itemgetter(*(header.index(name) for name in COLUMNS))
+    names = (*COLUMNS, QUOTE_COLUMN) if QUOTE_COLUMN in header else COLUMNS
+    columns = operator.itemgetter(*(header.index(name) for name in names))
     previous = -1
     row_number = -1
     while not limit or row_number + 1 < limit:

@@ -69,6 +69,9 @@ class CandleUpdate:
     trades: int | None
     closed: bool  # the exchange says the candle is final (Binance `k.x`); False when unknown
     exchange_ts: int  # event time of this update, ms
+    # Quote units traded in the minute so far, where the exchange says it (Binance `q`; Kraken
+    # vwap x volume); None when it does not (Coinbase REST candles): unknown, never estimated.
+    quote_volume: float | None = None
 
 
 def check_candle(candle: CandleUpdate) -> CandleUpdate:
@@ -76,7 +79,8 @@ def check_candle(candle: CandleUpdate) -> CandleUpdate:
 
     The one check of every exchange's candles (stream and REST), written so that NaN fails
     every comparison: a whole minute between 2010 and 2100, prices in (0, MAX_PRICE], volume
-    in [0, MAX_VOLUME], open and close within low..high, a trade count in [0, MAX_TRADES].
+    and quote volume (when known) in [0, MAX_VOLUME], open and close within low..high, a trade
+    count in [0, MAX_TRADES].
     """
     minute, low, high, volume = candle.minute, candle.low, candle.high, candle.volume
     if minute % MINUTE_MS or not MIN_TS_MS <= minute <= MAX_TS_MS - MINUTE_MS:
@@ -87,6 +91,9 @@ def check_candle(candle: CandleUpdate) -> CandleUpdate:
         )
     if not (low <= candle.open <= high and low <= candle.close <= high):
         raise BadFrame(f"{candle.market.id} {minute}: open and close must lie within low..high")
+    quote_volume = candle.quote_volume
+    if quote_volume is not None and not 0 <= quote_volume <= MAX_VOLUME:
+        raise BadFrame(f"{candle.market.id} {minute}: quote volume not in [0, 1e18]")
     if not 0 <= (candle.trades or 0) <= MAX_TRADES:
         raise BadFrame(f"{candle.market.id} {minute}: trade count {candle.trades}")
     return candle

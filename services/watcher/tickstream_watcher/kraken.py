@@ -71,6 +71,7 @@ class _Ohlc(msgspec.Struct, gc=False):
     trades: int
     interval_begin: str
     interval: int
+    vwap: float | None = None  # the minute's volume-weighted average price, Kraken's own
 
 
 class _Status(msgspec.Struct, gc=False):
@@ -193,9 +194,9 @@ class KrakenProtocol:
             # no clock, and minute + 60000 would date a forming candle up to a minute ahead.
             stamp = minute if frame_ts is None else frame_ts
             prices = entry.open, entry.high, entry.low, entry.close, entry.volume
-            out.append(
-                check_candle(CandleUpdate(market, minute, *prices, entry.trades, False, stamp))
-            )
+            quote_volume = _quote_volume(entry.vwap, entry.volume)
+            candle = CandleUpdate(market, minute, *prices, entry.trades, False, stamp, quote_volume)
+            out.append(check_candle(candle))
         return out
 
     def listing_path(self) -> str:
@@ -233,10 +234,18 @@ class KrakenProtocol:
 
 
 def _rest_candle(market: Market, raw: msgspec.Raw) -> CandleUpdate:
-    time_s, open_, high, low, close, _vwap, volume, count = _decode(_row_decoder, raw)
+    time_s, open_, high, low, close, vwap, volume, count = _decode(_row_decoder, raw)
     minute = time_s * 1000
     prices = float(open_), float(high), float(low), float(close), float(volume)
-    return CandleUpdate(market, minute, *prices, count, True, minute + MINUTE_MS)
+    quote_volume = _quote_volume(float(vwap), prices[-1])
+    return CandleUpdate(market, minute, *prices, count, True, minute + MINUTE_MS, quote_volume)
+
+
+def _quote_volume(vwap: float | None, volume: float) -> float | None:
+    """Kraken sends no quote volume: it is derived from Kraken's own volume-weighted average
+    price, vwap x volume (exact up to one float rounding); None without a vwap. A vwap that
+    is not a finite non-negative number gives a product `check_candle` refuses."""
+    return None if vwap is None else vwap * volume
 
 
 def _decode(decoder: msgspec.json.Decoder[_T], data: str | bytes | msgspec.Raw) -> _T:

@@ -9,7 +9,7 @@ from typing import Final
 
 from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MINUTE_MS, Tick
-from tickstream_watcher.exchange import CandleUpdate, Trade
+from tickstream_watcher.exchange import MAX_VOLUME, CandleUpdate, Trade
 from tickstream_watcher.trust import RECENT_MINUTES, Reference, TrustRules
 
 # A minute whose trades the stream is known to have missed (or whose data was implausible) is
@@ -45,14 +45,24 @@ class _Bar:
     # The exchange's own final word on the minute (a closed kline, a REST candle): only another
     # final word replaces it.
     final: bool = False
+    # Quote units traded: the exchange's (candles) or the sum of price x size (trades); None
+    # when the source does not say it (Coinbase REST candles).
+    quote_volume: float | None = None
 
     def same_values(self, other: _Bar) -> bool:
-        """Equal prices and trade count (where both know it), volume up to summation rounding."""
+        """Equal prices and trade count (where both know it), volume and quote volume (where
+        both know it) up to summation rounding. A side without a quote volume is no
+        difference: a REST candle that does not carry it never corrects a minute for it."""
         return (
             (self.open, self.high, self.low, self.close)
             == (other.open, other.high, other.low, other.close)
             and math.isclose(self.volume, other.volume, rel_tol=_VOLUME_REL_TOL)
             and (self.trades is None or other.trades is None or self.trades == other.trades)
+            and (
+                self.quote_volume is None
+                or other.quote_volume is None
+                or math.isclose(self.quote_volume, other.quote_volume, rel_tol=_VOLUME_REL_TOL)
+            )
         )
 
 
@@ -187,6 +197,7 @@ class LiveBars:
             update.trades,
             max(stamp, update.minute),
             update.closed,
+            update.quote_volume,
         )
         forming = state.forming
         if (
@@ -241,11 +252,17 @@ class LiveBars:
         price = trade.price
         stamp = min(trade.exchange_ts, received_ms)
         if bar is None:
-            bar = state.forming = _Bar(minute, price, price, price, price, 0.0, 0, stamp)
+            # A minute built from trades knows its quote volume: the sum of price x size.
+            bar = _Bar(minute, price, price, price, price, 0.0, 0, stamp, quote_volume=0.0)
+            state.forming = bar
         bar.high = max(bar.high, price)
         bar.low = min(bar.low, price)
         bar.close = price
         bar.volume += trade.size
+        if bar.quote_volume is not None:
+            quote_volume = bar.quote_volume + price * trade.size
+            # Beyond the bound every reader enforces the sum is no number to publish: unknown.
+            bar.quote_volume = quote_volume if quote_volume <= MAX_VOLUME else None
         bar.trades = (bar.trades or 0) + 1
         bar.exchange_ts = max(bar.exchange_ts, stamp)
         reference = state.reference
@@ -692,6 +709,7 @@ class LiveBars:
             bar.volume,
             bar.trades,
             closed,
+            bar.quote_volume,
         )
 
 
@@ -713,4 +731,5 @@ def _candle_bar(candle: CandleUpdate) -> _Bar:
         candle.trades,
         candle.minute + MINUTE_MS,
         final=True,
+        quote_volume=candle.quote_volume,
     )

@@ -237,6 +237,7 @@ def _closed_bar(candle: Candle) -> Tick:
         candle.volume,
         None,
         True,
+        candle.quote_volume,
     )
 
 

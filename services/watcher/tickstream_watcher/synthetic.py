@@ -66,6 +66,7 @@ class SyntheticMarket:
         self._minute: int | None = None
         self._open = self._high = self._low = self._price
         self._volume = 0.0
+        self._quote_volume = 0.0  # the value of the forming minute's trades, in quote units
         self._minute_volume = 0.0  # what the forming minute trades in all, on average
         self._last_ms = 0  # wall time the walk has been simulated up to
 
@@ -109,7 +110,7 @@ class SyntheticMarket:
     def _start_bar(self, minute: int) -> None:
         self._minute = minute
         self._open = self._high = self._low = self._price
-        self._volume = 0.0
+        self._volume = self._quote_volume = 0.0
         self._last_ms = minute
         rng = self._rng
         minute_volume = self._usual_volume * rng.lognormvariate(0.0, _MINUTE_VOLUME_SPREAD)
@@ -118,7 +119,11 @@ class SyntheticMarket:
         self._minute_volume = minute_volume
 
     def _walk(self, elapsed_ms: float) -> None:
-        """Move the walk `elapsed_ms` on: price diffuses, volume accrues at the minute's rate."""
+        """Move the walk `elapsed_ms` on: price diffuses, volume accrues at the minute's rate.
+
+        Each step is one trade of the volume it adds at the price it reaches, so the minute's
+        quote volume is the exact sum of those trades' price x size.
+        """
         if elapsed_ms <= 0:
             return
         fraction = elapsed_ms / MINUTE_MS
@@ -128,7 +133,9 @@ class SyntheticMarket:
         self._low = min(self._low, self._price)
         # Trades arrive unevenly, but only a little: the minute-to-minute spread comes from
         # the minute's own volume, not from how many updates the minute happened to get.
-        self._volume += self._minute_volume * fraction * rng.uniform(0.5, 1.5)
+        size = self._minute_volume * fraction * rng.uniform(0.5, 1.5)
+        self._volume += size
+        self._quote_volume += self._price * size
 
     def _tick(self, exchange_ts: int, received_ts: int, *, closed: bool) -> Tick:
         assert self._minute is not None
@@ -145,4 +152,5 @@ class SyntheticMarket:
             self._volume,
             None,
             closed,
+            self._quote_volume,
         )
