@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Binance names up to 1,024 streams in one connection's URL (about 20 KB at 1,000 markets);
+# the local server must read request lines that long (websockets reads this at import).
+os.environ.setdefault("WEBSOCKETS_MAX_LINE_LENGTH", "65536")
 
 from tests.e2e.many_markets import DAY_MINUTES, ManyBinance, symbols
 from tests.integration.test_live_source import exchange_urls, source_of
