@@ -5,11 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 
 from tests.conftest import deadline
 from tests.e2e.many_markets import DAY_MINUTES, M, ManyBinance, now_ms, symbols
 from tests.integration.test_live_source import exchange_urls, source_of
+from tickstream_shared.observability import READINGS
 from tickstream_shared.schemas import Tick
+
+
+def backfill_readings() -> dict[str, float]:
+    """The exported tickstream_live_backfill_* values of Binance now, by name."""
+    values = {
+        family.name: value
+        for (family, labels), value in READINGS.values().items()
+        if family.name.startswith("tickstream_live_backfill_") and labels == ("binance",)
+    }
+    names = ("requests_total", "minutes_total", "markets_pending", "markets_done")
+    full = [f"tickstream_live_backfill_{name}" for name in names]
+    return {name: values.get(name, 0.0) for name in full}
 
 
 async def test_a_stalled_publisher_does_not_stop_the_socket_being_read() -> None:
@@ -47,6 +61,8 @@ async def test_a_reconnect_mid_backfill_does_not_start_a_second_backfill() -> No
     for the minutes since the reconnect), and every market's day is published once."""
     markets = 30
     fake = ManyBinance(symbols(markets), drop_after=20)
+    gc.collect()  # sources of earlier tests stop reporting their gauges
+    before = backfill_readings()
     async with exchange_urls(fake) as env:
         source = source_of(
             env,
@@ -68,6 +84,14 @@ async def test_a_reconnect_mid_backfill_does_not_start_a_second_backfill() -> No
     assert sorted(fake.klines) == sorted(symbols(markets))
     assert max(fake.klines.values()) <= 3, fake.klines
     assert queue.requests == sum(fake.klines.values())
+    after = backfill_readings()
+    exported = {name: after[name] - before[name] for name in after}
+    assert exported == {
+        "tickstream_live_backfill_requests_total": queue.requests,
+        "tickstream_live_backfill_minutes_total": queue.minutes,
+        "tickstream_live_backfill_markets_pending": 0,
+        "tickstream_live_backfill_markets_done": markets,
+    }
     for market_id, minutes in closed.items():
         assert len(minutes) == len(set(minutes)), f"{market_id}: a minute closed twice"
         assert len(minutes) >= DAY_MINUTES, market_id
