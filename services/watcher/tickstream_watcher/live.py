@@ -455,6 +455,11 @@ class LiveSource:
         after = self.bars.backfilled_through(market)
         if after is not None:
             first = max(first, after + MINUTE_MS)
+        # Nothing from the minute the connection streams from on: after a short reconnect,
+        # a market already backfilled usually needs no request at all.
+        streamed = self.bars.streams_from(market)
+        if streamed is not None:
+            current = min(current, streamed)
         filled = 0
         complete = True
         try:

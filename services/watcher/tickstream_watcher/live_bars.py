@@ -540,6 +540,12 @@ class LiveBars:
         state = self._markets.get(market)
         return None if state is None or state.backfilled_through < 0 else state.backfilled_through
 
+    def streams_from(self, market: Market) -> int | None:
+        """The first minute the current connection delivered of `market` (a backfill has
+        nothing to publish from it on), or None before its first update."""
+        state = self._markets.get(market)
+        return None if state is None else state.session_first
+
     def closed_through(self, market: Market) -> int | None:
         """The newest minute of `market` closed so far, or None."""
         state = self._markets.get(market)
