@@ -2,7 +2,8 @@
 
 Used by the backfill tests (tests/integration/test_live_backfill.py) and bench/bench_backfill.py:
 exchangeInfo from a listing the test may change while the watcher runs, klines for the last
-24 h of every listed symbol (each request counted per symbol), and a combined kline stream
+48 h of every listed symbol (a day asked for just before a minute ends is still all there;
+each request counted per symbol), and a combined kline stream
 that sends every subscribed symbol's forming minute twice a second.
 """
 
@@ -65,8 +66,9 @@ class ManyBinance:
         symbol = query.get("symbol", "")
         if path == "/api/v3/klines" and symbol in self.listed:
             self.klines[symbol] += 1
-            current = now_ms() - now_ms() % M
-            start = max(int(query["startTime"]), current - DAY_MINUTES * M)
+            now = now_ms()  # read once: two reads a millisecond apart misalign the minute
+            current = now - now % M
+            start = max(int(query["startTime"]), current - 2 * DAY_MINUTES * M)
             end = min(int(query["endTime"]), current - M)
             rows = []
             for minute in range(start, end + 1, M)[: int(query.get("limit", "500"))]:

@@ -467,8 +467,12 @@ class LiveSource:
                 if market in self.gone:
                     return False  # delisted meanwhile: the rest is not asked for
                 end = min(start + page, current) - MINUTE_MS
+                try:
+                    candles = await self._candles(exchange, market, start, end)
+                except (RestUnavailable, BadFrame):
+                    queue.requests += 1  # counted once answered, not when cancelled on the way
+                    raise
                 queue.requests += 1
-                candles = await self._candles(exchange, market, start, end)
                 # Room first, ticks after: none is made with a seq older than a stream tick
                 # already waiting (each market's ticks leave in seq order).
                 await self._outbox.wait_for_room()
