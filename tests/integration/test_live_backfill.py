@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import time
 
 from tests.conftest import deadline
 from tests.e2e.many_markets import DAY_MINUTES, M, ManyBinance, now_ms, symbols
@@ -108,8 +109,9 @@ async def test_a_reconnect_mid_backfill_does_not_start_a_second_backfill() -> No
 
 async def test_a_market_listed_while_running_joins_and_a_delisted_one_leaves() -> None:
     """A symbol added to the listing is subscribed on a connection of its own, backfilled and
-    published; a removed one is reported finished and publishes nothing more; the first
-    connection is never made again."""
+    published; a removed one is reported finished and publishes nothing more (but the close
+    of its last minute); the first connection is never made again, and a connection whose
+    only market leaves ends."""
     fake = ManyBinance(symbols(3))
     async with exchange_urls(fake) as env:
         source = source_of(
@@ -122,25 +124,31 @@ async def test_a_market_listed_while_running_joins_and_a_delisted_one_leaves() -
         first, second, third = (m.id for m in source.markets)
         joined = "binance:c0003-usdt"
         got: list[Tick] = []
-        after_leaving: list[Tick] = []
+        left_at_us: int | None = None  # when the test first saw C0002 gone
+        reports = {}
         async with contextlib.aclosing(source.chunks()) as chunks, asyncio.timeout(deadline(40)):
             async for chunk in chunks:
                 got += chunk
-                if source.gone:
-                    after_leaving += [t for t in chunk if t.market == third]
+                if left_at_us is None and source.gone:
+                    left_at_us = time.time_ns() // 1000
                 if len(fake.connections) == 1 and any(t.market == first for t in got):
                     fake.listed = [*symbols(2), "C0003USDT"]  # C0002 delisted, C0003 listed
                 backfilled = {t.minute for t in got if t.market == joined and t.closed}
                 live = any(t.market == joined and not t.closed for t in got)
-                if len(backfilled) >= 30 and live:
+                if not reports and len(backfilled) >= 30 and live:
                     reports = source.feed_reports(now_ms())  # while it runs
+                    fake.listed = symbols(2)  # C0003 delisted again: its connection ends
+                if reports and source.feeds[-1].state == "stopped":
                     break
-    assert [m.id for m in source.markets] == [first, second, joined]
+    assert [m.id for m in source.markets] == [first, second]
     assert reports[third].state == "finished"
     assert reports[joined].state == "live"
+    assert source.feed_reports(now_ms())[joined].state == "finished"
     assert fake.connections == [symbols(3), ["C0003USDT"]]
     original, added = source.feeds
     assert (original.counters.connects, added.counters.connects) == (1, 1)
     assert list(original.symbols) == symbols(2)  # C0002 is not subscribed again on reconnect
-    assert after_leaving == []
+    assert left_at_us is not None
+    after_leaving = [t for t in got if t.market == third and t.seq > left_at_us]
+    assert len(after_leaving) <= 1 and all(t.closed for t in after_leaving)
     assert fake.klines["C0003USDT"] == 1
