@@ -682,6 +682,7 @@ class LiveSource:
             symbol = symbols.pop(market)
             self.gone.add(market)
             self.markets.remove(market)
+            self.watchdog.stale.discard(market)  # finished, not stale
             feed = self._feed_of.pop(market, None)
             if feed is not None:
                 self._markets_of[id(feed)].remove(market)
