@@ -155,6 +155,22 @@ class WatcherSettings:
         ge=0,
         le=1440,
     )
+    backfill_workers: int = setting(
+        "WATCHER_BACKFILL_WORKERS",
+        4,
+        "Live source: backfill requests in flight at once per exchange (one market each); all"
+        " of an exchange's REST shares its one paced client, so this only hides latency.",
+        ge=1,
+        le=32,
+    )
+    listing_refresh_s: int = setting(
+        "WATCHER_LISTING_REFRESH_S",
+        300,
+        "Live source: how often each exchange's listing is read again while running, so that"
+        " new markets matching WATCHER_MARKETS join and delisted ones leave; 0 = only at start.",
+        ge=0,
+        le=86_400,
+    )
     feed_silence_ms: int = setting(
         "WATCHER_FEED_SILENCE_MS",
         0,

@@ -94,12 +94,12 @@ class ExchangeFeed:
     `on_connected()` is awaited after every successful subscribe (to backfill what was
     missed). Reconnects forever with exponential backoff and full jitter within `limits`;
     reconnects at once on the exchange's request and ahead of its connection-age limit; a
-    connection silent for `limits.silence_s` is dropped
-    (where the exchange wants it, `limits.keepalive_frame` is sent once it has been silent for
-    `limits.keepalive_s`, or half the silence bound if that is sooner; the answer counts as a
-    frame). A bad frame is counted, logged once
-    and skipped: the connection and the other markets go on. `run` returns when `stop` is set
-    (safe to cancel: the connection is closed on the way out).
+    connection silent for `limits.silence_s` is dropped (where the exchange wants it,
+    `limits.keepalive_frame` is sent once it has been silent for `limits.keepalive_s`, or half
+    the silence bound if that is sooner; the answer counts as a frame). A bad frame is counted,
+    logged once and skipped: the connection and the other markets go on. `symbols` may be
+    replaced while it runs: the next connection subscribes the new ones. `run` returns when
+    `stop` is set or after `retire` (safe to cancel: the connection is closed on the way out).
     """
 
     protocol: ExchangeProtocol
@@ -118,6 +118,7 @@ class ExchangeFeed:
     failures: int = 0
     _socket: ClientConnection | None = field(default=None, init=False, repr=False)
     _renew: bool = field(default=False, init=False, repr=False)
+    _retired: bool = field(default=False, init=False, repr=False)
     _closing: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -145,16 +146,25 @@ class ExchangeFeed:
             self._closing = asyncio.get_running_loop().create_task(self._socket.close())
             self._closing.add_done_callback(_log_close_failure)
 
+    def retire(self) -> None:
+        """End `run` for good (its markets left the listing): the connection is closed now, or
+        no new one is made after the current wait. Idempotent."""
+        self._retired = True
+        self.renew()
+
+    def _ended(self, stop: asyncio.Event) -> bool:
+        return stop.is_set() or self._retired
+
     async def run(self, stop: asyncio.Event) -> None:
         try:
-            while not stop.is_set():
+            while not self._ended(stop):
                 frames_before = self.counters.frames
                 try:
                     await self._session(stop)
                     reason = "reconnect requested"
                 except (OSError, TimeoutError, WebSocketException) as exc:
                     reason = f"{type(exc).__name__}: {exc}"
-                if stop.is_set():
+                if self._ended(stop):
                     break
                 # A connection that delivered data resets the backoff; one that failed before
                 # any data (refused, dropped at once) keeps doubling it.
@@ -189,6 +199,8 @@ class ExchangeFeed:
             ):
                 await ws.send(subscribe)
             self.state = "live"
+            if self._retired:
+                return
             if self.on_connected is not None:
                 await self.on_connected()
             # One watcher per connection, not per frame: `stop` closes the socket, which ends

@@ -16,6 +16,7 @@ from tickstream_shared.naming import Market
 from tickstream_shared.observability import READINGS, Family, Reading
 from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_shared.settings import ExchangeSettings, WatcherSettings
+from tickstream_watcher.backfill import BackfillQueue
 from tickstream_watcher.checkpoints import ResumePlan
 from tickstream_watcher.exchange import (
     BadFrame,
@@ -29,17 +30,21 @@ from tickstream_watcher.exchange import (
 from tickstream_watcher.feed import ExchangeFeed
 from tickstream_watcher.live_bars import LiveBarCounters, LiveBars
 from tickstream_watcher.market_spec import parse_specs, resolve
+from tickstream_watcher.outbox import TickOutbox
 from tickstream_watcher.registry import EXCHANGES
 from tickstream_watcher.rest import RestClient, RestUnavailable
-from tickstream_watcher.sources import SourceRestart
+from tickstream_watcher.sources import CHUNK_TICKS
 from tickstream_watcher.trust import TrustRules
 from tickstream_watcher.watchdog import MarketWatchdog
 
 log = logging.getLogger(__name__)
 
-# Chunks of ticks waiting for the publisher. When full, `deliver` waits, so reading from the
-# sockets waits too (the exchange's data stays in the kernel buffer) instead of memory growing.
-_QUEUE_CHUNKS: Final = 256
+# Ticks REST work (backfill, repairs, reconciliation) may add to the outbox only while fewer
+# than this wait for the publisher: about 10 s of publishing on this machine, and 14 Binance
+# backfill pages. The stream never waits (see TickOutbox).
+_REST_ROOM: Final = 20_000
+# How often backfill progress is logged while backfills are pending.
+_PROGRESS_EVERY_S: Final = 10.0
 # How often forming bars are flushed (conflated updates) and silent minutes closed.
 _CLOCK_TICK_S: Final = 0.25
 # How often markets are checked for silence, and the shortest time between two renewals of
@@ -48,13 +53,8 @@ _WATCHDOG_EVERY_S: Final = 1.0
 _RENEW_AT_MOST_EVERY_S: Final = 60.0
 # How often REST work (repairs, reconciliation) is looked for when there was none.
 _VERIFY_EVERY_S: Final = 1.0
-# An exchange whose listing could not be read at start is asked again this often.
+# An exchange whose listing could not be read (at start, or since) is asked again this often.
 _RELIST_EVERY_S: Final = 30.0
-
-
-class ListingsChanged(SourceRestart):
-    """An exchange whose listing was unreachable at start answers now: start the source again
-    (the watcher hands its lease on and takes it again, with the new markets)."""
 
 
 def now_us() -> int:
@@ -101,14 +101,33 @@ _STALE_MARKETS: Final = _family(
 _UNREACHABLE: Final = _family(
     "exchange_unreachable", "1 while the exchange's listing or feed cannot be reached.", "gauge"
 )
+_BACKFILL_REQUESTS: Final = _family("backfill_requests_total", "REST requests made by backfills.")
+_BACKFILL_MINUTES: Final = _family(
+    "backfill_minutes_total", "Closed minutes backfills published from REST candles."
+)
+_BACKFILL_PENDING: Final = _family(
+    "backfill_markets_pending", "Markets waiting for a backfill or being backfilled.", "gauge"
+)
+_BACKFILL_DONE: Final = _family(
+    "backfill_markets_done",
+    "Markets whose backfill reached the minutes their connection streams.",
+    "gauge",
+)
 
 
-def _bar_totals(counters: dict[str, LiveBarCounters], detected: dict[str, int]) -> list[Reading]:
+def _bar_totals(
+    counters: dict[str, LiveBarCounters],
+    detected: dict[str, int],
+    backfills: dict[str, BackfillQueue],
+) -> list[Reading]:
     readings: list[Reading] = []
     for exchange, counted in counters.items():
         for name, family in _BAR_FAMILIES.items():
             readings.append((family, (exchange,), getattr(counted, name)))
     readings += [(_STALE_DETECTED, (ex,), count) for ex, count in detected.items()]
+    for exchange, queue in backfills.items():
+        readings.append((_BACKFILL_REQUESTS, (exchange,), queue.requests))
+        readings.append((_BACKFILL_MINUTES, (exchange,), queue.minutes))
     return readings
 
 
@@ -116,13 +135,18 @@ class LiveSource:
     """Minute bars of WATCHER_MARKETS from Binance, Coinbase, Kraken and OKX, live.
 
     `start` reads each exchange's listing, each on its own (one that cannot be read is
-    logged, its markets shown unreachable, and asked again in the background: when it
-    answers, `chunks` raises ListingsChanged). `chunks` then runs, in one task group: per
-    exchange, its feed connections and, after every connect, a REST backfill of the closed
-    minutes not yet published (up to WATCHER_BACKFILL_MINUTES); per exchange a verifier that
-    repairs held minutes and reconciles closed ones with REST; a clock that flushes conflated
-    updates, closes silent minutes and runs the per-market watchdog. A task that fails ends
-    the group, and `chunks` raises its error: the watcher stops and a standby takes over.
+    logged and its markets shown unreachable). `chunks` then runs, in one task group: per
+    exchange, its feed connections; backfill workers that, after every connect, fetch from
+    REST the closed minutes of the connection's markets not yet published (up to
+    WATCHER_BACKFILL_MINUTES; one backfill per market at a time, see BackfillQueue); a
+    verifier that repairs held minutes and reconciles closed ones with REST; a task that
+    reads the listing again (every WATCHER_LISTING_REFRESH_S, or every 30 s while it cannot
+    be read), so that new markets join on a connection of their own and delisted ones leave,
+    without touching the other markets' connections; and a clock that flushes conflated
+    updates, closes silent minutes, runs the per-market watchdog and logs backfill progress.
+    Everything waits for the publisher in a TickOutbox the stream never waits on. A task
+    that fails ends the group, and `chunks` raises its error: the watcher stops and a
+    standby takes over.
     """
 
     resumable = True
@@ -131,6 +155,7 @@ class LiveSource:
         self._specs = parse_specs(settings.markets)
         self._max_markets = settings.max_markets
         self._backfill_minutes = settings.backfill_minutes
+        self._backfill_workers = settings.backfill_workers
         self._silence_ms = settings.feed_silence_ms
         unknown = {spec.exchange for spec in self._specs} - set(EXCHANGES)
         if unknown:
@@ -156,11 +181,30 @@ class LiveSource:
         # Exchanges whose listing could not be read: their exact markets are shown unreachable.
         self.unlisted: dict[str, list[Market]] = {}
         self._relist_every_s = _RELIST_EVERY_S
+        self._listing_refresh_s = settings.listing_refresh_s
+        # Markets that left their exchange's listing while running: reported finished, their
+        # events ignored until their connection drops them. Bounded by the markets delisted.
+        self.gone: set[Market] = set()
+        self._group: asyncio.TaskGroup | None = None  # the running group, for markets joining
+        # What the stream and REST made, waiting for the publisher (see TickOutbox).
+        self._outbox = TickOutbox(_REST_ROOM)
+        # Per exchange: its markets' backfills (one at a time each, owned here, not by a
+        # connection), the event its workers wait on, and when its pending backfills began.
+        self.backfills: dict[str, BackfillQueue] = {}
+        self._backfill_wake: dict[str, asyncio.Event] = {}
+        self._backfill_since: dict[str, float] = {}
         READINGS.track(
             self,
-            totals=functools.partial(_bar_totals, self.bars.counters, self.watchdog.detected),
+            totals=functools.partial(
+                _bar_totals, self.bars.counters, self.watchdog.detected, self.backfills
+            ),
             current=LiveSource._current_readings,
         )
+
+    @property
+    def waiting(self) -> int:
+        """Ticks made and not yet taken by the publisher."""
+        return len(self._outbox)
 
     def _current_readings(self) -> list[Reading]:
         stale: dict[str, int] = {}
@@ -174,6 +218,9 @@ class LiveSource:
         for exchange in {*self._protocols, *self.unlisted}:
             value = 1.0 if exchange in self.unlisted or exchange in down else 0.0
             readings.append((_UNREACHABLE, (exchange,), value))
+        for exchange, queue in self.backfills.items():
+            readings.append((_BACKFILL_PENDING, (exchange,), float(queue.pending)))
+            readings.append((_BACKFILL_DONE, (exchange,), float(queue.done)))
         return readings
 
     async def start(self) -> None:
@@ -213,6 +260,8 @@ class LiveSource:
         self._protocols = {
             ex: EXCHANGES[ex].from_listing(by_market) for ex, by_market in self._symbols.items()
         }
+        for exchange in self._protocols:
+            self._add_backfills(exchange)
         self.markets = resolution.markets
         log.info("watching %d live markets: %s", len(self.markets), [m.id for m in self.markets])
 
@@ -245,6 +294,9 @@ class LiveSource:
         for exchange, markets in self.unlisted.items():
             for market in markets:
                 reports[market.id] = FeedStatus("live", exchange, "unreachable", now_ms, None)
+        for market in self.gone:
+            last = self.bars.last_update_ms(market)
+            reports[market.id] = FeedStatus("live", market.exchange, "finished", now_ms, last)
         return reports
 
     def _state_of(self, market: Market) -> ReportedState:
@@ -258,23 +310,25 @@ class LiveSource:
         return "stale" if market in self.watchdog.stale else "live"
 
     async def chunks(self) -> AsyncGenerator[list[Tick]]:
-        queue: asyncio.Queue[list[Tick]] = asyncio.Queue(_QUEUE_CHUNKS)
+        outbox = self._outbox
         stop = asyncio.Event()
         # The task group lives in a task of its own, never across a `yield`: cancelling the
         # consumer of this generator must not be mistaken for a failure of the group.
-        runner = asyncio.create_task(self._run(queue, stop), name="live-source")
+        runner = asyncio.create_task(self._run(stop), name="live-source")
         try:
             while True:
-                getter = asyncio.ensure_future(queue.get())
-                await asyncio.wait({getter, runner}, return_when=asyncio.FIRST_COMPLETED)
-                if getter.done():
-                    yield getter.result()
+                if not runner.done():
+                    if len(outbox):
+                        yield outbox.take(CHUNK_TICKS)
+                        continue
+                    ready = asyncio.ensure_future(outbox.wait_ready())
+                    try:
+                        await asyncio.wait({ready, runner}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        ready.cancel()
                     continue
-                getter.cancel()
                 try:
                     runner.result()
-                except* ListingsChanged as changed:
-                    raise changed.exceptions[0] from None
                 except* Exception:
                     log.exception("the live source failed; stopping it")
                     raise
@@ -288,60 +342,69 @@ class LiveSource:
             for rest in self._rest.values():
                 await rest.aclose()
 
-    async def _run(self, queue: asyncio.Queue[list[Tick]], stop: asyncio.Event) -> None:
+    async def _run(self, stop: asyncio.Event) -> None:
         """Every task of the source in one group, until cancelled or one of them fails."""
         async with asyncio.TaskGroup() as group:
-            for exchange, protocol in self._protocols.items():
-                self._start_exchange(group, exchange, protocol, queue, stop)
-                group.create_task(self._verify(exchange, queue, stop), name=f"{exchange}-rest")
-            group.create_task(self._clock(queue, stop), name="live-clock")
-            for exchange in self.unlisted:
-                group.create_task(self._relist(exchange, stop), name=f"{exchange}-listing")
+            self._group = group
+            for exchange in list(self._protocols):
+                self._start_exchange(group, exchange, stop)
+            group.create_task(self._clock(stop), name="live-clock")
+            for exchange in self._rest:
+                group.create_task(self._refresh(exchange, stop), name=f"{exchange}-listing")
 
-    def _start_exchange(
-        self,
-        group: asyncio.TaskGroup,
-        exchange: str,
-        protocol: ExchangeProtocol,
-        queue: asyncio.Queue[list[Tick]],
-        stop: asyncio.Event,
+    def _start_exchange(self, group: asyncio.TaskGroup, exchange: str, stop: asyncio.Event) -> None:
+        """The exchange's REST tasks and the connections of all its markets."""
+        group.create_task(self._verify(exchange, stop), name=f"{exchange}-rest")
+        for worker in range(self._backfill_workers):
+            group.create_task(self._backfill_worker(exchange), name=f"{exchange}-backfill-{worker}")
+        self._connect(group, exchange, sorted(self._symbols[exchange].values()), stop)
+
+    def _add_backfills(self, exchange: str) -> None:
+        self.backfills[exchange] = BackfillQueue(exchange)
+        self._backfill_wake[exchange] = asyncio.Event()
+
+    def _connect(
+        self, group: asyncio.TaskGroup, exchange: str, symbols: list[str], stop: asyncio.Event
     ) -> None:
-        symbols = sorted(self._symbols[exchange].values())
+        """New connections for `symbols` (as many markets on each as the exchange allows)."""
+        protocol = self._protocols[exchange]
         size = EXCHANGES[exchange].markets_per_connection or len(symbols)
         for start in range(0, len(symbols), size):
-            feed = self._feed(exchange, protocol, symbols[start : start + size], queue)
+            feed = self._feed(exchange, protocol, symbols[start : start + size])
             served = set(feed.symbols)
             markets = [m for m, symbol in self._symbols[exchange].items() if symbol in served]
-            feed.on_connected = self._backfill_on_connect(group, exchange, markets, queue)
+            feed.on_connected = self._backfill_on_connect(exchange, markets)
             self.feeds.append(feed)
             self._markets_of[id(feed)] = markets
             for market in markets:
                 self._feed_of[market] = feed
-            group.create_task(feed.run(stop), name=f"{exchange}-feed-{start}")
+            number = len(self.feeds)
+            group.create_task(feed.run(stop), name=f"{exchange}-feed-{number}")
 
     def _feed(
         self,
         exchange: str,
         protocol: ExchangeProtocol,
         symbols: list[str],
-        queue: asyncio.Queue[list[Tick]],
     ) -> ExchangeFeed:
-        bars, watchdog = self.bars, self.watchdog
+        bars, watchdog, outbox, gone = self.bars, self.watchdog, self._outbox, self.gone
 
         async def deliver(events: list[FeedEvent], received_us: int) -> None:
             ticks: list[Tick] = []
             received_ms = received_us // 1000
             for event in events:
                 if isinstance(event, CandleUpdate):
-                    watchdog.heard(event.market, received_ms)
-                    ticks += bars.candle(event, received_us)
+                    if event.market not in gone:
+                        watchdog.heard(event.market, received_ms)
+                        ticks += bars.candle(event, received_us)
                 elif isinstance(event, Trade):
-                    watchdog.heard(event.market, received_ms)
-                    ticks += bars.trade(event, received_us)
+                    if event.market not in gone:
+                        watchdog.heard(event.market, received_ms)
+                        ticks += bars.trade(event, received_us)
                 elif isinstance(event, Heartbeat) and event.market is not None:
                     watchdog.heard(event.market, received_ms)
-            if ticks:
-                await queue.put(ticks)
+            # Never waits: reading the connection never waits on the publisher (TickOutbox).
+            outbox.put(ticks)
 
         limits = EXCHANGES[exchange].limits
         if self._silence_ms:
@@ -349,56 +412,92 @@ class LiveSource:
         return ExchangeFeed(protocol, self._endpoints[exchange][0], symbols, limits, deliver)
 
     def _backfill_on_connect(
-        self,
-        group: asyncio.TaskGroup,
-        exchange: str,
-        markets: list[Market],
-        queue: asyncio.Queue[list[Tick]],
+        self, exchange: str, markets: list[Market]
     ) -> Callable[[], Awaitable[None]]:
         async def on_connected() -> None:
             self.bars.connected(markets)  # before the first frame of this connection is read
             self.watchdog.expect(markets, now_us() // 1000)
-            # In a task of its own: the connection must keep reading while REST answers come.
-            group.create_task(self._backfill(exchange, markets, queue))
+            # Workers of the source do it: the connection keeps reading while REST answers,
+            # and a reconnect never starts a second backfill of a market (BackfillQueue).
+            self._want_backfill(exchange, markets)
 
         return on_connected
 
-    async def _backfill(
-        self, exchange: str, markets: list[Market], queue: asyncio.Queue[list[Tick]]
-    ) -> None:
-        """Publish the closed minutes of `markets` missed so far, oldest first, per market."""
-        if self._backfill_minutes == 0:
+    def _want_backfill(self, exchange: str, markets: list[Market]) -> None:
+        if self._backfill_minutes == 0 or not markets:
             return
-        page = EXCHANGES[exchange].page_minutes * MINUTE_MS
-        for market in markets:
-            now = now_us() // 1000
-            current = now - now % MINUTE_MS
-            first = current - self._backfill_minutes * MINUTE_MS
-            after = self.bars.backfilled_through(market)
-            if after is not None:
-                first = max(first, after + MINUTE_MS)
-            filled = 0
+        queue = self.backfills[exchange]
+        if not queue.pending:
+            self._backfill_since[exchange] = time.monotonic()
+        queue.want(markets)
+        self._backfill_wake[exchange].set()
+
+    async def _backfill_worker(self, exchange: str) -> None:
+        """Backfill the exchange's waiting markets one after the other, until cancelled."""
+        queue, wake = self.backfills[exchange], self._backfill_wake[exchange]
+        while True:
+            market = queue.claim()
+            if market is None:
+                wake.clear()  # nothing waits now; `want` sets it again
+                await wake.wait()
+                continue
+            complete = False
             try:
-                for start in range(first, current, page):
-                    end = min(start + page, current) - MINUTE_MS
+                complete = await self._backfill(exchange, market, queue)
+            finally:
+                queue.finished(market, complete=complete)
+                wake.set()  # it may wait again (a reconnect came while it ran)
+
+    async def _backfill(self, exchange: str, market: Market, queue: BackfillQueue) -> bool:
+        """Publish the closed minutes of `market` missed so far, oldest first; False if REST
+        failed (logged; asked again at the next connect)."""
+        page = EXCHANGES[exchange].page_minutes * MINUTE_MS
+        now = now_us() // 1000
+        current = now - now % MINUTE_MS
+        first = current - self._backfill_minutes * MINUTE_MS
+        after = self.bars.backfilled_through(market)
+        if after is not None:
+            first = max(first, after + MINUTE_MS)
+        # Nothing from the minute the connection streams from on: after a short reconnect,
+        # a market already backfilled usually needs no request at all.
+        streamed = self.bars.streams_from(market)
+        if streamed is not None:
+            current = min(current, streamed)
+        filled = 0
+        complete = True
+        try:
+            for start in range(first, current, page):
+                if market in self.gone:
+                    return False  # delisted meanwhile: the rest is not asked for
+                end = min(start + page, current) - MINUTE_MS
+                try:
                     candles = await self._candles(exchange, market, start, end)
-                    ticks = self.bars.backfill(market, candles.candles, now_us())
-                    if candles.bad_rows:
-                        self.bars.recheck(market, start)  # reconciled once REST is asked again
-                    filled += len(ticks)
-                    if ticks:
-                        await queue.put(ticks)
-                self.bars.backfilled(market, current - MINUTE_MS)
-            except (RestUnavailable, BadFrame) as exc:
-                # Not marked as backfilled: the next connect's backfill asks again.
-                log.warning("backfill of %s stopped: %s", market.id, exc)
-            missing = (current - first) // MINUTE_MS - filled
-            log.info(
-                "backfilled %s: %d closed minutes (%d minutes without a candle or not offered)",
-                market.id,
-                filled,
-                max(missing, 0),
-            )
+                except (RestUnavailable, BadFrame):
+                    queue.requests += 1  # counted once answered, not when cancelled on the way
+                    raise
+                queue.requests += 1
+                # Room first, ticks after: none is made with a seq older than a stream tick
+                # already waiting (each market's ticks leave in seq order).
+                await self._outbox.wait_for_room()
+                ticks = self.bars.backfill(market, candles.candles, now_us())
+                if candles.bad_rows:
+                    self.bars.recheck(market, start)  # reconciled once REST is asked again
+                filled += len(ticks)
+                queue.minutes += len(ticks)
+                self._outbox.put(ticks)
+            self.bars.backfilled(market, current - MINUTE_MS)
+        except (RestUnavailable, BadFrame) as exc:
+            # Not marked as backfilled: the next connect's backfill asks again.
+            log.warning("backfill of %s stopped: %s", market.id, exc)
+            complete = False
+        missing = (current - first) // MINUTE_MS - filled
+        log.info(
+            "backfilled %s: %d closed minutes (%d minutes without a candle or not offered)",
+            market.id,
+            filled,
+            max(missing, 0),
+        )
+        return complete
 
     async def _candles(self, exchange: str, market: Market, first: int, last: int) -> CandlePage:
         """REST candles of `market` from `first` to `last`; bad rows counted and logged once
@@ -427,20 +526,19 @@ class LiveSource:
         else:
             self.bars.rest_answered(market)
 
-    async def _verify(
-        self, exchange: str, queue: asyncio.Queue[list[Tick]], stop: asyncio.Event
-    ) -> None:
+    async def _verify(self, exchange: str, stop: asyncio.Event) -> None:
         """The exchange's REST work after the stream: repairs of held minutes first (they are
-        due within seconds), then one reconciliation request for the most overdue market, in
-        turn. Every request goes through the exchange's paced client, so the pace never
-        exceeds its documented limits; when more is due than they allow, it goes as fast as
-        they allow, and a market's next request covers every minute it has due by then.
+        due within seconds), then, once no backfill of the exchange is pending, one
+        reconciliation request for the most overdue market, in turn. Every request goes
+        through the exchange's paced client, so the pace never exceeds its documented limits;
+        when more is due than they allow, it goes as fast as they allow, and a market's next
+        request covers every minute it has due by then.
         """
         while not stop.is_set():
             now_ms = now_us() // 1000
             worked = False
             for market, (first, last) in self.bars.repairs_due(now_ms).items():
-                if market.exchange != exchange:
+                if market.exchange != exchange or market in self.gone:
                     continue
                 candles: list[CandleUpdate] = []
                 try:
@@ -451,11 +549,20 @@ class LiveSource:
                 else:
                     candles = page.candles
                     self._answered(market, page)
-                await self._put(queue, self.bars.repair(market, candles, now_us()))
+                await self._outbox.wait_for_room()  # before the ticks are made: see _backfill
+                self._outbox.put(self.bars.repair(market, candles, now_us()))
                 worked = True
-            due = [
-                entry for entry in self.bars.reconcile_due(now_ms) if entry[0].exchange == exchange
-            ]
+            # Reconciliation waits while backfills are pending: they come first (the day of
+            # every market, not a second look at minutes REST just gave), and a backfill
+            # publishing between a reconciliation's request and its answer could move the
+            # market's remembered minutes under it.
+            due = []
+            if not self.backfills[exchange].pending:
+                due = [
+                    entry
+                    for entry in self.bars.reconcile_due(now_ms)
+                    if entry[0].exchange == exchange and entry[0] not in self.gone
+                ]
             if due:
                 market, first, last = due[0]
                 try:
@@ -467,6 +574,7 @@ class LiveSource:
                     self.bars.rest_failed(market, now_us() // 1000)
                 else:
                     complete = not page.bad_rows  # else the refused rows, on a later turn
+                    await self._outbox.wait_for_room()
                     ticks = self.bars.reconcile(
                         market, page.candles, first, last, now_us(), complete=complete
                     )
@@ -475,20 +583,23 @@ class LiveSource:
                         log.warning(
                             "%s: %d minutes corrected or filled from REST", market.id, len(ticks)
                         )
-                    await self._put(queue, ticks)
+                    self._outbox.put(ticks)
                 worked = True
             if not worked:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=_VERIFY_EVERY_S)
 
-    async def _clock(self, queue: asyncio.Queue[list[Tick]], stop: asyncio.Event) -> None:
-        next_watch = time.monotonic()
+    async def _clock(self, stop: asyncio.Event) -> None:
+        next_watch = next_progress = time.monotonic()
         while not stop.is_set():
             now = now_us()
-            await self._put(queue, self.bars.close_due(now) + self.bars.flush(now))
+            self._outbox.put(self.bars.close_due(now) + self.bars.flush(now))
             if time.monotonic() >= next_watch:
                 next_watch = time.monotonic() + _WATCHDOG_EVERY_S
                 self._watch(now // 1000)
+            if time.monotonic() >= next_progress:
+                next_progress = time.monotonic() + _PROGRESS_EVERY_S
+                self._log_backfill_progress()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=_CLOCK_TICK_S)
 
@@ -511,16 +622,88 @@ class LiveSource:
                 self._renewed_at[id(feed)] = time.monotonic()
                 feed.renew()
 
-    async def _relist(self, exchange: str, stop: asyncio.Event) -> None:
-        """Ask an unlisted exchange for its listing until it answers, then raise
-        ListingsChanged: the source starts again with its markets."""
+    async def _refresh(self, exchange: str, stop: asyncio.Event) -> None:
+        """Read the exchange's listing again and again (every 30 s while it cannot be read,
+        then every WATCHER_LISTING_REFRESH_S, if not 0) and apply what changed."""
         while not stop.is_set():
+            unread = exchange not in self._protocols
+            every = self._relist_every_s if unread else self._listing_refresh_s
+            if not every:
+                return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self._relist_every_s)
-            if not stop.is_set() and await self._listing(exchange) is not None:
-                raise ListingsChanged(f"{exchange}: listing readable again")
+                await asyncio.wait_for(stop.wait(), timeout=every)
+            if stop.is_set():
+                return
+            listing = await self._listing(exchange)
+            if listing is not None:
+                self._relisted(exchange, listing, stop)
 
-    @staticmethod
-    async def _put(queue: asyncio.Queue[list[Tick]], ticks: list[Tick]) -> None:
-        if ticks:
-            await queue.put(ticks)
+    def _relisted(self, exchange: str, listing: dict[Market, str], stop: asyncio.Event) -> None:
+        """Markets of WATCHER_MARKETS the listing no longer offers leave; new ones join (up to
+        WATCHER_MAX_MARKETS in all). The other markets and their connections are untouched."""
+        specs = [spec for spec in self._specs if spec.exchange == exchange]
+        resolution = resolve(specs, {exchange: listing}, self._max_markets)
+        wanted = resolution.symbols.get(exchange, {})
+        current = self._symbols.get(exchange, {})
+        gone = [market for market in current if market not in wanted]
+        if gone:
+            self._leave(exchange, gone)
+        fresh = {market: symbol for market, symbol in wanted.items() if market not in current}
+        room = max(self._max_markets - len(self.markets), 0)
+        if len(fresh) > room:
+            log.warning("%d new markets left out by WATCHER_MAX_MARKETS", len(fresh) - room)
+            fresh = dict(list(fresh.items())[:room])
+        if exchange in self.unlisted:
+            del self.unlisted[exchange]  # its markets are now listed, or unknown (logged)
+            for entry in resolution.unknown:
+                log.warning("market %s is not listed by its exchange: skipped", entry)
+        if fresh:
+            self._join(exchange, fresh, stop)
+
+    def _join(self, exchange: str, fresh: dict[Market, str], stop: asyncio.Event) -> None:
+        """Watch `fresh` markets: on new connections of their own, backfilled once connected."""
+        assert self._group is not None, "markets join a running source"
+        symbols = self._symbols.setdefault(exchange, {})
+        symbols.update(fresh)
+        self.gone.difference_update(fresh)
+        self.markets += list(fresh)
+        # A superset of the previous protocol (the feeds already running keep theirs).
+        first = exchange not in self._protocols
+        self._protocols[exchange] = EXCHANGES[exchange].from_listing(symbols)
+        if first:
+            self._add_backfills(exchange)
+            self._start_exchange(self._group, exchange, stop)
+        else:
+            self._connect(self._group, exchange, sorted(fresh.values()), stop)
+        log.info("%s: %d markets join: %s", exchange, len(fresh), [m.id for m in fresh])
+
+    def _leave(self, exchange: str, gone: list[Market]) -> None:
+        """Stop watching `gone` markets (delisted): reported finished, their events ignored,
+        left out of their connection's next subscribe (a connection left with none ends)."""
+        symbols = self._symbols[exchange]
+        for market in gone:
+            symbol = symbols.pop(market)
+            self.gone.add(market)
+            self.markets.remove(market)
+            self.watchdog.stale.discard(market)  # finished, not stale
+            feed = self._feed_of.pop(market, None)
+            if feed is not None:
+                self._markets_of[id(feed)].remove(market)
+                feed.symbols = [s for s in feed.symbols if s != symbol]
+                if not feed.symbols:
+                    feed.retire()
+        self.backfills[exchange].forget(gone)
+        log.info("%s: %d markets left the listing: %s", exchange, len(gone), [m.id for m in gone])
+
+    def _log_backfill_progress(self) -> None:
+        """Per exchange with backfills pending: how far they are; once when they are all done."""
+        for exchange, queue in self.backfills.items():
+            since = self._backfill_since.get(exchange)
+            if since is None:
+                continue
+            elapsed = time.monotonic() - since
+            if queue.pending:
+                log.info("%s", queue.progress(elapsed))
+            else:
+                log.info("%s (all done in %.0fs)", queue.progress(elapsed), elapsed)
+                del self._backfill_since[exchange]

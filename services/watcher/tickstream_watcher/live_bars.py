@@ -349,7 +349,10 @@ class LiveBars:
                 self._count(state).repaired += 1
             elif any(first <= candle.minute <= last for first, last in state.streamed):
                 continue
-            out.append(self._emit_closed(state, bar, now_us))
+            # The reference once per page, not per bar: it was 45% of a day's backfill.
+            out.append(self._emit_closed(state, bar, now_us, judge=False))
+        if out:
+            self._judge_by_recent(state)
         state.streamed = [span for span in state.streamed if span[1] > state.backfilled_through]
         return out
 
@@ -554,6 +557,12 @@ class LiveBars:
         state = self._markets.get(market)
         return None if state is None or state.backfilled_through < 0 else state.backfilled_through
 
+    def streams_from(self, market: Market) -> int | None:
+        """The first minute the current connection delivered of `market` (a backfill has
+        nothing to publish from it on), or None before its first update."""
+        state = self._markets.get(market)
+        return None if state is None else state.session_first
+
     def closed_through(self, market: Market) -> int | None:
         """The newest minute of `market` closed so far, or None."""
         state = self._markets.get(market)
@@ -661,8 +670,11 @@ class LiveBars:
         state.published_at = received_us // 1000
         return [self._emit_closed(state, bar, received_us)]
 
-    def _emit_closed(self, state: _MarketState, bar: _Bar, received_us: int) -> Tick:
-        """Publish `bar` as its minute's closed bar, remembered for corrections and checks."""
+    def _emit_closed(
+        self, state: _MarketState, bar: _Bar, received_us: int, *, judge: bool = True
+    ) -> Tick:
+        """Publish `bar` as its minute's closed bar, remembered for corrections and checks
+        (without `judge`, the caller renews the plausibility reference: `_judge_by_recent`)."""
         # max: a backfill may close later minutes before this one (out of order).
         state.closed_through = max(state.closed_through, bar.minute)
         if not bar.final and bar.minute <= state.reconciled_through:
@@ -674,9 +686,13 @@ class LiveBars:
         if min(recent) <= horizon:
             for minute in [m for m in recent if m <= horizon]:
                 del recent[minute]
-        pairs = ((b.close, b.volume) for b in recent.values())
-        state.reference = Reference.of(pairs, self.rules.min_reference_bars)
+        if judge:
+            self._judge_by_recent(state)
         return self._bar_tick(state, bar, received_us, closed=True)
+
+    def _judge_by_recent(self, state: _MarketState) -> None:
+        pairs = ((b.close, b.volume) for b in state.recent.values())
+        state.reference = Reference.of(pairs, self.rules.min_reference_bars)
 
     def _mark_unfinished(self, state: _MarketState, first: int, last: int) -> None:
         """Minutes first..last lack trades: close them from REST (newest MAX_REPAIR_MINUTES)."""

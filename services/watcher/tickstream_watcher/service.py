@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -15,16 +16,17 @@ from aiokafka.errors import KafkaError
 
 from tickstream_shared.feed_status import REPORT_INTERVAL_S
 from tickstream_shared.kafka import ensure_topics, make_producer, stop_producer
+from tickstream_shared.naming import market_of
 from tickstream_shared.redis_client import connect
 from tickstream_shared.schemas import Tick
-from tickstream_shared.settings import ServiceSettings
+from tickstream_shared.settings import KafkaSettings, ServiceSettings
 from tickstream_watcher.checkpoints import ResumePlan, ResumePoint
 from tickstream_watcher.exchange import BadFrame
 from tickstream_watcher.feed_markets import FeedMarkets
 from tickstream_watcher.leadership import GroupState, Lease, wait_for_lease
 from tickstream_watcher.publisher import TickPublisher
 from tickstream_watcher.rest import RestUnavailable
-from tickstream_watcher.sources import SourceRestart, TickSource, make_source
+from tickstream_watcher.sources import TickSource, make_source
 
 log = logging.getLogger("tickstream.watcher")
 
@@ -52,10 +54,6 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
                 if await _term(settings, lease, group, stop):
                     break
                 log.warning("lost the lease %s: stopped publishing, standing by", lease.key)
-            except SourceRestart as exc:
-                log.warning("the source changed: %s; starting it again", exc)
-                with contextlib.suppress(*_REDIS_ERRORS):
-                    await lease.release()
             except _BROKER_ERRORS as exc:
                 # The broker is down or lost the producer's state: hand the lease on (a standby
                 # may do better), wait a little, and stand by for it again with a new producer.
@@ -105,7 +103,8 @@ async def _term(
         try:
             async with TickPublisher(producer, settings.watcher.max_in_flight) as publisher:
                 term.publisher = publisher
-                await _publish(source, publisher, group, plan, term.lost, stop)
+                pump = _pump(source, publisher, group, plan, settings.kafka)
+                await _publish(pump, term.lost, stop)
                 if term.lost.is_set():
                     return False
                 try:
@@ -158,15 +157,10 @@ async def _start_source(
 
 
 async def _publish(
-    source: TickSource,
-    publisher: TickPublisher,
-    group: GroupState,
-    plan: ResumePlan | None,
-    lost: asyncio.Event,
-    stop: asyncio.Event,
+    pumping: Coroutine[None, None, None], lost: asyncio.Event, stop: asyncio.Event
 ) -> None:
     """Run the pump until `stop` or `lost`; a finite source's end keeps it waiting for those."""
-    pump = asyncio.create_task(_pump(source, publisher, group, plan))
+    pump = asyncio.create_task(pumping)
     try:
         await _wait_any(stop, lost, also=pump)
         if pump.done() and pump.exception() is None:
@@ -180,15 +174,26 @@ async def _publish(
 
 
 async def _pump(
-    source: TickSource, publisher: TickPublisher, group: GroupState, plan: ResumePlan | None
+    source: TickSource,
+    publisher: TickPublisher,
+    group: GroupState,
+    plan: ResumePlan | None,
+    kafka: KafkaSettings,
 ) -> None:
     started = time.monotonic()
+    # Markets whose topic exists: those of the start, and those joining later (a live
+    # source's new listings), created before their first tick is handed to the producer.
+    with_topic = {market.id for market in source.markets}
     if plan is not None and plan.republish:
         # The previous holder's last closes, maybe never acknowledged: as they were, first.
         await publisher.publish(list(plan.republish.values()))
     # aclosing: the source's own tasks (live feeds) end with the pump, even when it is cancelled.
     async with contextlib.aclosing(source.chunks()) as chunks:
         async for chunk in chunks:
+            joined = {tick.market for tick in chunk} - with_topic
+            if joined:
+                await ensure_topics(kafka, [market_of(market).topic for market in joined])
+                with_topic |= joined
             if source.resumable:
                 await group.closing(chunk)  # before the producer has it: see `leadership`
             await publisher.publish(chunk)

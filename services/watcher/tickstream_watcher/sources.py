@@ -34,17 +34,14 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class SourceRestart(Exception):
-    """The source's markets changed (an exchange's listing became readable): `chunks` ends
-    with this, and the watcher starts the source again, with the new markets."""
-
-
 class TickSource(Protocol):
     """Yields lists of ticks that are due together; the publisher sends each list at once.
 
-    `markets` is complete once `start` has returned. A source with `resumable` continues a
-    previous publisher's markets from a `ResumePlan` (given to `resume` before `chunks`);
-    the others start afresh. `feed_reports` says, per market id, how its feed is doing.
+    `markets` is complete once `start` has returned (a live source adds the markets of new
+    listings to it while it runs; their first ticks come after that). A source with
+    `resumable` continues a previous publisher's markets from a `ResumePlan` (given to
+    `resume` before `chunks`); the others start afresh. `feed_reports` says, per market id,
+    how its feed is doing.
     """
 
     markets: list[Market]

@@ -1,0 +1,115 @@
+"""A local Binance listing many markets, in Binance's formats, counting what it is asked.
+
+Used by the backfill tests (tests/integration/test_live_backfill.py) and bench/bench_backfill.py:
+exchangeInfo from a listing the test may change while the watcher runs, klines for the last
+48 h of every listed symbol (a day asked for just before a minute ends is still all there;
+each request counted per symbol), and a combined kline stream
+that sends every subscribed symbol's forming minute twice a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+M = 60_000
+DAY_MINUTES = 1440
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def symbols(count: int, first: int = 0) -> list[str]:
+    """`count` distinct Binance symbols quoted in USDT: C0000USDT, C0001USDT, ..."""
+    return [f"C{n:04d}USDT" for n in range(first, first + count)]
+
+
+def price(symbol: str, minute: int) -> str:
+    return f"{1 + int(symbol[1:5]) / 100 + (minute // M) % 89 / 10_000:.8f}"
+
+
+@dataclass
+class ManyBinance:
+    """Binance's REST and combined streams for `listed` symbols (changeable while running).
+
+    `klines` counts candle requests per symbol. `flood` rounds of one frame per symbol, ten
+    rounds a second, are sent on the first connection before it pings the client three times
+    (`answered` is set once all three pongs came). `drop_after` closes the first connection
+    once that many candle requests arrived (a reconnect mid-backfill).
+    """
+
+    listed: list[str]
+    name: str = "binance"
+    klines: Counter[str] = field(default_factory=Counter)
+    connections: list[list[str]] = field(default_factory=list)  # symbols, per connection
+    flood: int = 0  # rounds
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+    drop_after: int | None = None
+
+    def route(self, path: str, query: dict[str, str]) -> tuple[int, Any]:
+        if path == "/api/v3/exchangeInfo":
+            listing = [
+                {"symbol": s, "status": "TRADING", "baseAsset": s[:-4], "quoteAsset": "USDT"}
+                for s in self.listed
+            ]
+            return 200, {"symbols": listing}
+        symbol = query.get("symbol", "")
+        if path == "/api/v3/klines" and symbol in self.listed:
+            self.klines[symbol] += 1
+            now = now_ms()  # read once: two reads a millisecond apart misalign the minute
+            current = now - now % M
+            start = max(int(query["startTime"]), current - 2 * DAY_MINUTES * M)
+            end = min(int(query["endTime"]), current - M)
+            rows = []
+            for minute in range(start, end + 1, M)[: int(query.get("limit", "500"))]:
+                p = price(symbol, minute)
+                rows.append([minute, p, p, p, p, "2.5", minute + M - 1, "1", 3, "0", "0", "0"])
+            return 200, rows
+        return 400, {"code": -1121, "msg": "Invalid symbol."}
+
+    def kline(self, symbol: str) -> str:
+        at = now_ms()
+        minute = at - at % M
+        p = price(symbol, minute)
+        k = {"t": minute, "T": minute + M - 1, "s": symbol, "i": "1m", "o": p, "h": p, "l": p}
+        k |= {"c": p, "v": "1.5", "n": 2, "x": False}
+        data = {"e": "kline", "E": at, "s": symbol, "k": k}
+        return json.dumps({"stream": f"{symbol.lower()}@kline_1m", "data": data})
+
+    async def ws(self, connection: ServerConnection) -> None:
+        assert connection.request is not None
+        streams = parse_qs(urlsplit(connection.request.path).query)["streams"][0]
+        subscribed = [name.split("@")[0].upper() for name in streams.split("/")]
+        self.connections.append(subscribed)
+        first = len(self.connections) == 1
+        with contextlib.suppress(ConnectionClosed):
+            if first and self.flood:
+                # Every symbol's update ten times a second: a client that did not read would
+                # get more than one tick per market every 250 ms to publish.
+                for _ in range(self.flood):
+                    for symbol in subscribed:
+                        await connection.send(self.kline(symbol))
+                    await asyncio.sleep(0.1)
+                for _ in range(3):  # the client answers while its consumer is stalled
+                    await (await connection.ping())
+                self.answered.set()
+            while True:
+                dropping = first and self.drop_after is not None
+                if dropping and sum(self.klines.values()) >= (self.drop_after or 0):
+                    return  # the exchange drops the connection mid-backfill
+                for symbol in subscribed:
+                    if symbol in self.listed:
+                        await connection.send(self.kline(symbol))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(connection.wait_closed(), timeout=0.5)
+                    return
