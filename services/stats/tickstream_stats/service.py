@@ -137,7 +137,9 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     """Consume until `stop`; a batch's offsets are committed only after Redis and PostgreSQL."""
     pool = await db.create_pool(settings.database)
     redis = redis_client.connect(settings.redis)
-    consumer = make_consumer(settings.kafka, group_id=STATS_GROUP, client_id="tickstream-stats")
+    consumer = make_consumer(
+        settings.kafka, group_id=STATS_GROUP, client_id="tickstream-stats", role="batch"
+    )
     producer = RenewableProducer(settings.kafka, client_id="tickstream-stats")
     book = MetricBook(settings.stats.window_minutes, settings.stats.stale_seconds)
     runtime = ConsumerRuntime(
