@@ -183,7 +183,8 @@ async def bench(
         print(
             f"batch fetch: wait {kafka.batch_fetch_max_wait_ms} ms for"
             f" {kafka.batch_fetch_min_bytes:,} bytes; live fetch: wait"
-            f" {kafka.fetch_max_wait_ms} ms for 1 byte"
+            f" {kafka.fetch_max_wait_ms} ms for 1 byte; metadata every"
+            f" {kafka.metadata_max_age_ms} ms"
         )
         for count in topic_counts:
             topics = [f"bench{count}.t{i:05d}" for i in range(count)]
@@ -211,6 +212,9 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=int, help="KAFKA_BATCH_FETCH_MAX_WAIT_MS to try")
     parser.add_argument("--batch-min-bytes", type=int, help="KAFKA_BATCH_FETCH_MIN_BYTES to try")
     parser.add_argument(
+        "--metadata-max-age-ms", type=int, help="KAFKA_METADATA_MAX_AGE_MS to try (new runs)"
+    )
+    parser.add_argument(
         "--only", choices=("all", "batch"), default="all", help="batch: the new batch run only"
     )
     args = parser.parse_args()
@@ -219,6 +223,8 @@ def main() -> None:
         batch["batch_fetch_max_wait_ms"] = args.batch_wait_ms
     if args.batch_min_bytes is not None:
         batch["batch_fetch_min_bytes"] = args.batch_min_bytes
+    if args.metadata_max_age_ms is not None:
+        batch["metadata_max_age_ms"] = args.metadata_max_age_ms
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs; one consumer per run")
     asyncio.run(bench(args.topics, args.rate, args.seconds, args.warmup, batch, args.only))
 
