@@ -415,6 +415,8 @@ class ConsumerRuntime:
     def _lag_readings(self) -> list[Reading]:
         readings: list[Reading] = [(MARKETS_ARRIVING, (), len(self.arriving))]
         for tp, handled in self.handled.items():
+            if tp not in self.owned:
+                continue  # held during a rebalance: reported again if it stays
             try:
                 highwater = self.consumer.highwater(tp)
             except Exception:  # aiokafka asserts: the partition left, its revoke is on its way
