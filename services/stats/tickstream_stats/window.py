@@ -474,6 +474,8 @@ class MinuteWindow:
         """The present minute before `minute`, or -1; O(log_64 n) whatever the gap."""
         if minute == self._newest:
             return self._before_newest
+        if minute <= self._oldest:
+            return -1
         size, occupancy = self._size, self._occupancy
         slot = (minute // MINUTE_MS) % size
         found = occupancy.last_until(slot - 1)
@@ -489,6 +491,8 @@ class MinuteWindow:
 
     def _next_present(self, minute: int) -> int:
         """The present minute after `minute`, or -1; O(log_64 n) whatever the gap."""
+        if minute >= self._newest:
+            return -1  # the forming minute, replaced by every update: no search
         size, occupancy = self._size, self._occupancy
         slot = (minute // MINUTE_MS) % size
         found = occupancy.first_from(slot + 1)
