@@ -1,4 +1,4 @@
-"""Stats window bench: memory per metric, single-update times, RSS for 1,000 markets x 24h."""
+"""Stats window bench: memory, single-update times, RSS for 1,000 markets x 24h, backfill order."""
 
 from __future__ import annotations
 
@@ -162,6 +162,70 @@ def worst_cases() -> None:
     )
 
 
+class _ScanningWindow(MinuteWindow):
+    """The window as it was before the occupancy tree: neighbours found by a slot scan."""
+
+    __slots__ = ()
+
+    def _prev_present(self, minute: int) -> int:
+        if minute == self._newest:
+            return self._before_newest
+        minutes, size = self._minutes, self._size
+        candidate = minute - MINUTE_MS
+        while candidate >= self._oldest:
+            if minutes[(candidate // MINUTE_MS) % size] == candidate:
+                return candidate
+            candidate -= MINUTE_MS
+        return -1
+
+    def _next_present(self, minute: int) -> int:
+        minutes, size = self._minutes, self._size
+        candidate = minute + MINUTE_MS
+        while candidate <= self._newest:
+            if minutes[(candidate // MINUTE_MS) % size] == candidate:
+                return candidate
+            candidate += MINUTE_MS
+        return -1
+
+
+def backfill_order(markets: int, seed: int) -> None:
+    """(f) the order a starting watcher delivers: the live minute first, then 1,440 minutes of
+    backfill oldest first; CPU time per market with the occupancy tree and with the old scan."""
+    rng = random.Random(seed)
+    live = START_MINUTE + 1440 * MINUTE_MS
+    series = []
+    for _ in range(markets):
+        price = rng.uniform(0.01, 50_000.0)
+        bars = []
+        for back in range(1440, 0, -1):
+            price *= 1 + rng.gauss(0, 1e-3)
+            bars.append((live - back * MINUTE_MS, price, rng.random()))
+        series.append(bars)
+    print(
+        f"(f) live minute first, then 1,440 minutes oldest first (a backfill), {markets} markets"
+        " (CPU time per market, including stats() once at the end)"
+    )
+    results = {}
+    for name, kind in (("old scan", _ScanningWindow), ("occupancy tree", MinuteWindow)):
+        windows = []
+        start = time.thread_time_ns()
+        for bars in series:
+            window = kind(1440)
+            window.set(live, bars[-1][1], 1.0)
+            for minute, close, volume in bars:
+                window.set(minute, close, volume)
+            window.stats()
+            windows.append(window)
+        elapsed = (time.thread_time_ns() - start) / markets
+        results[name] = windows
+        print(f"    {name:>14}: {elapsed / 1e6:7.2f} ms per market")
+    same = all(
+        old.stats() == new.stats()
+        for old, new in zip(results["old scan"], results["occupancy tree"], strict=True)
+    )
+    print(f"    identical statistics: {same}")
+
+
 def many_markets(markets: int, seed: int, quoted: bool) -> None:
     """(c) RSS of a book holding `markets` x 24h of minutes, (e) one clock minute for all."""
     rng = random.Random(seed)
@@ -209,7 +273,12 @@ def main() -> None:
     parser.add_argument("--markets", type=int, default=1000, help="markets for the RSS part")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
-        "--part", choices=("all", "memory", "updates", "worst", "rss"), default="all"
+        "--part",
+        choices=("all", "memory", "updates", "worst", "rss", "backfill"),
+        default="all",
+    )
+    parser.add_argument(
+        "--backfill-markets", type=int, default=100, help="markets for the backfill-order part"
     )
     parser.add_argument(
         "--quote-volume",
@@ -228,6 +297,8 @@ def main() -> None:
         worst_cases()
     elif args.part == "rss":
         many_markets(args.markets, args.seed, quoted)
+    elif args.part == "backfill":
+        backfill_order(args.backfill_markets, args.seed)
     else:
         print(
             f"python {platform.python_version()}, seed {args.seed}, {os.cpu_count()} CPUs,"
@@ -235,10 +306,11 @@ def main() -> None:
         )
         # Each part in a fresh process: tracemalloc slows the timed part, and RSS must not
         # include what earlier parts allocated.
-        for part in ("memory", "updates", "worst", "rss"):
+        for part in ("memory", "updates", "worst", "rss", "backfill"):
             command = [sys.executable, __file__, "--part", part, "--hours", str(args.hours)]
             command += ["--markets", str(args.markets), "--seed", str(args.seed)]
             command += ["--quote-volume"] if quoted else []
+            command += ["--backfill-markets", str(args.backfill_markets)]
             subprocess.run(command, check=True)
 
 

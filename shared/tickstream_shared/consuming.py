@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -27,6 +28,10 @@ from tickstream_shared.observability import (
     BATCHES,
     COMMITS_REFUSED,
     CONSUMER_LAG,
+    MARKETS_ARRIVING,
+    MARKETS_FORGOTTEN,
+    MARKETS_KEPT,
+    MARKETS_WARMED,
     READINGS,
     RECORDS_DEAD_LETTERED,
     RECORDS_DECODED,
@@ -41,6 +46,11 @@ T = TypeVar("T")
 
 RETRY_MAX_DELAY_S = 5.0
 _REPORT_EVERY_S = 30.0
+# Markets prepared per turn of the loop (one `assigned` call: one stored-bars query for stats).
+# Bounds the rows of one query (8 x 1,440 minutes) and how long the lock is held between two
+# batches of the markets already owned, or before a rebalance listener gets the lock (about
+# 0.3 s for stats; 32 held it 1.2 s for no gain: see bench/bench_warmup.py).
+WARM_BATCH_MARKETS = 8
 
 # Failures of a server or the network, worth waiting out. Anything else (a bug, a constraint
 # violation) is raised: the service stops loudly, and uncommitted offsets lose nothing.
@@ -167,11 +177,12 @@ async def commit_batch(consumer: Any, offsets: dict[Any, int] | None = None) -> 
 class BatchHandler(Protocol):
     """What a consuming service does with its batches; the runtime does the rest.
 
-    `assigned` prepares newly owned markets (warm-up; transient errors are retried by the
-    runtime, others stop the service); `revoked` forgets markets that left. `handle` makes one
-    batch's effects durable and returns False only when `stop` interrupted it (nothing is
-    committed then); `idle` runs when a poll returned nothing (same convention). None of them
-    runs concurrently with another: the runtime holds one lock around each.
+    `assigned` prepares markets that arrived, at most WARM_BATCH_MARKETS per call (warm-up;
+    transient errors are retried by the runtime, others stop the service); `revoked` forgets
+    markets that left (only those: markets kept across a rebalance keep their state). `handle`
+    makes one batch's effects durable and returns False only when `stop` interrupted it
+    (nothing is committed then); `idle` runs when a poll returned nothing (same convention).
+    None of them runs concurrently with another: the runtime holds one lock around each.
     """
 
     async def assigned(self, markets: set[Market]) -> None: ...
@@ -213,6 +224,9 @@ class RuntimeCounters:
     batches: int = 0
     commits_refused: int = 0
     skipped_unowned: int = 0  # records of partitions not owned when their batch was handled
+    markets_warmed: int = 0  # markets prepared by the handler as they arrived
+    markets_kept: int = 0  # markets kept with their state across a rebalance (not warmed)
+    markets_forgotten: int = 0  # markets whose state was dropped as their partition left
 
 
 class ConsumerRuntime:
@@ -221,11 +235,21 @@ class ConsumerRuntime:
     Per batch, under one lock: only records of partitions this instance owns (assigned and
     prepared) are used; bad records are sent to the dead-letter topic and acknowledged; the
     handler makes the batch's effects durable; then exactly the offsets of the records used
-    are committed. A rebalance takes the same lock, so a revoke waits for the batch in
-    flight, which commits what it did, and then the handler forgets only the partitions that
-    left; an assignment prepares only the partitions that arrived. A refused commit (the group
-    rebalanced under the batch) is logged, not fatal: the new owner reads those records again
-    and the handlers' effects are idempotent (rows upserted by seq, alerts keyed by minute).
+    are committed. A refused commit (the group rebalanced under the batch) is logged, not
+    fatal: the owner reads those records again and the handlers' effects are idempotent (rows
+    upserted by seq, alerts keyed by minute, ticks at or below a market's last seq skipped).
+
+    Rebalances (aiokafka's eager protocol revokes every partition, then assigns the new set):
+    the revoke waits for the lock, so the batch in flight commits first, and then processing
+    stops, but the handler's state is held. At the assignment, a partition both revoked and
+    assigned keeps its state (counted as kept) if the group generation went from g to g + 1:
+    this member was in both generations, each generation has one owner per partition, so no
+    one else read it in between; it resumes from the committed offset, and anything handled
+    after that offset is skipped by seq. Otherwise (the member was expelled and rejoined, so
+    others may have owned it) it counts as an arrival. Departures are forgotten; arrivals are
+    paused and prepared by the loop, WARM_BATCH_MARKETS markets per turn with batches of the
+    owned partitions in between, then resumed. The listener itself only does set arithmetic,
+    so it never holds the group up: aiokafka sends no heartbeat while it runs.
 
     aiokafka (0.14) calls the rebalance listener from its coordination task, concurrently with
     the loop; the lock cannot deadlock with the loop's commit(), which takes only the
@@ -249,12 +273,18 @@ class ConsumerRuntime:
         self.batch_max = batch_max
         self.batch_wait_ms = batch_wait_ms
         self.owned: set[Any] = set()  # TopicPartitions assigned and prepared
+        # Assigned, paused, waiting to be prepared (insertion order: sorted by topic).
+        self.arriving: dict[Any, None] = {}
+        # Revoked partitions whose handler state is held until the assignment tells whether
+        # they stay, and the group generation they were owned in.
+        self._held: set[Any] = set()
+        self._held_generation = -1
         self.decode = DecodeCounters()
         self.counters = RuntimeCounters()
         self.lock = asyncio.Lock()
         self.listener = _RebalanceListener(self)
-        # aiokafka only logs what a listener raises; the loop re-raises it, so a market that
-        # cannot be prepared stops the service instead of being skipped for good.
+        # aiokafka only logs what a listener raises; the loop re-raises it, so a bug in the
+        # rebalance bookkeeping stops the service instead of leaving partitions unowned.
         self._failure: Exception | None = None
         # Per owned partition, the offset after the last record handled: the consumer lag
         # metric is the partition's highwater minus this.
@@ -275,8 +305,16 @@ class ConsumerRuntime:
             if time.monotonic() >= next_report:
                 next_report = time.monotonic() + _REPORT_EVERY_S
                 self._report()
+            if self.arriving:
+                async with self.lock:
+                    if self._failure is not None:
+                        raise self._failure
+                    if not await self._prepare_some(stop):
+                        return
+            # While markets wait to be prepared, poll without waiting: the owned ones get a
+            # batch between two warm-ups, and the warm-up is not slowed by the fetch wait.
             batch = await self.consumer.getmany(
-                timeout_ms=self.batch_wait_ms, max_records=self.batch_max
+                timeout_ms=0 if self.arriving else self.batch_wait_ms, max_records=self.batch_max
             )
             async with self.lock:
                 if self._failure is not None:
@@ -291,23 +329,63 @@ class ConsumerRuntime:
     def _report(self) -> None:
         log.info(
             "batches=%d ticks decoded=%d skipped_bad=%d dead_lettered=%d commits_refused=%d"
-            " skipped_unowned=%d",
+            " skipped_unowned=%d markets warmed=%d kept=%d forgotten=%d arriving=%d",
             self.counters.batches,
             self.decode.decoded,
             self.decode.skipped_bad,
             self.dead_letters.sent,
             self.counters.commits_refused,
             self.counters.skipped_unowned,
+            self.counters.markets_warmed,
+            self.counters.markets_kept,
+            self.counters.markets_forgotten,
+            len(self.arriving),
         )
+
+    async def _prepare_some(self, stop: asyncio.Event) -> bool:
+        """Prepare up to WARM_BATCH_MARKETS arriving markets, then own and resume them.
+
+        Returns False only if `stop` came first (they stay arriving). Raises what the handler
+        raises that is not transient.
+        """
+        partitions = list(itertools.islice(self.arriving, WARM_BATCH_MARKETS))
+        markets = {Market.from_topic(tp.topic) for tp in partitions}
+        # A market already owned through another of its topic's partitions keeps its state.
+        markets -= {Market.from_topic(tp.topic) for tp in self.owned}
+
+        async def prepare() -> bool:
+            if markets:
+                await self.handler.assigned(markets)
+            return True
+
+        if await retry_until_done("prepare markets", prepare, stop) is None:
+            return False
+        for tp in partitions:
+            del self.arriving[tp]
+        self.owned.update(partitions)
+        self.consumer.resume(*partitions)
+        self.counters.markets_warmed += len(markets)
+        if not self.arriving:
+            log.info(
+                "all assigned markets prepared: %d owned, %d warmed so far",
+                len(self.owned),
+                self.counters.markets_warmed,
+            )
+        return True
 
     async def _handle(self, batch: dict[Any, list[Any]], stop: asyncio.Event) -> bool:
         used = {tp: records for tp, records in batch.items() if tp in self.owned and records}
         skipped = sum(len(records) for tp, records in batch.items() if tp not in used)
         if skipped:
-            # Revoked, or assigned but not prepared yet, while this batch was fetched: its
-            # owner reads these records again from the committed offset.
+            # Revoked while this batch was fetched: its owner reads these records again from
+            # the committed offset.
             self.counters.skipped_unowned += skipped
             log.info("skipped %d records of partitions not owned (mid-rebalance)", skipped)
+            for tp, records in batch.items():
+                if tp in self.arriving and records:
+                    # Fetched before its pause took effect: this instance owns it and must
+                    # read these records again once the market is prepared.
+                    self.consumer.seek(tp, records[0].offset)
         if not used:
             return True
         started = time.perf_counter()
@@ -335,8 +413,10 @@ class ConsumerRuntime:
         return True
 
     def _lag_readings(self) -> list[Reading]:
-        readings: list[Reading] = []
+        readings: list[Reading] = [(MARKETS_ARRIVING, (), len(self.arriving))]
         for tp, handled in self.handled.items():
+            if tp not in self.owned:
+                continue  # held during a rebalance: reported again if it stays
             try:
                 highwater = self.consumer.highwater(tp)
             except Exception:  # aiokafka asserts: the partition left, its revoke is on its way
@@ -348,28 +428,63 @@ class ConsumerRuntime:
 
     async def _revoked(self, partitions: set[Any]) -> None:
         async with self.lock:
-            gone = partitions & self.owned
-            self.owned -= gone
-            for tp in gone:
-                self.handled.pop(tp, None)
-            self.handler.revoked({Market.from_topic(tp.topic) for tp in gone})
+            # Processing stops (the batch in flight has committed: it held the lock), but the
+            # state stays until the assignment says whether each partition stays here.
+            self._held |= self.owned & partitions
+            self._held_generation = _generation(self.consumer)
+            self.owned -= partitions
+            for tp in partitions:
+                self.arriving.pop(tp, None)  # never prepared: nothing to forget
 
     async def _assigned(self, partitions: set[Any]) -> None:
         async with self.lock:
-            new = partitions - self.owned
-            markets = {Market.from_topic(tp.topic) for tp in new}
+            generation = _generation(self.consumer)
+            held, self._held = self._held, set()
+            if self._held_generation >= 0 and generation == self._held_generation + 1:
+                kept = held & partitions
+            else:
+                kept = set()  # expelled and rejoined (or no generation known): warm again
+                if held:
+                    log.info(
+                        "group generation %d after %d: no partition's state is kept",
+                        generation,
+                        self._held_generation,
+                    )
+            departed = held - kept
+            for tp in departed:
+                self.handled.pop(tp, None)
+            still_here = {Market.from_topic(tp.topic) for tp in kept | self.owned}
+            gone = {Market.from_topic(tp.topic) for tp in departed} - still_here
+            self.handler.revoked(gone)
+            self.owned |= kept
+            arrivals = sorted(partitions - self.owned, key=lambda tp: (tp.topic, tp.partition))
+            for tp in arrivals:
+                self.arriving[tp] = None
+            if arrivals:
+                self.consumer.pause(*arrivals)
+            kept_markets = len({Market.from_topic(tp.topic) for tp in kept})
+            self.counters.markets_kept += kept_markets
+            self.counters.markets_forgotten += len(gone)
+            log.info(
+                "assigned %d partitions (generation %d): %d markets kept, %d forgotten,"
+                " %d partitions to prepare",
+                len(partitions),
+                generation,
+                kept_markets,
+                len(gone),
+                len(self.arriving),
+            )
 
-            async def prepare() -> bool:
-                await self.handler.assigned(markets)
-                return True
 
-            try:
-                done = await retry_until_done("prepare markets", prepare, self.stop)
-            except Exception as exc:
-                self._failure = exc
-                raise
-            if done:
-                self.owned |= new
+def _generation(consumer: Any) -> int:
+    """The consumer's current group generation, or -1 if it has none.
+
+    aiokafka has no public accessor; its coordinator keeps the generation of the last join
+    and resets it to -1 when the group no longer knows the member (expelled).
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    generation = getattr(coordinator, "generation", -1)
+    return generation if isinstance(generation, int) else -1
 
 
 def _runtime_totals(
@@ -384,6 +499,9 @@ def _runtime_totals(
         (RECORDS_SKIPPED_UNOWNED, (), counters.skipped_unowned),
         (BATCHES, (), counters.batches),
         (COMMITS_REFUSED, (), counters.commits_refused),
+        (MARKETS_WARMED, (), counters.markets_warmed),
+        (MARKETS_KEPT, (), counters.markets_kept),
+        (MARKETS_FORGOTTEN, (), counters.markets_forgotten),
     ]
     if isinstance(handler, RaisesAlerts):
         readings += [
@@ -400,7 +518,15 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.runtime = runtime
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self.runtime._revoked(set(revoked))
+        try:
+            await self.runtime._revoked(set(revoked))
+        except Exception as exc:
+            self.runtime._failure = exc
+            raise
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        await self.runtime._assigned(set(assigned))
+        try:
+            await self.runtime._assigned(set(assigned))
+        except Exception as exc:
+            self.runtime._failure = exc
+            raise

@@ -160,6 +160,30 @@ async def bars_between(
     return [_row_to_tick(row) for row in rows]
 
 
+async def bars_of_markets(
+    pool: Any, market_ids: Sequence[str], first_minute: int, last_minute: int
+) -> dict[str, list[Tick]]:
+    """Bars of several markets with first_minute <= minute <= last_minute, oldest first.
+
+    One query for all of them (a warm-up of many markets is not one round trip each); the
+    caller bounds the rows by the number of markets and minutes it asks for. Markets without
+    bars are absent from the result.
+    """
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            f"{_SELECT_BARS} WHERE market = ANY($1::text[]) AND minute >= $2 AND minute <= $3"
+            " ORDER BY market, minute",
+            list(market_ids),
+            first_minute,
+            last_minute,
+        )
+    bars: dict[str, list[Tick]] = {}
+    for row in rows:
+        tick = _row_to_tick(row)
+        bars.setdefault(tick.market, []).append(tick)
+    return bars
+
+
 async def recent_bars(
     pool: Any, market_id: str, minutes: int, *, since_minute: int | None = None
 ) -> list[Tick]:

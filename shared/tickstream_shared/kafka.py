@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -41,25 +41,51 @@ def make_producer(settings: KafkaSettings, client_id: str) -> AIOKafkaProducer:
     )
 
 
+# How a consumer uses what it fetches. A live consumer (the gateway's feed) forwards each
+# update at once: its fetches are answered as soon as one byte is there. A batching consumer
+# (stats, alerts) handles batches anyway: its fetches wait at the broker for some bytes, up to
+# a longer wait, so a broker answering fetches of every partition does so less often.
+ConsumerRole = Literal["live", "batch"]
+
+
+def consumer_options(settings: KafkaSettings, role: ConsumerRole) -> dict[str, int]:
+    """The fetch options of a consumer in `role`: waits by role, sizes shared."""
+    if role == "batch":
+        wait_ms, min_bytes = settings.batch_fetch_max_wait_ms, settings.batch_fetch_min_bytes
+    else:
+        wait_ms, min_bytes = settings.fetch_max_wait_ms, 1
+    return {
+        # New per-pair topics must be seen quickly by regex subscriptions.
+        "metadata_max_age_ms": settings.metadata_max_age_ms,
+        # aiokafka's default wait is 500 ms; a polling broker answers up to half of it late.
+        "fetch_max_wait_ms": wait_ms,
+        "fetch_min_bytes": min_bytes,
+        # A catch-up of a thousand partitions buffers at most fetch_max_bytes per response.
+        "max_partition_fetch_bytes": settings.max_partition_fetch_bytes,
+        "fetch_max_bytes": settings.fetch_max_bytes,
+    }
+
+
 def make_consumer(
     settings: KafkaSettings,
     *,
     group_id: str | None,
     client_id: str,
     offset_reset: str = "earliest",
+    role: ConsumerRole = "live",
 ) -> AIOKafkaConsumer:
-    """A consumer that never auto-commits: offsets are committed after the work is durable."""
+    """A consumer that never auto-commits: offsets are committed after the work is durable.
+
+    `role` picks the fetch waits (see ConsumerRole); how many records one poll returns is
+    each caller's `getmany(max_records=...)` (STATS_BATCH_MAX, ALERTS_BATCH_MAX).
+    """
     return AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers,
         group_id=group_id,
         client_id=client_id,
         enable_auto_commit=False,
         auto_offset_reset=offset_reset,
-        # New per-pair topics must be seen quickly by regex subscriptions.
-        metadata_max_age_ms=settings.metadata_max_age_ms,
-        # aiokafka's default is 500 ms; a polling broker answers up to half of it late.
-        fetch_max_wait_ms=settings.fetch_max_wait_ms,
-        max_partition_fetch_bytes=4 * 1024 * 1024,
+        **consumer_options(settings, role),
     )
 
 

@@ -150,6 +150,27 @@ COMMITS_REFUSED: Final = Family(
     "Batch commits refused because the group rebalanced under the batch (read again).",
     "counter",
 )
+MARKETS_WARMED: Final = Family(
+    "tickstream_markets_warmed_total",
+    "Markets prepared as their partition arrived (stats: loaded from stored bars).",
+    "counter",
+)
+MARKETS_KEPT: Final = Family(
+    "tickstream_markets_kept_total",
+    "Markets that stayed with this instance across a rebalance and kept their state (no"
+    " warm-up), counted once per rebalance.",
+    "counter",
+)
+MARKETS_FORGOTTEN: Final = Family(
+    "tickstream_markets_forgotten_total",
+    "Markets whose state was dropped because their partition left this instance.",
+    "counter",
+)
+MARKETS_ARRIVING: Final = Family(
+    "tickstream_markets_arriving",
+    "Partitions assigned and paused until their market is prepared (warm-up in progress).",
+    "gauge",
+)
 CONSUMER_LAG: Final = Family(
     "tickstream_consumer_lag_records",
     "Records of a partition after the last one this instance handled, by the highwater offset"

@@ -64,11 +64,45 @@ class KafkaSettings:
     fetch_max_wait_ms: int = setting(
         "KAFKA_FETCH_MAX_WAIT_MS",
         50,
-        "Longest a consumer's fetch waits at the broker for new records. Kafka answers as soon"
-        " as records arrive; some brokers (Tansu) poll and answer up to half of it late, so it"
-        " bounds tick-to-client latency there.",
+        "Longest a live consumer's fetch (the gateway's feed) waits at the broker for new"
+        " records. Kafka answers as soon as records arrive; some brokers (Tansu) poll and answer"
+        " up to half of it late, so it bounds tick-to-client latency there.",
         ge=1,
         le=10_000,
+    )
+    batch_fetch_max_wait_ms: int = setting(
+        "KAFKA_BATCH_FETCH_MAX_WAIT_MS",
+        250,
+        "Longest a batching consumer's fetch (stats, alerts) waits at the broker until"
+        " KAFKA_BATCH_FETCH_MIN_BYTES have arrived: fewer fetches of every partition, at most"
+        " this much later.",
+        ge=1,
+        le=10_000,
+    )
+    batch_fetch_min_bytes: int = setting(
+        "KAFKA_BATCH_FETCH_MIN_BYTES",
+        65_536,
+        "Bytes a batching consumer's fetch (stats, alerts) waits for at the broker (up to"
+        " KAFKA_BATCH_FETCH_MAX_WAIT_MS) before it is answered; live consumers take 1 byte.",
+        ge=1,
+        le=16 * 1024 * 1024,
+    )
+    max_partition_fetch_bytes: int = setting(
+        "KAFKA_MAX_PARTITION_FETCH_BYTES",
+        1024 * 1024,
+        "Most bytes one fetch returns per partition (at least one record batch is returned"
+        " whatever its size); with KAFKA_FETCH_MAX_BYTES it bounds what a consumer buffers.",
+        ge=1024,
+        le=64 * 1024 * 1024,
+    )
+    fetch_max_bytes: int = setting(
+        "KAFKA_FETCH_MAX_BYTES",
+        16 * 1024 * 1024,
+        "Most bytes one fetch response carries over all its partitions: a consumer of a"
+        " thousand partitions catching up buffers this much per broker, not a thousand times"
+        " KAFKA_MAX_PARTITION_FETCH_BYTES.",
+        ge=1024,
+        le=256 * 1024 * 1024,
     )
 
 

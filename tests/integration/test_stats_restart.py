@@ -288,7 +288,9 @@ async def test_rebalances_while_consuming_keep_the_window_exact(
         await client.aclose()
         await conn.close()
     assert (first.returncode, second.returncode) == (0, 0), "stats did not stop cleanly"
-    assert log.read_text().count(f"warmed {market.id}") >= 2, "no rebalance happened"
+    # Both instances took an assignment at start, and the first one another at the join (the
+    # market kept with its state, or warmed by the second).
+    assert log.read_text().count("partitions (generation") >= 3, "no rebalance happened"
 
 
 async def test_silent_market_ages_and_goes_stale_on_another_markets_clock(

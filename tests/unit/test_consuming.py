@@ -1,13 +1,15 @@
-"""Retry decisions by error type, and batch decoding with counted skips."""
+"""Retry decisions by error type, batch decoding with counted skips, rebalance bookkeeping."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg.exceptions as pg_errors
 import pytest
 import redis.exceptions as redis_errors
+from aiokafka import TopicPartition
 from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
@@ -16,12 +18,14 @@ from aiokafka.errors import (
 )
 
 from tickstream_shared.consuming import (
+    ConsumerRuntime,
     DecodeCounters,
     commit_batch,
     decode_batch,
     is_transient,
     retry_until_done,
 )
+from tickstream_shared.naming import Market
 from tickstream_shared.schemas import Tick
 
 
@@ -129,3 +133,87 @@ async def test_commit_batch_survives_a_rebalance_or_an_outage_and_raises_a_bug()
         assert await commit_batch(_Consumer(refused)) is False
     with pytest.raises(TypeError):
         await commit_batch(_Consumer(TypeError("a bug")))
+
+
+@dataclass
+class _Coordinator:
+    generation: int = -1
+
+
+@dataclass
+class _GroupConsumer:
+    """What the runtime uses of an aiokafka group consumer: a generation, pauses, no records."""
+
+    stop: asyncio.Event
+    _coordinator: _Coordinator = field(default_factory=_Coordinator)
+    paused: set[Any] = field(default_factory=set)
+
+    async def getmany(self, *, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
+        self.stop.set()  # one turn of the loop per run()
+        return {}
+
+    def pause(self, *partitions: Any) -> None:
+        self.paused.update(partitions)
+
+    def resume(self, *partitions: Any) -> None:
+        self.paused.difference_update(partitions)
+
+    def highwater(self, tp: Any) -> int | None:
+        return None
+
+
+@dataclass
+class _RecordingHandler:
+    warmed: list[set[str]] = field(default_factory=list)
+    forgotten: list[set[str]] = field(default_factory=list)
+
+    async def assigned(self, markets: set[Market]) -> None:
+        self.warmed.append({m.id for m in markets})
+
+    def revoked(self, markets: set[Market]) -> None:
+        self.forgotten.append({m.id for m in markets})
+
+    async def handle(self, batch: Any, stop: asyncio.Event) -> bool:
+        return True
+
+    async def idle(self, stop: asyncio.Event) -> bool:
+        return True
+
+
+class _NoDeadLetters:
+    sent = 0
+
+
+async def test_rebalance_keeps_partitions_that_stay_only_across_one_generation() -> None:
+    """g -> g+1 keeps what stays and warms only arrivals; a jumped generation keeps nothing."""
+    a, b, c = (Market("unit", base, "usdt") for base in ("aaa", "bbb", "ccc"))
+    pa, pb, pc = (TopicPartition(m.topic, 0) for m in (a, b, c))
+    stop = asyncio.Event()
+    consumer = _GroupConsumer(stop)
+    handler = _RecordingHandler()
+    dead_letters: Any = _NoDeadLetters()
+    runtime = ConsumerRuntime(
+        consumer, handler, dead_letters, batch_max=10, batch_wait_ms=1, stop=stop
+    )
+
+    async def rebalance(generation: int, partitions: set[Any]) -> None:
+        await runtime.listener.on_partitions_revoked(runtime.owned)
+        consumer._coordinator.generation = generation
+        await runtime.listener.on_partitions_assigned(partitions)
+        assert consumer.paused == set(runtime.arriving) == partitions - runtime.owned
+        stop.clear()
+        await runtime.run()  # prepares the arrivals, then resumes them
+        assert consumer.paused == set() and runtime.owned == partitions
+
+    await rebalance(1, {pa, pb})
+    assert handler.warmed == [{a.id, b.id}] and handler.forgotten == [set()]
+    await rebalance(2, {pb, pc})  # b stays: kept; a leaves; c arrives
+    assert handler.warmed[1:] == [{c.id}] and handler.forgotten[1:] == [{a.id}]
+    await rebalance(5, {pb, pc})  # expelled and rejoined: others may have read b and c
+    assert handler.warmed[2:] == [{b.id, c.id}] and handler.forgotten[2:] == [{b.id, c.id}]
+    counters = runtime.counters
+    assert (counters.markets_warmed, counters.markets_kept, counters.markets_forgotten) == (
+        5,
+        1,
+        3,
+    )

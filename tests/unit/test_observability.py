@@ -156,6 +156,12 @@ class FakeConsumer:
     async def commit(self, offsets: dict[Any, int]) -> None:
         self.committed.update(offsets)
 
+    def pause(self, *partitions: Any) -> None:
+        pass
+
+    def resume(self, *partitions: Any) -> None:
+        pass
+
 
 class AcknowledgingProducer:
     """A RenewableProducer whose broker acknowledges everything at once."""

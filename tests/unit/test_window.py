@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tickstream_stats.window import MinuteWindow, WindowStats
+from tickstream_stats.window import MinuteWindow, WindowStats, _Occupancy
 
 M = 60_000
 BASE = 28_333_334 * M  # 2023-11-14, a whole minute
@@ -148,6 +148,62 @@ def test_long_random_runs_over_a_day_window_match_reference(seed: int) -> None:
             window.advance(minute)
             reference.advance(minute)
         if i % 97 == 0:
+            check(window, reference)
+    check(window, reference)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    slots=st.sampled_from([1, 2, 63, 64, 65, 1440, 4096, 4097, 270_000]),
+    ops=st.lists(st.tuples(st.booleans(), st.integers(0, 2**40)), max_size=80),
+)
+def test_occupancy_finds_the_same_neighbours_as_a_scan(
+    slots: int, ops: list[tuple[bool, int]]
+) -> None:
+    """first_from/last_until equal a brute-force scan after any adds and discards, 1 to 3 levels."""
+    occupancy = _Occupancy(slots)
+    present: set[int] = set()
+    for adding, raw in ops:
+        slot = raw % slots
+        if adding:
+            occupancy.add(slot)
+            present.add(slot)
+        else:
+            occupancy.discard(slot)
+            present.discard(slot)
+        # The domains the window uses: first_from(0..slots), last_until(-1..slots - 1).
+        for probe in {0, slot, slot + 1, slots, raw % (slots + 1)}:
+            after = [s for s in present if s >= probe]
+            assert occupancy.first_from(probe) == (min(after) if after else -1)
+        for probe in {-1, slot - 1, slot, slots - 1, raw % slots}:
+            before = [s for s in present if s <= probe]
+            assert occupancy.last_until(probe) == (max(before) if before else -1)
+    occupancy.clear()
+    assert occupancy.first_from(0) == -1 and occupancy.last_until(slots - 1) == -1
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    window_minutes=st.sampled_from([5, 64, 200, 1440]),
+    seed=st.integers(min_value=0, max_value=2**32),
+)
+def test_backfill_oldest_first_after_the_live_minute_matches_reference(
+    window_minutes: int, seed: int
+) -> None:
+    """The live minute, then a backfill with gaps oldest first (wrapping the ring), stays exact."""
+    rng = random.Random(seed)
+    window = MinuteWindow(window_minutes)
+    reference = Reference(window_minutes)
+    live = BASE + rng.randrange(window_minutes) * M  # any ring position: the search wraps
+    for target in (window, reference):
+        target.set(live, 100.0, 1.0)
+    for back in range(window_minutes, 0, -1):
+        if rng.random() < 0.3:
+            continue  # a gap in the exchange's history
+        close, volume = rng.uniform(90.0, 110.0), rng.uniform(0.0, 5.0)
+        minute = live - back * M
+        assert window.set(minute, close, volume) == reference.set(minute, close, volume)
+        if back % 17 == 0:
             check(window, reference)
     check(window, reference)
 

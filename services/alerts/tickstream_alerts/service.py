@@ -170,7 +170,9 @@ class StatsProgress:
 async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     """Consume until `stop`; offsets are committed after alerts are stored and published."""
     pool = await db.create_pool(settings.database)
-    consumer = make_consumer(settings.kafka, group_id=ALERTS_GROUP, client_id="tickstream-alerts")
+    consumer = make_consumer(
+        settings.kafka, group_id=ALERTS_GROUP, client_id="tickstream-alerts", role="batch"
+    )
     producer = RenewableProducer(settings.kafka, client_id="tickstream-alerts")
     detector = SpikeDetector(settings.alerts)
     stats_progress = StatsProgress(settings)

@@ -38,9 +38,10 @@ _AGE_SLICE = 64
 class _StatsHandler:
     """Stats' part of each batch (see ConsumerRuntime): store, raise the clock, apply, write.
 
-    The book holds exactly the markets of the owned partitions: warmed from stored bars when
-    they arrive, forgotten when they leave. Markets that did not tick are aged to the clock at
-    most once every _AGE_EVERY_S.
+    The book holds the markets of the owned partitions (and, during a rebalance, of those the
+    runtime holds until it knows whether they stay): warmed from stored bars when they arrive,
+    forgotten when they leave, kept as they are when they stay. Markets that did not tick are
+    aged to the clock at most once every _AGE_EVERY_S.
     """
 
     def __init__(self, pool: Any, redis: Any, book: MetricBook) -> None:
@@ -53,7 +54,7 @@ class _StatsHandler:
         self._next_report = time.monotonic() + _REPORT_EVERY_S
 
     async def assigned(self, markets: set[Market]) -> None:
-        await _warm(self.pool, self.redis, self.book, {m for m in markets if m not in self.book})
+        await _warm(self.pool, self.redis, self.book, markets)
 
     def revoked(self, markets: set[Market]) -> None:
         for market in markets:
@@ -136,7 +137,9 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     """Consume until `stop`; a batch's offsets are committed only after Redis and PostgreSQL."""
     pool = await db.create_pool(settings.database)
     redis = redis_client.connect(settings.redis)
-    consumer = make_consumer(settings.kafka, group_id=STATS_GROUP, client_id="tickstream-stats")
+    consumer = make_consumer(
+        settings.kafka, group_id=STATS_GROUP, client_id="tickstream-stats", role="batch"
+    )
     producer = RenewableProducer(settings.kafka, client_id="tickstream-stats")
     book = MetricBook(settings.stats.window_minutes, settings.stats.stale_seconds)
     runtime = ConsumerRuntime(
@@ -181,23 +184,28 @@ async def _retention(pool: Any, settings: DatabaseSettings, stop: asyncio.Event)
 
 
 async def _warm(pool: Any, redis: Any, book: MetricBook, markets: set[Market]) -> None:
-    """Load the window of each market from stored bars and write their stats at once.
+    """Load the window of each market from stored bars, in one query, and write their stats.
 
-    The clock is the newest of the shared clock and the newest stored minute (Redis is derived
+    The runtime passes at most WARM_BATCH_MARKETS markets, which bounds the query's rows. The
+    clock is the newest of the shared clock and the newest stored minute (Redis is derived
     state and may have been wiped). Redis may be empty, and ranks must not wait for the next
-    tick of every market. Idempotent.
+    tick of every market. The event loop gets a turn after each market (about 10 ms of window
+    inserts for a full day). Idempotent.
     """
     clock = max(await read_clock(redis) or -1, await db.newest_minute(pool) or -1)
     updates: dict[str, MetricUpdate] = {}
     if clock >= 0:
         clock = await raise_clock(redis, clock)
         updates.update((u.metric_id, u) for u in book.advance_clock(clock))
+    stored: dict[str, list[Tick]] = {}
+    if book.clock >= 0:
+        ids = sorted(market.id for market in markets)
+        stored = await db.bars_of_markets(pool, ids, book.window_start(), book.clock)
     for market in sorted(markets):
-        bars: list[Tick] = []
-        if book.clock >= 0:
-            bars = await db.bars_between(pool, market.id, book.window_start(), book.clock)
+        bars = stored.get(market.id, [])
         updates.update((u.metric_id, u) for u in book.warm(market, bars))
         log.info("warmed %s with %d stored bars", market.id, len(bars))
+        await asyncio.sleep(0)
     await write_stats(redis, list(updates.values()))
 
 

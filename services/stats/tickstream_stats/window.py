@@ -108,6 +108,96 @@ class _BlockExtremes:
         return min(self._lows), max(self._highs)
 
 
+_WORD_BITS: Final = 64
+
+
+class _Occupancy:
+    """Which slots of a ring are present, as a tree of 64-bit words.
+
+    Level 0 has one bit per slot; each level above has one bit per non-empty word of the level
+    below, up to a level of one word (2 levels for 1440 slots). The next or previous present
+    slot is found by climbing to the first level with a set bit beside the path and stepping
+    down along lowest or highest bits: O(log_64 n) word operations, whatever the gap, so a late
+    minute needs no scan of the slots between its neighbours. 8 bytes per 64 slots per level.
+    """
+
+    __slots__ = ("_levels",)
+
+    def __init__(self, slots: int) -> None:
+        levels = []
+        bits = slots
+        while True:
+            words = -(-bits // _WORD_BITS)
+            levels.append(array("Q", [0]) * words)
+            if words == 1:
+                break
+            bits = words
+        self._levels = levels
+
+    def add(self, slot: int) -> None:
+        for words in self._levels:
+            index = slot >> 6
+            held = words[index]
+            words[index] = held | (1 << (slot & 63))
+            if held:
+                return  # the levels above already mark this word as non-empty
+            slot = index
+
+    def discard(self, slot: int) -> None:
+        for words in self._levels:
+            index = slot >> 6
+            left = words[index] & ~(1 << (slot & 63))
+            words[index] = left
+            if left:
+                return
+            slot = index
+
+    def clear(self) -> None:
+        for words in self._levels:
+            words[:] = array("Q", [0]) * len(words)
+
+    def first_from(self, slot: int) -> int:
+        """The lowest present slot >= `slot`, or -1."""
+        levels = self._levels
+        depth, position = 0, slot
+        while True:
+            if depth == len(levels):
+                return -1
+            words = levels[depth]
+            index = position >> 6
+            if index >= len(words):
+                return -1
+            word = words[index] & (-1 << (position & 63))
+            if word:
+                position = (index << 6) | ((word & -word).bit_length() - 1)
+                break
+            position, depth = index + 1, depth + 1
+        while depth:
+            depth -= 1
+            word = levels[depth][position]
+            position = (position << 6) | ((word & -word).bit_length() - 1)
+        return position
+
+    def last_until(self, slot: int) -> int:
+        """The highest present slot <= `slot`, or -1."""
+        levels = self._levels
+        depth, position = 0, slot
+        while True:
+            if depth == len(levels) or position < 0:
+                return -1
+            index = position >> 6
+            word = levels[depth][index] & ((2 << (position & 63)) - 1)
+            if word:
+                position = (index << 6) | (word.bit_length() - 1)
+                break
+            position, depth = index - 1, depth + 1
+        while depth:
+            depth -= 1
+            word = levels[depth][position]
+            position = (position << 6) | (word.bit_length() - 1)
+        return position
+
+
 def log_return(previous: float, close: float) -> float:
     """ln(close / previous) for positive closes; deterministic, so a return can be removed by
     recomputing it from the same two floats."""
@@ -124,7 +214,9 @@ class MinuteWindow:
     present minute (-1 = empty slot) and its close and volume: 24 bytes per slot, about 35 KB
     for 1440 minutes whatever the update rate. `set` is O(1) for the newest minute (the forming
     one, replaced by each update) and for a new newest minute; a late minute inserted into or
-    replaced inside the window scans slots for its neighbours (at most the window). `advance`
+    replaced inside the window finds its neighbours in O(log_64 n) through an occupancy tree
+    of the slots (see _Occupancy), so a backfill arriving oldest first after the live minute is
+    linear in its minutes, not quadratic. `advance`
     scans the slots it moves over and then works on the smaller side, in bulk: it removes the
     minutes that leave, or, when most leave, rebuilds from those that stay; a jump past the
     newest minute clears in one step.
@@ -138,6 +230,7 @@ class MinuteWindow:
         "_closes",
         "_minutes",
         "_newest",
+        "_occupancy",
         "_oldest",
         "_return_moments",
         "_size",
@@ -157,6 +250,7 @@ class MinuteWindow:
         self._minutes = array("q", [-1]) * window_minutes
         self._closes = array("d", [0.0]) * window_minutes
         self._volumes = array("d", [0.0]) * window_minutes
+        self._occupancy = _Occupancy(window_minutes)
         self._close_moments = ExactMoments()
         self._volume_moments = ExactMoments()
         self._return_moments = ExactMoments()
@@ -285,6 +379,7 @@ class MinuteWindow:
         if following != -1:
             returns.add(log_return(close, closes[(following // MINUTE_MS) % size]))
         self._minutes[slot] = minute
+        self._occupancy.add(slot)
         closes[slot] = close
         self._volumes[slot] = volume
         self._close_moments.add(close)
@@ -303,6 +398,7 @@ class MinuteWindow:
             close, volume = closes[slot], self._volumes[slot]
             self._return_moments.remove(log_return(close, closes[(following // MINUTE_MS) % size]))
             self._minutes[slot] = -1
+            self._occupancy.discard(slot)
             self._close_moments.remove(close)
             self._volume_moments.remove(volume)
             self._close_extremes.take(slot, close)
@@ -327,8 +423,10 @@ class MinuteWindow:
         self._close_moments.remove_many(closes)
         self._volume_moments.remove_many(volumes)
         take_close, take_volume = self._close_extremes.take, self._volume_extremes.take
+        discard = self._occupancy.discard
         for slot, close, volume in zip(slots, closes, volumes, strict=True):
             minutes[slot] = -1
+            discard(slot)
             take_close(slot, close)
             take_volume(slot, volume)
         self._oldest = following
@@ -342,9 +440,10 @@ class MinuteWindow:
         closes = [self._closes[slot] for slot in slots]
         volumes = [self._volumes[slot] for slot in slots]
         self._clear()
-        minutes = self._minutes
+        minutes, occupy = self._minutes, self._occupancy.add
         for slot, minute in zip(slots, staying, strict=True):
             minutes[slot] = minute
+            occupy(slot)
         self._close_moments.add_many(closes)
         self._volume_moments.add_many(volumes)
         self._return_moments.add_many(map(log_return, closes[:-1], closes[1:]))
@@ -364,6 +463,7 @@ class MinuteWindow:
 
     def _clear(self) -> None:
         self._minutes[:] = array("q", [-1]) * self._size
+        self._occupancy.clear()
         for moments in (self._close_moments, self._volume_moments, self._return_moments):
             moments.clear()
         self._close_extremes.clear()
@@ -371,24 +471,37 @@ class MinuteWindow:
         self._oldest = self._newest = self._before_newest = -1
 
     def _prev_present(self, minute: int) -> int:
+        """The present minute before `minute`, or -1; O(log_64 n) whatever the gap."""
         if minute == self._newest:
             return self._before_newest
-        minutes, size = self._minutes, self._size
-        candidate = minute - MINUTE_MS
-        while candidate >= self._oldest:
-            if minutes[(candidate // MINUTE_MS) % size] == candidate:
-                return candidate
-            candidate -= MINUTE_MS
-        return -1
+        if minute <= self._oldest:
+            return -1
+        size, occupancy = self._size, self._occupancy
+        slot = (minute // MINUTE_MS) % size
+        found = occupancy.last_until(slot - 1)
+        if found == -1:
+            found = occupancy.last_until(size - 1)  # the ring wraps
+        # Every present minute lies within one window of `minute`, so the nearest occupied slot
+        # back round the ring is its predecessor, unless that slot holds a later minute (the
+        # search went round past the newest: there is none before).
+        candidate = minute - ((slot - found) % size) * MINUTE_MS
+        if found == -1 or candidate == minute or self._minutes[found] != candidate:
+            return -1
+        return candidate
 
     def _next_present(self, minute: int) -> int:
-        minutes, size = self._minutes, self._size
-        candidate = minute + MINUTE_MS
-        while candidate <= self._newest:
-            if minutes[(candidate // MINUTE_MS) % size] == candidate:
-                return candidate
-            candidate += MINUTE_MS
-        return -1
+        """The present minute after `minute`, or -1; O(log_64 n) whatever the gap."""
+        if minute >= self._newest:
+            return -1  # the forming minute, replaced by every update: no search
+        size, occupancy = self._size, self._occupancy
+        slot = (minute // MINUTE_MS) % size
+        found = occupancy.first_from(slot + 1)
+        if found == -1:
+            found = occupancy.first_from(0)  # the ring wraps
+        candidate = minute + ((found - slot) % size) * MINUTE_MS
+        if found == -1 or candidate == minute or self._minutes[found] != candidate:
+            return -1
+        return candidate
 
 
 def _stats(moments: ExactMoments, extremes: _BlockExtremes, logret: float | None) -> WindowStats:
