@@ -75,7 +75,7 @@ class TickPublisher:
     Policy when full: once `max_in_flight` ticks are handed over and not yet acknowledged (open
     or sent), `publish` waits for acknowledgements (back-pressure on the source), rather than
     buffering without bound or dropping. A send that fails after the producer's own retries
-    (idempotent, acks=all) is fatal: `publish` and `flush` raise it from then on, so the
+    (acks=all) is fatal: `publish` and `flush` raise it from then on, so the
     watcher stops loudly instead of losing ticks silently.
 
     Use as `async with`: it runs the task that sends batches whose predecessor was acknowledged
