@@ -17,8 +17,13 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import time
 from urllib.parse import parse_qs, urlsplit
+
+# Binance takes up to 1,024 streams in one URL (about 20 KB); websockets refuses request lines
+# over 8 KB unless told otherwise, before it is imported.
+os.environ.setdefault("WEBSOCKETS_MAX_LINE_LENGTH", "65536")
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
