@@ -26,7 +26,8 @@ from tickstream_gateway.hub import Hub
 from tickstream_gateway.memo import SizedMemo
 from tickstream_gateway.rankboard import RankBoard, RankEntry
 from tickstream_gateway.ranks import RANKINGS, Ranking
-from tickstream_gateway.state import GatewayState, ResponseCache
+from tickstream_gateway.selection import Selection
+from tickstream_gateway.state import MAX_RANK_QUERIES, GatewayState, ResponseCache
 from tickstream_shared import health
 from tickstream_shared.naming import MEASURES_BY_KIND, MetricKind, RankMeasure, market_of
 from tickstream_shared.settings import GatewaySettings, ServiceSettings
@@ -511,3 +512,14 @@ def test_a_sized_memo_builds_once_and_keeps_within_its_budget() -> None:
     assert built == [1, 2, 3, 1]
     huge = SizedMemo[int, bytes](10, len)
     assert huge.get(1, lambda: bytes(50)) == bytes(50) and len(huge) == 1  # one entry is kept
+
+
+def test_rank_queries_are_held_parsed_up_to_a_bound() -> None:
+    """Parsed /api/ranks query strings are held by their bytes, all forgotten past the bound."""
+    cache = ResponseCache(1.0)
+    parsed = ("price", "logret", Selection())
+    for number in range(MAX_RANK_QUERIES):
+        cache.remember_rank_query(f"kind=price&x={number}".encode(), parsed)  # type: ignore[arg-type]
+    assert len(cache.rank_queries) == MAX_RANK_QUERIES
+    cache.remember_rank_query(b"kind=price", parsed)  # type: ignore[arg-type]
+    assert cache.rank_queries == {b"kind=price": parsed}
