@@ -523,3 +523,39 @@ def test_rank_queries_are_held_parsed_up_to_a_bound() -> None:
     assert len(cache.rank_queries) == MAX_RANK_QUERIES
     cache.remember_rank_query(b"kind=price", parsed)  # type: ignore[arg-type]
     assert cache.rank_queries == {b"kind=price": parsed}
+
+
+async def test_ranks_answers_a_query_string_seen_before_from_its_parsed_form() -> None:
+    """A valid /api/ranks query is parsed once and answered alike after; invalid ones are
+    refused each time and never held."""
+    state = GatewayState(
+        ServiceSettings(),
+        CountingRedis(),  # type: ignore[arg-type]
+        DownPool(),
+        Hub(10),
+        MarketHistory(RecentBars(max_bars=10), _no_history),
+        asyncio.Event(),
+    )
+    state.cache.ranks["price", "cv"].store(
+        board("price", "cv", "binance:btc-usdt:price", "kraken:btc-usd:price")
+    )
+
+    def ranks(query: bytes) -> Request:
+        asked = request(state=state)
+        asked.scope["query_string"] = query
+        return asked
+
+    first = await api.get_ranks(ranks(b"kind=price&by=cv&quote=usdt"))
+    assert list(state.cache.rank_queries) == [b"kind=price&by=cv&quote=usdt"]
+    again = await api.get_ranks(ranks(b"kind=price&by=cv&quote=usdt"))
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert first.body == again.body
+    assert [r["metric"] for r in json.loads(again.body)["ranks"]] == ["binance:btc-usdt:price"]
+    for bad, code in [
+        (b"by=cv", "missing_kind"),
+        (b"kind=nope", "bad_kind"),
+        (b"kind=price&limit=0", "bad_limit"),
+    ]:
+        refused = await api.get_ranks(ranks(bad))
+        assert (refused.status_code, json.loads(refused.body)["error"]) == (400, code)
+    assert list(state.cache.rank_queries) == [b"kind=price&by=cv&quote=usdt"]
