@@ -89,6 +89,7 @@ async def store_day(database_url: str, market: Market, newest: int) -> None:
         for i in range(1441):
             minute = newest - (1440 - i) * MINUTE_MS
             close = 100.0 + 10 * random.random()
+            volume = random.uniform(1, 1000)
             bars.append(
                 Tick(
                     market=market.id,
@@ -100,8 +101,9 @@ async def store_day(database_url: str, market: Market, newest: int) -> None:
                     high=close,
                     low=close,
                     close=close,
-                    volume=random.uniform(1, 1000),
+                    volume=volume,
                     closed=True,
+                    quote_volume=volume * close,  # the turnover chart's day
                 )
             )
         await db.store_bars(pool, bars)

@@ -328,6 +328,7 @@ async def test_history_since_then_live_bars(gateway: Gateway) -> None:
             "low": 100.0 + math.sin(BARS - 1),
             "close": 100.0 + math.sin(BARS - 1),
             "volume": float(BARS - 1),
+            "quote_volume": None,  # stored without one: unknown, sent as null
             "trades": None,
             "closed": True,
         }

@@ -1,7 +1,9 @@
 // Runs the dashboard's app.js in node against a stand-in DOM, WebSocket and fetch, and prints
 // what it shows. argv[2]: {"open": bool, "metrics": <every /api/metrics?… body>, "ranks": [...],
-// "own": [...], "search": [...]} (`ranks`, `own`: the price ranks frame the socket delivers once
-// open; `search`: texts typed into the search box one after another, each left to settle).
+// "own": [...], "search": [...], "kinds": {...}, "frames": [...]} (`ranks`, `own`: the price ranks
+// frame the socket delivers once open; `frames`: more frames delivered after it; `kinds`: the
+// /api/kinds body; `search`: texts typed into the search box one after another, each left to
+// settle).
 // Run by tests/unit/test_gateway_dashboard.py from a folder holding app.js, feeds.js and alerts.js.
 
 const scenario = JSON.parse(process.argv[2]);
@@ -27,6 +29,7 @@ class El {
     this.tBodies = tag === 'table' ? [new El('tbody')] : [];
     this.found = new Map();
     this.listeners = new Map();
+    this.fills = 0; // fillRect calls on a canvas since its last clear: the bars of its last draw
   }
 
   get classList() { return { toggle() {}, add() {}, remove() {}, contains: () => false }; }
@@ -60,7 +63,13 @@ class El {
   getContext() {
     const ignore = () => {};
     return new Proxy({}, {
-      get: (held, key) => (key in held ? held[key] : key === 'measureText' ? () => ({ width: 10 }) : ignore),
+      get: (held, key) => {
+        if (key in held) return held[key];
+        if (key === 'measureText') return () => ({ width: 10 });
+        if (key === 'fillRect') return () => { this.fills += 1; };
+        if (key === 'clearRect') return () => { this.fills = 0; }; // each draw starts with it
+        return ignore;
+      },
       set: (held, key, value) => { held[key] = value; return true; },
     });
   }
@@ -115,7 +124,7 @@ const fetched = [];
 globalThis.fetch = async (url) => {
   fetched.push(url);
   let body = { alerts: [] };
-  if (url === '/api/kinds') body = KINDS;
+  if (url === '/api/kinds') body = scenario.kinds ?? KINDS;
   else if (url.startsWith('/api/metrics?')) body = scenario.metrics;
   else if (url.startsWith('/api/metrics/')) body = { values: [] };
   return { ok: true, status: 200, json: async () => body };
@@ -156,6 +165,8 @@ if (scenario.open) {
   const ranks = scenario.ranks ?? [];
   frame({ type: 'ranks', kind: 'price', by: 'logret', total: ranks.length, ranks, own: scenario.own ?? [] });
   await settle();
+  for (const msg of scenario.frames ?? []) frame(msg);
+  await settle();
 }
 shown.status = status();
 const empty = byTestId.get('empty-state');
@@ -176,6 +187,16 @@ for (const text of scenario.search ?? []) {
   const results = byTestId.get('market-results');
   shown.searches.push({ hidden: results.hidden, items: results.children.map((li) => li.textContent) });
 }
+/** Every text under `el`, depth first. */
+const texts = (el) => [el.textContent, ...(el.children ?? []).flatMap((c) => (c instanceof El ? texts(c) : [String(c)]))].filter(Boolean);
+shown.tables = {};
+shown.stats = {};
+for (const kind of (scenario.kinds ?? KINDS).kinds.map((k) => k.kind)) {
+  const table = findTestId(byTestId.get('rank-panels'), `ranks-${kind}`);
+  shown.tables[kind] = (table?.tBodies[0].children[0]?.children ?? []).map((tr) => tr.dataset.metric ?? tr.className);
+  shown.stats[kind] = texts(findTestId(byTestId.get('stats'), `stats-${kind}`) ?? new El());
+}
+shown.bars_drawn = Object.fromEntries(['price', 'volume', 'turnover'].map((name) => [name, byTestId.get(`${name}-chart`).fills]));
 shown.rank_rows = rows.map((tr) => tr.children.length === 4 ? tr.children[1].textContent : tr.className);
 shown.fetched = fetched;
 shown.sent = sent;

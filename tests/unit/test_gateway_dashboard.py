@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tickstream_gateway import api
 from tickstream_gateway.app import STATIC_DIR
 
 NODE = shutil.which("node")
@@ -413,3 +414,75 @@ def test_dashboard_searches_markets_on_the_server(tmp_path: Path) -> None:
         {"hidden": False, "items": ["use a-z, 0-9, ':' and '-' (at most 64)"]},
         {"hidden": True, "items": ["use a-z, 0-9, ':' and '-' (at most 64)"]},
     ]
+
+
+@needs_node
+def test_dashboard_ranks_and_charts_turnover_like_the_other_kinds(tmp_path: Path) -> None:
+    """With the gateway's own /api/kinds, turnover gets a ranks subscription, table and stats
+    row; its chart draws a bar per minute whose quote volume is known and none where unknown."""
+    kinds = json.loads(api.KINDS_BODY.body)
+    assert [k["kind"] for k in kinds["kinds"]] == ["price", "volume", "turnover"]
+    reports = {"binance:btc-usdt": report("live", "live")}
+    origins = {"binance": summary("live", "live", live=1)}
+    body = metrics_body(reports, origins, with_metrics=True)
+    turnover = {
+        "id": "binance:btc-usdt:turnover",
+        "market": "binance:btc-usdt",
+        "kind": "turnover",
+        "stale": False,
+        "ranks": {},
+        "count": 1440,
+        "mean": 2.5e6,
+        "std": 1.0,
+        "cv": 0.5,
+    }
+    body["metrics"] = [*body["metrics"], turnover]  # type: ignore[misc]
+    minute = 1_700_000_040_000
+    point = {"seq": 1, "exchange_ts": minute, "open": 1.0, "high": 1.0, "low": 1.0, "close": 1.0}
+    bars = [
+        {**point, "minute": minute, "volume": 2.0, "quote_volume": 2.0, "closed": True},
+        {**point, "minute": minute + 60_000, "volume": 3.0, "quote_volume": None, "closed": True},
+        {**point, "minute": minute + 120_000, "volume": 4.0, "quote_volume": 4.0, "closed": False},
+    ]
+    turnover_entry = {**rank_entry("binance:btc-usdt:turnover", 1, 1), "logret": None}
+    shown = run_dashboard(
+        tmp_path,
+        {
+            "open": True,
+            "kinds": kinds,
+            "metrics": body,
+            "frames": [
+                {"type": "subscribed", "channel": "ranks", "kind": "turnover", "by": "cv"},
+                {
+                    "type": "ranks",
+                    "kind": "turnover",
+                    "by": "cv",
+                    "total": 1,
+                    "ranks": [turnover_entry],
+                    "own": [],
+                },
+                {"type": "history", "market": "binance:btc-usdt", "since": None, "bars": bars},
+            ],
+        },
+    )
+    subscribed = [f for f in shown["sent"] if f.get("channel") == "ranks"]
+    assert {"op": "subscribe", "channel": "ranks", "kind": "turnover", "by": "cv", "limit": 15} in (
+        subscribed
+    )
+    assert shown["tables"]["turnover"] == ["binance:btc-usdt:turnover"]
+    assert "/api/metrics/binance%3Abtc-usdt%3Aturnover" in shown["fetched"]  # its day of values
+    # The selected market's turnover stats, updated from its ranks entry (count 1, mean 1).
+    assert shown["stats"]["turnover"][:9] == [
+        "turnover",
+        "count",
+        "1",
+        "mean",
+        "1",
+        "std",
+        "1",
+        "cv",
+        "1",
+    ]
+    assert "1/1" in shown["stats"]["turnover"]
+    assert shown["bars_drawn"]["volume"] == 3
+    assert shown["bars_drawn"]["turnover"] == 2

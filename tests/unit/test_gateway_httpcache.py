@@ -26,7 +26,8 @@ from tickstream_gateway.hub import Hub
 from tickstream_gateway.memo import SizedMemo
 from tickstream_gateway.rankboard import RankBoard, RankEntry
 from tickstream_gateway.ranks import RANKINGS, Ranking
-from tickstream_gateway.state import GatewayState, ResponseCache
+from tickstream_gateway.selection import Selection
+from tickstream_gateway.state import MAX_RANK_QUERIES, GatewayState, ResponseCache
 from tickstream_shared import health
 from tickstream_shared.naming import MEASURES_BY_KIND, MetricKind, RankMeasure, market_of
 from tickstream_shared.settings import GatewaySettings, ServiceSettings
@@ -511,3 +512,50 @@ def test_a_sized_memo_builds_once_and_keeps_within_its_budget() -> None:
     assert built == [1, 2, 3, 1]
     huge = SizedMemo[int, bytes](10, len)
     assert huge.get(1, lambda: bytes(50)) == bytes(50) and len(huge) == 1  # one entry is kept
+
+
+def test_rank_queries_are_held_parsed_up_to_a_bound() -> None:
+    """Parsed /api/ranks query strings are held by their bytes, all forgotten past the bound."""
+    cache = ResponseCache(1.0)
+    parsed = ("price", "logret", Selection())
+    for number in range(MAX_RANK_QUERIES):
+        cache.remember_rank_query(f"kind=price&x={number}".encode(), parsed)  # type: ignore[arg-type]
+    assert len(cache.rank_queries) == MAX_RANK_QUERIES
+    cache.remember_rank_query(b"kind=price", parsed)  # type: ignore[arg-type]
+    assert cache.rank_queries == {b"kind=price": parsed}
+
+
+async def test_ranks_answers_a_query_string_seen_before_from_its_parsed_form() -> None:
+    """A valid /api/ranks query is parsed once and answered alike after; invalid ones are
+    refused each time and never held."""
+    state = GatewayState(
+        ServiceSettings(),
+        CountingRedis(),  # type: ignore[arg-type]
+        DownPool(),
+        Hub(10),
+        MarketHistory(RecentBars(max_bars=10), _no_history),
+        asyncio.Event(),
+    )
+    state.cache.ranks["price", "cv"].store(
+        board("price", "cv", "binance:btc-usdt:price", "kraken:btc-usd:price")
+    )
+
+    def ranks(query: bytes) -> Request:
+        asked = request(state=state)
+        asked.scope["query_string"] = query
+        return asked
+
+    first = await api.get_ranks(ranks(b"kind=price&by=cv&quote=usdt"))
+    assert list(state.cache.rank_queries) == [b"kind=price&by=cv&quote=usdt"]
+    again = await api.get_ranks(ranks(b"kind=price&by=cv&quote=usdt"))
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert first.body == again.body
+    assert [r["metric"] for r in json.loads(again.body)["ranks"]] == ["binance:btc-usdt:price"]
+    for bad, code in [
+        (b"by=cv", "missing_kind"),
+        (b"kind=nope", "bad_kind"),
+        (b"kind=price&limit=0", "bad_limit"),
+    ]:
+        refused = await api.get_ranks(ranks(bad))
+        assert (refused.status_code, json.loads(refused.body)["error"]) == (400, code)
+    assert list(state.cache.rank_queries) == [b"kind=price&by=cv&quote=usdt"]

@@ -60,23 +60,32 @@ def push(*rows: list[Any], inst: str = "BTC-USDT", channel: str = "candle1m") ->
 def test_a_forming_candle_is_stamped_at_its_open_and_a_confirmed_one_at_its_end() -> None:
     """confirm "0" is a forming CandleUpdate as of its open; "1" a closed one as of its end."""
     assert OKX.parse(push(row(), row(MINUTE + M, confirm="1"), inst="ETH-USDT")) == [
-        CandleUpdate(ETH, MINUTE, 61250.1, 61300.0, 61200.5, 61299.9, 3.5, None, False, MINUTE),
         CandleUpdate(
-            ETH, MINUTE + M, 61250.1, 61300.0, 61200.5, 61299.9, 3.5, None, True, MINUTE + 2 * M
+            ETH, MINUTE, 61250.1, 61300.0, 61200.5, 61299.9, 3.5, None, False, MINUTE, 214462.5
+        ),
+        CandleUpdate(
+            ETH,
+            MINUTE + M,
+            *(61250.1, 61300.0, 61200.5, 61299.9, 3.5, None, True, MINUTE + 2 * M, 214462.5),
         ),
     ]
     assert OKX.parse(push(row()).encode()) == OKX.parse(push(row()))
 
 
 def test_the_documented_push_parses() -> None:
-    """The example push of exchange-formats.md, on a whole minute, gives its candle."""
+    """The example push of exchange-formats.md, on a whole minute, gives its candle; the
+    quote volume is volCcyQuote (the 8th field), not volCcy (the 7th)."""
     frame = (
         '{"arg":{"channel":"candle1m","instId":"BTC-USDT"},"data":[["1597026360000",'
         '"8533.02","8553.74","8527.17","8548.26","45247","529.5858061","5529.5858061","0"]]}'
     )
     minute = 1597026360000
     assert OKX.parse(frame) == [
-        CandleUpdate(BTC, minute, 8533.02, 8553.74, 8527.17, 8548.26, 45247.0, None, False, minute)
+        CandleUpdate(
+            BTC,
+            *(minute, 8533.02, 8553.74, 8527.17, 8548.26, 45247.0, None, False, minute),
+            quote_volume=5529.5858061,
+        )
     ]
 
 
@@ -373,15 +382,17 @@ def test_rest_candles_are_closed_oldest_first_without_the_forming_one() -> None:
     body = envelope(
         [
             row(MINUTE + 2 * M, confirm="0"),
-            row(MINUTE + M, prices=("2", "3", "1", "2.5"), volume="7", confirm="1"),
+            row(MINUTE + M, prices=("2", "3", "1", "2.5"), volume="7", quote="17.5", confirm="1"),
             row(MINUTE, confirm="1"),
         ]
     )
     page = OKX.parse_candles(BTC, body)
     assert page.bad_rows == []
     assert page.candles == [
-        CandleUpdate(BTC, MINUTE, 61250.1, 61300.0, 61200.5, 61299.9, 3.5, None, True, MINUTE + M),
-        CandleUpdate(BTC, MINUTE + M, 2.0, 3.0, 1.0, 2.5, 7.0, None, True, MINUTE + 2 * M),
+        CandleUpdate(
+            BTC, MINUTE, 61250.1, 61300.0, 61200.5, 61299.9, 3.5, None, True, MINUTE + M, 214462.5
+        ),
+        CandleUpdate(BTC, MINUTE + M, 2.0, 3.0, 1.0, 2.5, 7.0, None, True, MINUTE + 2 * M, 17.5),
     ]
     assert OKX.parse_candles(BTC, envelope([])).candles == []
 

@@ -41,10 +41,17 @@ MINUTE = 1_680_000_000_000
 # SHIB-like price 0.000026853072854336854), seq 2**62, trades 2**40, `closed` false, and a
 # market id of the schema's 120-character limit. docs/protocol.md quotes this number.
 LONGEST_FLOAT = 0.000026853072854336854
-LARGEST_HISTORY_FRAME_BYTES = 395_015
+LARGEST_HISTORY_FRAME_BYTES = 451_214
 
 
-def bar(seq: int, minute: int = MINUTE, *, close: float = 2.0, closed: bool = False) -> Tick:
+def bar(
+    seq: int,
+    minute: int = MINUTE,
+    *,
+    close: float = 2.0,
+    closed: bool = False,
+    quote_volume: float | None = None,
+) -> Tick:
     return Tick(
         market=BTC.id,
         minute=minute,
@@ -58,6 +65,7 @@ def bar(seq: int, minute: int = MINUTE, *, close: float = 2.0, closed: bool = Fa
         volume=0.25,
         trades=None,
         closed=closed,
+        quote_volume=quote_volume,
     )
 
 
@@ -289,7 +297,7 @@ def test_by_defaults_to_a_measure_that_compares_and_depends_on_kind() -> None:
 
 def test_bar_frame_carries_every_bar_field() -> None:
     """A `bar` frame is the market, the bar fields and received_ts, and nothing else."""
-    frame = json.loads(bar_frame(bar(7, close=2.5, closed=True)).text)
+    frame = json.loads(bar_frame(bar(7, close=2.5, closed=True, quote_volume=0.625)).text)
     assert frame == {
         "type": "bar",
         "market": "binance:btc-usdt",
@@ -302,14 +310,19 @@ def test_bar_frame_carries_every_bar_field() -> None:
         "low": 1.0,
         "close": 2.5,
         "volume": 0.25,
+        "quote_volume": 0.625,
         "trades": None,
         "closed": True,
     }
+    # Unknown (a Coinbase REST-repaired minute): null, never 0.
+    assert json.loads(bar_frame(bar(7)).text)["quote_volume"] is None
 
 
 def test_history_frame_lists_bars_oldest_first() -> None:
-    """A `history` frame names the market and `since` and holds one point per minute."""
-    frame = json.loads(history_frame(BTC.id, [bar(1), bar(5, MINUTE + 60_000)], MINUTE).text)
+    """A `history` frame names the market and `since` and holds one point per minute, its
+    quote volume null where unknown."""
+    bars = [bar(1), bar(5, MINUTE + 60_000, quote_volume=0.5)]
+    frame = json.loads(history_frame(BTC.id, bars, MINUTE).text)
     assert frame["type"] == "history"
     assert (frame["market"], frame["since"]) == ("binance:btc-usdt", MINUTE)
     assert frame["bars"][1] == {
@@ -321,9 +334,11 @@ def test_history_frame_lists_bars_oldest_first() -> None:
         "low": 1.0,
         "close": 2.0,
         "volume": 0.25,
+        "quote_volume": 0.5,
         "trades": None,
         "closed": False,
     }
+    assert frame["bars"][0]["quote_volume"] is None
     assert [p["seq"] for p in frame["bars"]] == [1, 5]
 
 
@@ -365,6 +380,7 @@ def test_largest_history_frame_size() -> None:
             volume=LONGEST_FLOAT,
             trades=2**40,
             closed=False,
+            quote_volume=LONGEST_FLOAT,
         )
         for i in range(1441)
     ]

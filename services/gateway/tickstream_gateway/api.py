@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Mapping
 from typing import Any, Final
 
 from redis.asyncio import Redis
@@ -23,7 +24,7 @@ from tickstream_gateway.protocol import (
 from tickstream_gateway.rankboard import RankBoard
 from tickstream_gateway.ranks import read_boards
 from tickstream_gateway.selection import parse_selection
-from tickstream_gateway.state import GatewayState
+from tickstream_gateway.state import GatewayState, RankQuery
 from tickstream_shared import alert_store, db, health, observability
 from tickstream_shared.errors import BadIdentifier, echo
 from tickstream_shared.naming import (
@@ -130,22 +131,34 @@ async def get_metric(request: Request) -> Response:
 
 
 async def get_ranks(request: Request) -> Response:
-    kind_param = request.query_params.get("kind")
-    if kind_param is None:
-        kinds = ", ".join(METRIC_KINDS)
-        return error(400, "missing_kind", f"query parameter 'kind' is required: one of {kinds}")
-    try:
-        kind = parse_kind(kind_param)
-        measure = parse_by(kind, request.query_params.get("by"))
-        selection = parse_selection(request.query_params)
-    except BadIdentifier as exc:
-        return error(400, "bad_kind", str(exc))
-    except ProtocolError as exc:
-        return error(400, exc.code, exc.message)
     state = _state(request)
+    # The same few query strings come again and again (the dashboard's, a client's poll):
+    # each is parsed once, then found by its bytes (a bounded memo: any string still works).
+    query: bytes = request.scope["query_string"]
+    parsed = state.cache.rank_queries.get(query)
+    if parsed is None:
+        try:
+            parsed = _parse_rank_query(request.query_params)
+        except BadIdentifier as exc:
+            return error(400, "bad_kind", str(exc))
+        except ProtocolError as exc:
+            return error(400, exc.code, exc.message)
+        state.cache.remember_rank_query(query, parsed)
+    kind, measure, selection = parsed
     load = functools.partial(_read_board, state.redis, kind, measure)
     board = await state.cache.ranks[kind, measure].get(load)
     return cached_json(request, board.body(selection))
+
+
+def _parse_rank_query(params: Mapping[str, str]) -> RankQuery:
+    """(kind, measure, selection) of `/api/ranks`; raises BadIdentifier (the kind) or
+    ProtocolError (`missing_kind`, a bad measure or selection)."""
+    kind_param = params.get("kind")
+    if kind_param is None:
+        kinds = ", ".join(METRIC_KINDS)
+        raise ProtocolError("missing_kind", f"query parameter 'kind' is required: one of {kinds}")
+    kind = parse_kind(kind_param)
+    return kind, parse_by(kind, params.get("by")), parse_selection(params)
 
 
 async def _read_board(client: Redis, kind: MetricKind, measure: RankMeasure) -> RankBoard:

@@ -97,15 +97,16 @@ def create_app(settings: ServiceSettings) -> Starlette:
         return response
 
     routes = [
+        # Starlette tries routes in order, a regex each: the routes polled most come first.
+        Route("/api/ranks", api.get_ranks),
+        Route("/api/metrics", api.list_metrics),
         Route("/", index),
         Route("/healthz", api.readyz),
         Route("/livez", api.livez),
         Route("/readyz", api.readyz),
         Route("/metrics", api.prometheus_metrics),
-        Route("/api/metrics", api.list_metrics),
         Route("/api/metrics/{metric_id:str}", api.get_metric),
         Route("/api/feeds", api.list_feeds),
-        Route("/api/ranks", api.get_ranks),
         Route("/api/kinds", api.list_kinds),
         Route("/api/alerts", api.get_alerts),
         WebSocketRoute("/ws", websocket_endpoint),

@@ -19,11 +19,11 @@ Fetch = Callable[[str], Awaitable[list[Tick]]]
 
 # Replies kept for the newest (market, since) asked: a burst of subscribers of one market gets
 # one encoded history frame, shared, while the market does not change. At most this many
-# frames of at most 395,015 bytes each.
+# frames of at most 451,214 bytes each.
 CACHED_REPLIES: Final = 16
 # Markets whose settled minutes (all but the newest) are kept encoded, joined: a history frame
 # is then that prefix plus the newest minute's point, not 1,441 points encoded again each time
-# the forming bar changes. At most this many prefixes of at most about 390,000 bytes each.
+# the forming bar changes. At most this many prefixes of at most about 451,000 bytes each.
 CACHED_PREFIXES: Final = 64
 
 

@@ -325,6 +325,7 @@ class BarPoint(msgspec.Struct, frozen=True, gc=False):
     low: float
     close: float
     volume: float
+    quote_volume: float | None  # traded value in the quote currency; None (null): unknown
     trades: int | None
     closed: bool
 
@@ -342,6 +343,7 @@ class BarFrame(msgspec.Struct, frozen=True, gc=False, tag_field="type", tag="bar
     low: float
     close: float
     volume: float
+    quote_volume: float | None  # traded value in the quote currency; None (null): unknown
     trades: int | None
     closed: bool
 
@@ -358,6 +360,7 @@ def point_json(tick: Tick) -> bytes:
             tick.low,
             tick.close,
             tick.volume,
+            tick.quote_volume,
             tick.trades,
             tick.closed,
         )
@@ -378,6 +381,7 @@ def bar_frame(tick: Tick) -> Frame:
             tick.low,
             tick.close,
             tick.volume,
+            tick.quote_volume,
             tick.trades,
             tick.closed,
         )

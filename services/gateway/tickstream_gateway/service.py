@@ -49,6 +49,12 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
         host=settings.gateway.host,
         port=settings.gateway.port,
         log_level=settings.log.level.lower(),
+        # httptools (C) parses and writes HTTP/1.1: with h11 (pure Python) the protocol alone
+        # was about a third of the gateway's CPU per /api/ranks request (docs/performance.md).
+        http="httptools",
+        # One log line per request would cost more than the request itself; requests are
+        # counted by route and status in /metrics instead (telemetry.CountRequests).
+        access_log=False,
         ws="websockets-sansio",
         ws_max_size=MAX_FRAME_BYTES * 4,
         # Off by default: compression is per connection, so a frame encoded once for every

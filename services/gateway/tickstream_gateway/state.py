@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import redis.asyncio as redis
 
@@ -20,7 +20,14 @@ from tickstream_gateway.hub import Hub
 from tickstream_gateway.listing import MetricsListing
 from tickstream_gateway.rankboard import RankBoard
 from tickstream_gateway.ranks import RANKINGS, Ranking
+from tickstream_gateway.selection import Selection
+from tickstream_shared.naming import MetricKind, RankMeasure
 from tickstream_shared.settings import ServiceSettings
+
+# `/api/ranks` query strings held parsed (each entry ~300 bytes): past this, forgotten at once.
+MAX_RANK_QUERIES: Final = 1024
+# What an `/api/ranks` query string asks for: which ranking, which part of it.
+RankQuery = tuple[MetricKind, RankMeasure, Selection]
 
 
 class ResponseCache:
@@ -39,6 +46,14 @@ class ResponseCache:
         self.readiness: SharedRefresh[tuple[int, bytes]] = SharedRefresh(
             READINESS_MAX_AGE_S, serve_stale_s=READINESS_SERVE_STALE_S
         )
+        self.rank_queries: dict[bytes, RankQuery] = {}
+
+    def remember_rank_query(self, query: bytes, parsed: RankQuery) -> None:
+        """Hold a valid query string parsed. Bounded: clients choose the strings, so past
+        MAX_RANK_QUERIES all are forgotten (parsing again costs what the first time did)."""
+        if len(self.rank_queries) >= MAX_RANK_QUERIES:
+            self.rank_queries.clear()
+        self.rank_queries[query] = parsed
 
     async def aclose(self) -> None:
         """Cancel every load in flight. Idempotent."""

@@ -15,7 +15,6 @@ from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MINUTE_MS
 from tickstream_watcher.exchange import (
     MAX_REST_BYTES,
-    MAX_VOLUME,
     NAME_RE,
     BadFrame,
     CandlePage,
@@ -200,8 +199,7 @@ class OkxProtocol:
             raise BadFrame(f"candle of unknown instId {inst_id[:40]!r}")
         out: list[FeedEvent] = []
         for row in _decode(_rows_decoder, data):
-            candle, _quote_volume = _candle(market, row)
-            out.append(candle)
+            out.append(_candle(market, row))
         return out
 
     def listing_path(self) -> str:
@@ -293,17 +291,14 @@ def _event(message: _Frame) -> list[FeedEvent]:
     return []  # other notices, connection counts, login answers: nothing for us
 
 
-def _candle(market: Market, row: _Row) -> tuple[CandleUpdate, float]:
-    """The candle of one row and its quote volume (volCcyQuote), both checked.
+def _candle(market: Market, row: _Row) -> CandleUpdate:
+    """The candle of one row, checked, with its quote volume (volCcyQuote: SPOT turnover).
 
     A push carries no event time: a forming candle is known as of its open, no later (parse
     has no clock), a confirmed one as of its end.
     """
     ts, open_, high, low, close, volume, _volume_ccy, volume_quote, confirm = row
     minute = int(ts)
-    quote_volume = float(volume_quote)
-    if not 0 <= quote_volume <= MAX_VOLUME:
-        raise BadFrame(f"{market.id} {minute}: quote volume {volume_quote[:40]} beyond 1e18")
     closed = confirm == "1"
     candle = CandleUpdate(
         market,
@@ -316,9 +311,9 @@ def _candle(market: Market, row: _Row) -> tuple[CandleUpdate, float]:
         None,  # OKX candles carry no trade count
         closed,
         minute + MINUTE_MS if closed else minute,
+        float(volume_quote),  # range-checked by check_candle, as every exchange's
     )
-    # TODO(issue 14, item 3): carry quote_volume once CandleUpdate/Tick have room for it.
-    return check_candle(candle), quote_volume
+    return check_candle(candle)
 
 
 def _closed_rows(market: Market, rows: list[msgspec.Raw]) -> Iterator[Callable[[], CandleUpdate]]:
@@ -331,11 +326,7 @@ def _closed_rows(market: Market, rows: list[msgspec.Raw]) -> Iterator[Callable[[
             yield functools.partial(_raise, exc)
             continue
         if row[8] == "1":
-            yield functools.partial(_closed_candle, market, row)
-
-
-def _closed_candle(market: Market, row: _Row) -> CandleUpdate:
-    return _candle(market, row)[0]
+            yield functools.partial(_candle, market, row)
 
 
 def _raise(exc: BadFrame) -> CandleUpdate:

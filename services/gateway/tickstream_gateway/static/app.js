@@ -52,6 +52,7 @@ const els = {
   charts: byTestId('charts'),
   priceChart: byTestId('price-chart'),
   volumeChart: byTestId('volume-chart'),
+  turnoverChart: byTestId('turnover-chart'),
   alerts: byTestId('alerts'),
   toasts: byTestId('toasts'),
   kind: {}, // kind -> {table, picker, stats}: the elements made for it (see buildKinds)
@@ -104,6 +105,7 @@ class Series {
     this.seq = [];
     this.close = [];
     this.volume = [];
+    this.turnover = []; // quote volume; NaN where the source does not say it (drawn as no bar)
     this.lastUpdateTs = null; // exchange_ts of the newest update seen
   }
 
@@ -132,6 +134,8 @@ class Series {
     const volume = Number(bar.volume);
     if (!Number.isFinite(minute) || !Number.isFinite(close)) return false;
     const vol = Number.isFinite(volume) ? volume : 0;
+    // null (unknown) must not read as 0: Number(null) is 0.
+    const quote = bar.quote_volume == null ? NaN : Number(bar.quote_volume);
     const n = this.size;
     const at = n === 0 || minute > this.minute[n - 1] ? n : this._lowerBound(minute);
     if (at < n && this.minute[at] === minute) {
@@ -139,12 +143,14 @@ class Series {
       this.seq[at] = seq;
       this.close[at] = close;
       this.volume[at] = vol;
+      this.turnover[at] = quote;
     } else {
       if (n > 0 && minute < this.lastMinute - WINDOW_MINUTES * MINUTE_MS) return false;
       this.minute.splice(at, 0, minute);
       this.seq.splice(at, 0, seq);
       this.close.splice(at, 0, close);
       this.volume.splice(at, 0, vol);
+      this.turnover.splice(at, 0, quote);
       this._trim();
     }
     const ts = Number(bar.exchange_ts);
@@ -167,7 +173,7 @@ class Series {
     const first = this.lastMinute - WINDOW_MINUTES * MINUTE_MS;
     let drop = 0;
     while (drop < this.size && this.minute[drop] < first) drop += 1;
-    if (drop > 0) for (const arr of [this.minute, this.seq, this.close, this.volume]) arr.splice(0, drop);
+    if (drop > 0) for (const arr of [this.minute, this.seq, this.close, this.volume, this.turnover]) arr.splice(0, drop);
   }
 }
 
@@ -271,17 +277,18 @@ function toast(text, level = 'error') {
   setTimeout(() => el.remove(), TOAST_MS);
 }
 
-let axisWidth = 0; // shared left margin so the two charts' time axes line up
+let axisWidth = 0; // shared left margin so the charts' time axes line up
 
 function renderCharts() {
   const { series } = state;
   const needed = Math.max(
     drawChart(els.priceChart, series, series.close, { kind: 'line', zeroBased: false }, axisWidth),
     drawChart(els.volumeChart, series, series.volume, { kind: 'bars', zeroBased: true }, axisWidth),
+    drawChart(els.turnoverChart, series, series.turnover, { kind: 'bars', zeroBased: true }, axisWidth),
   );
   if (needed !== axisWidth) {
     axisWidth = needed;
-    markDirty('charts'); // one more frame, now with both charts on the same margin
+    markDirty('charts'); // one more frame, now with every chart on the same margin
   }
   els.lastUpdate.textContent = fmtDateTime(series.lastUpdateTs);
   els.lastUpdate.dateTime = series.lastUpdateTs === null ? '' : new Date(series.lastUpdateTs).toISOString();
@@ -572,6 +579,7 @@ function valueRange(values, zeroBased) {
     if (v < lo) lo = v;
     if (v > hi) hi = v;
   }
+  if (hi === -Infinity) return [0, 1]; // nothing known (every turnover unknown)
   if (zeroBased) lo = Math.min(0, lo);
   if (hi === lo) return [lo - (Math.abs(lo) * 0.001 || 1), hi + (Math.abs(hi) * 0.001 || 1)];
   const pad = zeroBased ? 0 : (hi - lo) * 0.03;
@@ -671,6 +679,7 @@ function drawBars(ctx, series, values, xOf, yOf, plot, { t0, t1, base }) {
   if (minutePx >= 2) {
     const width = Math.max(1, Math.min(minutePx * 0.7, 12));
     for (let i = 0; i < n; i += 1) {
+      if (!Number.isFinite(values[i])) continue; // unknown (turnover without a quote volume)
       const top = yOf(values[i]);
       ctx.fillRect(xOf(minute[i] + MINUTE_MS / 2) - width / 2, Math.min(top, base), width, Math.abs(base - top));
     }
@@ -982,15 +991,23 @@ function loadAlerts() {
 /** The selected market's minute values (gzipped [minute, value] pairs: a fraction of a full
  * history frame); the live subscription then asks only for what came after them. */
 async function loadHistory(market) {
-  const values = new Map(); // minute -> {close, volume}
-  const loaded = await Promise.all(['price', 'volume'].map((kind) => load(`${kind} history`, `/api/metrics/${encodeURIComponent(`${market}:${kind}`)}`, (body) => {
+  const values = new Map(); // minute -> {close, volume, quote_volume}
+  const field = { price: 'close', volume: 'volume', turnover: 'quote_volume' };
+  const take = (kind) => (body) => {
     for (const pair of Array.isArray(body.values) ? body.values : []) {
       if (!Array.isArray(pair)) continue;
-      const held = values.get(pair[0]) ?? { minute: pair[0], seq: -1, close: NaN, volume: 0 };
-      held[kind === 'price' ? 'close' : 'volume'] = pair[1];
+      const held = values.get(pair[0]) ?? { minute: pair[0], seq: -1, close: NaN, volume: 0, quote_volume: null };
+      held[field[kind]] = pair[1];
       values.set(pair[0], held);
     }
-  })));
+  };
+  const url = (kind) => `/api/metrics/${encodeURIComponent(`${market}:${kind}`)}`;
+  const [loaded] = await Promise.all([
+    Promise.all(['price', 'volume'].map((kind) => load(`${kind} history`, url(kind), take(kind)))),
+    // A market without a turnover metric (no minute with a quote volume, e.g. Coinbase REST
+    // candles only) answers 404: its turnover is unknown, not an error to show.
+    kindNames().includes('turnover') ? fetchJson(url('turnover')).then(take('turnover'), () => {}) : null,
+  ]);
   if (state.selected !== market) return;
   // Without both, the subscription's history frame brings everything.
   if (loaded.every(Boolean)) state.series.merge([...values.values()].sort((a, b) => a.minute - b.minute));
@@ -1182,6 +1199,7 @@ function watchSize() {
   const redraw = () => markDirty('charts');
   new ResizeObserver(redraw).observe(els.priceChart);
   new ResizeObserver(redraw).observe(els.volumeChart);
+  new ResizeObserver(redraw).observe(els.turnoverChart);
   // Moving the window to a screen of another pixel ratio resizes nothing, so watch the ratio too.
   const watchRatio = () => {
     matchMedia(`(resolution: ${window.devicePixelRatio}dppx)`).addEventListener('change', () => {
