@@ -75,6 +75,11 @@ def _q(value: float) -> float:
     return float(f"{value:.8g}")
 
 
+def _text(value: float) -> str:
+    """A number as Binance writes it: plain decimals, never an exponent."""
+    return f"{value:.12f}".rstrip("0").rstrip(".") or "0"
+
+
 def forming(index: int, minute: int, second: float) -> tuple[float, ...]:
     """The candle `second` into its minute: the final state from 55 s on, before it the open,
     the extremes and a share of the volume."""
@@ -113,8 +118,9 @@ class Exchange:
                 o, h, low, c, v, n = truth(index, minute)
                 rows.append(
                     [
-                        *(minute, f"{o}", f"{h}", f"{low}", f"{c}", f"{v}", minute + M - 1),
-                        *(f"{v * c:.8g}", n, "0", "0", "0"),
+                        *(minute, _text(o), _text(h), _text(low), _text(c), _text(v)),
+                        minute + M - 1,
+                        *(_text(v * c), n, "0", "0", "0"),
                     ]
                 )
             return 200, rows
@@ -122,8 +128,9 @@ class Exchange:
 
     def kline(self, symbol: str, minute: int, bar: tuple[float, ...], at: int, final: bool) -> str:
         o, h, low, c, v, n = bar
-        k = {"t": minute, "T": minute + M - 1, "s": symbol, "i": "1m", "o": f"{o}", "h": f"{h}"}
-        k |= {"l": f"{low}", "c": f"{c}", "v": f"{v}", "q": f"{v * c:.8g}", "n": int(n), "x": final}
+        k = {"t": minute, "T": minute + M - 1, "s": symbol, "i": "1m", "o": _text(o), "h": _text(h)}
+        k |= {"l": _text(low), "c": _text(c), "v": _text(v), "q": _text(v * c), "n": int(n)}
+        k["x"] = final
         data = {"e": "kline", "E": at, "s": symbol, "k": k}
         return json.dumps({"stream": f"{symbol.lower()}@kline_1m", "data": data})
 
