@@ -143,4 +143,8 @@ def test_pacer_with_one_pace_spaces_every_path_alike() -> None:
 
 def test_okx_paces_candles_at_20_per_s_and_its_other_endpoints_at_10() -> None:
     """OKX's documented per-endpoint limits: candles 40 per 2 s, the others 20 per 2 s."""
-    assert OKX.rest_paces == {"/api/v5/market/candles": 0.05} and OKX.rest_interval_s == 0.1
+    assert OKX.rest_paces == {
+        "/api/v5/market/candles": 0.05,
+        "/api/v5/market/history-candles": 0.1,
+    }
+    assert OKX.rest_interval_s == 0.1  # instruments, the other endpoint used

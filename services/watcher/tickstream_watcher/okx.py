@@ -382,7 +382,8 @@ if TYPE_CHECKING:
 # Candles pushed at most once a second per instrument; a text ping after 20 s of silence, a
 # pong expected within 10 s more; 3 new connections a second per IP (1 s between one feed's
 # attempts). REST limits are per endpoint (per IP): candles 40 requests per 2 s, paced on its
-# own at one every 0.05 s; history-candles and instruments 20 per 2 s, one every 0.1 s each.
+# own at one every 0.05 s; history-candles and instruments 20 per 2 s, one every 0.1 s each,
+# each on its own too.
 # A day of a market: 5 candles pages of 300 and one history-candles page (the oldest minutes).
 SPEC: Final = ExchangeSpec(
     EXCHANGE,
@@ -393,5 +394,5 @@ SPEC: Final = ExchangeSpec(
     from_listing=OkxProtocol.from_listing,
     rest_throttled=rest_throttled,
     recent_pages=RecentPages(RECENT_MINUTES, MAX_RECENT_CANDLES_PER_REQUEST),
-    rest_paces={_CANDLES: 0.05},
+    rest_paces={_CANDLES: 0.05, _HISTORY_CANDLES: 0.1},  # instruments: rest_interval_s
 )
