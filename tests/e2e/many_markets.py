@@ -1,4 +1,4 @@
-"""A local Binance listing many markets, in Binance's formats, counting what it is asked.
+"""A local Binance (and OKX) listing many markets, in their formats, counting what they are asked.
 
 Used by the backfill tests (tests/integration/test_live_backfill.py) and bench/bench_backfill.py:
 exchangeInfo from a listing the test may change while the watcher runs, klines for the last
@@ -113,3 +113,91 @@ class ManyBinance:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(connection.wait_closed(), timeout=0.5)
                     return
+
+
+def okx_symbols(count: int, first: int = 0) -> list[str]:
+    """`count` distinct OKX spot instIds quoted in USDT: C0000-USDT, C0001-USDT, ..."""
+    return [f"C{n:04d}-USDT" for n in range(first, first + count)]
+
+
+# OKX's documented REST limits (shared/exchange-formats.md): `candles` serves the latest 1,440
+# rows (the forming minute included) and at most 300 a request, `history-candles` 100.
+OKX_RECENT_ROWS = 1440
+OKX_LIMITS = {"candles": 300, "history-candles": 100}
+
+
+@dataclass
+class ManyOkx:
+    """OKX v5's REST and business WebSocket for `listed` instIds, in OKX's formats.
+
+    Instruments: every listed instId, SPOT and live. Candles: `candles` only within the latest
+    OKX_RECENT_ROWS minutes, `history-candles` for the last 48 h, each refusing a `limit`
+    beyond OKX's (code 51000), rows newest first with the forming minute as confirm "0";
+    `asked` counts requests per (endpoint, instId). WS: acknowledges every subscribed arg,
+    pushes each subscribed instrument's forming minute twice a second, answers a text ping
+    with a text pong. A minute's values are the same on REST and WS, so every closed minute
+    the watcher publishes must equal `row(inst, minute)`.
+    """
+
+    listed: list[str]
+    name: str = "okx"
+    asked: Counter[tuple[str, str]] = field(default_factory=Counter)
+    connections: list[list[str]] = field(default_factory=list)  # instIds, per connection
+
+    def route(self, path: str, query: dict[str, str]) -> tuple[int, Any]:
+        if path == "/api/v5/public/instruments" and query == {"instType": "SPOT"}:
+            listing = [
+                {"instId": inst, "instType": "SPOT", "baseCcy": inst.split("-")[0]}
+                | {"quoteCcy": "USDT", "state": "live"}
+                for inst in self.listed
+            ]
+            return 200, {"code": "0", "msg": "", "data": listing}
+        endpoint = path.removeprefix("/api/v5/market/")
+        inst = query.get("instId", "")
+        if endpoint not in OKX_LIMITS or inst not in self.listed:
+            return 200, {"code": "51001", "msg": "Instrument ID does not exist", "data": []}
+        self.asked[endpoint, inst] += 1
+        limit = int(query.get("limit", "100"))
+        if query.get("bar", "1m") != "1m" or limit > OKX_LIMITS[endpoint]:
+            return 200, {"code": "51000", "msg": "Parameter error: limit", "data": []}
+        now = now_ms()  # read once: two reads a millisecond apart misalign the minute
+        current = now - now % M
+        rows_back = OKX_RECENT_ROWS if endpoint == "candles" else 2 * DAY_MINUTES
+        oldest = current - (rows_back - 1) * M
+        after, before = int(query.get("after", 2**62)), int(query.get("before", 0))
+        # `after` and `before` are exclusive: open times before < ts < after, newest first.
+        newest = min(after - 1, current)
+        newest -= newest % M
+        first = max(before + 1 + (-(before + 1)) % M, oldest)
+        minutes = range(newest, first - 1, -M)[:limit]
+        rows = [self.row(inst, m, "0" if m == current else "1") for m in minutes]
+        return 200, {"code": "0", "msg": "", "data": rows}
+
+    @staticmethod
+    def row(inst: str, minute: int, confirm: str = "1") -> list[str]:
+        p = price(inst, minute)
+        return [str(minute), p, p, p, p, "2.5", "1", "1", confirm]
+
+    async def ws(self, connection: ServerConnection) -> None:
+        subscribed: list[str] = []
+        self.connections.append(subscribed)
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                try:
+                    frame = await asyncio.wait_for(connection.recv(), timeout=0.5)
+                except TimeoutError:
+                    at = now_ms()
+                    for inst in subscribed:
+                        if inst in self.listed:
+                            row = self.row(inst, at - at % M, "0")
+                            arg = {"channel": "candle1m", "instId": inst}
+                            await connection.send(json.dumps({"arg": arg, "data": [row]}))
+                    continue
+                if frame == "ping":
+                    await connection.send("pong")
+                    continue
+                request = json.loads(frame)
+                for arg in request.get("args", []):
+                    subscribed.append(arg["instId"])
+                    ack = {"id": request.get("id"), "event": "subscribe", "arg": arg}
+                    await connection.send(json.dumps(ack | {"connId": "a4d3ae55"}))

@@ -89,13 +89,14 @@ async def test_live_okx_backfills_a_day_streams_and_recovers(infra: LocalInfra) 
     assert log.count("HTTP 200, rate limit in the body, waiting 1.0s") == 1
     assert "backfill of okx:btc-usdt stopped" not in log
     assert "backfill of okx:eth-usdt stopped" not in log
-    # A day back: the page reaching past OKX's latest 1,440 rows went to history-candles,
-    # every other to candles, each for at most 100 minutes.
+    # A day back: the page reaching past OKX's latest 1,440 rows (less a margin) went to
+    # history-candles for at most 100 minutes, every other to candles for at most 300.
     oldest_recent = outage.now_minute - 1435 * M
     asked = [(path, q) for path, q in exchange.requests if path in (CANDLES, HISTORY)]
     assert {q["instId"] for path, q in asked if path == HISTORY} == set(MARKETS)
     for path, query in asked:
         first, last = int(query["before"]) + 1, int(query["after"]) - 1
-        assert query["limit"] == "100" and query["bar"] == "1m"
-        assert last - first <= 99 * M
+        size = 300 if path == CANDLES else 100
+        assert query["limit"] == str(size) and query["bar"] == "1m"
+        assert last - first <= (size - 1) * M
         assert (path == HISTORY) == (first < oldest_recent), (path, query)

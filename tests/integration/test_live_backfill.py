@@ -1,5 +1,6 @@
-"""LiveSource at many markets against a local Binance: the socket is read while the publisher
-stalls, and one backfill per market runs however often the connection drops."""
+"""LiveSource at many markets against a local Binance and OKX: the socket is read while the
+publisher stalls, one backfill per market runs however often the connection drops, and OKX's
+day takes its documented page sizes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import gc
 import time
 
 from tests.conftest import deadline
-from tests.e2e.many_markets import DAY_MINUTES, M, ManyBinance, now_ms, symbols
+from tests.e2e.many_markets import (
+    DAY_MINUTES,
+    M,
+    ManyBinance,
+    ManyOkx,
+    now_ms,
+    okx_symbols,
+    symbols,
+)
 from tests.integration.test_live_source import exchange_urls, source_of
 from tickstream_shared.observability import READINGS
 from tickstream_shared.schemas import Tick
@@ -152,3 +161,43 @@ async def test_a_market_listed_while_running_joins_and_a_delisted_one_leaves() -
     after_leaving = [t for t in got if t.market == third and t.seq > left_at_us]
     assert len(after_leaving) <= 1 and all(t.closed for t in after_leaving)
     assert fake.klines["C0003USDT"] == 1
+
+
+async def test_okx_backfills_a_day_in_five_candles_pages_per_market() -> None:
+    """OKX (candles: 300 rows of its latest 1,440; history-candles: 100): each market's day is
+    5 candles requests and one history-candles request for its oldest minutes (two if a
+    minute began while it ran: the horizon moved), and every closed minute published equals
+    the exchange's row, a whole day without a gap."""
+    markets = 12
+    fake = ManyOkx(okx_symbols(markets))
+    async with exchange_urls(fake) as env:
+        source = source_of(
+            env,
+            WATCHER_MARKETS="okx:*-usdt",
+            WATCHER_BACKFILL_MINUTES=str(DAY_MINUTES),
+            WATCHER_RECONCILE_AFTER_MS="0",  # every candle request counted is the backfill's
+        )
+        await source.start()
+        queue = source.backfills["okx"]
+        closed: dict[str, dict[int, tuple[float, ...]]] = {m.id: {} for m in source.markets}
+        async with contextlib.aclosing(source.chunks()) as chunks, asyncio.timeout(deadline(60)):
+            async for chunk in chunks:
+                for tick in chunk:
+                    if tick.closed:
+                        values = (tick.open, tick.high, tick.low, tick.close, tick.volume)
+                        closed[tick.market][tick.minute] = values
+                if queue.done == markets and not queue.pending:
+                    break
+    assert len(fake.connections) == 1
+    for inst in okx_symbols(markets):
+        assert fake.asked["candles", inst] == 5, fake.asked
+        assert 1 <= fake.asked["history-candles", inst] <= 2, fake.asked
+    assert queue.requests == sum(fake.asked.values())
+    for inst in okx_symbols(markets):
+        minutes = closed[f"okx:{inst.lower()}"]
+        span = sorted(minutes)
+        assert span == list(range(span[0], span[-1] + M, M)), f"{inst}: a gap"
+        assert len(span) >= DAY_MINUTES, inst
+        for minute, values in minutes.items():
+            _, o, h, low, c, v, *_ = ManyOkx.row(inst, minute)
+            assert values == tuple(float(x) for x in (o, h, low, c, v)), (inst, minute)

@@ -353,10 +353,11 @@ def query_of(path: str) -> tuple[str, dict[str, str]]:
 
 
 def test_candles_path_asks_recent_minutes_of_candles_and_older_of_history() -> None:
-    """Within the latest 24 h (less a margin) candles is asked, before it history-candles,
-    each for the open times start..end through the exclusive `before` and `after`."""
+    """Within the latest 24 h (less a margin) candles is asked for up to 300 rows, before it
+    history-candles for up to 100, each for the open times start..end through the exclusive
+    `before` and `after`."""
     current = NOW - NOW % M
-    start, end = current - 99 * M, current - M
+    start, end = current - 300 * M, current - M
     assert query_of(OKX.candles_path("BTC-USDT", start, end)) == (
         "/api/v5/market/candles",
         {
@@ -364,7 +365,7 @@ def test_candles_path_asks_recent_minutes_of_candles_and_older_of_history() -> N
             "bar": "1m",
             "after": str(end + 1),
             "before": str(start - 1),
-            "limit": "100",
+            "limit": "300",
         },
     )
     edge = current - 1435 * M
@@ -374,6 +375,7 @@ def test_candles_path_asks_recent_minutes_of_candles_and_older_of_history() -> N
     path, query = query_of(OKX.candles_path("ETH-USDT", edge - M, edge + 98 * M))
     assert path == "/api/v5/market/history-candles"
     assert (query["after"], query["before"]) == (str(edge + 98 * M + 1), str(edge - M - 1))
+    assert query["limit"] == "100"
 
 
 def test_rest_candles_are_closed_oldest_first_without_the_forming_one() -> None:
@@ -467,9 +469,14 @@ def test_instids_must_be_spot_instids() -> None:
 
 
 def test_spec_keeps_within_okx_limits() -> None:
-    """Pages fit history-candles, REST stays within 20 requests per 2 s, the text ping comes
-    before OKX's 30 s, and a connection carries a bounded number of channels."""
+    """Pages fit the endpoint that serves them (history-candles 100, candles 300 within its
+    latest 1,440 rows less a margin), REST stays within each endpoint's limit (candles 40 per
+    2 s, the others 20), the text ping comes before OKX's 30 s, and a connection carries a
+    bounded number of channels."""
     assert SPEC.page_minutes == 100 and SPEC.rest_interval_s >= 0.1
+    assert SPEC.recent_pages is not None
+    assert SPEC.recent_pages.page_minutes == 300 and SPEC.recent_pages.horizon_minutes < 1440
+    assert all(interval >= 0.05 for interval in SPEC.rest_paces.values())
     assert SPEC.limits.keepalive_frame == "ping"
     assert SPEC.limits.keepalive_s is not None
     assert SPEC.limits.keepalive_s < 30 <= SPEC.limits.silence_s

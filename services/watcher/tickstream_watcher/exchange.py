@@ -196,6 +196,56 @@ class FeedLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class RecentPages:
+    """Larger REST pages an exchange serves for its latest minutes only (OKX: 300 rows from
+    `candles`, which holds the latest 1,440; older ranges 100 rows from `history-candles`)."""
+
+    # The latest this many minutes (before the current one, margin for clocks and caches
+    # included) are served in the larger pages; older minutes in `ExchangeSpec.page_minutes`.
+    horizon_minutes: int
+    page_minutes: int
+
+
+def recent_from(now_ms: int, horizon_minutes: int) -> int:
+    """The open time of the oldest minute within the latest `horizon_minutes` at `now_ms`.
+
+    The one computation of the horizon: the page plan and the protocol that chooses an
+    endpoint by it (OKX) both call this, so a page and its endpoint agree."""
+    return now_ms - now_ms % MINUTE_MS - horizon_minutes * MINUTE_MS
+
+
+def page_last(
+    page_minutes: int, recent: RecentPages | None, first_ms: int, end_ms: int, now_ms: int
+) -> int:
+    """The open time of the last minute of the REST page that starts at `first_ms`, for a range
+    ending before `end_ms` (exclusive), as the exchange pages at `now_ms`.
+
+    A page starting within the recent horizon is `recent.page_minutes` long; an older one is
+    `page_minutes` long and ends before the horizon, so no page straddles it and each is whole
+    from the one endpoint that serves its start. Pure; `first_ms` < `end_ms`, whole minutes.
+    """
+    if recent is not None:
+        boundary = recent_from(now_ms, recent.horizon_minutes)
+        if first_ms >= boundary:
+            return min(first_ms + recent.page_minutes * MINUTE_MS, end_ms) - MINUTE_MS
+        end_ms = min(end_ms, boundary)
+    return min(first_ms + page_minutes * MINUTE_MS, end_ms) - MINUTE_MS
+
+
+def plan_pages(
+    page_minutes: int, recent: RecentPages | None, first_ms: int, end_ms: int, now_ms: int
+) -> list[tuple[int, int]]:
+    """Every page (first and last minute open times, inclusive) covering `first_ms` up to
+    `end_ms` (exclusive) at `now_ms`, oldest first; see `page_last`. Pure."""
+    pages = []
+    while first_ms < end_ms:
+        last = page_last(page_minutes, recent, first_ms, end_ms, now_ms)
+        pages.append((first_ms, last))
+        first_ms = last + MINUTE_MS
+    return pages
+
+
+@dataclass(frozen=True, slots=True)
 class ExchangeSpec:
     """Everything the live source needs to know of one exchange, in one place: its name, its
     connection limits, its REST paging and pacing, how many markets one connection carries,
@@ -206,7 +256,8 @@ class ExchangeSpec:
     limits: FeedLimits
     # Most one-minute candles one REST request returns (callers page longer ranges).
     page_minutes: int
-    # Shortest time between two REST requests, inside the exchange's documented limit.
+    # Shortest time between two REST requests, inside the exchange's documented limit (for
+    # every endpoint not in `rest_paces`).
     rest_interval_s: float
     # Most markets one connection subscribes (None: all of them on one connection).
     markets_per_connection: int | None
@@ -214,6 +265,19 @@ class ExchangeSpec:
     # For exchanges that refuse with HTTP 200 and a code in the body (OKX 50011): True for a
     # body that means "slow down", waited out and asked again like a 429.
     rest_throttled: Callable[[bytes], bool] | None = None
+    # For exchanges that serve their latest minutes in larger pages than older ones (OKX).
+    recent_pages: RecentPages | None = None
+    # For exchanges whose limits differ per endpoint (OKX): the shortest time between two
+    # requests of a path (without its query), paced apart from the others' requests.
+    rest_paces: Mapping[str, float] = field(default_factory=dict)
+
+    def pages(self, first_ms: int, end_ms: int, now_ms: int) -> list[tuple[int, int]]:
+        """The REST pages covering `first_ms` up to `end_ms` at `now_ms` (see `plan_pages`)."""
+        return plan_pages(self.page_minutes, self.recent_pages, first_ms, end_ms, now_ms)
+
+    def page_last(self, first_ms: int, end_ms: int, now_ms: int) -> int:
+        """The last minute of the page starting at `first_ms` (see `page_last`)."""
+        return page_last(self.page_minutes, self.recent_pages, first_ms, end_ms, now_ms)
 
 
 class ExchangeProtocol(Protocol):

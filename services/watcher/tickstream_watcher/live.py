@@ -233,6 +233,7 @@ class LiveSource:
                 self._endpoints[exchange][1],
                 min_interval_s=spec.rest_interval_s,
                 throttled_body=spec.rest_throttled,
+                paces=spec.rest_paces,
             )
         found = await asyncio.gather(*(self._listing(exchange) for exchange in exchanges))
         listings = {ex: listing for ex, listing in zip(exchanges, found, strict=True) if listing}
@@ -451,7 +452,7 @@ class LiveSource:
     async def _backfill(self, exchange: str, market: Market, queue: BackfillQueue) -> bool:
         """Publish the closed minutes of `market` missed so far, oldest first; False if REST
         failed (logged; asked again at the next connect)."""
-        page = EXCHANGES[exchange].page_minutes * MINUTE_MS
+        spec = EXCHANGES[exchange]
         now = now_us() // 1000
         current = now - now % MINUTE_MS
         first = current - self._backfill_minutes * MINUTE_MS
@@ -466,10 +467,13 @@ class LiveSource:
         filled = 0
         complete = True
         try:
-            for start in range(first, current, page):
+            start = first
+            while start < current:
                 if market in self.gone:
                     return False  # delisted meanwhile: the rest is not asked for
-                end = min(start + page, current) - MINUTE_MS
+                # Each page planned when it is asked: as time passes, the exchange's horizon
+                # of larger recent pages (OKX) moves, and the page must fit where it is now.
+                end = spec.page_last(start, current, now_us() // 1000)
                 try:
                     candles = await self._candles(exchange, market, start, end)
                 except (RestUnavailable, BadFrame):
@@ -485,6 +489,7 @@ class LiveSource:
                 filled += len(ticks)
                 queue.minutes += len(ticks)
                 self._outbox.put(ticks)
+                start = end + MINUTE_MS
             self.bars.backfilled(market, current - MINUTE_MS)
         except (RestUnavailable, BadFrame) as exc:
             # Not marked as backfilled: the next connect's backfill asks again.
@@ -500,9 +505,11 @@ class LiveSource:
         return complete
 
     async def _candles(self, exchange: str, market: Market, first: int, last: int) -> CandlePage:
-        """REST candles of `market` from `first` to `last`; bad rows counted and logged once
-        per page (the caller asks for their minutes again: `bars.recheck`, once it has used
-        the page). Raises RestUnavailable or BadFrame."""
+        """REST candles of `market` from `first` to `last`, one page (the backfill plans
+        its pages; repairs and reconciliation ask at most an hour of recent minutes, one page
+        on every exchange); bad rows counted and logged once per page (the caller asks for
+        their minutes again: `bars.recheck`, once it has used the page). Raises
+        RestUnavailable or BadFrame."""
         protocol, symbol = self._protocols[exchange], self._symbols[exchange][market]
         page = protocol.parse_candles(
             market, await self._rest[exchange].get(protocol.candles_path(symbol, first, last))

@@ -24,11 +24,13 @@ from tickstream_watcher.exchange import (
     FeedEvent,
     FeedLimits,
     Heartbeat,
+    RecentPages,
     Reconnect,
     Rejected,
     candle_page,
     check_candle,
     frame_bytes,
+    recent_from,
 )
 
 if TYPE_CHECKING:
@@ -36,14 +38,18 @@ if TYPE_CHECKING:
 
 EXCHANGE: Final = "okx"
 CHANNEL: Final = "candle1m"
-# history-candles answers at most 100 rows (candles: 300). One page size valid for both keeps
-# every page whole whichever endpoint serves it.
+# history-candles answers at most 100 rows, candles 300: each page is as long as the endpoint
+# that serves its start allows (ExchangeSpec.recent_pages), so every page is whole.
 MAX_CANDLES_PER_REQUEST: Final = 100
+MAX_RECENT_CANDLES_PER_REQUEST: Final = 300
 # /market/candles holds only the latest 1,440 rows (24 h, the forming minute included); a range
 # reaching further back goes to /market/history-candles. The margin covers a clock that differs
 # from OKX's and a backend whose cache is a few minutes behind.
 RECENT_ROWS: Final = 1440
 _RECENT_MARGIN_ROWS: Final = 5
+RECENT_MINUTES: Final = RECENT_ROWS - _RECENT_MARGIN_ROWS
+_CANDLES: Final = "/api/v5/market/candles"
+_HISTORY_CANDLES: Final = "/api/v5/market/history-candles"
 # One subscribe's args: the current docs allow 64 KB, older ones 4096 bytes; keeping to the
 # older bound satisfies both (about 90 markets a frame).
 MAX_SUBSCRIBE_BYTES: Final = 4096
@@ -227,23 +233,26 @@ class OkxProtocol:
         return listing
 
     def candles_path(self, symbol: str, start_ms: int, end_ms: int) -> str:
-        """The one-minute candles opening from start to end (ms, both inclusive), at most
-        MAX_CANDLES_PER_REQUEST (callers page). `after` is exclusive (older than), `before`
-        exclusive (newer than). A range starting before the latest RECENT_ROWS minutes (less
-        a margin) by `clock_ms` asks history-candles, the others candles."""
-        now = self._clock_ms()
-        oldest_recent = now - now % MINUTE_MS - (RECENT_ROWS - _RECENT_MARGIN_ROWS) * MINUTE_MS
-        endpoint = "candles" if start_ms >= oldest_recent else "history-candles"
+        """The one-minute candles opening from start to end (ms, both inclusive), a page as
+        SPEC plans them (callers page). `after` is exclusive (older than), `before` exclusive
+        (newer than). A page starting within the latest RECENT_MINUTES by `clock_ms` asks
+        candles (up to 300 rows), an older one history-candles (up to 100). A page longer
+        than history-candles serves was planned within the horizon a moment ago (a minute may
+        have begun since): candles, which still holds it thanks to the margin, so the page is
+        never cut to 100 rows."""
+        recent = start_ms >= recent_from(self._clock_ms(), RECENT_MINUTES)
+        if end_ms - start_ms >= MAX_CANDLES_PER_REQUEST * MINUTE_MS:
+            recent = True
         query = urlencode(
             {
                 "instId": symbol,
                 "bar": "1m",
                 "after": end_ms + 1,
                 "before": start_ms - 1,
-                "limit": MAX_CANDLES_PER_REQUEST,
+                "limit": MAX_RECENT_CANDLES_PER_REQUEST if recent else MAX_CANDLES_PER_REQUEST,
             }
         )
-        return f"/api/v5/market/{endpoint}?{query}"
+        return f"{_CANDLES if recent else _HISTORY_CANDLES}?{query}"
 
     def parse_candles(self, market: Market, body: bytes) -> CandlePage:
         """Rows `[ts, o, h, l, c, vol, volCcy, volCcyQuote, confirm]`, newest first, as closed
@@ -363,8 +372,10 @@ if TYPE_CHECKING:
 
 # Candles pushed at most once a second per instrument; a text ping after 20 s of silence, a
 # pong expected within 10 s more; 3 new connections a second per IP (1 s between one feed's
-# attempts). REST: every endpoint used allows at least 20 requests per 2 s (history-candles and
-# instruments; candles 40), so one request every 0.1 s keeps within all of them, whatever mix.
+# attempts). REST limits are per endpoint (per IP): candles 40 requests per 2 s, paced on its
+# own at one every 0.05 s; history-candles and instruments 20 per 2 s, one every 0.1 s each,
+# each on its own too.
+# A day of a market: 5 candles pages of 300 and one history-candles page (the oldest minutes).
 SPEC: Final = ExchangeSpec(
     EXCHANGE,
     FeedLimits(1.0, 60.0, silence_s=30.0, keepalive_s=KEEPALIVE_S, keepalive_frame="ping"),
@@ -373,4 +384,6 @@ SPEC: Final = ExchangeSpec(
     markets_per_connection=MARKETS_PER_CONNECTION,
     from_listing=OkxProtocol.from_listing,
     rest_throttled=rest_throttled,
+    recent_pages=RecentPages(RECENT_MINUTES, MAX_RECENT_CANDLES_PER_REQUEST),
+    rest_paces={_CANDLES: 0.05, _HISTORY_CANDLES: 0.1},  # instruments: rest_interval_s
 )
