@@ -40,7 +40,7 @@ import asyncpg  # type: ignore[import-untyped]
 import psutil  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
 
-from tickstream_shared.local_infra import LocalInfra, free_port, stop_process
+from tickstream_shared.local_infra import LocalInfra, die_with_parent, free_port, stop_process
 
 BENCH_DIR = Path(__file__).resolve().parent
 M = 60_000
@@ -61,7 +61,10 @@ class Result:
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
-        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # die_with_parent: a bench stopped by a signal leaves no service spinning behind it.
+        return subprocess.Popen(
+            args, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
+        )
 
 
 def process_name(process: psutil.Process) -> str:
