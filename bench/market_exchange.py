@@ -107,7 +107,8 @@ class Exchange:
             return 200, {"symbols": symbols}
         index = self.index.get(query.get("symbol", ""))
         if path == "/api/v3/klines" and index is not None:
-            current = now_ms() - now_ms() % M
+            now = now_ms()
+            current = now - now % M  # one clock read: two may straddle a minute's end
             start = max(int(query["startTime"]), current - HISTORY_MINUTES * M)
             end = min(int(query["endTime"]), current - M)
             limit = min(int(query.get("limit", 500)), 1000)

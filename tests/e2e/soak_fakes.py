@@ -29,6 +29,13 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def current_minute() -> int:
+    """The minute now is in: the clock read once (two reads may straddle a minute's end and
+    give a time that is no minute's start, which every row built from it would then carry)."""
+    now = now_ms()
+    return now - now % M
+
+
 def iso(ms: int, digits: int = 6) -> str:
     base = datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     fraction = f"{ms % 1000:03d}".ljust(digits, "0")
@@ -252,7 +259,7 @@ class SoakBinance(CandleSoakExchange):
         symbol = query.get("symbol", "")
         if path == "/api/v3/klines" and symbol in self.levels:
             start, end = int(query["startTime"]), int(query["endTime"])
-            current = now_ms() - now_ms() % M
+            current = current_minute()
             rows = []
             for minute in range(start, min(end, current - M) + 1, M):
                 bar = self.truth(symbol, minute)
@@ -310,7 +317,7 @@ class SoakKraken(CandleSoakExchange):
             )
             if symbol not in self.levels:
                 return 200, {"error": ["EQuery:Unknown asset pair"]}
-            current = now_ms() - now_ms() % M
+            current = current_minute()
             rows: list[list[Any]] = []
             for minute in range(current - 720 * M + M, current + M, M):
                 bar = self.truth(symbol, minute)
@@ -403,7 +410,7 @@ class SoakCoinbase(SoakExchange):
                 return 404, {"message": "NotFound"}
             start = _parse_iso(query["start"])
             end = _parse_iso(query["end"])
-            current = now_ms() - now_ms() % M
+            current = current_minute()
             rows: list[list[Any]] = []
             for minute in range(start, min(end, current - M) + 1, M):
                 bar = self.truth(symbol, minute)
