@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,12 +20,10 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from tests.e2e.soak_fakes import current_minute, now_ms
+
 M = 60_000
 DAY_MINUTES = 1440
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def symbols(count: int, first: int = 0) -> list[str]:
@@ -66,8 +63,7 @@ class ManyBinance:
         symbol = query.get("symbol", "")
         if path == "/api/v3/klines" and symbol in self.listed:
             self.klines[symbol] += 1
-            now = now_ms()  # read once: two reads a millisecond apart misalign the minute
-            current = now - now % M
+            current = current_minute()
             start = max(int(query["startTime"]), current - 2 * DAY_MINUTES * M)
             end = min(int(query["endTime"]), current - M)
             rows = []
@@ -160,8 +156,7 @@ class ManyOkx:
         limit = int(query.get("limit", "100"))
         if query.get("bar", "1m") != "1m" or limit > OKX_LIMITS[endpoint]:
             return 200, {"code": "51000", "msg": "Parameter error: limit", "data": []}
-        now = now_ms()  # read once: two reads a millisecond apart misalign the minute
-        current = now - now % M
+        current = current_minute()
         rows_back = OKX_RECENT_ROWS if endpoint == "candles" else 2 * DAY_MINUTES
         oldest = current - (rows_back - 1) * M
         after, before = int(query.get("after", 2**62)), int(query.get("before", 0))
