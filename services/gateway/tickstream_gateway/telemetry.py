@@ -40,6 +40,12 @@ HISTORY_BARS: Final = Family(
     "Bars held in memory over all markets (at most markets x (GATEWAY_HISTORY_MINUTES + 1)).",
     "gauge",
 )
+FEED_PARTITIONS: Final = Family(
+    "tickstream_gateway_feed_partitions",
+    "Tick topic partitions the gateway's feed reads: those of markets a client watches, or"
+    " left less than GATEWAY_FEED_GRACE_MS ago.",
+    "gauge",
+)
 # Labelled by a fixed set of reasons (the error codes and close reasons of docs/protocol.md).
 WEBSOCKET_REFUSED: Final = Counter(
     "tickstream_gateway_websocket_refused",
@@ -74,6 +80,7 @@ def _hub_readings(hub: Hub) -> list[Reading]:
         (FRAMES_CONFLATED, (), hub.counters.conflated_frames),
         (QUEUED_BYTES, (), sum(s.outbox.queued_bytes for s in hub.sessions)),
         (HISTORY_BARS, (), hub.recent.bars_held()),
+        (FEED_PARTITIONS, (), hub.interest.assigned_partitions),
     ]
 
 
