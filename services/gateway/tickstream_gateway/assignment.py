@@ -53,10 +53,6 @@ class FeedAssignment:
         self._absent: set[str] = set()  # wanted, and without a topic at a listing since
         self._boundary: dict[TopicPartition, int] = {}  # added, not yet passed: end offset
 
-    @property
-    def tick_partitions(self) -> int:
-        return sum(1 for tp in self._consumer.assignment() if tp.topic != ALERTS_TOPIC)
-
     async def update(self, now: float) -> None:
         """Apply what changed in the interest (coalesced), then settle the markets caught up.
 
@@ -101,7 +97,9 @@ class FeedAssignment:
         if target != current:
             await self._reassign(current, target)
             self._changed_at = now
-        self._interest.assigned_partitions = self.tick_partitions
+        ticks = [tp for tp in self._consumer.assignment() if tp.topic != ALERTS_TOPIC]
+        self._interest.assigned_partitions = len(ticks)
+        self._interest.assigned_topics = frozenset(tp.topic for tp in ticks)
 
     async def _list_topics(self, now: float) -> None:
         # The consumer's public `topics()` lists names only; the partitions come with the

@@ -52,6 +52,9 @@ async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) ->
     consumer = make_consumer(
         settings.kafka, group_id=None, client_id="tickstream-gateway", offset_reset="latest"
     )
+    # Assigned (to nothing yet) before anything else: aiokafka's getmany without any
+    # subscription waits for one without a timeout.
+    consumer.assign([])
     producer = RenewableProducer(settings.kafka, client_id="tickstream-gateway")
     dead_letters = DeadLetterSender(producer, "gateway")
     try:
@@ -108,6 +111,7 @@ async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) ->
         ready.clear()  # /readyz says the feed is down until the supervisor has restarted it
         hub.interest.feed_running = False
         hub.interest.assigned_partitions = 0
+        hub.interest.assigned_topics = frozenset()
         hub.interest.unsettle_all()
         await consumer.stop()
         await producer.stop()

@@ -30,6 +30,7 @@ class MarketInterest:
         self.grace_s = grace_s
         self.changes = 0
         self.assigned_partitions = 0  # tick partitions the feed holds (a gauge)
+        self.assigned_topics: frozenset[str] = frozenset()  # and their topics
         self.feed_running = False  # set by the feed while its consumer runs
         self._holders: dict[str, int] = {}
         self._left: dict[str, float] = {}  # market -> time.monotonic() its last holder left
