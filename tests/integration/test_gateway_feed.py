@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,9 +123,12 @@ async def next_bar(session: ClientSession) -> dict[str, Any]:
     return frame
 
 
-async def wait_for(condition: Any, seconds: float) -> None:
+async def wait_for(condition: Callable[[], bool], seconds: float) -> None:
+    """Poll `condition` until true (the feed applies changes on its own schedule)."""
     async with asyncio.timeout(deadline(seconds)):
-        while not condition():
+        while True:
+            if condition():
+                return
             await asyncio.sleep(0.02)
 
 
