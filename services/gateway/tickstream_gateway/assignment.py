@@ -18,10 +18,10 @@ log = logging.getLogger("tickstream.gateway.feed")
 # Assignment changes are coalesced: at most one per this interval (a burst of subscribers,
 # a page of markets opened at once, costs one change).
 MIN_CHANGE_INTERVAL_S: Final = 0.2
-# The broker's topics are listed again this often, and at most this often while a wanted
-# market's topic is not among them (a market whose topic the watcher is about to create).
+# The broker's topics are listed again this often; and every KAFKA_METADATA_MAX_AGE_MS while
+# a wanted market's topic (one the watcher is about to create) or `alerts` is not among them,
+# as often as the pattern subscription this replaces looked for new topics.
 METADATA_REFRESH_S: Final = 30.0
-MISSING_REFRESH_S: Final = 1.0
 
 
 class FeedAssignment:
@@ -40,9 +40,15 @@ class FeedAssignment:
     """
 
     def __init__(
-        self, consumer: AIOKafkaConsumer, interest: MarketInterest, recent: RecentBars
+        self,
+        consumer: AIOKafkaConsumer,
+        interest: MarketInterest,
+        recent: RecentBars,
+        *,
+        missing_refresh_s: float,
     ) -> None:
         self._consumer = consumer
+        self._missing_refresh_s = missing_refresh_s
         self._interest = interest
         self._recent = recent
         self._partitions: dict[str, list[int]] = {}
@@ -70,7 +76,7 @@ class FeedAssignment:
         return (
             self._interest.changes != self._seen_changes
             or (expiry is not None and now >= expiry)
-            or (bool(self._missing) and now - self._listed_at >= MISSING_REFRESH_S)
+            or (self._lacking() and now - self._listed_at >= self._missing_refresh_s)
             or now - self._listed_at >= METADATA_REFRESH_S
         )
 
@@ -80,7 +86,8 @@ class FeedAssignment:
         wanted_plan = plan(wanted, self._partitions)
         listed = False
         if now - self._listed_at >= METADATA_REFRESH_S or (
-            wanted_plan.missing and now - self._listed_at >= MISSING_REFRESH_S
+            (wanted_plan.missing or ALERTS_TOPIC not in self._partitions)
+            and now - self._listed_at >= self._missing_refresh_s
         ):
             await self._list_topics(now)
             wanted_plan = plan(wanted, self._partitions)
@@ -100,6 +107,9 @@ class FeedAssignment:
         ticks = [tp for tp in self._consumer.assignment() if tp.topic != ALERTS_TOPIC]
         self._interest.assigned_partitions = len(ticks)
         self._interest.assigned_topics = frozenset(tp.topic for tp in ticks)
+
+    def _lacking(self) -> bool:
+        return bool(self._missing) or ALERTS_TOPIC not in self._partitions
 
     async def _list_topics(self, now: float) -> None:
         # The consumer's public `topics()` lists names only; the partitions come with the

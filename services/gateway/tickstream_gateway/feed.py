@@ -67,20 +67,20 @@ async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) ->
         raise
     # Started from the newest offsets: what came before is in storage only.
     hub.feed_started()
-    assignment = FeedAssignment(consumer, hub.interest, hub.recent)
-    try:
-        await assignment.update(time.monotonic())
-    except BaseException:
-        await consumer.stop()
-        await producer.stop()
-        raise
-    hub.interest.feed_running = True
-    ready.set()
+    assignment = FeedAssignment(
+        consumer,
+        hub.interest,
+        hub.recent,
+        missing_refresh_s=settings.kafka.metadata_max_age_ms / 1000,
+    )
     counters = DecodeCounters()
     alert_counters = DecodeCounters()
     # Exported while the consumer lives, and added to the totals when it is gone.
     READINGS.track(consumer, totals=functools.partial(decode_readings, counters, alert_counters))
     try:
+        await assignment.update(time.monotonic())
+        hub.interest.feed_running = True
+        ready.set()
         while True:
             batch = await consumer.getmany(timeout_ms=_POLL_MS, max_records=5000)
             for tp, records in batch.items():
