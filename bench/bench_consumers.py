@@ -148,7 +148,9 @@ async def measure(
     stop = asyncio.Event()
     latencies: list[float] = []
     sent = [0]
-    tasks = [asyncio.create_task(produce(kafka, topics, rate, stop, sent))]
+    tasks = []
+    if rate > 0:  # 0: idle topics, what consuming costs the broker without records
+        tasks.append(asyncio.create_task(produce(kafka, topics, rate, stop, sent)))
     if run.options is not None:
         tasks.append(asyncio.create_task(consume(kafka, run, topics, latencies, stop)))
     await asyncio.sleep(warmup)  # joined, assigned and fetching
@@ -187,6 +189,7 @@ async def bench(
     batch: dict[str, int],
     only: str,
     watched: list[int],
+    repeat: int,
 ) -> None:
     with (
         tempfile.TemporaryDirectory(prefix="bench-consumers-") as data_dir,
@@ -208,7 +211,7 @@ async def bench(
                 f" {seconds:.0f} s measured per run:",
                 flush=True,
             )
-            for run in runs(kafka, watched):
+            for run in [run for _ in range(repeat) for run in runs(kafka, watched)]:
                 if only == "batch" and run.group != "bench-new":
                     continue
                 if only == "gateway" and run.options is not None and "gateway" not in run.name:
@@ -237,6 +240,9 @@ def main() -> None:
         help="batch: the new batch run only; gateway: the producer alone and the gateway runs",
     )
     parser.add_argument(
+        "--repeat", type=int, default=1, help="the runs this many times, interleaved"
+    )
+    parser.add_argument(
         "--watched",
         type=int,
         nargs="*",
@@ -253,7 +259,16 @@ def main() -> None:
         batch["metadata_max_age_ms"] = args.metadata_max_age_ms
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs; one consumer per run")
     asyncio.run(
-        bench(args.topics, args.rate, args.seconds, args.warmup, batch, args.only, args.watched)
+        bench(
+            args.topics,
+            args.rate,
+            args.seconds,
+            args.warmup,
+            batch,
+            args.only,
+            args.watched,
+            args.repeat,
+        )
     )
 
 
