@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
 
 from tests.conftest import deadline, unique_exchange
 from tickstream_gateway.bars import RecentBars
@@ -18,17 +21,19 @@ from tickstream_gateway.history import MarketHistory
 from tickstream_gateway.hub import ClientSession, Hub
 from tickstream_gateway.interest import MarketInterest
 from tickstream_gateway.protocol import Subscribe, Subscription
+from tickstream_gateway.service import run
 from tickstream_gateway.state import GatewayState
 from tickstream_gateway.ws import _subscribe
 from tickstream_shared import db
 from tickstream_shared.kafka import ensure_topics, make_producer
-from tickstream_shared.local_infra import LocalInfra
+from tickstream_shared.local_infra import LocalInfra, free_port
 from tickstream_shared.naming import Market
 from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_shared.settings import (
     DatabaseSettings,
     GatewaySettings,
     KafkaSettings,
+    RedisSettings,
     ServiceSettings,
 )
 
@@ -204,3 +209,72 @@ async def test_a_market_subscribed_again_within_the_grace_keeps_its_partition(
     assert feed.hub.interest.assigned_topics == {a.topic}
     await send(feed, bar(a, 4, 4))
     assert (await next_bar(again))["seq"] == 4
+
+
+def feed_partitions(base: str) -> float:
+    """The gateway's tickstream_gateway_feed_partitions, from /metrics."""
+    with urllib.request.urlopen(f"http://{base}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tickstream_gateway_feed_partitions":
+                return float(sample.value)
+    raise AssertionError("tickstream_gateway_feed_partitions not exported")
+
+
+async def test_a_websocket_subscription_adds_its_partition_until_the_grace_ends(
+    infra: LocalInfra, feed: Feed
+) -> None:
+    """Through the real gateway: subscribe, live bars, the gauge counts it; unsubscribe drops."""
+    port = free_port()
+    settings = ServiceSettings(
+        kafka=KafkaSettings(bootstrap_servers=infra.kafka_bootstrap_servers),
+        redis=RedisSettings(url=f"redis://127.0.0.1:{infra.redis_port}/12"),
+        database=DatabaseSettings(url=infra.database_url),
+        gateway=GatewaySettings(port=port, history_minutes=HISTORY_MINUTES, feed_grace_ms=500),
+    )
+    market = await new_market(feed, 3)
+    await send(feed, bar(market, 3, 3))
+    await db.store_bars(feed.state.pool, [bar(market, 3, 3)])
+    stop = asyncio.Event()
+    serving = asyncio.create_task(run(settings, stop))
+    base = f"127.0.0.1:{port}"
+    try:
+        await poll(lambda: _ready(base), 60)
+        assert await asyncio.to_thread(feed_partitions, base) == 0
+        subscribe = {"op": "subscribe", "channel": "market", "market": market.id}
+        async with connect(f"ws://{base}/ws") as ws:
+            await ws.send(json.dumps(subscribe))
+            async with asyncio.timeout(deadline(10)):
+                frames = [json.loads(await ws.recv()) for _ in range(2)]
+            assert [f["type"] for f in frames] == ["subscribed", "history"]
+            assert [p["seq"] for p in frames[1]["bars"]] == [0, 1, 2, 3]
+            assert await asyncio.to_thread(feed_partitions, base) == 1
+            await send(feed, bar(market, 4, 4))
+            async with asyncio.timeout(deadline(10)):
+                live = json.loads(await ws.recv())
+            assert (live["type"], live["seq"]) == ("bar", 4)
+            await ws.send(json.dumps({**subscribe, "op": "unsubscribe"}))
+            async with asyncio.timeout(deadline(10)):
+                assert json.loads(await ws.recv())["type"] == "unsubscribed"
+        await poll(lambda: feed_partitions(base) == 0, 10)
+    finally:
+        stop.set()
+        await serving
+
+
+async def poll(check: Callable[[], bool], seconds: float) -> None:
+    """Call the blocking `check` in a thread until true: the gateway runs in this loop."""
+    async with asyncio.timeout(deadline(seconds)):
+        while True:
+            if await asyncio.to_thread(check):
+                return
+            await asyncio.sleep(0.1)
+
+
+def _ready(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{base}/readyz", timeout=5) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False

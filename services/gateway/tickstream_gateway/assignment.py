@@ -81,17 +81,17 @@ class FeedAssignment:
         )
 
     async def _apply(self, now: float) -> None:
+        listed = False
+        if now - self._listed_at >= METADATA_REFRESH_S or (
+            self._lacking_now(now) and now - self._listed_at >= self._missing_refresh_s
+        ):
+            await self._list_topics(now)
+            listed = True
+        # From here to the first await of _reassign nothing yields: a client subscribing
+        # meanwhile is either in `wanted` or finds its market unsettled and waits.
         self._seen_changes = self._interest.changes
         wanted = self._interest.wanted(now)
         wanted_plan = plan(wanted, self._partitions)
-        listed = False
-        if now - self._listed_at >= METADATA_REFRESH_S or (
-            (wanted_plan.missing or ALERTS_TOPIC not in self._partitions)
-            and now - self._listed_at >= self._missing_refresh_s
-        ):
-            await self._list_topics(now)
-            wanted_plan = plan(wanted, self._partitions)
-            listed = True
         self._missing = wanted_plan.missing
         if listed:
             # Checked against a listing made now: those without a topic wait no longer.
@@ -111,6 +111,11 @@ class FeedAssignment:
     def _lacking(self) -> bool:
         return bool(self._missing) or ALERTS_TOPIC not in self._partitions
 
+    def _lacking_now(self, now: float) -> bool:
+        """Whether a market wanted now, or `alerts`, has no topic in the last listing."""
+        missing = plan(self._interest.wanted(now), self._partitions).missing
+        return bool(missing) or ALERTS_TOPIC not in self._partitions
+
     async def _list_topics(self, now: float) -> None:
         # The consumer's public `topics()` lists names only; the partitions come with the
         # same metadata answer.
@@ -122,13 +127,22 @@ class FeedAssignment:
 
     async def _reassign(self, current: set[TopicPartition], target: set[TopicPartition]) -> None:
         consumer = self._consumer
+        added = sorted(tp for tp in target - current if tp.topic != ALERTS_TOPIC)
+        dropped = {tp for tp in current - target if tp.topic != ALERTS_TOPIC}
+        if dropped:
+            # Before any await: a subscriber arriving while this runs must not take a market
+            # about to be dropped for loaded and settled (it would miss what comes before the
+            # market is added again); it waits for that instead.
+            for tp in dropped:
+                self._boundary.pop(tp, None)
+            markets = _markets(dropped)
+            self._recent.restart_feed(markets)
+            self._interest.unsettle(markets)
         kept = current & target
         positions = {tp: await consumer.position(tp) for tp in kept}
         consumer.assign(sorted(target))
         for tp, offset in positions.items():
             consumer.seek(tp, offset)
-        added = sorted(tp for tp in target - current if tp.topic != ALERTS_TOPIC)
-        dropped = {tp for tp in current - target if tp.topic != ALERTS_TOPIC}
         # `alerts`, new to the assignment, starts from the newest offset (offset_reset).
         if added:
             begins = await consumer.beginning_offsets(added)
@@ -138,12 +152,6 @@ class FeedAssignment:
                 consumer.seek(tp, begins[tp] if _market(tp) in self._absent else newest)
                 self._boundary[tp] = ends[tp]
             self._recent.restart_feed(_markets(added))
-        if dropped:
-            for tp in dropped:
-                self._boundary.pop(tp, None)
-            markets = _markets(dropped)
-            self._recent.restart_feed(markets)
-            self._interest.unsettle(markets)
         log.info(
             "feed assignment: %d tick partitions (+%d -%d)",
             sum(1 for tp in target if tp.topic != ALERTS_TOPIC),

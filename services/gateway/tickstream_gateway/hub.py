@@ -45,7 +45,8 @@ class ClientSession:
 
 @dataclass
 class Hub:
-    """All connected clients, every market's bars in memory and the latest rank frames."""
+    """All connected clients, the bars of the markets the feed reads (`recent`), which
+    markets those are (`interest`: the ones clients hold) and the latest rank frames."""
 
     client_queue_bytes: int
     conflate_after_s: float = 0.0  # see Outbox: how long a client is let behind unconflated
