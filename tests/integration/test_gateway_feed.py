@@ -105,6 +105,18 @@ async def new_market(feed: Feed, stored: int) -> Market:
     return market
 
 
+async def listed(feed: Feed, *markets: Market) -> None:
+    """Wait until the feed's topic listing names the markets' topics (it lists again within
+    KAFKA_METADATA_MAX_AGE_MS while a wanted market has no topic: a made-up one is wanted)."""
+    interest = feed.hub.interest
+    made_up = f"{unique_exchange()}:none-usd"
+    interest.acquire(made_up)
+    try:
+        await wait_for(lambda: {m.topic for m in markets} <= interest.listed_topics, 10)
+    finally:
+        interest.release(made_up, 0.0, linger=False)
+
+
 async def send(feed: Feed, tick: Tick) -> None:
     await feed.producer.send_and_wait(
         Market.parse(tick.market).topic, tick.encode(), key=tick.market.encode()
@@ -142,6 +154,7 @@ async def test_only_watched_markets_are_read_and_added_without_loss(feed: Feed) 
     a, b = await new_market(feed, 5), await new_market(feed, 5)
     await send(feed, bar(a, 5, 5))  # the newest record when A is added: the feed's first
     await send(feed, bar(b, 5, 5))
+    await listed(feed, a, b)
     interest = feed.hub.interest
     assert interest.assigned_topics == frozenset()
 
@@ -197,6 +210,7 @@ async def test_a_market_subscribed_again_within_the_grace_keeps_its_partition(
     a = await new_market(feed, 3)
     await send(feed, bar(a, 3, 3))
     await db.store_bars(feed.state.pool, [bar(a, 3, 3)])  # as stats would
+    await listed(feed, a)
     session = feed.hub.connect()
     await subscribe(feed, session, a)
     reads = feed.state.history.reads
@@ -278,3 +292,18 @@ def _ready(base: str) -> bool:
             return bool(response.status == 200)
     except OSError:
         return False
+
+
+async def test_a_market_whose_topic_is_not_listed_yet_is_read_from_its_beginning(
+    feed: Feed,
+) -> None:
+    """A subscriber of a topic newer than the feed's listing does not wait for the feed; the
+    feed reads that topic from its beginning once listed, so nothing after storage is lost."""
+    market = await new_market(feed, 3)
+    for seq in (3, 4):  # produced before the subscribe, never stored
+        await send(feed, bar(market, seq, seq))
+    session = feed.hub.connect()
+    history = await subscribe(feed, session, market)
+    assert [p["seq"] for p in history["bars"]] == [0, 1, 2]
+    assert [(await next_bar(session))["seq"] for _ in range(2)] == [3, 4]
+    assert feed.hub.interest.assigned_topics == {market.topic}

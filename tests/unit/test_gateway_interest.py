@@ -66,6 +66,7 @@ async def test_a_subscriber_waits_for_the_feed_to_settle_its_market() -> None:
     interest = MarketInterest()
     assert await interest.wait_settled(BTC, timeout_s=10.0) is False  # no feed: no wait
     interest.feed_running = True
+    interest.listed_topics = frozenset({BTC_TOPIC, ETH_TOPIC})
     waiting = asyncio.create_task(interest.wait_settled(BTC, timeout_s=10.0))
     await asyncio.sleep(0)
     assert not waiting.done()
@@ -80,10 +81,34 @@ async def test_a_dropped_market_wakes_its_waiters_unsettled() -> None:
     """The feed dropping a market (or restarting) ends the waits: they are not settled."""
     interest = MarketInterest()
     interest.feed_running = True
+    interest.listed_topics = frozenset({ETH_TOPIC})
     waiting = asyncio.create_task(interest.wait_settled(ETH, timeout_s=10.0))
     await asyncio.sleep(0)
     interest.unsettle_all()
     assert await waiting is False
+
+
+async def test_a_market_without_a_listed_topic_is_not_waited_for_and_read_from_start() -> None:
+    """No topic in the feed's listing: the subscriber goes on at once, and the feed will read
+    the topic from its beginning (asked once); a market no longer wanted is forgotten."""
+    interest = MarketInterest()
+    interest.feed_running = True
+    interest.listed_topics = frozenset({ETH_TOPIC})
+    assert await interest.wait_settled(BTC, timeout_s=10.0) is False
+    assert interest.read_from_start(BTC) is True
+    assert interest.read_from_start(BTC) is False
+    assert interest.read_from_start(ETH) is False
+    await interest.wait_settled(BTC, timeout_s=10.0)
+    interest.forget_unwanted(set())
+    assert interest.read_from_start(BTC) is False
+
+
+def test_an_unknown_market_released_without_linger_is_not_wanted() -> None:
+    """A market found unknown is dropped at once, without the grace."""
+    interest = MarketInterest(grace_s=10.0)
+    interest.acquire(BTC)
+    interest.release(BTC, now=1.0, linger=False)
+    assert interest.wanted(1.0) == set() and interest.next_expiry() is None
 
 
 def test_the_hub_holds_a_market_from_subscribing_until_dropped_or_disconnected() -> None:

@@ -35,8 +35,9 @@ class FeedAssignment:
     feed then gives that record first, so RecentBars knows the seq from which the feed
     delivers everything (its `first_live_seq`), and a history read from storage afterwards
     is complete once it reaches that seq (MarketHistory). The market is settled once the
-    feed has passed that record. A market whose topic did not exist when it was first
-    wanted is read from the topic's beginning when the topic appears: all of it is new.
+    feed has passed that record. A market whose topic the last listing did not name when it
+    was first wanted (its subscriber did not wait: MarketInterest.wait_settled) is read from
+    the topic's beginning when the topic appears: all of it is new.
     """
 
     def __init__(
@@ -56,7 +57,6 @@ class FeedAssignment:
         self._changed_at = -math.inf
         self._seen_changes = -1
         self._missing: frozenset[str] = frozenset()
-        self._absent: set[str] = set()  # wanted, and without a topic at a listing since
         self._boundary: dict[TopicPartition, int] = {}  # added, not yet passed: end offset
 
     async def update(self, now: float) -> None:
@@ -94,10 +94,10 @@ class FeedAssignment:
         wanted_plan = plan(wanted, self._partitions)
         self._missing = wanted_plan.missing
         if listed:
-            # Checked against a listing made now: those without a topic wait no longer.
-            self._absent.update(wanted_plan.missing)
+            # Checked against a listing made now: those without a topic (one deleted since
+            # their subscriber began to wait) wait no longer.
+            self._interest.mark_unwaited(wanted_plan.missing)
             self._interest.settle(wanted_plan.missing)
-        self._absent &= wanted
         self._interest.forget_unwanted(wanted)
         target = {TopicPartition(topic, p) for topic, p in wanted_plan.partitions}
         current = set(self._consumer.assignment())
@@ -124,6 +124,7 @@ class FeedAssignment:
             topic: sorted(cluster.partitions_for_topic(topic) or ()) for topic in cluster.topics()
         }
         self._listed_at = now
+        self._interest.listed_topics = frozenset(self._partitions)
 
     async def _reassign(self, current: set[TopicPartition], target: set[TopicPartition]) -> None:
         consumer = self._consumer
@@ -149,7 +150,8 @@ class FeedAssignment:
             ends = await consumer.end_offsets(added)
             for tp in added:
                 newest = max(begins[tp], ends[tp] - 1)
-                consumer.seek(tp, begins[tp] if _market(tp) in self._absent else newest)
+                from_start = self._interest.read_from_start(_market(tp))
+                consumer.seek(tp, begins[tp] if from_start else newest)
                 self._boundary[tp] = ends[tp]
             self._recent.restart_feed(_markets(added))
         log.info(

@@ -93,13 +93,14 @@ class Hub:
         session.markets[market_id] = after_seq
         self._by_market[market_id].add(session)
 
-    def drop_market(self, session: ClientSession, market_id: str) -> None:
-        """Stop the client's live updates of the market and its hold on the feed. Idempotent."""
+    def drop_market(self, session: ClientSession, market_id: str, *, linger: bool = True) -> None:
+        """Stop the client's live updates of the market and its hold on the feed (the feed
+        reads on for the grace unless not `linger`: an unknown market). Idempotent."""
         session.markets.pop(market_id, None)
         self._unroute(session, market_id)
         if market_id in session.wanted:
             session.wanted.discard(market_id)
-            self.interest.release(market_id, time.monotonic())
+            self.interest.release(market_id, time.monotonic(), linger=linger)
 
     def _unroute(self, session: ClientSession, market_id: str) -> None:
         # No entry is made for a market nobody watches (an unsubscribe of a made-up market),

@@ -32,6 +32,11 @@ class MarketInterest:
         self.assigned_partitions = 0  # tick partitions the feed holds (a gauge)
         self.assigned_topics: frozenset[str] = frozenset()  # and their topics
         self.feed_running = False  # set by the feed while its consumer runs
+        # The tick topics the feed's last metadata listing named (set by the feed).
+        self.listed_topics: frozenset[str] = frozenset()
+        # Wanted markets whose first subscriber read storage without waiting for the feed
+        # (their topic was not listed): the feed reads them from the topic's beginning.
+        self._unwaited: set[str] = set()
         self._holders: dict[str, int] = {}
         self._left: dict[str, float] = {}  # market -> time.monotonic() its last holder left
         self._settled: dict[str, asyncio.Event] = {}
@@ -43,14 +48,16 @@ class MarketInterest:
         if held == 0 and self._left.pop(market_id, None) is None:
             self.changes += 1
 
-    def release(self, market_id: str, now: float) -> None:
-        """One holder fewer; the last one leaving starts the market's grace at `now`."""
+    def release(self, market_id: str, now: float, *, linger: bool = True) -> None:
+        """One holder fewer; the last one leaving starts the market's grace at `now`
+        (without `linger`, none: a market found unknown is not worth reading on)."""
         held = self._holders.get(market_id, 0)
         if held > 1:
             self._holders[market_id] = held - 1
         elif held == 1:
             del self._holders[market_id]
-            self._left[market_id] = now
+            if linger:
+                self._left[market_id] = now
             self.changes += 1  # the grace's end is a change too: see next_expiry
 
     def holders(self, market_id: str) -> int:
@@ -92,8 +99,16 @@ class MarketInterest:
 
         Safe to cancel. Without a running feed (restarting) there is nothing to wait for:
         the subscriber is answered from storage, and gets live updates once the feed is back.
+        Nor for a market whose topic the feed's last listing did not name (a made-up market,
+        or one whose topic is new): the subscriber reads storage at once, and the feed reads
+        the topic from its beginning if it appears (see read_from_start).
         """
         if not self.feed_running:
+            return False
+        if Market.parse(market_id).topic not in self.listed_topics and not self.is_settled(
+            market_id
+        ):
+            self._unwaited.add(market_id)
             return False
         event = self._event(market_id)
         if not event.is_set():
@@ -110,11 +125,24 @@ class MarketInterest:
             event = self._settled[market_id] = asyncio.Event()
         return event
 
+    def read_from_start(self, market_id: str) -> bool:
+        """Whether the feed, adding the market now, must read its topic from the beginning:
+        a subscriber went on without waiting for the feed. Forgotten once asked."""
+        if market_id in self._unwaited:
+            self._unwaited.discard(market_id)
+            return True
+        return False
+
+    def mark_unwaited(self, market_ids: Iterable[str]) -> None:
+        """These wanted markets' subscribers go on without the feed (no topic listed)."""
+        self._unwaited.update(market_ids)
+
     def forget_unwanted(self, wanted: set[str]) -> None:
-        """Drop the settle events of markets neither wanted nor settled (bounded by holders)."""
+        """Drop what is kept for markets no longer wanted (bounded by holders)."""
         for market_id in [m for m, e in self._settled.items() if m not in wanted]:
             if not self._settled[market_id].is_set():
                 del self._settled[market_id]
+        self._unwaited &= wanted
 
 
 @dataclass(frozen=True, slots=True)

@@ -201,7 +201,7 @@ async def _subscribe_market(
         raise
     reply = state.history.reply(market_id, since)
     if reply is None:
-        hub.drop_market(session, market_id)
+        hub.drop_market(session, market_id, linger=False)
         session.offer(
             error_frame("unknown_market", f"no bars for market {echo(market_id)}; see /api/metrics")
         )
