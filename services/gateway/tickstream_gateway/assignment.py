@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Final
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 
 from tickstream_gateway.bars import RecentBars
 from tickstream_gateway.interest import MarketInterest, plan
@@ -119,7 +120,14 @@ class FeedAssignment:
     async def _list_topics(self, now: float) -> None:
         # The consumer's public `topics()` lists names only; the partitions come with the
         # same metadata answer.
-        cluster = await self._consumer._client.fetch_all_metadata()
+        try:
+            cluster = await self._consumer._client.fetch_all_metadata()
+        except KafkaError as exc:
+            # A busy or restarting broker: the last listing stands until the next attempt
+            # (the feed need not restart, and lose every market's position, for this).
+            log.warning("listing the broker's topics failed: %r", exc)
+            self._listed_at = now
+            return
         self._partitions = {
             topic: sorted(cluster.partitions_for_topic(topic) or ()) for topic in cluster.topics()
         }
