@@ -36,6 +36,14 @@ class _Prefix:
     last_seq: int  # the largest seq among them; -1 when there are none
 
 
+@dataclass(slots=True)
+class ReadCount:
+    """Storage reads started: kept apart from MarketHistory so that the exported counter
+    outlives it (a counter must not drop when an object is collected)."""
+
+    reads: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class HistoryReply:
     """What a subscriber is sent before live updates, and the seq live updates continue after."""
@@ -59,7 +67,12 @@ class MarketHistory:
         self._reads: dict[str, asyncio.Task[None]] = {}
         self._replies: OrderedDict[tuple[str, int | None], tuple[int, HistoryReply]] = OrderedDict()
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
-        self.reads = 0  # storage reads started
+        self.counted = ReadCount()
+
+    @property
+    def reads(self) -> int:
+        """Storage reads started."""
+        return self.counted.reads
 
     async def load(self, market_id: str) -> None:
         """Return once the market's history is in memory, reading storage unless it is loaded.
@@ -142,7 +155,7 @@ class MarketHistory:
         give_up = time.monotonic() + self.catch_up_s
         pause = _FIRST_PAUSE_S
         while True:
-            self.reads += 1
+            self.counted.reads += 1
             stored = await self._fetch(market_id)
             self.recent.load(market_id, stored, time.monotonic())
             recent = self.recent

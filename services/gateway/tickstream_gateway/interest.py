@@ -32,7 +32,7 @@ class MarketInterest:
         self.assigned_partitions = 0  # tick partitions the feed holds (a gauge)
         self.assigned_topics: frozenset[str] = frozenset()  # and their topics
         self.feed_running = False  # set by the feed while its consumer runs
-        # The tick topics the feed's last metadata listing named (set by the feed).
+        # Every topic the feed's last metadata listing named (set by the feed).
         self.listed_topics: frozenset[str] = frozenset()
         # Wanted markets whose first subscriber read storage without waiting for the feed
         # (their topic was not listed): the feed reads them from the topic's beginning.

@@ -8,7 +8,7 @@ from typing import Any, Final
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tickstream_gateway.history import MarketHistory
+from tickstream_gateway.history import MarketHistory, ReadCount
 from tickstream_gateway.hub import Hub
 from tickstream_shared.observability import READINGS, Family, Reading
 
@@ -70,7 +70,9 @@ HTTP_REQUESTS: Final = Counter(
 def track_hub(hub: Hub, history: MarketHistory) -> None:
     """Export the hub's clients, queues and history, and the history reads, while they live."""
     READINGS.track(hub, current=_hub_readings)
-    READINGS.track(history, current=_history_readings)
+    # Totals, not current readings: retired into the process's totals when the history is
+    # collected, so the counter never drops (several gateways in one process: the tests).
+    READINGS.track(history, totals=functools.partial(_history_readings, history.counted))
 
 
 def _hub_readings(hub: Hub) -> list[Reading]:
@@ -84,8 +86,8 @@ def _hub_readings(hub: Hub) -> list[Reading]:
     ]
 
 
-def _history_readings(history: MarketHistory) -> list[Reading]:
-    return [(HISTORY_READS, (), history.reads)]
+def _history_readings(counted: ReadCount) -> list[Reading]:
+    return [(HISTORY_READS, (), counted.reads)]
 
 
 class CountRequests:
