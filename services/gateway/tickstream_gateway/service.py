@@ -11,6 +11,7 @@ import uvicorn
 
 from tickstream_gateway.app import create_app
 from tickstream_gateway.protocol import MAX_FRAME_BYTES
+from tickstream_shared import db
 from tickstream_shared.settings import ServiceSettings
 
 
@@ -43,9 +44,16 @@ def tune_gc() -> None:
 
 
 async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
-    """Serve until `stop`; then uvicorn stops accepting, closes connections, runs lifespan exit."""
+    """Serve until `stop`; then uvicorn stops accepting, closes connections, runs lifespan exit.
+
+    Waits for PostgreSQL first (one log line per attempt), as stats and alerts do, so a
+    gateway started before its database serves once it answers instead of exiting.
+    """
+    pool = await db.open_pool(settings.database, stop, max_size=8)
+    if pool is None:
+        return
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, pool=pool),
         host=settings.gateway.host,
         port=settings.gateway.port,
         log_level=settings.log.level.lower(),
