@@ -85,3 +85,36 @@ def test_the_watcher_stops_within_10s_of_sigterm_with_a_dependency_down(
         if watcher.poll() is None:
             watcher.kill()
             watcher.wait()
+
+
+@pytest.mark.parametrize("down", ["broker", "redis", "postgres"])
+@pytest.mark.parametrize("service", ["stats", "alerts", "gateway"])
+def test_every_consumer_stops_within_10s_of_sigterm_with_a_dependency_down(
+    infra: LocalInfra, service: str, down: str
+) -> None:
+    """Stats, alerts and the gateway, waiting on an unreachable dependency, exit 0 on SIGTERM."""
+    data_dir = make_data_dir("tickstream-stop-")
+    log = data_dir / f"{service}.log"
+    unreachable = f"127.0.0.1:{free_port()}"
+    env = {**infra.environment(), "GATEWAY_PORT": str(free_port())}
+    env |= {
+        "broker": {"KAFKA_BOOTSTRAP_SERVERS": unreachable},
+        "redis": {"REDIS_URL": f"redis://{unreachable}/0"},
+        "postgres": {"DATABASE_URL": f"postgresql://postgres@{unreachable}/tickstream"},
+    }[down]
+    process = start_service(service, env, log)
+    try:
+        # The first complaint about the dependency: the service is in its waiting state.
+        end = time.monotonic() + deadline(60)
+        while time.monotonic() < end and not any(
+            level in log.read_text() for level in (" WARNING ", " ERROR ")
+        ):
+            assert process.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        time.sleep(1)  # into the retry loop, not only its first attempt
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert stop_within(process, STOP_WITHIN_S) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
