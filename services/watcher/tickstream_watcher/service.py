@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import redis.asyncio as redis
 from aiokafka.errors import KafkaError
@@ -284,7 +284,7 @@ async def _save_closes(group: GroupState, term: _Term) -> None:
 
 
 async def _wait_any(
-    *events: asyncio.Event, also: asyncio.Task[None] | None = None, within: float | None = None
+    *events: asyncio.Event, also: asyncio.Future[Any] | None = None, within: float | None = None
 ) -> None:
     """Return when any event is set, `also` is done, or `within` seconds pass."""
     waiters = {asyncio.ensure_future(event.wait()) for event in events}

@@ -70,6 +70,19 @@ class SyntheticMarket:
         self._minute_volume = 0.0  # what the forming minute trades in all, on average
         self._last_ms = 0  # wall time the walk has been simulated up to
 
+    def resume(self, last_closed: Tick, seed: int, index: int) -> None:
+        """Continue the walk of a previous publisher after its newest closed bar `last_closed`:
+        from its close price and above its seq, with the market's level and spread unchanged.
+
+        The minutes it published are not generated again: replacing them with other values
+        would raise alerts for moves that never happened and leave its alerts on bars that
+        changed. The walk's randomness is drawn afresh from the resume minute, so it does not
+        repeat the previous walk's steps.
+        """
+        self._price = self._open = self._high = self._low = last_closed.close
+        self.seq = max(self.seq, last_closed.seq)
+        self._rng = random.Random(f"{seed}:{index}:{self.market}:{last_closed.minute}")
+
     def backfill_bar(self, minute: int, seq: int, received_ts: int) -> Tick:
         """Simulate the whole minute starting at `minute` and return it as a closed bar.
 
@@ -78,7 +91,7 @@ class SyntheticMarket:
         self._start_bar(minute)
         for _ in range(_BACKFILL_STEPS):
             self._walk(MINUTE_MS / _BACKFILL_STEPS)
-        self.seq = seq
+        self.seq = max(seq, self.seq + 1)  # above a resumed walk's seqs too
         bar = self._tick(minute + MINUTE_MS, received_ts, closed=True)
         self._minute = None  # closed: the next update starts a new bar
         return bar
