@@ -34,6 +34,12 @@ log = logging.getLogger("tickstream.watcher")
 _START_RETRY_S: Final = (1.0, 2.0, 5.0, 10.0, 30.0)
 _REDIS_ERRORS: Final = (redis.RedisError, OSError, TimeoutError)
 _BROKER_ERRORS: Final = (KafkaError,)
+_SOURCE_FILE_ERRORS: Final = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
 _BROKER_RETRY_S: Final = 2.0
 # How long a stopping watcher waits for the broker to acknowledge what it handed over; with
 # the release of the lease and the producer's stop it keeps the whole stop under 10 s.
@@ -58,6 +64,11 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
                 if await _until_stopped(_term(settings, lease, group, stop), stop):
                     break
                 log.warning("lost the lease %s: stopped publishing, standing by", lease.key)
+                # Still ours in Redis if Redis failed under it (not taken): freed, so that
+                # this watcher, or another, takes it again instead of waiting for expiry.
+                with contextlib.suppress(*_REDIS_ERRORS):
+                    async with asyncio.timeout(2):
+                        await lease.release()
             except _BROKER_ERRORS as exc:
                 # The broker is down or lost the producer's state: hand the lease on (a standby
                 # may do better), wait a little, and stand by for it again with a new producer.
@@ -144,6 +155,10 @@ async def _term(
         finally:
             await stop_producer(producer)
         return True
+    except _SOURCE_FILE_ERRORS:
+        # The source's files (a replay folder gone since the settings were checked): for the
+        # operator to fix, not Redis; run_until_stopped ends the process with it.
+        raise
     except _REDIS_ERRORS as exc:
         log.error("Redis failed under the lease: %r", exc)
         return False
