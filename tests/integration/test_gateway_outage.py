@@ -46,8 +46,8 @@ def _seed_metric(redis_url: str, market: Market) -> None:
 
 def test_the_gateway_waits_out_postgres_and_answers_503_while_it_is_down() -> None:
     """Started with PostgreSQL down it waits (log lines, no traceback), serves once PostgreSQL
-    is up, answers 503 JSON with Retry-After on the PostgreSQL routes during an outage, and
-    exits 0 within 10 s of SIGTERM while PostgreSQL is down."""
+    is up, answers 503 JSON with Retry-After on the routes of PostgreSQL, then of Redis, while
+    each is down, and exits 0 within 10 s of SIGTERM with both down."""
     with running_infra("tickstream-gw-outage-") as infra:
         infra.stop_server("postgres")
         port = free_port()
@@ -86,6 +86,20 @@ def test_the_gateway_waits_out_postgres_and_answers_503_while_it_is_down() -> No
             text = log.read_text()
             assert "Traceback" not in text
             assert text.count("answering 503: PostgreSQL is unavailable") == 1, text
+
+            infra.stop_server("redis")
+            for path in ("/api/ranks?kind=price", "/api/metrics", "/api/feeds", metric_path):
+                end = time.monotonic() + deadline(10)  # a held answer is served until too old
+                while time.monotonic() < end and _get(base, path)[0] == 200:
+                    time.sleep(0.2)
+                status, headers, body = _get(base, path)
+                assert status == 503, (path, body[:2000])
+                assert headers["retry-after"] == "5"
+                assert json.loads(body) == {
+                    "error": "unavailable",
+                    "message": "Redis is unavailable; try again later",
+                }
+            assert "Traceback" not in log.read_text()
 
             assert stop_within(gateway, STOP_WITHIN_S) == 0
             assert "Traceback" not in log.read_text()
