@@ -18,6 +18,10 @@ from tickstream_watcher import service
 BACKFILL_MINUTES = 30
 
 
+def _bar(tick: Tick) -> tuple[object, ...]:
+    return (tick.open, tick.high, tick.low, tick.close, tick.volume, tick.quote_volume)
+
+
 def _values(tick: Tick) -> tuple[object, ...]:
     return (tick.minute, tick.seq, tick.open, tick.high, tick.low, tick.close, tick.volume)
 
@@ -27,7 +31,8 @@ async def test_a_restarted_synthetic_source_replaces_no_published_minute(
 ) -> None:
     """The second run publishes no closed minute of the first again (but the last closed bar,
     identical), backfills nothing already published, and opens at the first run's last close
-    with larger seqs: a replaced minute's alerts can have no echo."""
+    with larger seqs; a third run without the checkpoints backfills the same bars again. No
+    minute changes, so its alerts can have no echo."""
     exchange = unique_exchange()
     markets = [Market(exchange, "btc", "usd"), Market(exchange, "eth", "usd")]
     group = f"g{uuid.uuid4().hex[:8]}"
@@ -74,5 +79,20 @@ async def test_a_restarted_synthetic_source_replaces_no_published_minute(
             assert new, "the second run published nothing new"
             assert new[0].open == last.close
             assert all(t.seq > last.seq for t in new)
+
+        # Without its checkpoints (Redis emptied) it backfills every minute again: the same bars.
+        await client.delete(
+            *(f"tickstream:watcher:{group}:{part}" for part in ("closed", "closing"))
+        )
+        published = {m: await read_all(infra.kafka_bootstrap_servers, m.topic) for m in markets}
+        await one_run()
+        for market in markets:
+            before = {t.minute: _bar(t) for t in published[market] if t.closed}
+            third = (await read_all(infra.kafka_bootstrap_servers, market.topic))[
+                len(published[market]) :
+            ]
+            again = {t.minute: _bar(t) for t in third if t.closed and t.minute in before}
+            assert len(again) >= BACKFILL_MINUTES - 1
+            assert again == {minute: before[minute] for minute in again}
     finally:
         await client.aclose()

@@ -6,7 +6,7 @@ See `leadership` for how the two checkpoints are written; this is the pure part.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tickstream_shared.schemas import Tick
 
@@ -23,9 +23,6 @@ class ResumePoint:
 class ResumePlan:
     points: dict[str, ResumePoint]
     republish: dict[str, Tick]  # closed bars maybe never acknowledged: sent again, as they were
-    # The newest closed bar handed to the producer per market (the `closing` checkpoint): where
-    # a synthetic walk continues from.
-    last_closed: dict[str, Tick] = field(default_factory=dict)
 
 
 def plan_resume(closed: Mapping[str, ResumePoint], closing: Mapping[str, Tick]) -> ResumePlan:
@@ -35,4 +32,4 @@ def plan_resume(closed: Mapping[str, ResumePoint], closing: Mapping[str, Tick]) 
         for market_id, tick in closing.items()
         if (done := closed.get(market_id)) is None or tick.minute > done.minute
     }
-    return ResumePlan(dict(closed), republish, dict(closing))
+    return ResumePlan(dict(closed), republish)

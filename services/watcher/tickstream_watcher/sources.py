@@ -70,9 +70,11 @@ class SyntheticSource:
     microseconds; then live updates whose seqs are the wall clock in microseconds (or one
     more than the market's last seq), so seqs grow across restarts too.
 
-    Resumable: a restarted watcher, or a standby taking over, continues each market's walk
-    after the newest closed bar published before (the group's checkpoints), backfilling
-    only the minutes after it, so no published minute is replaced by other values.
+    Every minute's bar is a function of the seed, the market and the minute (see
+    SyntheticMarket), so minutes generated again are the same bars. Resumable too: a
+    restarted watcher, or a standby taking over, backfills only the minutes after each
+    market's newest closed bar published before (the group's checkpoints), with seqs above
+    its seqs, instead of all WATCHER_SYNTHETIC_BACKFILL_MINUTES again.
     """
 
     resumable = True
@@ -82,7 +84,6 @@ class SyntheticSource:
         self._last_ms: int | None = None
         self._interval_s = settings.tick_interval_ms / 1000
         self._backfill_minutes = settings.synthetic_backfill_minutes
-        self._seed = settings.seed
         self._models = [
             SyntheticMarket(m.id, m.base, settings.seed, i) for i, m in enumerate(self.markets)
         ]
@@ -95,12 +96,9 @@ class SyntheticSource:
     def resume(self, plan: ResumePlan) -> None:
         """Continue each market after its newest closed bar published before, if any."""
         for i, model in enumerate(self._models):
-            point, last = plan.points.get(model.market), plan.last_closed.get(model.market)
-            done = max(point.minute if point else -1, last.minute if last else -1)
-            if last is not None:
-                model.resume(last, self._seed, i)
-            if point is not None:
-                model.seq = max(model.seq, point.seq)
+            point, again = plan.points.get(model.market), plan.republish.get(model.market)
+            done = max(point.minute if point else -1, again.minute if again else -1)
+            model.seq = max(model.seq, point.seq if point else 0, again.seq if again else 0)
             if done >= 0:
                 self._first_minute[i] = done + MINUTE_MS
 
