@@ -85,6 +85,11 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
             soft_limit,
             gateway.max_sockets,
         )
+    # uvicorn's lines go to the root logger's handler, in the format of every other line
+    # (tickstream_shared.logs): its loggers keep no handler of their own.
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     uvicorn_errors = logging.getLogger("uvicorn.error")
     handshakes = _WebSocketHandshakeLines()
     uvicorn_errors.addFilter(handshakes)
@@ -92,8 +97,6 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
         create_app(settings),
         host=gateway.host,
         port=gateway.port,
-        # uvicorn's loggers keep no handler of their own: their lines go to the root
-        # logger's, in the format of every other line (tickstream_shared.logs).
         log_config=None,
         log_level=settings.log.level.lower(),
         # httptools (C) parses and writes HTTP/1.1: with h11 (pure Python) the protocol alone
