@@ -12,11 +12,13 @@ from tickstream_shared.redaction import redact
 from tickstream_shared.settings import LogSettings
 
 # The attributes every LogRecord has; anything else on a record came from `extra=` and is
-# written as a field of its JSON line (the gateway's access lines: method, path, status...).
+# written as a field of its JSON line (the gateway's access lines: method, target, status...),
+# except uvicorn's copy of the message with terminal colours.
 _STANDARD_ATTRIBUTES: Final = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
     "message",
     "asctime",
     "taskName",
+    "color_message",
 }
 
 
