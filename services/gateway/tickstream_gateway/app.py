@@ -122,7 +122,10 @@ def create_app(settings: ServiceSettings) -> Starlette:
         routes=routes,
         # Outermost first: refused requests are counted too.
         middleware=[
-            Middleware(telemetry.CountRequests),
+            Middleware(
+                telemetry.ObserveRequests,
+                access_log=telemetry.AccessLog.of(settings.gateway),
+            ),
             Middleware(AccessControl, settings=settings.gateway),
         ],
         lifespan=lifespan,
