@@ -242,6 +242,27 @@ def test_compose_kafka_is_single_node_kraft(
     assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
 
 
+def test_compose_kafka_is_4x_without_zookeeper(
+    services: dict[str, dict[str, Any]], infra: dict[str, str]
+) -> None:
+    """Kafka is a pinned 4.x image (KRaft only), with a cluster id of its own, no ZooKeeper and
+    no setting Kafka 4 removed."""
+    svc = services[infra[KAFKA]]
+    repository, _, tag = svc["image"].partition(":")
+    assert repository == "apache/kafka"
+    assert re.fullmatch(r"4\.\d+\.\d+", tag), tag
+    env = _environment(svc)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", env["CLUSTER_ID"])
+    assert env["CLUSTER_ID"] != "5L6g3nShT-eMCtK--X86sw"  # the image's built-in default
+    removed = {
+        "KAFKA_ZOOKEEPER_CONNECT",
+        "KAFKA_LOG_MESSAGE_FORMAT_VERSION",
+        "KAFKA_INTER_BROKER_PROTOCOL_VERSION",
+        "KAFKA_MESSAGE_DOWNCONVERSION_ENABLE",
+    }
+    assert removed & set(env) == set()
+
+
 def test_compose_timescaledb_keeps_its_data(
     compose: dict[str, Any], services: dict[str, dict[str, Any]], infra: dict[str, str]
 ) -> None:
