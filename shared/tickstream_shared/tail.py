@@ -29,7 +29,7 @@ TICKS: Final = "ticks"
 
 
 class TopicNotFound(Exception):
-    """The broker does not know the topic (not created yet: `tickstream init`, or no ticks)."""
+    """The broker does not know the topic: nothing has created it yet."""
 
     def __init__(self, topic: str) -> None:
         super().__init__(f"the broker has no topic {topic}")
@@ -181,8 +181,9 @@ def run_tail(request: TailRequest, settings: KafkaSettings) -> int:
         written = asyncio.run(main())
     except TopicNotFound as exc:
         print(
-            f"tickstream tail: {exc} (`tickstream init` creates alerts and deadletter; a"
-            " market's tick topic exists once the watcher has published it)",
+            f"tickstream tail: {exc} (`alerts` is created by init and the alerts service,"
+            " `deadletter` by stats and the gateway when they start, a market's tick topic by"
+            " the watcher that watches it)",
             file=sys.stderr,
         )
         return 1
