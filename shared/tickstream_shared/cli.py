@@ -151,14 +151,15 @@ def _tail(args: argparse.Namespace) -> int:
 
     try:
         topic = resolve_topic(args.target, args.market)
-        settings = ServiceSettings.from_env(os.environ).kafka
+        settings = ServiceSettings.from_env(os.environ)
     except (BadIdentifier, ConfigError) as exc:
         print(f"tickstream tail: {exc}", file=sys.stderr)
         return 2
+    kafka = settings.kafka
     if args.bootstrap_servers is not None:
-        settings = dataclasses.replace(settings, bootstrap_servers=args.bootstrap_servers)
+        kafka = dataclasses.replace(kafka, bootstrap_servers=args.bootstrap_servers)
     request = TailRequest(topic, from_beginning=args.from_beginning, count=args.count)
-    return run_tail(request, settings)
+    return run_tail(request, kafka, settings.log)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ from aiokafka.errors import KafkaError
 
 from tickstream_shared.errors import BadIdentifier, echo
 from tickstream_shared.kafka import make_consumer
-from tickstream_shared.lifecycle import install_stop_signals, setup_logging
+from tickstream_shared.lifecycle import install_stop_signals
+from tickstream_shared.logs import setup_logging
 from tickstream_shared.naming import ALERTS_TOPIC, DEADLETTER_TOPIC, Market
-from tickstream_shared.settings import KafkaSettings
+from tickstream_shared.settings import KafkaSettings, LogSettings
 
 # Records one poll hands over at most; with the consumer's fetch bounds
 # (KAFKA_MAX_PARTITION_FETCH_BYTES, KAFKA_FETCH_MAX_BYTES) this bounds what tail holds.
@@ -154,13 +155,13 @@ async def tail(
         await consumer.stop()
 
 
-def run_tail(request: TailRequest, settings: KafkaSettings) -> int:
+def run_tail(request: TailRequest, settings: KafkaSettings, log: LogSettings) -> int:
     """`tickstream tail`: print to stdout until `request.count` records, Ctrl-C or SIGTERM.
 
     Exit code 0 when stopped or done (also when stdout is closed, as by `| head`), 1 when the
     topic does not exist or the broker cannot be reached.
     """
-    setup_logging("WARNING", "tail")
+    setup_logging(log, "tail")  # LOG_LEVEL, LOG_FORMAT; aiokafka held at WARNING
     out = sys.stdout.buffer
 
     def write(data: bytes) -> None:
