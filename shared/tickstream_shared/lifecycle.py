@@ -1,4 +1,4 @@
-"""Service entry plumbing: logging, settings, SIGTERM/SIGINT to a stop event, metrics and probes,
+"""Service entry plumbing: settings, SIGTERM/SIGINT to a stop event, metrics and probes,
 and the restart policy of supervised work (child processes, background tasks)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from tickstream_shared import observability
 from tickstream_shared.consuming import is_transient
 from tickstream_shared.errors import ConfigError
+from tickstream_shared.logs import setup_logging
 from tickstream_shared.probes import serve_probes
 from tickstream_shared.settings import ServiceSettings
 
@@ -114,29 +115,6 @@ async def run_until_stopped(
             return
 
 
-def setup_logging(level: str, service: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiokafka logs every coordinator hiccup at INFO/WARNING; keep our own lines readable.
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
-    # asyncpg's pool logs each failed reconnection with a traceback: an outage we wait out
-    # (PostgreSQL down) is one line per attempt, like ours.
-    logging.getLogger("asyncpg.pool").addFilter(_one_line)
-
-
-def _one_line(record: logging.LogRecord) -> bool:
-    """Fold a record's exception into its message, without the traceback."""
-    if record.exc_info and record.exc_info[1] is not None:
-        record.msg = f"{record.getMessage()}: {record.exc_info[1]!r}"
-        record.args = None
-        record.exc_info = None
-        record.exc_text = None
-    return True
-
-
 def install_stop_signals(stop: asyncio.Event) -> None:
     """SIGTERM and SIGINT set `stop`; a second signal is ignored while shutdown runs."""
     loop = asyncio.get_running_loop()
@@ -157,7 +135,7 @@ def run_service(
     except ConfigError as exc:
         print(f"tickstream {name}: bad configuration: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log.level, name)
+    setup_logging(settings.log, name)
 
     async def _main() -> None:
         stop = asyncio.Event()

@@ -143,6 +143,13 @@ class LogSettings:
         "Log level: DEBUG, INFO, WARNING or ERROR.",
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"),
     )
+    format: str = setting(
+        "LOG_FORMAT",
+        "text",
+        "Log lines as `text` (`<time> <LEVEL> <service> <logger>: <message>`) or `json` (one"
+        " object per line); uvicorn's lines too. Token query parameters are always redacted.",
+        choices=("text", "json"),
+    )
 
 
 # What `tickstream up --source live` (`make run SOURCE=live`) watches when WATCHER_MARKETS is
@@ -571,6 +578,52 @@ class GatewaySettings:
         ge=1,
         le=100_000,
     )
+    token_max_lifetime_s: int = setting(
+        "GATEWAY_TOKEN_MAX_LIFETIME_S",
+        7 * 86_400,
+        "Longest a token may live: one whose `exp` is further than this from now, or from its"
+        " `iat` when it has one, is refused with 401.",
+        ge=60,
+        le=366 * 86_400,
+    )
+    request_read_timeout_s: float = setting(
+        "GATEWAY_REQUEST_READ_TIMEOUT_S",
+        10.0,
+        "A client must send a whole HTTP request (line, headers, any body) within this long of"
+        " its first byte, and a new connection within this long of opening; else it is closed.",
+        ge=0.1,
+        le=600,
+    )
+    keep_alive_timeout_s: float = setting(
+        "GATEWAY_KEEP_ALIVE_TIMEOUT_S",
+        5.0,
+        "An HTTP connection idle this long after an answer is closed (WebSockets are not).",
+        ge=0.1,
+        le=600,
+    )
+    max_sockets: int = setting(
+        "GATEWAY_MAX_SOCKETS",
+        11_000,
+        "Client connections (HTTP and WebSocket) open at once; one beyond it is answered 503"
+        " and closed before its request is read. Above GATEWAY_MAX_CONNECTIONS.",
+        ge=2,
+        le=1_000_000,
+    )
+    access_log: str = setting(
+        "GATEWAY_ACCESS_LOG",
+        "errors",
+        "Which HTTP requests and WebSocket upgrades get a log line: `off`, `errors` (5xx"
+        " answers and those slower than GATEWAY_ACCESS_LOG_SLOW_MS) or `all`.",
+        choices=("off", "errors", "all"),
+    )
+    access_log_slow_ms: int = setting(
+        "GATEWAY_ACCESS_LOG_SLOW_MS",
+        1000,
+        "With GATEWAY_ACCESS_LOG=errors, requests answered slower than this are logged too;"
+        " 0 = none for slowness.",
+        ge=0,
+        le=3_600_000,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,6 +726,12 @@ _GROUP_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 
 
 def _check_gateway_access(gateway: GatewaySettings) -> None:
+    if gateway.max_sockets <= gateway.max_connections:
+        raise ConfigError(
+            "GATEWAY_MAX_SOCKETS",
+            f"{gateway.max_sockets} leaves no room for HTTP beside GATEWAY_MAX_CONNECTIONS"
+            f" ({gateway.max_connections}) WebSockets",
+        )
     for origin in gateway.allowed_origins:
         if not _ORIGIN_RE.fullmatch(origin):
             raise ConfigError(

@@ -132,7 +132,10 @@ def create_app(settings: ServiceSettings, pool: Any | None = None) -> Starlette:
         routes=routes,
         # Outermost first: refused requests are counted too.
         middleware=[
-            Middleware(telemetry.CountRequests),
+            Middleware(
+                telemetry.ObserveRequests,
+                access_log=telemetry.AccessLog.of(settings.gateway),
+            ),
             Middleware(AccessControl, settings=settings.gateway),
         ],
         lifespan=lifespan,
