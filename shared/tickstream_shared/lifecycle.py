@@ -101,8 +101,12 @@ async def run_until_stopped(
             await body(settings, stop)
             return
         except Exception as exc:
-            if stop.is_set() or not is_transient(exc) or isinstance(exc, _LOCAL_FILE_ERRORS):
+            if not is_transient(exc) or isinstance(exc, _LOCAL_FILE_ERRORS):
                 raise
+            if stop.is_set():
+                # Stopped while waiting for a dependency: a requested stop, not a failure.
+                log.info("%s stopped while %r", name, exc)
+                return
             delay = backoff.next_delay(delay, time.monotonic() - started)
             log.warning("%s stopped on %r; starting it again in %.1f s", name, exc, delay)
         with contextlib.suppress(TimeoutError):

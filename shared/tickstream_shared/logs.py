@@ -91,3 +91,16 @@ def setup_logging(settings: LogSettings, service: str) -> None:
     root.setLevel(settings.level.upper())
     # aiokafka logs every coordinator hiccup at INFO/WARNING; keep our own lines readable.
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, root.level))
+    # asyncpg's pool logs each failed reconnection with a traceback: an outage we wait out
+    # (PostgreSQL down) is one line per attempt, like ours.
+    logging.getLogger("asyncpg.pool").addFilter(_one_line)
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    """Fold a record's exception into its message, without the traceback."""
+    if record.exc_info and record.exc_info[1] is not None:
+        record.msg = f"{record.getMessage()}: {record.exc_info[1]!r}"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+    return True

@@ -63,8 +63,8 @@ async def serving(infra: LocalInfra, gateway: GatewaySettings) -> AsyncIterator[
     )
     lifespan_states: list[dict[str, Any]] = []
 
-    def create_app_in_view(settings: ServiceSettings) -> Callable[..., Any]:
-        app = create_app(settings)
+    def create_app_in_view(settings: ServiceSettings, pool: Any = None) -> Callable[..., Any]:
+        app = create_app(settings, pool=pool)
 
         async def in_view(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] == "lifespan":

@@ -15,6 +15,7 @@ import uvicorn
 from tickstream_gateway.app import create_app
 from tickstream_gateway.connections import SocketLimits, guarded_protocol
 from tickstream_gateway.protocol import MAX_FRAME_BYTES
+from tickstream_shared import db
 from tickstream_shared.settings import ServiceSettings
 
 log = logging.getLogger("tickstream.gateway")
@@ -76,7 +77,14 @@ class _WebSocketHandshakeLines(logging.Filter):
 
 
 async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
-    """Serve until `stop`; then uvicorn stops accepting, closes connections, runs lifespan exit."""
+    """Serve until `stop`; then uvicorn stops accepting, closes connections, runs lifespan exit.
+
+    Waits for PostgreSQL first (one log line per attempt), as stats and alerts do, so a
+    gateway started before its database serves once it answers instead of exiting.
+    """
+    pool = await db.open_pool(settings.database, stop, max_size=8)
+    if pool is None:
+        return
     gateway = settings.gateway
     soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft_limit != resource.RLIM_INFINITY and soft_limit < gateway.max_sockets + _OWN_FILES:
@@ -94,7 +102,7 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
     handshakes = _WebSocketHandshakeLines()
     uvicorn_errors.addFilter(handshakes)
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, pool=pool),
         host=gateway.host,
         port=gateway.port,
         log_config=None,
