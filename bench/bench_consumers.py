@@ -1,4 +1,5 @@
-"""Consumer bench: the local broker's CPU and consumer latency with N topics, old and new fetch."""
+"""Consumer bench: the local broker's CPU and consumer latency with N topics, old and new fetch,
+and the gateway's feed reading every topic (by pattern) or only the watched ones (assigned)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tickstream_shared.kafka import consumer_options, ensure_topics, make_producer
 from tickstream_shared.local_infra import LocalInfra
@@ -38,14 +39,19 @@ class Run:
     name: str
     group: str | None  # stats and alerts consume in a group; the gateway's feed has none
     options: dict[str, int] | None  # None: no consumer at all (the producer alone)
+    # Assigned (no group) the first `watched` topics only, as the gateway's feed now is;
+    # None: subscribed by pattern to every topic.
+    watched: int | None = None
 
 
-def runs(kafka: KafkaSettings) -> list[Run]:
+def runs(kafka: KafkaSettings, watched: list[int]) -> list[Run]:
+    live = consumer_options(kafka, "live")
     return [
         Run("producer only (no consumer)", None, None),
         Run("old: stats/alerts as before", "bench-old", OLD_OPTIONS),
         Run("new: stats/alerts (batch)", "bench-new", consumer_options(kafka, "batch")),
-        Run("gateway feed (live, unchanged)", None, consumer_options(kafka, "live")),
+        Run("gateway feed, every topic", None, live),
+        *(Run(f"gateway feed, {n} watched", None, live, n) for n in watched),
     ]
 
 
@@ -95,10 +101,15 @@ async def produce(
 
 
 async def consume(
-    kafka: KafkaSettings, run: Run, pattern: str, latencies: list[float], stop: asyncio.Event
+    kafka: KafkaSettings,
+    run: Run,
+    topics: list[str],
+    latencies: list[float],
+    stop: asyncio.Event,
 ) -> None:
     """Consume the bench topics from the newest offsets, recording each record's latency."""
     assert run.options is not None
+    pattern = rf"^{topics[0].rsplit('.', 1)[0]}\..*"
     consumer = AIOKafkaConsumer(
         bootstrap_servers=kafka.bootstrap_servers,
         group_id=run.group,
@@ -107,7 +118,10 @@ async def consume(
         auto_offset_reset="latest",
         **run.options,
     )
-    consumer.subscribe(pattern=pattern)
+    if run.watched is None:
+        consumer.subscribe(pattern=pattern)
+    else:
+        consumer.assign([TopicPartition(topic, 0) for topic in topics[: run.watched]])
     await consumer.start()
     try:
         while not stop.is_set():
@@ -133,11 +147,12 @@ async def measure(
 ) -> str:
     stop = asyncio.Event()
     latencies: list[float] = []
-    pattern = rf"^{topics[0].rsplit('.', 1)[0]}\..*"
     sent = [0]
-    tasks = [asyncio.create_task(produce(kafka, topics, rate, stop, sent))]
+    tasks = []
+    if rate > 0:  # 0: idle topics, what consuming costs the broker without records
+        tasks.append(asyncio.create_task(produce(kafka, topics, rate, stop, sent)))
     if run.options is not None:
-        tasks.append(asyncio.create_task(consume(kafka, run, pattern, latencies, stop)))
+        tasks.append(asyncio.create_task(consume(kafka, run, topics, latencies, stop)))
     await asyncio.sleep(warmup)  # joined, assigned and fetching
     latencies.clear()
     sent_before = sent[0]
@@ -173,6 +188,8 @@ async def bench(
     warmup: float,
     batch: dict[str, int],
     only: str,
+    watched: list[int],
+    repeat: int,
 ) -> None:
     with (
         tempfile.TemporaryDirectory(prefix="bench-consumers-") as data_dir,
@@ -194,8 +211,10 @@ async def bench(
                 f" {seconds:.0f} s measured per run:",
                 flush=True,
             )
-            for run in runs(kafka):
+            for run in [run for _ in range(repeat) for run in runs(kafka, watched)]:
                 if only == "batch" and run.group != "bench-new":
+                    continue
+                if only == "gateway" and run.options is not None and "gateway" not in run.name:
                     continue
                 line = await measure(kafka, pid, topics, run, rate, seconds, warmup)
                 print(line, flush=True)
@@ -215,7 +234,20 @@ def main() -> None:
         "--metadata-max-age-ms", type=int, help="KAFKA_METADATA_MAX_AGE_MS to try (new runs)"
     )
     parser.add_argument(
-        "--only", choices=("all", "batch"), default="all", help="batch: the new batch run only"
+        "--only",
+        choices=("all", "batch", "gateway"),
+        default="all",
+        help="batch: the new batch run only; gateway: the producer alone and the gateway runs",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="the runs this many times, interleaved"
+    )
+    parser.add_argument(
+        "--watched",
+        type=int,
+        nargs="*",
+        default=[10],
+        help="gateway runs assigned only this many topics (markets watched)",
     )
     args = parser.parse_args()
     batch = {}
@@ -226,7 +258,18 @@ def main() -> None:
     if args.metadata_max_age_ms is not None:
         batch["metadata_max_age_ms"] = args.metadata_max_age_ms
     print(f"python {platform.python_version()}, {os.cpu_count()} CPUs; one consumer per run")
-    asyncio.run(bench(args.topics, args.rate, args.seconds, args.warmup, batch, args.only))
+    asyncio.run(
+        bench(
+            args.topics,
+            args.rate,
+            args.seconds,
+            args.warmup,
+            batch,
+            args.only,
+            args.watched,
+            args.repeat,
+        )
+    )
 
 
 if __name__ == "__main__":

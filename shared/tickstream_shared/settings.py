@@ -524,6 +524,14 @@ class GatewaySettings:
         ge=50,
         le=60_000,
     )
+    feed_grace_ms: int = setting(
+        "GATEWAY_FEED_GRACE_MS",
+        10_000,
+        "How long the gateway goes on reading a market's tick topic after its last WebSocket"
+        " subscriber left (a page reload does not make it stop and start again).",
+        ge=0,
+        le=3_600_000,
+    )
     history_minutes: int = setting(
         "GATEWAY_HISTORY_MINUTES",
         1440,

@@ -25,6 +25,7 @@ from tickstream_gateway.feed import run_feed, run_rank_poller
 from tickstream_gateway.history import MarketHistory
 from tickstream_gateway.httpcache import GZIP_MIN_BYTES
 from tickstream_gateway.hub import Hub
+from tickstream_gateway.interest import MarketInterest
 from tickstream_gateway.state import GatewayState
 from tickstream_gateway.ws import websocket_endpoint
 from tickstream_shared import db, redis_client
@@ -35,6 +36,9 @@ from tickstream_shared.settings import ServiceSettings
 log = logging.getLogger("tickstream.gateway")
 
 STATIC_DIR = Path(__file__).parent / "static"
+# How long a market's first subscriber may wait for storage to reach the feed's first update
+# of the market (stats stores a batch a few hundred ms after the watcher published it).
+HISTORY_CATCH_UP_S = 1.5
 
 
 def create_app(settings: ServiceSettings, pool: Any | None = None) -> Starlette:
@@ -54,8 +58,13 @@ def create_app(settings: ServiceSettings, pool: Any | None = None) -> Starlette:
             settings.gateway.client_queue_bytes,
             settings.gateway.conflate_after_ms / 1000,
             recent=recent,
+            interest=MarketInterest(settings.gateway.feed_grace_ms / 1000),
         )
-        history = MarketHistory(recent, lambda market_id: db.recent_bars(pool, market_id, minutes))
+        history = MarketHistory(
+            recent,
+            lambda market_id: db.recent_bars(pool, market_id, minutes),
+            catch_up_s=HISTORY_CATCH_UP_S,
+        )
         telemetry.track_hub(hub, history)
         state = GatewayState(settings, redis, pool, hub, history, asyncio.Event())
         tasks: list[asyncio.Task[None]] = []

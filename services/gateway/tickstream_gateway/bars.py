@@ -131,9 +131,21 @@ class RecentBars:
 
     def feed_started(self) -> None:
         """The feed (re)started from the newest offsets: what it missed may be in storage only."""
-        for market in self._markets.values():
-            market.loaded = False
-            market.first_live_seq = None
+        self.restart_feed(self._markets)
+
+    def restart_feed(self, market_ids: Iterable[str]) -> None:
+        """The feed stopped reading these markets, or starts again from their newest record:
+        what it missed may be in storage only, so their next subscriber reads it again."""
+        for market_id in market_ids:
+            market = self._markets.get(market_id)
+            if market is not None:
+                market.loaded = False
+                market.first_live_seq = None
+
+    def is_followed(self, market_id: str) -> bool:
+        """Whether the feed delivered an update of the market since it (re)started reading it."""
+        market = self._markets.get(market_id)
+        return market is not None and market.first_live_seq is not None
 
     def is_loaded(self, market_id: str) -> bool:
         market = self._markets.get(market_id)

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 import redis.asyncio as redis
 from aiokafka.errors import KafkaError
 
+from tickstream_gateway.assignment import FeedAssignment
 from tickstream_gateway.httpcache import SharedRefresh
 from tickstream_gateway.hub import Hub
 from tickstream_gateway.rankboard import RankBoard
@@ -24,20 +25,16 @@ from tickstream_shared.consuming import (
 from tickstream_shared.deadletter import DeadLetter, DeadLetterSender
 from tickstream_shared.errors import BadMessage
 from tickstream_shared.kafka import RenewableProducer, ensure_topics, make_consumer
-from tickstream_shared.naming import (
-    ALERTS_TOPIC,
-    DEADLETTER_TOPIC,
-    TICK_TOPIC_PATTERN,
-)
+from tickstream_shared.naming import ALERTS_TOPIC, DEADLETTER_TOPIC
 from tickstream_shared.observability import READINGS
 from tickstream_shared.schemas import decode_alert
 from tickstream_shared.settings import ServiceSettings
 
 log = logging.getLogger("tickstream.gateway.feed")
 
-# One consumer for both streams: every per-pair tick topic (now and future) and alerts.
-FEED_PATTERN = rf"({TICK_TOPIC_PATTERN})|(^{ALERTS_TOPIC}$)"
 _DEAD_LETTER_TIMEOUT_S = 10.0
+# How long one poll waits for records: assignment changes wait at most this (plus coalescing).
+_POLL_MS = 100
 _FANOUT_SLICE_S = 0.005
 FULL_READ_EVERY = 60
 
@@ -45,7 +42,8 @@ FULL_READ_EVERY = 60
 async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) -> None:
     """Forward live bar updates and alerts to the hub until cancelled.
 
-    No consumer group: every gateway instance sees every message, starting from the newest
+    No consumer group: every gateway instance assigns itself `alerts` and the tick topics of
+    the markets its clients watch (FeedAssignment, hub.interest), each from its newest record
     (history comes from PostgreSQL). Nothing is committed because nothing is owned. A bad
     alert record is skipped and dead-lettered (no group reads `alerts`, so the gateways are
     the ones to report it: one dead letter per gateway instance); bad tick records are
@@ -54,7 +52,9 @@ async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) ->
     consumer = make_consumer(
         settings.kafka, group_id=None, client_id="tickstream-gateway", offset_reset="latest"
     )
-    consumer.subscribe(pattern=FEED_PATTERN)
+    # Assigned (to nothing yet) before anything else: aiokafka's getmany without any
+    # subscription waits for one without a timeout.
+    consumer.assign([])
     producer = RenewableProducer(settings.kafka, client_id="tickstream-gateway")
     dead_letters = DeadLetterSender(producer, "gateway")
     try:
@@ -67,14 +67,22 @@ async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) ->
         raise
     # Started from the newest offsets: what came before is in storage only.
     hub.feed_started()
-    ready.set()
+    assignment = FeedAssignment(
+        consumer,
+        hub.interest,
+        hub.recent,
+        missing_refresh_s=settings.kafka.metadata_max_age_ms / 1000,
+    )
     counters = DecodeCounters()
     alert_counters = DecodeCounters()
     # Exported while the consumer lives, and added to the totals when it is gone.
     READINGS.track(consumer, totals=functools.partial(decode_readings, counters, alert_counters))
     try:
+        await assignment.update(time.monotonic())
+        hub.interest.feed_running = True
+        ready.set()
         while True:
-            batch = await consumer.getmany(timeout_ms=500, max_records=5000)
+            batch = await consumer.getmany(timeout_ms=_POLL_MS, max_records=5000)
             for tp, records in batch.items():
                 if tp.topic == ALERTS_TOPIC:
                     bad: list[DeadLetter] = []
@@ -96,8 +104,15 @@ async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) ->
                     if time.monotonic() - slice_start >= _FANOUT_SLICE_S:
                         await asyncio.sleep(0)
                         now = slice_start = time.monotonic()
+            # After the batch: the positions read for kept partitions are past every record
+            # given so far.
+            await assignment.update(time.monotonic())
     finally:
         ready.clear()  # /readyz says the feed is down until the supervisor has restarted it
+        hub.interest.feed_running = False
+        hub.interest.assigned_partitions = 0
+        hub.interest.assigned_topics = frozenset()
+        hub.interest.unsettle_all()
         await consumer.stop()
         await producer.stop()
 

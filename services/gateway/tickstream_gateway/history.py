@@ -25,6 +25,8 @@ CACHED_REPLIES: Final = 16
 # is then that prefix plus the newest minute's point, not 1,441 points encoded again each time
 # the forming bar changes. At most this many prefixes of at most about 451,000 bytes each.
 CACHED_PREFIXES: Final = 64
+# The first pause before storage is read again while it is behind the feed (doubling).
+_FIRST_PAUSE_S: Final = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +34,14 @@ class _Prefix:
     settled: int  # RecentBars.settled_version when made
     points: bytes  # the window's points before the newest minute, joined with ","
     last_seq: int  # the largest seq among them; -1 when there are none
+
+
+@dataclass(slots=True)
+class ReadCount:
+    """Storage reads started: kept apart from MarketHistory so that the exported counter
+    outlives it (a counter must not drop when an object is collected)."""
+
+    reads: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,13 +60,19 @@ class MarketHistory:
     read is shared: however many subscribers wait for one market, storage is read once.
     """
 
-    def __init__(self, recent: RecentBars, fetch: Fetch) -> None:
+    def __init__(self, recent: RecentBars, fetch: Fetch, *, catch_up_s: float = 0.0) -> None:
         self.recent = recent
         self._fetch = fetch
+        self.catch_up_s = catch_up_s
         self._reads: dict[str, asyncio.Task[None]] = {}
         self._replies: OrderedDict[tuple[str, int | None], tuple[int, HistoryReply]] = OrderedDict()
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
-        self.reads = 0  # storage reads started
+        self.counted = ReadCount()
+
+    @property
+    def reads(self) -> int:
+        """Storage reads started."""
+        return self.counted.reads
 
     async def load(self, market_id: str) -> None:
         """Return once the market's history is in memory, reading storage unless it is loaded.
@@ -133,9 +149,22 @@ class MarketHistory:
         await asyncio.gather(*reads, return_exceptions=True)
 
     async def _read(self, market_id: str) -> None:
-        self.reads += 1
-        stored = await self._fetch(market_id)
-        self.recent.load(market_id, stored, time.monotonic())
+        # Storage behind the feed's first update of the market (stats a batch behind) may lack
+        # updates the feed never delivered: read again, for up to catch_up_s, until it has
+        # caught up. Past that the reply is what is known, and the next subscriber reads again.
+        give_up = time.monotonic() + self.catch_up_s
+        pause = _FIRST_PAUSE_S
+        while True:
+            self.counted.reads += 1
+            stored = await self._fetch(market_id)
+            self.recent.load(market_id, stored, time.monotonic())
+            recent = self.recent
+            if recent.is_loaded(market_id) or not recent.is_followed(market_id):
+                return
+            if time.monotonic() + pause > give_up:
+                return
+            await asyncio.sleep(pause)
+            pause *= 2
 
     def _read_done(self, market_id: str, read: asyncio.Task[None]) -> None:
         if self._reads.get(market_id) is read:

@@ -8,6 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from tickstream_gateway.bars import RecentBars
+from tickstream_gateway.interest import MarketInterest
 from tickstream_gateway.outbox import FanoutCounters, Outbox
 from tickstream_gateway.protocol import Frame, Subscription, alert_frame, bar_frame
 from tickstream_gateway.rankboard import RankBoard
@@ -31,6 +32,8 @@ class ClientSession:
     # Live market subscriptions: market id -> the largest seq queued. The gateway's own feed
     # can lag behind what stats stored, so updates at or below it are never sent.
     markets: dict[str, int] = field(default_factory=dict)
+    # Markets this client subscribes to or is subscribing to: its holds on MarketInterest.
+    wanted: set[str] = field(default_factory=set)
     # Ranks subscriptions, at most one per kind (its measure and selection).
     ranks: dict[MetricKind, Subscription] = field(default_factory=dict)
     alerts: bool = False
@@ -42,7 +45,8 @@ class ClientSession:
 
 @dataclass
 class Hub:
-    """All connected clients, every market's bars in memory and the latest rank frames."""
+    """All connected clients, the bars of the markets the feed reads (`recent`), which
+    markets those are (`interest`: the ones clients hold) and the latest rank frames."""
 
     client_queue_bytes: int
     conflate_after_s: float = 0.0  # see Outbox: how long a client is let behind unconflated
@@ -50,6 +54,8 @@ class Hub:
     counters: FanoutCounters = field(default_factory=FanoutCounters)
     recent: RecentBars = field(default_factory=RecentBars)
     latest_ranks: dict[Ranking, RankBoard] = field(default_factory=dict)
+    # Which markets the feed reads: those some client watches (see want_market).
+    interest: MarketInterest = field(default_factory=MarketInterest)
     _by_market: dict[str, set[ClientSession]] = field(default_factory=lambda: defaultdict(set))
 
     def connect(self) -> ClientSession:
@@ -67,17 +73,34 @@ class Hub:
         for market_id in session.markets:
             self._unroute(session, market_id)
         session.markets.clear()
+        now = time.monotonic()
+        for market_id in session.wanted:
+            self.interest.release(market_id, now)
+        session.wanted.clear()
         if session.overflowed.is_set():
             self.counters.slow_clients_closed += 1
 
+    def want_market(self, session: ClientSession, market_id: str) -> None:
+        """The client is subscribing to the market: the feed reads its topic until the client
+        drops it (drop_market, disconnect). Idempotent."""
+        if market_id not in session.wanted:
+            session.wanted.add(market_id)
+            self.interest.acquire(market_id)
+
     def watch_market(self, session: ClientSession, market_id: str, after_seq: int) -> None:
         """History up to seq `after_seq` was queued: from now on send newer updates live."""
+        self.want_market(session, market_id)
         session.markets[market_id] = after_seq
         self._by_market[market_id].add(session)
 
-    def drop_market(self, session: ClientSession, market_id: str) -> None:
+    def drop_market(self, session: ClientSession, market_id: str, *, linger: bool = True) -> None:
+        """Stop the client's live updates of the market and its hold on the feed (the feed
+        reads on for the grace unless not `linger`: an unknown market). Idempotent."""
         session.markets.pop(market_id, None)
         self._unroute(session, market_id)
+        if market_id in session.wanted:
+            session.wanted.discard(market_id)
+            self.interest.release(market_id, time.monotonic(), linger=linger)
 
     def _unroute(self, session: ClientSession, market_id: str) -> None:
         # No entry is made for a market nobody watches (an unsubscribe of a made-up market),
@@ -91,6 +114,7 @@ class Hub:
     def feed_started(self) -> None:
         """The feed (re)started: markets' history is read from storage again at next use."""
         self.recent.feed_started()
+        self.interest.unsettle_all()
 
     def publish_tick(self, tick: Tick, now: float | None = None) -> None:
         """Remember the update and send it, encoded once, to every subscriber behind it.

@@ -11,7 +11,7 @@ from typing import Any, Final
 from prometheus_client import Counter
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tickstream_gateway.history import MarketHistory
+from tickstream_gateway.history import MarketHistory, ReadCount
 from tickstream_gateway.hub import Hub
 from tickstream_shared.observability import READINGS, Family, Reading
 from tickstream_shared.redaction import redact
@@ -45,6 +45,12 @@ HISTORY_BARS: Final = Family(
     "Bars held in memory over all markets (at most markets x (GATEWAY_HISTORY_MINUTES + 1)).",
     "gauge",
 )
+FEED_PARTITIONS: Final = Family(
+    "tickstream_gateway_feed_partitions",
+    "Tick topic partitions the gateway's feed reads: those of markets a client watches, or"
+    " left less than GATEWAY_FEED_GRACE_MS ago.",
+    "gauge",
+)
 # Labelled by a fixed set of reasons (the error codes and close reasons of docs/protocol.md).
 WEBSOCKET_REFUSED: Final = Counter(
     "tickstream_gateway_websocket_refused",
@@ -69,7 +75,9 @@ HTTP_REQUESTS: Final = Counter(
 def track_hub(hub: Hub, history: MarketHistory) -> None:
     """Export the hub's clients, queues and history, and the history reads, while they live."""
     READINGS.track(hub, current=_hub_readings)
-    READINGS.track(history, current=_history_readings)
+    # Totals, not current readings: retired into the process's totals when the history is
+    # collected, so the counter never drops (several gateways in one process: the tests).
+    READINGS.track(history, totals=functools.partial(_history_readings, history.counted))
 
 
 def _hub_readings(hub: Hub) -> list[Reading]:
@@ -79,11 +87,12 @@ def _hub_readings(hub: Hub) -> list[Reading]:
         (FRAMES_CONFLATED, (), hub.counters.conflated_frames),
         (QUEUED_BYTES, (), sum(s.outbox.queued_bytes for s in hub.sessions)),
         (HISTORY_BARS, (), hub.recent.bars_held()),
+        (FEED_PARTITIONS, (), hub.interest.assigned_partitions),
     ]
 
 
-def _history_readings(history: MarketHistory) -> list[Reading]:
-    return [(HISTORY_READS, (), history.reads)]
+def _history_readings(counted: ReadCount) -> list[Reading]:
+    return [(HISTORY_READS, (), counted.reads)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,9 @@ CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TOKEN_EXPIRED = 4001  # private-use range: a client tells it from the other closes
 _SENDS_PER_TURN = 4
 _CLOSE_WAIT_S = 5.0
+# How long a first subscriber of a market waits for the feed to start reading it (normally a
+# few hundred ms: one assignment change and one fetch); past that it is answered anyway.
+FEED_SETTLE_WAIT_S = 3.0
 
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
@@ -186,9 +189,19 @@ async def _subscribe(session: ClientSession, command: Subscribe, state: GatewayS
 async def _subscribe_market(
     session: ClientSession, market_id: str, since: int | None, state: GatewayState
 ) -> None:
-    await state.history.load(market_id)
+    hub = state.hub
+    # The feed reads only watched markets: it starts on this one (if nobody else watches it)
+    # before storage is read, so that the history reaches where live updates begin.
+    hub.want_market(session, market_id)
+    try:
+        await hub.interest.wait_settled(market_id, FEED_SETTLE_WAIT_S)
+        await state.history.load(market_id)
+    except BaseException:
+        hub.drop_market(session, market_id)
+        raise
     reply = state.history.reply(market_id, since)
     if reply is None:
+        hub.drop_market(session, market_id, linger=False)
         session.offer(
             error_frame("unknown_market", f"no bars for market {echo(market_id)}; see /api/metrics")
         )

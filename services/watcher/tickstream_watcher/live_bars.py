@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -66,8 +68,10 @@ class _Bar:
         )
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _MarketState:
+    market: Market
+    order: int  # creation order: markets due at the same minute come in this order
     market_id: str
     exchange: str
     forming: _Bar | None = None
@@ -118,6 +122,10 @@ class _MarketState:
     last_trade_minute: int = -1
     pending: bool = False  # the forming bar changed since it was last published
     published_at: int = -1  # received time (ms) of the last published update
+    # The reconciliation schedule's entry for this market (see LiveBars._schedule): valid
+    # while equal to the ticket it was pushed with; `touched` while waiting to be rescheduled.
+    ticket: int = -1
+    touched: bool = False
 
 
 @dataclass
@@ -170,6 +178,12 @@ class LiveBars:
     rules: TrustRules = field(default_factory=TrustRules)
     counters: dict[str, LiveBarCounters] = field(default_factory=dict)
     _markets: dict[Market, _MarketState] = field(default_factory=dict)
+    # Reconciliation schedule: (due ms, ticket, state), earliest first; a state's entry is its
+    # newest ticket. States whose due time may have moved wait in `_touched` for the next
+    # reconcile_due, so a turn costs O(markets touched or due), never a scan of all markets.
+    _schedule: list[tuple[int, int, _MarketState]] = field(default_factory=list)
+    _touched: list[_MarketState] = field(default_factory=list)
+    _tickets: itertools.count[int] = field(default_factory=itertools.count)
 
     def total(self) -> LiveBarCounters:
         """Every exchange's counters added up."""
@@ -363,11 +377,13 @@ class LiveBars:
         wait = min(REST_RETRY_MS * 2**state.rest_failures, REST_RETRY_MAX_MS)
         state.rest_failures = min(state.rest_failures + 1, 30)
         state.rest_not_before = now_ms + wait
+        self._touch(state)
 
     def rest_answered(self, market: Market) -> None:
         """A REST request for `market` was answered in full: its next one need not wait."""
         state = self._state(market)
         state.rest_failures, state.rest_not_before = 0, -1
+        self._touch(state)
 
     def repairs_due(self, now_ms: int) -> dict[Market, tuple[int, int]]:
         """Markets with minutes to repair now: the first and last such minute of each."""
@@ -432,25 +448,42 @@ class LiveBars:
         rules = self.rules
         if not rules.reconcile_after_ms:
             return []
-        settled = now_ms - rules.reconcile_settle_ms - MINUTE_MS
-        due = []
-        for market, state in self._markets.items():
-            if not state.recent or now_ms < state.rest_not_before:
-                continue
-            # Nothing before the oldest bar remembered: older ones are out of reach, and
-            # before the first one this publisher closed, what is stored is not known.
-            oldest = min(state.recent)
-            last = min(state.closed_through, settled - settled % MINUTE_MS)
-            first = max(state.reconciled_through + MINUTE_MS, oldest)
-            if state.check_from is not None:
-                first = max(min(first, state.check_from), oldest)
-            if last < first:
-                continue
-            urgent = state.check_from is not None and state.check_from <= last
-            if urgent or now_ms >= first + MINUTE_MS + rules.reconcile_after_ms:
-                due.append((market, first, last))
-        due.sort(key=lambda entry: entry[1])
-        return due
+        for state in self._touched:
+            state.touched = False
+            self._plan(state, due_at(state, rules))
+        self._touched.clear()
+        found: list[tuple[int, int, _MarketState, int]] = []
+        late: list[_MarketState] = []
+        schedule = self._schedule
+        while schedule and schedule[0][0] <= now_ms:
+            _, ticket, state = heapq.heappop(schedule)
+            if ticket != state.ticket:
+                continue  # superseded by a later entry
+            entry = due_range(state, now_ms, rules)
+            if entry is None:
+                late.append(state)  # not due after all: a guard, see due_at
+            else:
+                found.append((entry[0], state.order, state, entry[1]))
+        for state in late:
+            self._plan(state, max(due_at(state, rules) or now_ms + 1, now_ms + 1))
+        found.sort(key=lambda item: item[:2])
+        for _, _, state, _ in found:
+            # Due until its state changes; planned at its due time (not now), so an earlier
+            # `now_ms` on a later call finds what a scan would.
+            self._plan(state, due_at(state, rules))
+        return [(state.market, first, last) for first, _, state, last in found]
+
+    def _plan(self, state: _MarketState, at: int | None) -> None:
+        """Schedule the state's next reconciliation check at `at` (None: never)."""
+        state.ticket = next(self._tickets)
+        if at is not None:
+            heapq.heappush(self._schedule, (at, state.ticket, state))
+
+    def _touch(self, state: _MarketState) -> None:
+        """A field reconcile_due reads changed: reschedule the state at its next call."""
+        if not state.touched:
+            state.touched = True
+            self._touched.append(state)
 
     def reconcile(
         self,
@@ -500,12 +533,15 @@ class LiveBars:
             state.check_from = None
         if not complete:
             _recheck(state, first)
+        self._touch(state)
         return out
 
     def recheck(self, market: Market, from_minute: int) -> None:
         """Reconcile the market's minutes from `from_minute` on as soon as REST has settled
         them (a REST page had a bad row: its minute is missing until then)."""
-        _recheck(self._state(market), from_minute)
+        state = self._state(market)
+        _recheck(state, from_minute)
+        self._touch(state)
 
     def suspect(self, market: Market, since_ms: int) -> None:
         """The market went silent at `since_ms` while others updated: what it published since
@@ -529,6 +565,7 @@ class LiveBars:
             state.backfilled_through = max(state.backfilled_through, closed_through)
             # What the previous publisher stored is not known here: not reconciled by this one.
             state.reconciled_through = max(state.reconciled_through, closed_through)
+            self._touch(state)
         state.last_seq = max(state.last_seq, last_seq)
         if republished is not None and republished > state.closed_through:
             state.republished = republished
@@ -576,7 +613,8 @@ class LiveBars:
     def _state(self, market: Market) -> _MarketState:
         state = self._markets.get(market)
         if state is None:
-            state = self._markets[market] = _MarketState(market.id, market.exchange)
+            state = _MarketState(market, len(self._markets), market.id, market.exchange)
+            self._markets[market] = state
             self.counters.setdefault(market.exchange, LiveBarCounters())
         return state
 
@@ -646,6 +684,7 @@ class LiveBars:
             state.unfinished.discard(minute)
             state.awaiting.setdefault(minute, None)
             state.closed_through = max(state.closed_through, minute)
+            self._touch(state)
 
     def _publish_if_due(self, state: _MarketState, received_us: int) -> list[Tick]:
         received_ms = received_us // 1000
@@ -666,6 +705,7 @@ class LiveBars:
             state.unfinished.discard(bar.minute)
             state.awaiting[bar.minute] = bar
             state.closed_through = max(state.closed_through, bar.minute)  # never reopened
+            self._touch(state)
             return []
         state.published_at = received_us // 1000
         return [self._emit_closed(state, bar, received_us)]
@@ -688,6 +728,7 @@ class LiveBars:
                 del recent[minute]
         if judge:
             self._judge_by_recent(state)
+        self._touch(state)
         return self._bar_tick(state, bar, received_us, closed=True)
 
     def _judge_by_recent(self, state: _MarketState) -> None:
@@ -749,3 +790,56 @@ def _candle_bar(candle: CandleUpdate) -> _Bar:
         final=True,
         quote_volume=candle.quote_volume,
     )
+
+
+def due_range(state: _MarketState, now_ms: int, rules: TrustRules) -> tuple[int, int] | None:
+    """The minutes (first, last) of the market to compare with REST at `now_ms`, or None.
+
+    Due once its oldest closed, unreconciled minute ended `rules.reconcile_after_ms` ago (or
+    at once after `suspect`); the range runs to the newest minute that ended
+    `rules.reconcile_settle_ms` ago, within RECENT_MINUTES.
+    """
+    if not state.recent or now_ms < state.rest_not_before:
+        return None
+    # Nothing before the oldest bar remembered: older ones are out of reach, and before the
+    # first one this publisher closed, what is stored is not known.
+    first = _first_unreconciled(state)
+    settled = now_ms - rules.reconcile_settle_ms - MINUTE_MS
+    last = min(state.closed_through, settled - settled % MINUTE_MS)
+    if last < first:
+        return None
+    urgent = state.check_from is not None and state.check_from <= last
+    if urgent or now_ms >= first + MINUTE_MS + rules.reconcile_after_ms:
+        return first, last
+    return None
+
+
+def due_at(state: _MarketState, rules: TrustRules) -> int | None:
+    """The earliest `now_ms` at which due_range is not None while the state does not change
+    (None: not before it does). Each condition of due_range only becomes true as time passes,
+    so this is a time, not a guess: from then on the market stays due until reconciled."""
+    if not state.recent:
+        return None
+    first = _first_unreconciled(state)
+    if state.closed_through < first:
+        return None
+    # floor(now - settle - MINUTE to a minute) >= m  <=>  now >= ceil(m to a minute) + ...
+    wait = rules.reconcile_settle_ms + MINUTE_MS
+    at = max(state.rest_not_before, _ceil_minute(first) + wait)
+    plain = first + MINUTE_MS + rules.reconcile_after_ms
+    check_from = state.check_from
+    if check_from is not None and check_from <= state.closed_through:
+        return max(at, min(plain, _ceil_minute(check_from) + wait))
+    return max(at, plain)
+
+
+def _first_unreconciled(state: _MarketState) -> int:
+    oldest = min(state.recent)
+    first = max(state.reconciled_through + MINUTE_MS, oldest)
+    if state.check_from is not None:
+        first = max(min(first, state.check_from), oldest)
+    return first
+
+
+def _ceil_minute(ms: int) -> int:
+    return -(-ms // MINUTE_MS) * MINUTE_MS
