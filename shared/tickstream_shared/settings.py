@@ -683,11 +683,12 @@ class LocalStackSettings:
 
     broker_storage: str = setting(
         "TICKSTREAM_BROKER_STORAGE",
-        "s3",
-        "Where the local broker (Tansu) keeps its log: `s3` in a local SeaweedFS under the data"
-        " folder (kept across restarts, topic retention applied every"
-        " TICKSTREAM_BROKER_TRIM_INTERVAL_MS) or `memory` (lost at every restart, and nothing"
-        " is ever dropped: its memory grows with every record, see docs/operations.md).",
+        "memory",
+        "Where the local broker (Tansu 0.6) keeps its log: `memory` (fast, but lost at every"
+        " restart and never trimmed: Tansu ignores retention, so its memory grows with every"
+        " record) or `s3` in a SeaweedFS under the data folder (kept across restarts, trimmed to"
+        " each topic's retention, but only about 100 record batches a second; see"
+        " docs/operations.md).",
         choices=("memory", "s3"),
     )
     trim_interval_ms: int = setting(
