@@ -214,6 +214,7 @@ def main() -> None:
     parser.add_argument("--sample-s", type=float, default=15.0)
     parser.add_argument("--trim-interval-s", type=float, default=5.0)
     parser.add_argument("--no-consumer", dest="consumer", action="store_false", help="produce only")
+    parser.add_argument("--keep", action="store_true", help="keep the data folder, print it")
     args = parser.parse_args()
     data_dir = Path(tempfile.mkdtemp(prefix="bench-broker-"))
     infra = LocalInfra(data_dir, broker_storage=args.storage, trim_interval_s=args.trim_interval_s)
@@ -224,7 +225,10 @@ def main() -> None:
         asyncio.run(run(args, infra))
     finally:
         infra.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
+        if args.keep:
+            print(f"data kept in {data_dir}")
+        else:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
