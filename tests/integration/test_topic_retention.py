@@ -157,3 +157,34 @@ async def test_durable_log_is_trimmed_to_its_retention(s3_broker: LocalInfra) ->
     finally:
         await consumer.stop()
         await producer.stop()
+
+
+async def test_durable_log_survives_a_broker_restart(s3_broker: LocalInfra) -> None:
+    """On s3 storage a restarted broker still has the topic, its records and its configs."""
+    kafka = KafkaSettings(bootstrap_servers=s3_broker.kafka_bootstrap_servers)
+    topic = Market(unique_exchange(), "btc", "usdt").topic
+    await ensure_topics(kafka, [topic])
+    producer = make_producer(kafka, client_id="durable-test")
+    await producer.start()
+    try:
+        sends = [await producer.send(topic, f"r{i}".encode()) for i in range(300)]
+        await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+    s3_broker.stop_server("broker")
+    s3_broker.start_server("broker")
+    assert await ensure_topics(kafka, [topic]) == []
+    assert (await _configs(kafka, [topic]))[topic] == topic_config(kafka, topic)
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=kafka.bootstrap_servers, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        values: list[bytes] = []
+        limit = time.monotonic() + deadline(20)
+        while len(values) < 300 and time.monotonic() < limit:
+            batches = await consumer.getmany(timeout_ms=500)
+            values += [r.value for records in batches.values() for r in records]
+        assert values == [f"r{i}".encode() for i in range(300)]
+    finally:
+        await consumer.stop()
