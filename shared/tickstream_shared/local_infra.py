@@ -133,7 +133,8 @@ class _Child:
 
 @dataclass
 class LocalInfra:
-    """The three servers tickstream needs, on free ports, with data under `data_dir`.
+    """The three servers tickstream needs (four with the broker's log in SeaweedFS), on free
+    ports, with data under `data_dir`.
 
     Use as a context manager, or call start()/stop() (stop is safe to call twice).
     """

@@ -132,9 +132,14 @@ class LogTrimmer:
         while not self._stop.wait(self._interval_s):
             try:
                 self.trim_once()
-            except (OSError, ValueError) as exc:
+            except OSError as exc:
                 self.stats.failures += 1
                 log.warning("trimming the broker's log failed (%r); trying again", exc)
+            except Exception:
+                # An answer of a shape this trimmer does not know (another Tansu or SeaweedFS
+                # version): nothing above this thread would see it, so log it whole and go on.
+                self.stats.failures += 1
+                log.exception("trimming the broker's log failed; trying again")
 
     def trim_once(self) -> None:
         """List each partition's new batches and delete those past their topic's retention."""
