@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# promtool checks deploy/prometheus in the tests; deploy/prometheus/get-promtool.sh says whence.
+PROMTOOL := $(BIN)/promtool
 SOURCE ?= synthetic
 REPLAY_DIR ?= ../shared/data/candles
 REPLAY_SPEED ?= 600
@@ -27,7 +29,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+$(PROMTOOL): | $(STAMP)
+	@sh deploy/prometheus/get-promtool.sh $(PROMTOOL)
+
+test: lint $(PROMTOOL)
 	$(BIN)/pytest
 
 bench: $(STAMP)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from tickstream_shared.errors import ConfigError
 from tickstream_shared.lifecycle import run_service
-from tickstream_shared.settings import WHOLE_MARKET, WHOLE_MARKET_MAX
+from tickstream_shared.settings import WHOLE_MARKET, WHOLE_MARKET_MAX, ServiceSettings
 
 SERVICES = ("watcher", "stats", "alerts", "gateway")
 
@@ -22,6 +24,8 @@ COMMANDS: dict[str, str] = {
     "stats": "keep rolling 24h stats and ranks in Redis; store ticks in PostgreSQL",
     "alerts": "raise an alert for a value above factor x its trailing mean",
     "gateway": "serve the HTTP API, the WebSocket stream and the dashboard",
+    "tail": "print a topic's records as JSON lines (a market's ticks, alerts, deadletter),"
+    " new ones by default; Ctrl-C stops",
 }
 
 
@@ -60,7 +64,48 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--port", type=int, default=None, help="gateway port (default 8000)"
             )
+        if name == "tail":
+            _tail_arguments(command)
     return parser
+
+
+def _tail_arguments(command: argparse.ArgumentParser) -> None:
+    command.epilog = (
+        "examples: tickstream tail ticks binance:btc-usdt | tickstream tail alerts -n 5"
+        " --from-beginning | tickstream tail deadletter --from-beginning"
+    )
+    command.add_argument(
+        "target",
+        metavar="TOPIC",
+        help="`ticks` followed by a market (binance:btc-usdt), `alerts`, `deadletter`, or a"
+        " tick topic's name (ticks.binance.btc-usdt)",
+    )
+    command.add_argument("market", metavar="MARKET", nargs="?", help="the market of `ticks`")
+    command.add_argument(
+        "--from-beginning",
+        action="store_true",
+        help="start at the oldest record the broker keeps (default: print only new records)",
+    )
+    command.add_argument(
+        "-n",
+        "--count",
+        type=_positive,
+        default=None,
+        help="exit after printing this many records (default: until Ctrl-C)",
+    )
+    command.add_argument(
+        "-b",
+        "--bootstrap-servers",
+        default=None,
+        help="broker address (default: KAFKA_BOOTSTRAP_SERVERS, else 127.0.0.1:9092)",
+    )
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return number
 
 
 def live_defaults(environ: Mapping[str, str]) -> dict[str, str]:
@@ -90,12 +135,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides |= live_defaults(os.environ)
         data_dir = args.data_dir or Path(".tickstream") / source
         return run_up(data_dir, {k: v for k, v in overrides.items() if v is not None})
+    if args.command == "tail":
+        return _tail(args)
     if args.command == "init":
         from tickstream_shared.bootstrap import init
 
         return run_service("init", lambda settings, _stop: init(settings))
     service = importlib.import_module(f"tickstream_{args.command}.service")
     return run_service(args.command, service.run)
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from tickstream_shared.errors import BadIdentifier
+    from tickstream_shared.tail import TailRequest, resolve_topic, run_tail
+
+    try:
+        topic = resolve_topic(args.target, args.market)
+        settings = ServiceSettings.from_env(os.environ)
+    except (BadIdentifier, ConfigError) as exc:
+        print(f"tickstream tail: {exc}", file=sys.stderr)
+        return 2
+    kafka = settings.kafka
+    if args.bootstrap_servers is not None:
+        kafka = dataclasses.replace(kafka, bootstrap_servers=args.bootstrap_servers)
+    request = TailRequest(topic, from_beginning=args.from_beginning, count=args.count)
+    return run_tail(request, kafka, settings.log)
 
 
 if __name__ == "__main__":

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
+import logging
 from collections.abc import Iterable, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 
+from tickstream_shared.consuming import is_transient
 from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_shared.settings import DatabaseSettings
+
+log = logging.getLogger(__name__)
 
 _SCHEMA_LOCK = 0x7469636B  # "tick": serialises concurrent schema creation by several services
 DAY_MS = 86_400_000
@@ -18,6 +25,39 @@ DAY_MS = 86_400_000
 async def create_pool(settings: DatabaseSettings, *, max_size: int = 4) -> Any:
     """An asyncpg pool; caller closes it. Raises OSError/asyncpg errors when unreachable."""
     return await asyncpg.create_pool(settings.url, min_size=1, max_size=max_size)
+
+
+# Waits between attempts to reach PostgreSQL at start: one log line each.
+OPEN_RETRY_S: Final = (1.0, 2.0, 5.0)
+
+
+async def open_pool(
+    settings: DatabaseSettings, stop: asyncio.Event, *, max_size: int = 4
+) -> Any | None:
+    """A pool on a database whose schema is in place, once PostgreSQL answers; None if `stop`
+    is set first. Transient failures (see `is_transient`) are retried with one warning each;
+    any other error is raised. Safe to cancel (nothing is left open).
+    """
+    for attempt in itertools.count():
+        pool = None
+        try:
+            pool = await create_pool(settings, max_size=max_size)
+            await ensure_schema(pool)
+            opened, pool = pool, None  # the caller's now: not terminated below
+            return opened
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            delay = OPEN_RETRY_S[min(attempt, len(OPEN_RETRY_S) - 1)]
+            log.warning("waiting for PostgreSQL: %r; trying again in %.0f s", exc, delay)
+        finally:
+            if pool is not None:
+                pool.terminate()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            return None
+    raise AssertionError("unreachable")
 
 
 async def ensure_schema(pool: Any, settings: DatabaseSettings | None = None) -> None:

@@ -44,3 +44,13 @@ class BadIdentifier(TickstreamError):
 
 class InfraError(TickstreamError):
     """A local infrastructure process (broker, Redis, PostgreSQL) failed to start or stop."""
+
+
+class DependencyUnavailable(TickstreamError):
+    """A server the request needs (`dependency`: PostgreSQL, Redis, the broker) is unreachable
+    or failing; the gateway answers 503 and the request may be tried again later."""
+
+    def __init__(self, dependency: str, cause: BaseException) -> None:
+        super().__init__(f"{dependency} is unavailable: {cause!r}")
+        self.dependency = dependency
+        self.cause = cause

@@ -1,4 +1,4 @@
-"""Service entry plumbing: logging, settings, SIGTERM/SIGINT to a stop event, metrics and probes,
+"""Service entry plumbing: settings, SIGTERM/SIGINT to a stop event, metrics and probes,
 and the restart policy of supervised work (child processes, background tasks)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from tickstream_shared import observability
 from tickstream_shared.consuming import is_transient
 from tickstream_shared.errors import ConfigError
+from tickstream_shared.logs import setup_logging
 from tickstream_shared.probes import serve_probes
 from tickstream_shared.settings import ServiceSettings
 
@@ -100,24 +101,18 @@ async def run_until_stopped(
             await body(settings, stop)
             return
         except Exception as exc:
-            if stop.is_set() or not is_transient(exc) or isinstance(exc, _LOCAL_FILE_ERRORS):
+            if not is_transient(exc) or isinstance(exc, _LOCAL_FILE_ERRORS):
                 raise
+            if stop.is_set():
+                # Stopped while waiting for a dependency: a requested stop, not a failure.
+                log.info("%s stopped while %r", name, exc)
+                return
             delay = backoff.next_delay(delay, time.monotonic() - started)
             log.warning("%s stopped on %r; starting it again in %.1f s", name, exc, delay)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)
         if stop.is_set():
             return
-
-
-def setup_logging(level: str, service: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # aiokafka logs every coordinator hiccup at INFO/WARNING; keep our own lines readable.
-    logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
@@ -140,7 +135,7 @@ def run_service(
     except ConfigError as exc:
         print(f"tickstream {name}: bad configuration: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log.level, name)
+    setup_logging(settings.log, name)
 
     async def _main() -> None:
         stop = asyncio.Event()

@@ -70,6 +70,12 @@ _METRIC_RE: Final = re.compile(
     rf"^(?P<exchange>{_PART}):(?P<base>{_PART})-(?P<quote>{_PART}):(?P<kind>{_KINDS})$"
 )
 _TOPIC_RE: Final = re.compile(TICK_TOPIC_PATTERN)
+# One WATCHER_MARKETS entry: a market id, or a pattern whose base or quote is `*` (any name).
+MARKET_SPEC_RE: Final = re.compile(rf"^({_PART}):({_PART}|\*)-({_PART}|\*)$")
+# A replay's candle file: `<exchange>_<base>-<quote>_1m.csv[.gz]`.
+_CANDLE_FILE_RE: Final = re.compile(
+    rf"^(?P<exchange>{_PART})_(?P<base>{_PART})-(?P<quote>{_PART})_1m\.csv(\.gz)?$"
+)
 
 REDIS_PREFIX: Final = "tickstream"
 
@@ -109,6 +115,14 @@ class Market:
         exchange, pair = topic[len(TICK_TOPIC_PREFIX) :].split(".", 1)
         base, quote = pair.split("-", 1)
         return cls(exchange, base, quote)
+
+
+def candle_file_market(file_name: str) -> Market | None:
+    """The market of a candle file named `<exchange>_<base>-<quote>_1m.csv[.gz]`, else None."""
+    match = _CANDLE_FILE_RE.match(file_name)
+    if match is None:
+        return None
+    return Market(match["exchange"], match["base"], match["quote"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import typing
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, get_type_hints
 
-from tickstream_shared.errors import ConfigError
-from tickstream_shared.naming import TopicFamily
+from tickstream_shared.errors import ConfigError, echo
+from tickstream_shared.naming import MARKET_SPEC_RE, Market, TopicFamily, candle_file_market
 
 T = TypeVar("T")
 
@@ -202,6 +204,13 @@ class LogSettings:
         "INFO",
         "Log level: DEBUG, INFO, WARNING or ERROR.",
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "debug", "info", "warning", "error"),
+    )
+    format: str = setting(
+        "LOG_FORMAT",
+        "text",
+        "Log lines as `text` (`<time> <LEVEL> <service> <logger>: <message>`) or `json` (one"
+        " object per line); uvicorn's lines too. Token query parameters are always redacted.",
+        choices=("text", "json"),
     )
 
 
@@ -631,6 +640,52 @@ class GatewaySettings:
         ge=1,
         le=100_000,
     )
+    token_max_lifetime_s: int = setting(
+        "GATEWAY_TOKEN_MAX_LIFETIME_S",
+        7 * 86_400,
+        "Longest a token may live: one whose `exp` is further than this from now, or from its"
+        " `iat` when it has one, is refused with 401.",
+        ge=60,
+        le=366 * 86_400,
+    )
+    request_read_timeout_s: float = setting(
+        "GATEWAY_REQUEST_READ_TIMEOUT_S",
+        10.0,
+        "A client must send a whole HTTP request (line, headers, any body) within this long of"
+        " its first byte, and a new connection within this long of opening; else it is closed.",
+        ge=0.1,
+        le=600,
+    )
+    keep_alive_timeout_s: float = setting(
+        "GATEWAY_KEEP_ALIVE_TIMEOUT_S",
+        5.0,
+        "An HTTP connection idle this long after an answer is closed (WebSockets are not).",
+        ge=0.1,
+        le=600,
+    )
+    max_sockets: int = setting(
+        "GATEWAY_MAX_SOCKETS",
+        11_000,
+        "Client connections (HTTP and WebSocket) open at once; one beyond it is answered 503"
+        " and closed before its request is read. Above GATEWAY_MAX_CONNECTIONS.",
+        ge=2,
+        le=1_000_000,
+    )
+    access_log: str = setting(
+        "GATEWAY_ACCESS_LOG",
+        "errors",
+        "Which HTTP requests and WebSocket upgrades get a log line: `off`, `errors` (5xx"
+        " answers and those slower than GATEWAY_ACCESS_LOG_SLOW_MS) or `all`.",
+        choices=("off", "errors", "all"),
+    )
+    access_log_slow_ms: int = setting(
+        "GATEWAY_ACCESS_LOG_SLOW_MS",
+        1000,
+        "With GATEWAY_ACCESS_LOG=errors, requests answered slower than this are logged too;"
+        " 0 = none for slowness.",
+        ge=0,
+        le=3_600_000,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -731,8 +786,9 @@ class ServiceSettings:
                 f" ({settings.stats.window_minutes} minutes)",
             )
         for env, value, schemes in _url_settings(settings):
-            if not value.startswith(schemes) or any(c.isspace() for c in value):
-                raise ConfigError(env, f"{value!r} is not a {' or '.join(schemes)} URL")
+            problem = _url_problem(value, schemes)
+            if problem is not None:
+                raise ConfigError(env, problem)
         for server in settings.kafka.bootstrap_servers.split(","):
             host, _, port = server.strip().rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -747,6 +803,9 @@ class ServiceSettings:
         ):
             if 0 < factor <= 1:
                 raise ConfigError(env, f"{factor!r}: use 0 (no check) or a factor above 1")
+        _check_markets(settings.watcher, settings.exchanges)
+        if settings.watcher.source == "replay":
+            _check_replay(settings.watcher)
         _check_gateway_access(settings.gateway)
         return settings
 
@@ -755,6 +814,12 @@ _GROUP_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 
 
 def _check_gateway_access(gateway: GatewaySettings) -> None:
+    if gateway.max_sockets <= gateway.max_connections:
+        raise ConfigError(
+            "GATEWAY_MAX_SOCKETS",
+            f"{gateway.max_sockets} leaves no room for HTTP beside GATEWAY_MAX_CONNECTIONS"
+            f" ({gateway.max_connections}) WebSockets",
+        )
     for origin in gateway.allowed_origins:
         if not _ORIGIN_RE.fullmatch(origin):
             raise ConfigError(
@@ -767,6 +832,91 @@ def _check_gateway_access(gateway: GatewaySettings) -> None:
             "GATEWAY_JWT_SECRET",
             f"{secret_bytes} bytes; an HS256 key needs at least {MIN_JWT_SECRET_BYTES}",
         )
+
+
+def _check_markets(watcher: WatcherSettings, exchanges: ExchangeSettings) -> None:
+    """WATCHER_MARKETS is well formed for its source: a typo stops the start with one line,
+    not a traceback from deep inside the source once the service runs."""
+    live = watcher.source == "live"
+    expected = "`<exchange>:<base>-<quote>` such as binance:btc-usdt" + (
+        ", or a pattern such as binance:*-usdt" if live else ""
+    )
+    if not watcher.markets and watcher.source != "replay":
+        raise ConfigError("WATCHER_MARKETS", f"empty; list markets, comma separated, as {expected}")
+    for entry in watcher.markets:
+        match = MARKET_SPEC_RE.match(entry.lower())
+        if match is None:
+            raise ConfigError("WATCHER_MARKETS", f"{echo(entry)} is not {expected}")
+        if "*" in entry and watcher.source == "synthetic":
+            raise ConfigError(
+                "WATCHER_MARKETS",
+                f"{echo(entry)}: patterns are for the live source; the synthetic source needs"
+                " exact markets such as binance:btc-usdt",
+            )
+        if live and not hasattr(exchanges, f"{match[1]}_ws_url"):
+            known = [f.name.removesuffix("_ws_url") for f in dataclasses.fields(exchanges)]
+            known = [name for name in known if not name.endswith("_url")]
+            raise ConfigError(
+                "WATCHER_MARKETS",
+                f"{echo(entry)}: unknown exchange {match[1]!r}; the live source knows"
+                f" {', '.join(known)}",
+            )
+    for entry in watcher.replay_markets:
+        if MARKET_SPEC_RE.match(entry.lower()) is None or "*" in entry:
+            raise ConfigError(
+                "WATCHER_REPLAY_MARKETS",
+                f"{echo(entry)} is not a market id `<exchange>:<base>-<quote>` such as"
+                " binance:btc-usdt",
+            )
+
+
+def _check_replay(watcher: WatcherSettings) -> None:
+    """The replay folder exists, can be read and holds a candle file of every market asked for:
+    a source that cannot start is a configuration error, not an outage to retry."""
+    folder = watcher.replay_dir
+    env = "WATCHER_REPLAY_DIR"
+    if not os.path.exists(folder):
+        raise ConfigError(env, f"{echo(folder)} does not exist (cwd {os.getcwd()})")
+    if not os.path.isdir(folder):
+        raise ConfigError(env, f"{echo(folder)} is not a folder")
+    try:
+        names = os.listdir(folder)
+    except OSError as exc:
+        raise ConfigError(env, f"cannot read {echo(folder)}: {exc.strerror}") from None
+    found = {m for m in map(candle_file_market, names) if m is not None}
+    if not found:
+        raise ConfigError(
+            env, f"{echo(folder)} holds no `<exchange>_<base>-<quote>_1m.csv[.gz]` candle file"
+        )
+    for entry in watcher.replay_markets:
+        if Market.parse(entry) not in found:
+            raise ConfigError(
+                "WATCHER_REPLAY_MARKETS", f"{echo(entry)} has no candle file in {echo(folder)}"
+            )
+    unreadable = sorted(
+        name
+        for name in names
+        if candle_file_market(name) is not None
+        and not os.access(os.path.join(folder, name), os.R_OK)
+    )
+    if unreadable:
+        raise ConfigError(env, f"cannot read {echo(unreadable[0])} in {echo(folder)}")
+
+
+def _url_problem(value: str, schemes: tuple[str, ...]) -> str | None:
+    """Why `value` is not a URL of one of `schemes` with a host (and a valid port), or None."""
+    if not value.startswith(schemes) or any(c.isspace() for c in value):
+        return f"{echo(value)} is not a {' or '.join(schemes)} URL"
+    parts = urllib.parse.urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        return f"{echo(value)} has no valid port"
+    if parts.scheme == "unix":
+        return None if parts.path else f"{echo(value)} names no socket path"
+    if not parts.hostname and not (parts.scheme.startswith("postgres") and "host=" in parts.query):
+        return f"{echo(value)} names no host"
+    return None
 
 
 def _url_settings(settings: ServiceSettings) -> list[tuple[str, str, tuple[str, ...]]]:

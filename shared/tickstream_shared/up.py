@@ -20,8 +20,9 @@ from types import FrameType
 
 from tickstream_shared.bootstrap import init
 from tickstream_shared.errors import ConfigError, InfraError
-from tickstream_shared.lifecycle import RestartBackoff, setup_logging
+from tickstream_shared.lifecycle import RestartBackoff
 from tickstream_shared.local_infra import LocalInfra, die_with_parent, stop_process, wait_until
+from tickstream_shared.logs import setup_logging
 from tickstream_shared.settings import ServiceSettings
 
 log = logging.getLogger("tickstream.up")
@@ -191,7 +192,7 @@ def run_up(data_dir: Path, overrides: Mapping[str, str]) -> int:
         return 2
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    setup_logging(settings.log.level, "up")
+    setup_logging(settings.log, "up")
     infra = LocalInfra(
         data_dir.resolve(),
         broker_storage=settings.local.broker_storage,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import gzip
 import itertools
-import math
 from pathlib import Path
 
 import pytest
 
 from tickstream_shared.naming import Market
-from tickstream_shared.schemas import MINUTE_MS
+from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_watcher.candles import find_candle_files, merged_candles
 from tickstream_watcher.synthetic import SyntheticMarket
 
@@ -68,28 +67,60 @@ def test_synthetic_market_is_seeded() -> None:
     assert all(low > 0 and volume >= 0 for _, _, low, _, volume in first)
 
 
-def test_synthetic_quote_volume_is_the_value_of_its_walk_steps() -> None:
-    """Each walk step trades its volume at its price: quote volume lies between low x volume and
-    high x volume of the bar, grows with it, and is never absent."""
+def test_synthetic_quote_volume_is_the_value_of_its_trades() -> None:
+    """Each step of a minute trades at the price it reaches: quote volume lies between low x
+    volume and high x volume of the bar, grows with it, and is never absent."""
     market = SyntheticMarket("binance:btc-usdt", "btc", 3, 0)
     times = range(T0, T0 + 3 * MINUTE_MS, 700)
     ticks = [t for now in times for t in market.update(now, now * 1000)]
-    # Between two updates of one minute the walk takes one step: the quote volume grows by the
-    # volume that step added times the price it reached (the update's close), not by close x
-    # volume of the whole bar.
-    steps = 0
+    grew = 0
     for before, after in itertools.pairwise(ticks):
-        if before.minute == after.minute and after.volume > before.volume:
+        if before.minute == after.minute:
             assert before.quote_volume is not None and after.quote_volume is not None
-            added = after.quote_volume - before.quote_volume
-            assert math.isclose(added, (after.volume - before.volume) * after.close, rel_tol=1e-6)
-            steps += 1
-    assert steps > 200
+            assert after.volume >= before.volume and after.quote_volume >= before.quote_volume
+            assert after.high >= before.high and after.low <= before.low
+            grew += after.volume > before.volume
+    assert grew > 200
     ticks.append(SyntheticMarket("binance:eth-usdt", "eth", 3, 1).backfill_bar(T0, 1, T0))
     for t in ticks:
         assert t.quote_volume is not None
         # Rounding of the sum aside (1e-12), every step traded between the bar's low and high.
         assert t.low * t.volume * (1 - 1e-12) <= t.quote_volume <= t.high * t.volume * (1 + 1e-12)
+
+
+def _bar(tick: Tick) -> tuple[object, ...]:
+    return (tick.minute, tick.open, tick.high, tick.low, tick.close, tick.volume, tick.quote_volume)
+
+
+def test_a_synthetic_minute_is_the_same_however_and_whenever_it_is_made() -> None:
+    """A minute's closed bar is the same backfilled, closed live after any updates, or made by
+    a model started later: a restarted watcher replaces no published minute with other values
+    (whose alerts would be echoes)."""
+    minutes = [T0 + i * MINUTE_MS for i in range(10)]
+
+    def closed_live(step_ms: int, first_ms: int) -> dict[int, tuple[object, ...]]:
+        market = SyntheticMarket("binance:btc-usdt", "btc", 3, 0)
+        ticks = [
+            t
+            for now in range(first_ms, T0 + 13 * MINUTE_MS, step_ms)
+            for t in market.update(now, now * 1000)
+        ]
+        return {t.minute: _bar(t) for t in ticks if t.closed}
+
+    def backfilled(first: int) -> dict[int, tuple[object, ...]]:
+        market = SyntheticMarket("binance:btc-usdt", "btc", 3, 0)
+        return {m: _bar(market.backfill_bar(m, 1, T0)) for m in minutes[first:]}
+
+    every_second = closed_live(1000, T0)
+    reference = [every_second[m] for m in minutes]
+    assert [closed_live(23_456, T0 + 1234)[m] for m in minutes] == reference
+    # Minutes without any update in them are closed when the clock passes them: the same bars.
+    assert [closed_live(170_000, T0 + 1)[m] for m in minutes] == reference
+    assert list(backfilled(0).values()) == reference
+    assert list(backfilled(6).values()) == reference[6:]
+    # A different market of the same seed walks differently.
+    other = SyntheticMarket("binance:btc-usdt", "btc", 3, 1).backfill_bar(T0, 1, T0)
+    assert _bar(other) != reference[0]
 
 
 @pytest.mark.parametrize("bad", ["nope", ""])

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import kubernetes_validate
 import pytest
 import yaml
 from starlette.requests import Request
@@ -239,6 +240,27 @@ def test_compose_kafka_is_single_node_kraft(
     assert env["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"] == "1"
     assert env["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"] == "1"
     assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+
+
+def test_compose_kafka_is_4x_without_zookeeper(
+    services: dict[str, dict[str, Any]], infra: dict[str, str]
+) -> None:
+    """Kafka is a pinned 4.x image (KRaft only), with a cluster id of its own, no ZooKeeper and
+    no setting Kafka 4 removed."""
+    svc = services[infra[KAFKA]]
+    repository, _, tag = svc["image"].partition(":")
+    assert repository == "apache/kafka"
+    assert re.fullmatch(r"4\.\d+\.\d+", tag), tag
+    env = _environment(svc)
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}", env["CLUSTER_ID"])
+    assert env["CLUSTER_ID"] != "5L6g3nShT-eMCtK--X86sw"  # the image's built-in default
+    removed = {
+        "KAFKA_ZOOKEEPER_CONNECT",
+        "KAFKA_LOG_MESSAGE_FORMAT_VERSION",
+        "KAFKA_INTER_BROKER_PROTOCOL_VERSION",
+        "KAFKA_MESSAGE_DOWNCONVERSION_ENABLE",
+    }
+    assert removed & set(env) == set()
 
 
 def test_compose_timescaledb_keeps_its_data(
@@ -682,3 +704,262 @@ async def test_k8s_gateway_liveness_ignores_dependencies_and_readiness_does_not(
 async def _no_history(market_id: str) -> list[Any]:
     """A history read these tests never make."""
     raise AssertionError("no history read expected")
+
+
+# --- deploy/k8s: schemas, resources, disruption budgets, network policies, Pod Security -----
+
+# The oldest Kubernetes the manifest is written for (policy/v1 budgets with
+# unhealthyPodEvictionPolicy, autoscaling/v2) and the newest schemas kubernetes-validate has.
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+# Ports of the exchanges' default endpoints, which the watcher's egress must allow.
+EXCHANGE_URLS = {env: DEFAULTS[env] for env in SETTINGS if env.endswith(("_WS_URL", "_REST_URL"))}
+# Volume types the restricted Pod Security profile allows.
+RESTRICTED_VOLUMES = frozenset(
+    {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+     "projected", "secret"}
+)  # fmt: skip
+_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(m|Ki|Mi|Gi|Ti)?$")
+_SCALE = {None: 1.0, "m": 1e-3, "Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40}
+
+
+def _quantity(value: str | int) -> float:
+    """A Kubernetes quantity (`100m`, `1`, `256Mi`) as a number of cores or bytes."""
+    match = _QUANTITY.match(str(value))
+    assert match is not None, f"quantity this test cannot read: {value!r}"
+    return float(match[1]) * _SCALE[match[2]]
+
+
+def _pods(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Pod templates of every Deployment and Job, by the workload's name."""
+    return {
+        doc["metadata"]["name"]: doc["spec"]["template"]
+        for doc in docs
+        if doc["kind"] in {"Deployment", "Job"}
+    }
+
+
+def _all_containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = pod["spec"]
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, "matchExpressions: this test cannot read them"
+    return bool(selector.get("matchLabels", {}).items() <= labels.items())
+
+
+def _of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in docs if doc["kind"] == kind]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_manifest_is_valid_against_the_kubernetes_schemas(
+    k8s: list[dict[str, Any]], version: str
+) -> None:
+    """Every resource validates, strictly (no unknown field), against Kubernetes' schemas."""
+    for doc in k8s:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} ({version}): {exc.message}")
+
+
+def test_k8s_pods_meet_the_restricted_pod_security_profile(k8s: list[dict[str, Any]]) -> None:
+    """Every container runs as non-root, without escalation or capabilities, under the
+    runtime's seccomp profile, on a read-only root filesystem; pods share nothing of the host."""
+    pods = _pods(k8s)
+    assert set(pods) == {f"tickstream-{name}" for name in NEEDS}
+    for name, pod in pods.items():
+        spec = pod["spec"]
+        pod_context = spec.get("securityContext", {})
+        for host in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not spec.get(host, False), (name, host)
+        assert spec.get("automountServiceAccountToken") is False, name
+        for volume in spec.get("volumes", []):
+            assert set(volume) - {"name"} <= RESTRICTED_VOLUMES, (name, volume)
+        for container in _all_containers(pod):
+            context = container.get("securityContext", {})
+
+            where = (name, container["name"])
+            # A container's own setting wins over its pod's.
+            effective = {**pod_context, **context}
+            assert effective.get("runAsNonRoot") is True, where
+            assert effective.get("runAsUser") not in {0, None}, where
+            assert effective.get("seccompProfile") == {"type": "RuntimeDefault"}, where
+            assert context.get("allowPrivilegeEscalation") is False, where
+            assert context.get("privileged", False) is False, where
+            assert context.get("readOnlyRootFilesystem") is True, where
+            assert context.get("capabilities") == {"drop": ["ALL"]}, where
+            assert "ports" not in container or all(
+                "hostPort" not in port for port in container["ports"]
+            ), where
+
+
+def test_k8s_run_as_the_images_user(k8s: list[dict[str, Any]]) -> None:
+    """Pods run as the numeric user and group deploy/Dockerfile creates and switches to."""
+    [user] = _dockerfile_args("USER")
+    uid, gid = (int(part) for part in user.split(":"))
+    for name, pod in _pods(k8s).items():
+        context = pod["spec"]["securityContext"]
+        assert (context["runAsUser"], context["runAsGroup"]) == (uid, gid), name
+
+
+def test_k8s_writable_paths_are_bounded_empty_dirs(k8s: list[dict[str, Any]]) -> None:
+    """What a container may write (/tmp) is a size-bounded emptyDir of its own pod."""
+    for name, pod in _pods(k8s).items():
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        for container in _all_containers(pod):
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            assert "/tmp" in mounts, (name, container["name"])
+            for path, volume in mounts.items():
+                empty_dir = volumes[volume]["emptyDir"]
+                assert _quantity(empty_dir["sizeLimit"]) > 0, (name, path)
+
+
+def test_k8s_every_container_has_requests_within_limits(k8s: list[dict[str, Any]]) -> None:
+    """Each container requests CPU and memory and is limited to no less than it requests."""
+    for name, pod in _pods(k8s).items():
+        for container in _all_containers(pod):
+            resources = container["resources"]
+            for resource in ("cpu", "memory"):
+                request = _quantity(resources["requests"][resource])
+                limit = _quantity(resources["limits"][resource])
+                assert 0 < request <= limit, (name, container["name"], resource)
+            # One event loop per process: a limit below one core only throttles it.
+            assert _quantity(resources["limits"]["cpu"]) >= 0.5, name
+
+
+def test_k8s_every_deployment_container_has_both_probes(k8s: list[dict[str, Any]]) -> None:
+    """Every long-running container has a liveness and a readiness probe (the Job needs none)."""
+    for name, deployment in _k8s_deployments(k8s).items():
+        for container in _all_containers(deployment["spec"]["template"]):
+            assert {"livenessProbe", "readinessProbe"} <= set(container), (name, container["name"])
+
+
+def test_k8s_every_deployment_has_a_budget_that_lets_a_drain_through(
+    k8s: list[dict[str, Any]],
+) -> None:
+    """One PodDisruptionBudget per Deployment; none forbids evicting a pod, and those of the
+    replicated watcher and gateway keep one serving."""
+    budgets = _of_kind(k8s, "PodDisruptionBudget")
+    [hpa] = _of_kind(k8s, "HorizontalPodAutoscaler")
+    for name, deployment in _k8s_deployments(k8s).items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        [budget] = [b for b in budgets if _selects(b["spec"]["selector"], labels)]
+        spec = budget["spec"]
+        replicas = deployment["spec"].get("replicas", hpa["spec"]["minReplicas"])
+        if replicas > 1:
+            assert spec == {**spec, "minAvailable": 1}, name
+        else:
+            assert spec.get("maxUnavailable") == 1, name
+        assert spec["unhealthyPodEvictionPolicy"] == "AlwaysAllow", name
+    assert len(budgets) == len(_k8s_deployments(k8s))
+
+
+def _namespace_and_port(address: str) -> tuple[str, int]:
+    """(namespace, port) of `host:port` or a URL naming a `<service>.<namespace>.svc` host."""
+    url = urlsplit(address if "://" in address else f"tcp://{address}")
+    assert url.hostname is not None and url.port is not None, address
+    labels = url.hostname.split(".")
+    assert labels[2] == "svc", f"not a cluster service address: {address}"
+    return labels[1], url.port
+
+
+def _egress(docs: list[dict[str, Any]], labels: dict[str, str]) -> set[tuple[str, str, int]]:
+    """(peer, protocol, port) the policies that select a pod allow out; peer is a namespace,
+    `internet`, or `any`."""
+    allowed = set()
+    for policy in _of_kind(docs, "NetworkPolicy"):
+        if not _selects(policy["spec"]["podSelector"], labels):
+            continue
+        for rule in policy["spec"].get("egress", []):
+            peers = []
+            for peer in rule.get("to", [{}]):
+                if "ipBlock" in peer:
+                    peers.append("internet")
+                elif "namespaceSelector" in peer:
+                    peers.append(peer["namespaceSelector"]["matchLabels"][NAMESPACE_LABEL])
+                else:
+                    peers.append("any")
+            for port in rule["ports"]:
+                allowed |= {(p, port["protocol"], port["port"]) for p in peers}
+    return allowed
+
+
+NAMESPACE_LABEL = "kubernetes.io/metadata.name"
+DNS = {("kube-system", "UDP", 53), ("kube-system", "TCP", 53)}
+
+
+def test_k8s_default_deny_covers_every_pod(k8s: list[dict[str, Any]]) -> None:
+    """One policy with no rules selects every tickstream pod for ingress and egress."""
+    denials = [
+        p
+        for p in _of_kind(k8s, "NetworkPolicy")
+        if "ingress" not in p["spec"] and "egress" not in p["spec"]
+    ]
+    [deny] = denials
+    assert set(deny["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    for name, pod in _pods(k8s).items():
+        assert _selects(deny["spec"]["podSelector"], pod["metadata"]["labels"]), name
+
+
+def test_k8s_egress_is_exactly_what_each_process_talks_to(k8s: list[dict[str, Any]]) -> None:
+    """Each pod may reach DNS, the Kafka, Redis and PostgreSQL its environment names, and (the
+    watcher only) the exchanges' default endpoints on the internet; nothing else."""
+    exchange_ports = {
+        urlsplit(url).port or 443 for url in EXCHANGE_URLS.values() if isinstance(url, str)
+    }
+    assert exchange_ports == {443, 9443, 8443}
+    for name, pod in _pods(k8s).items():
+        [container] = pod["spec"]["containers"]
+        service = container["args"][0]
+        env = _k8s_env(k8s, container)
+        expected = set(DNS)
+        for variable in sorted(NEEDS[service]):
+            namespace, port = _namespace_and_port(env[variable])
+            expected.add((namespace, "TCP", port))
+        if service == "watcher":
+            expected |= {("internet", "TCP", port) for port in exchange_ports}
+        assert _egress(k8s, pod["metadata"]["labels"]) == expected, name
+
+
+def test_k8s_watcher_internet_egress_excludes_private_ranges(k8s: list[dict[str, Any]]) -> None:
+    """The watcher's internet egress leaves out the private and link-local ranges."""
+    [policy] = [
+        p for p in _of_kind(k8s, "NetworkPolicy") if p["metadata"]["name"] == "tickstream-watcher"
+    ]
+    blocks = [
+        peer["ipBlock"]
+        for rule in policy["spec"]["egress"]
+        for peer in rule["to"]
+        if "ipBlock" in peer
+    ]
+    assert {b["cidr"] for b in blocks} == {"0.0.0.0/0", "::/0"}
+    [v4] = [b for b in blocks if b["cidr"] == "0.0.0.0/0"]
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(v4["except"])
+
+
+def test_k8s_ingress_opens_only_the_port_each_service_serves(k8s: list[dict[str, Any]]) -> None:
+    """Only the port a Deployment serves /metrics and probes on is open, the gateway's to all,
+    the others' to the monitoring namespace; the Job takes nothing in."""
+    for name, pod in _pods(k8s).items():
+        [container] = pod["spec"]["containers"]
+        service = container["args"][0]
+        rules = [
+            rule
+            for policy in _of_kind(k8s, "NetworkPolicy")
+            if _selects(policy["spec"]["podSelector"], pod["metadata"]["labels"])
+            for rule in policy["spec"].get("ingress", [])
+        ]
+        if service == "init":
+            assert rules == [], name
+            continue
+        port = _probe_port(service, _k8s_env(k8s, container))
+        [rule] = rules
+        assert rule["ports"] == [{"protocol": "TCP", "port": port}], name
+        if service == "gateway":
+            assert "from" not in rule
+        else:
+            assert rule["from"] == [
+                {"namespaceSelector": {"matchLabels": {NAMESPACE_LABEL: "monitoring"}}}
+            ], name

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from starlette.datastructures import Headers, QueryParams
+from starlette.datastructures import Headers
 
 from tickstream_gateway.access import OriginPolicy, bearer_token
 from tickstream_gateway.token_bucket import TokenBucket, Verdict
@@ -81,12 +81,13 @@ def test_self_compares_with_the_host_header() -> None:
 
 def test_token_comes_from_bearer_header_before_query() -> None:
     """`Authorization: Bearer` wins over the `token` query parameter; other schemes are ignored."""
-    query = QueryParams("token=from-query")
+    query = "token=from-query"
     assert bearer_token(Headers({"authorization": "Bearer abc.def.ghi"}), query) == "abc.def.ghi"
     assert bearer_token(Headers({"authorization": "bearer  xyz "}), query) == "xyz"
     assert bearer_token(Headers({"authorization": "Basic dXNlcjpwdw=="}), query) == "from-query"
     assert bearer_token(Headers({"authorization": "Bearer "}), query) == "from-query"
-    assert bearer_token(Headers({}), QueryParams("")) is None
+    assert bearer_token(Headers({}), "") is None
+    assert bearer_token(Headers({}), "kind=price&%74o%6Ben=encoded") == "encoded"
 
 
 def test_bucket_allows_a_burst_then_refuses_then_closes() -> None:

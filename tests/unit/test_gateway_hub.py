@@ -196,6 +196,7 @@ async def test_ranks_go_to_the_measure_subscribed() -> None:
         "kind": "price",
         "by": "cv",
         "total": 1,
+        "warming": False,
         "matching": 1,
         "offset": 0,
         "limit": 100,

@@ -9,6 +9,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tickstream_gateway.tokens import MAX_TOKEN_CHARS, TokenError, sign_token, verify_token
 
@@ -105,3 +107,71 @@ def test_malformed_tokens_are_refused(token: str) -> None:
 def test_claims_that_are_not_an_object_are_malformed() -> None:
     """Signed claims that are not a JSON object are refused after the signature check."""
     assert reason(forge({"alg": "HS256"}, [1])) == "malformed"
+
+
+@pytest.mark.parametrize(
+    "exp",
+    [10**400, -(10**400), 1e308, -1, "2000000000", None, [NOW + 60], {"t": 1}, 2**63],
+)
+def test_an_exp_that_is_not_a_time_is_refused(exp: Any) -> None:
+    """Huge, negative, string or structured `exp` values are refused, never compared."""
+    assert reason(sign_token({"exp": exp}, SECRET)) == "missing_exp"
+
+
+def test_json_infinities_and_nan_are_not_times() -> None:
+    """`Infinity`, `-Infinity` and `NaN` (which Python's json reads) are not times."""
+    for literal in ("Infinity", "-Infinity", "NaN", "1e400"):
+        claims = f'{{"exp":{literal}}}'.encode()
+        assert reason(forge({"alg": "HS256"}, claims)) == "missing_exp", literal
+        ok = f'{{"exp":{NOW + 60},"nbf":{literal}}}'.encode()
+        assert reason(forge({"alg": "HS256"}, ok)) == "not_yet_valid", literal
+        ok = f'{{"exp":{NOW + 60},"iat":{literal}}}'.encode()
+        assert reason(forge({"alg": "HS256"}, ok)) == "bad_iat", literal
+
+
+def test_lifetime_is_bounded_from_now_and_from_iat() -> None:
+    """`exp` more than the maximum lifetime after now, or after `iat`, is `too_long_lived`."""
+    day = 86_400.0
+
+    def check(claims: dict[str, Any]) -> dict[str, Any]:
+        return verify_token(sign_token(claims, SECRET), SECRET, NOW, max_lifetime_s=day)
+
+    assert check({"exp": NOW + day}) == {"exp": NOW + day}
+    assert check({"exp": NOW + 60, "iat": NOW - day + 60}) == {
+        "exp": NOW + 60,
+        "iat": NOW - day + 60,
+    }
+    with pytest.raises(TokenError) as info:
+        check({"exp": NOW + day + 1})
+    assert (info.value.reason, info.value.message) == (
+        "too_long_lived",
+        "token lives longer than 86400 s",
+    )
+    with pytest.raises(TokenError) as info:
+        check({"exp": NOW + 60, "iat": NOW - day})
+    assert info.value.reason == "too_long_lived"
+    with pytest.raises(TokenError) as info:
+        check({"exp": NOW + 60, "iat": NOW + 61})  # issued after it expires
+    assert info.value.reason == "bad_iat"
+
+
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**500), max_value=10**500)
+    | st.floats()
+    | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=6,
+)
+
+
+@given(st.dictionaries(st.sampled_from(["exp", "nbf", "iat", "sub"]), JSON), st.floats(0, 4e9))
+def test_any_signed_claims_give_claims_or_a_token_error(claims: dict[str, Any], now: float) -> None:
+    """Whatever a correctly signed token claims, verification returns or raises TokenError."""
+    signed = forge({"alg": "HS256"}, json.dumps(claims).encode())
+    try:
+        granted = verify_token(signed, SECRET, now, max_lifetime_s=86_400)
+    except TokenError:
+        return
+    assert 0 <= float(granted["exp"]) - now <= 86_400

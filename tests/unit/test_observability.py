@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from tests.conftest import unique_exchange
 from tests.unit.test_watcher import FakeProducer, bars, flush_acknowledging
-from tickstream_gateway.telemetry import CountRequests
+from tickstream_gateway.telemetry import AccessLog, ObserveRequests
 from tickstream_shared.consuming import ConsumerRuntime
 from tickstream_shared.deadletter import DeadLetterSender
 from tickstream_shared.errors import ConfigError
@@ -426,7 +426,10 @@ async def test_gateway_counts_requests_by_route_template() -> None:
         return PlainTextResponse(request.path_params["name"])
 
     path = f"/{unique_exchange()}/{{name}}"
-    app = Starlette(routes=[Route(path, item)], middleware=[Middleware(CountRequests)])
+    app = Starlette(
+        routes=[Route(path, item)],
+        middleware=[Middleware(ObserveRequests, access_log=AccessLog("off", 0))],
+    )
 
     def count(route: str, status: str) -> float:
         labels = {"route": route, "status": status}

@@ -25,6 +25,7 @@ from tickstream_shared.kafka import NotAppended
 from tickstream_shared.naming import market_of
 from tickstream_shared.schemas import MINUTE_MS, Tick, decode_tick
 from tickstream_shared.settings import WatcherSettings
+from tickstream_watcher.checkpoints import ResumePlan, ResumePoint, plan_resume
 from tickstream_watcher.publisher import TickPublisher
 from tickstream_watcher.sources import CHUNK_TICKS, ReplayProgress, ReplaySource, SyntheticSource
 from tickstream_watcher.synthetic import SPIKE_PROBABILITY, SyntheticMarket, next_seq
@@ -276,12 +277,19 @@ class FixedClock:
 
 
 async def synthetic_run(
-    monkeypatch: pytest.MonkeyPatch, start_ms: int, backfill: int, markets: tuple[str, ...]
+    monkeypatch: pytest.MonkeyPatch,
+    start_ms: int,
+    backfill: int,
+    markets: tuple[str, ...],
+    plan: ResumePlan | None = None,
 ) -> tuple[list[list[Tick]], list[Tick]]:
     """(backfill chunks, first live chunk) of a synthetic source started at `start_ms`."""
     monkeypatch.setattr(time, "time_ns", FixedClock(start_ms * 1_000_000))
     settings = WatcherSettings(markets=markets, synthetic_backfill_minutes=backfill, seed=5)
-    chunks = SyntheticSource(settings).chunks()
+    source = SyntheticSource(settings)
+    if plan is not None:
+        source.resume(plan)
+    chunks = source.chunks()
     backfill_chunks = []
     async for chunk in chunks:
         if not all(t.closed for t in chunk):
@@ -325,6 +333,28 @@ async def test_synthetic_seqs_grow_across_restarts(monkeypatch: pytest.MonkeyPat
     later = [t.seq for chunk in [*again_backfill, again_live] for t in chunk]
     assert min(later) > max(earlier)
     assert later == sorted(later) and len(set(later)) == len(later)
+
+
+async def test_a_resumed_synthetic_source_continues_after_the_last_closed_bar(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Resumed 10 minutes later, it backfills only the minutes after each market's last closed
+    bar, from that bar's close and above its seq; a market without checkpoints starts afresh."""
+    markets = ("binance:btc-usdt", "kraken:btc-usd")
+    first_backfill, _ = await synthetic_run(monkeypatch, T0, 60, markets[:1])
+    last = first_backfill[-1][-1]
+    assert last.closed and last.minute == T0 - MINUTE_MS
+    plan = plan_resume({last.market: ResumePoint(last.minute, last.seq)}, {last.market: last})
+    later = T0 + 10 * MINUTE_MS
+    backfill_chunks, live = await synthetic_run(monkeypatch, later, 60, markets, plan)
+    backfill = [t for chunk in backfill_chunks for t in chunk]
+    resumed = [t for t in backfill if t.market == last.market]
+    assert [t.minute for t in resumed] == [T0 + i * MINUTE_MS for i in range(10)]
+    assert resumed[0].open == last.close
+    assert all(t.seq > last.seq for t in resumed)
+    fresh = [t.minute for t in backfill if t.market == markets[1]]
+    assert fresh == [later - (60 - i) * MINUTE_MS for i in range(60)]
+    assert [t.minute for t in live] == [later, later]
 
 
 async def test_synthetic_without_backfill_starts_live(monkeypatch: pytest.MonkeyPatch) -> None:

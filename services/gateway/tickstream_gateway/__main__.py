@@ -2,8 +2,9 @@
 
 import sys
 
-from tickstream_gateway.service import run, tune_gc
+from tickstream_gateway.service import raise_file_limit, run, tune_gc
 from tickstream_shared.lifecycle import run_service
 
 tune_gc()
+raise_file_limit()
 sys.exit(run_service("gateway", run))

@@ -7,13 +7,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from starlette.datastructures import Headers, QueryParams
+from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tickstream_gateway import api
 from tickstream_gateway.telemetry import WEBSOCKET_REFUSED
 from tickstream_gateway.tokens import TokenError, verify_token
+from tickstream_shared.redaction import TOKEN_PARAMETER, query_value, without_parameters
 from tickstream_shared.settings import GatewaySettings
 
 # Besides every WebSocket, only these paths need a token: the dashboard, /static, health and
@@ -75,20 +76,17 @@ def _without_port(authority: str) -> str:
 TOKEN_EXPIRES_AT = "token_expires_at"
 
 
-def bearer_token(headers: Headers, query: QueryParams) -> str | None:
-    """The token of `Authorization: Bearer <token>`, else of the query parameter `token`."""
+def bearer_token(headers: Headers, query: str) -> str | None:
+    """The token of `Authorization: Bearer <token>`, else of the query parameter `token`.
+
+    `query` is the raw query string (as latin-1 text); the parameter is found by the parser
+    that also redacts it from every log line (tickstream_shared.redaction), so whatever
+    spelling is accepted here (`%74oken=...`) is hidden there.
+    """
     scheme, _, credentials = headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
-    return query.get("token")
-
-
-def _without_token(query_string: bytes) -> bytes:
-    """The query string without its `token` parameters, the others byte for byte."""
-    if b"token=" not in query_string:
-        return query_string
-    kept = [part for part in query_string.split(b"&") if not part.startswith(b"token=")]
-    return b"&".join(kept)
+    return query_value(query, TOKEN_PARAMETER)
 
 
 async def refuse_websocket(
@@ -124,6 +122,7 @@ class AccessControl:
         self.app = app
         self.origins = OriginPolicy.parse(settings.allowed_origins)
         self.secret = settings.jwt_secret.encode() or None
+        self.max_lifetime_s = settings.token_max_lifetime_s
         self.clock = clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -152,15 +151,16 @@ class AccessControl:
     def _check_token(self, scope: Scope, headers: Headers) -> Response | None:
         if self.secret is None:
             return None
-        query_string: bytes = scope.get("query_string", b"")
-        token = bearer_token(headers, QueryParams(query_string))
-        # uvicorn's access log prints this scope's query string once answered: not the token.
-        scope["query_string"] = _without_token(query_string)
+        query = scope.get("query_string", b"").decode("latin-1")
+        token = bearer_token(headers, query)
+        if query_value(query, TOKEN_PARAMETER) is not None:
+            # The routes never need the token, so they never see it.
+            scope["query_string"] = without_parameters(query).encode("latin-1")
         if token is None:
             problem = "a token is required: query parameter 'token' or 'Authorization: Bearer'"
         else:
             try:
-                claims = verify_token(token, self.secret, self.clock())
+                claims = verify_token(token, self.secret, self.clock(), self.max_lifetime_s)
                 if scope["type"] == "websocket":
                     # The connection is closed when the token expires (ws.py); uvicorn gives
                     # each connection its own copy of the lifespan state.

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import Mapping
+import logging
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
 from redis.asyncio import Redis
@@ -26,7 +29,8 @@ from tickstream_gateway.ranks import read_boards
 from tickstream_gateway.selection import parse_selection
 from tickstream_gateway.state import GatewayState, RankQuery
 from tickstream_shared import alert_store, db, health, observability
-from tickstream_shared.errors import BadIdentifier, echo
+from tickstream_shared.consuming import is_transient
+from tickstream_shared.errors import BadIdentifier, DependencyUnavailable, echo
 from tickstream_shared.naming import (
     DEFAULT_MEASURE_BY_KIND,
     MEASURES_BY_KIND,
@@ -37,7 +41,15 @@ from tickstream_shared.naming import (
     parse_kind,
 )
 
+log = logging.getLogger("tickstream.gateway")
+
 MAX_ALERTS = 1000
+# What a 503 for a dependency that is down tells clients to wait before trying again.
+RETRY_AFTER_S: Final = 5
+# At most one log line per dependency this often: an outage under load is one line, not
+# one per request.
+_UNAVAILABLE_LOG_EVERY_S: Final = 10.0
+_unavailable_logged: dict[str, float] = {}
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -81,6 +93,31 @@ def error(status: int, code: str, message: str) -> Response:
     return json_response({"error": code, "message": message}, status)
 
 
+@contextlib.contextmanager
+def needs(dependency: str) -> Iterator[None]:
+    """Turn a transient failure of `dependency` (see `is_transient`) under it into
+    DependencyUnavailable, which the app answers with 503; other errors pass unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if is_transient(exc):
+            raise DependencyUnavailable(dependency, exc) from exc
+        raise
+
+
+def unavailable(exc: DependencyUnavailable) -> Response:
+    """503 with a JSON error body and Retry-After; logged once per dependency and period."""
+    now = time.monotonic()
+    if now - _unavailable_logged.get(exc.dependency, -_UNAVAILABLE_LOG_EVERY_S) >= (
+        _UNAVAILABLE_LOG_EVERY_S
+    ):
+        _unavailable_logged[exc.dependency] = now
+        log.warning("answering 503: %s", exc)
+    response = error(503, "unavailable", f"{exc.dependency} is unavailable; try again later")
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
 def _state(request: Request) -> GatewayState:
     state: GatewayState = request.state.gateway
     return state
@@ -92,13 +129,17 @@ async def list_metrics(request: Request) -> Response:
     except ProtocolError as exc:
         return error(400, exc.code, exc.message)
     state = _state(request)
-    listing = await state.cache.listing.get(functools.partial(metrics.read_listing, state.redis))
+    with needs("Redis"):
+        listing = await state.cache.listing.get(
+            functools.partial(metrics.read_listing, state.redis)
+        )
     return cached_json(request, listing.body(selection))
 
 
 async def list_feeds(request: Request) -> Response:
     state = _state(request)
-    listing = await state.cache.feeds.get(functools.partial(_feeds_body, state.redis))
+    with needs("Redis"):
+        listing = await state.cache.feeds.get(functools.partial(_feeds_body, state.redis))
     return cached_json(request, listing)
 
 
@@ -116,12 +157,14 @@ async def get_metric(request: Request) -> Response:
         return error(400, "bad_metric_id", str(exc))
     except ProtocolError as exc:
         return error(400, exc.code, exc.message)
-    body = await metrics.metric_detail(state.redis, metric)
+    with needs("Redis"):
+        body = await metrics.metric_detail(state.redis, metric)
     if body is None:
         return error(404, "unknown_metric", f"no metric {echo(str(metric))}; see GET /api/metrics")
     minutes = state.settings.gateway.history_minutes
     market_id = metric.market.id
-    stored = await db.recent_bars(state.pool, market_id, minutes, since_minute=since)
+    with needs("PostgreSQL"):
+        stored = await db.recent_bars(state.pool, market_id, minutes, since_minute=since)
     bars = merge_history(stored, state.hub.recent.of(market_id), minutes, since)
     body["window_minutes"] = state.settings.stats.window_minutes
     # A minute whose value is unknown (turnover without a quote volume) is left out, not zero.
@@ -146,7 +189,8 @@ async def get_ranks(request: Request) -> Response:
         state.cache.remember_rank_query(query, parsed)
     kind, measure, selection = parsed
     load = functools.partial(_read_board, state.redis, kind, measure)
-    board = await state.cache.ranks[kind, measure].get(load)
+    with needs("Redis"):
+        board = await state.cache.ranks[kind, measure].get(load)
     return cached_json(request, board.body(selection))
 
 
@@ -200,7 +244,8 @@ async def get_alerts(request: Request) -> Response:
         statuses = parse_statuses(request.query_params.get("status"))
     except ProtocolError as exc:
         return error(400, exc.code, exc.message)
-    alerts = await alert_store.recent_alerts(_state(request).pool, limit, statuses)
+    with needs("PostgreSQL"):
+        alerts = await alert_store.recent_alerts(_state(request).pool, limit, statuses)
     return fresh_json(request, {"alerts": alerts})
 
 

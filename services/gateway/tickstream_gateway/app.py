@@ -28,7 +28,7 @@ from tickstream_gateway.hub import Hub
 from tickstream_gateway.state import GatewayState
 from tickstream_gateway.ws import websocket_endpoint
 from tickstream_shared import db, redis_client
-from tickstream_shared.errors import MAX_ECHO_CHARS
+from tickstream_shared.errors import MAX_ECHO_CHARS, DependencyUnavailable
 from tickstream_shared.lifecycle import supervise
 from tickstream_shared.settings import ServiceSettings
 
@@ -37,10 +37,16 @@ log = logging.getLogger("tickstream.gateway")
 STATIC_DIR = Path(__file__).parent / "static"
 
 
-def create_app(settings: ServiceSettings) -> Starlette:
+def create_app(settings: ServiceSettings, pool: Any | None = None) -> Starlette:
+    """The gateway's app; its lifespan closes `pool` (an asyncpg pool on a database with the
+    schema, see `db.open_pool`), or opens and closes one of its own without it."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        pool = await db.create_pool(settings.database, max_size=8)
+        nonlocal pool
+        if pool is None:
+            pool = await db.create_pool(settings.database, max_size=8)
+            await db.ensure_schema(pool)
         redis = redis_client.connect(settings.redis)
         minutes = settings.gateway.history_minutes
         recent = RecentBars(max_bars=minutes + 1)
@@ -54,7 +60,6 @@ def create_app(settings: ServiceSettings) -> Starlette:
         state = GatewayState(settings, redis, pool, hub, history, asyncio.Event())
         tasks: list[asyncio.Task[None]] = []
         try:
-            await db.ensure_schema(pool)
             # Each background task is restarted with backoff if it fails or ends: one bad
             # moment (a broker restart, a bug hit by one record) never leaves clients without
             # live data until the process restarts.
@@ -79,6 +84,7 @@ def create_app(settings: ServiceSettings) -> Starlette:
             await state.cache.aclose()
             await redis.aclose()
             await pool.close()
+            pool = None
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html")
@@ -95,6 +101,10 @@ def create_app(settings: ServiceSettings) -> Starlette:
                 value = ", ".join(sorted(m.strip() for m in value.split(",")))
             response.headers[name] = value
         return response
+
+    async def dependency_down(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, DependencyUnavailable)
+        return api.unavailable(exc)
 
     routes = [
         # Starlette tries routes in order, a regex each: the routes polled most come first.
@@ -122,9 +132,12 @@ def create_app(settings: ServiceSettings) -> Starlette:
         routes=routes,
         # Outermost first: refused requests are counted too.
         middleware=[
-            Middleware(telemetry.CountRequests),
+            Middleware(
+                telemetry.ObserveRequests,
+                access_log=telemetry.AccessLog.of(settings.gateway),
+            ),
             Middleware(AccessControl, settings=settings.gateway),
         ],
         lifespan=lifespan,
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, DependencyUnavailable: dependency_down},
     )

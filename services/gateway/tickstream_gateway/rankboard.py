@@ -55,10 +55,19 @@ class RankBoard:
     encoded from it (HTTP bodies and WebSocket frames) are kept with it and never stale.
     """
 
-    def __init__(self, kind: MetricKind, measure: RankMeasure, entries: tuple[RankEntry, ...]):
+    def __init__(
+        self,
+        kind: MetricKind,
+        measure: RankMeasure,
+        entries: tuple[RankEntry, ...],
+        warming: bool = False,
+    ):
         self.kind = kind
         self.measure = measure
         self.entries = entries
+        # Stats is still warming up: the board may lack markets that are publishing (see
+        # `stats_warming`); told to clients rather than passing a partial board as whole.
+        self.warming = warming
         # Each memo is bounded in bytes (sizes estimated for the lists: ~100 bytes an entry).
         self._compared: SizedMemo[tuple[str | None, str | None], _Compared] = SizedMemo(
             VIEW_BUDGET_BYTES, lambda c: 100 * len(c.entries) + 100
@@ -126,13 +135,14 @@ class RankBoard:
             "kind": self.kind,
             "by": self.measure,
             "total": total,
+            "warming": self.warming,
             **selection.describe(len(found)),
             "ranks": [e.as_json(p, total, self.measure) for p, e in page],
         }
         return _View(body, frozenset(e.metric for _, e in page))
 
     def same_as(self, other: RankBoard) -> bool:
-        return other.entries == self.entries
+        return other.entries == self.entries and other.warming == self.warming
 
 
 @dataclass(frozen=True, slots=True)

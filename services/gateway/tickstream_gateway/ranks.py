@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import redis.asyncio as redis
+from redis.client import NEVER_DECODE
 
+from tickstream_gateway.feeds import decode_feeds
 from tickstream_gateway.rankboard import RankBoard, RankEntry, rank_label
 from tickstream_shared.errors import BadIdentifier
+from tickstream_shared.feed_status import FEEDS_KEY
 from tickstream_shared.naming import (
     MEASURES_BY_KIND,
     METRIC_KINDS,
+    METRICS_KEY,
     MetricKind,
     RankMeasure,
     market_of,
@@ -189,14 +193,38 @@ async def read_boards(
             entry = _entry(metric, values[metric], mean, count, stale)
             if entry is not None:
                 entries[metric] = entry
+    ranked_markets = {m.rsplit(":", 1)[0] for m in entries if m.endswith(":price")}
+    warming = await stats_warming(client, ranked_markets)
     boards: dict[Ranking, RankBoard] = {}
     for (kind, measure), order in orders.items():
-        board = RankBoard(kind, measure, tuple(entries[m] for m, _ in order if m in entries))
+        ranked_entries = tuple(entries[m] for m, _ in order if m in entries)
+        board = RankBoard(kind, measure, ranked_entries, warming)
         previous = held.get((kind, measure))
         same = previous is not None and board.same_as(previous)
         boards[kind, measure] = previous if same and previous is not None else board
         await _let_others_run()
     return boards
+
+
+async def stats_warming(client: redis.Redis, ranked_markets: Collection[str]) -> bool:
+    """True while the rankings hold no market at all, or a market its watcher reports data
+    for has no stats yet: stats is warming up after a start or restart (or has not caught up
+    with a new market). A stale market has stats (it left the ranks on purpose): not warming.
+
+    One HGETALL of the feed reports (market ids and small structs), and an SMISMEMBER only
+    for reported markets that are not ranked (usually none). Raises what redis-py raises.
+    """
+    if not ranked_markets:
+        return True
+    raw = await client.execute_command(  # type: ignore[no-untyped-call]
+        "HGETALL", FEEDS_KEY, **{NEVER_DECODE: True}
+    )
+    publishing = [m for m, feed in decode_feeds(raw).items() if feed.last_data_ms is not None]
+    missing = [m for m in publishing if m not in ranked_markets]
+    if not missing:
+        return False
+    known = await client.smismember(METRICS_KEY, [f"{m}:price" for m in missing])
+    return not all(known)
 
 
 async def _let_others_run() -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
+import time
+from dataclasses import dataclass
 from typing import Any, Final
 
 from prometheus_client import Counter
@@ -11,6 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tickstream_gateway.history import MarketHistory
 from tickstream_gateway.hub import Hub
 from tickstream_shared.observability import READINGS, Family, Reading
+from tickstream_shared.redaction import redact
+from tickstream_shared.settings import GatewaySettings
 
 CONNECTIONS: Final = Family(
     "tickstream_gateway_connections", "WebSocket clients connected.", "gauge"
@@ -81,30 +86,104 @@ def _history_readings(history: MarketHistory) -> list[Reading]:
     return [(HISTORY_READS, (), history.reads)]
 
 
-class CountRequests:
-    """ASGI middleware counting HTTP requests in HTTP_REQUESTS once answered (or failed)."""
+@dataclass(frozen=True, slots=True)
+class AccessLog:
+    """Which requests get a line in the access log: GATEWAY_ACCESS_LOG and its slow bound."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    mode: str  # "off", "errors" or "all"
+    slow_s: float  # with "errors": answers slower than this are logged too (0: none)
+
+    @classmethod
+    def of(cls, settings: GatewaySettings) -> AccessLog:
+        return cls(settings.access_log, settings.access_log_slow_ms / 1000)
+
+    def wants(self, status: int, seconds: float) -> bool:
+        """Whether an answer with `status` that took `seconds` is logged."""
+        if self.mode == "all":
+            return True
+        if self.mode == "off":
+            return False
+        return status >= 500 or (self.slow_s > 0 and seconds > self.slow_s)
+
+
+ACCESS_LOG: Final = logging.getLogger("tickstream.gateway.access")
+# What each kind of connection's first answer is, as an HTTP status.
+_ANSWERS: Final = {"websocket.accept": 101, "websocket.close": 403}
+
+
+class ObserveRequests:
+    """ASGI middleware: counts HTTP requests in HTTP_REQUESTS once answered (or failed), and
+    writes the access log lines `access_log` wants, of HTTP requests and WebSocket upgrades.
+
+    The line's target is the raw path and query as the client sent it, its token redacted
+    (and every line is redacted again when written, tickstream_shared.logs).
+    """
+
+    def __init__(self, app: ASGIApp, access_log: AccessLog) -> None:
         self.app = app
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        status = 500  # unless the app starts a response
+        status = 500  # unless the app starts an answer
+        started = time.perf_counter()
+        answered: float | None = None
+        # Read before the app runs: AccessControl takes the token out of the scope's query.
+        target = redact(_target(scope))
 
-        async def send_counted(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
+        async def send_observed(message: Message) -> None:
+            nonlocal status, answered
+            if answered is None:
+                if message["type"] in ("http.response.start", "websocket.http.response.start"):
+                    status, answered = message["status"], time.perf_counter()
+                elif message["type"] in _ANSWERS:
+                    status, answered = _ANSWERS[message["type"]], time.perf_counter()
             await send(message)
 
         try:
-            await self.app(scope, receive, send_counted)
+            await self.app(scope, receive, send_observed)
         finally:
-            # The router stores the matched route in the scope it was given (this one).
-            route = getattr(scope.get("route"), "path", None) or "unmatched"
-            _requests_counter(route, status).inc()
+            if kind == "http":
+                # The router stores the matched route in the scope it was given (this one).
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                _requests_counter(route, status).inc()
+            # A WebSocket's time is its handshake's, not its life's.
+            seconds = (answered or time.perf_counter()) - started
+            if self.access_log.wants(status, seconds):
+                _log_access(scope, target, status, seconds)
+
+
+def _target(scope: Scope) -> str:
+    raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+    query: bytes = scope.get("query_string", b"")
+    target = raw_path.decode("latin-1")
+    return f"{target}?{query.decode('latin-1')}" if query else target
+
+
+def _log_access(scope: Scope, target: str, status: int, seconds: float) -> None:
+    method = scope.get("method", "GET") if scope["type"] == "http" else "WebSocket"
+    client = scope.get("client")
+    address = f"{client[0]}:{client[1]}" if client else "-"
+    level = logging.WARNING if status >= 500 else logging.INFO
+    ACCESS_LOG.log(
+        level,
+        "%s %s %d %.1fms %s",
+        method,
+        target,
+        status,
+        seconds * 1000,
+        address,
+        extra={
+            "method": method,
+            "target": target,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 1),
+            "client": address,
+        },
+    )
 
 
 @functools.cache

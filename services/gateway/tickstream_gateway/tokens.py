@@ -9,19 +9,22 @@ import hmac
 import json
 import math
 import re
-from typing import Any, Final, TypeGuard
+from typing import Any, Final
 
 # A token is three base64url parts; anything longer than this is refused before any decoding,
 # so a client cannot make the gateway hash or parse megabytes.
 MAX_TOKEN_CHARS: Final = 4096
 _PART: Final = re.compile(r"[A-Za-z0-9_-]*")
+# Times in claims are seconds since 1970 up to the end of year 9999: anything else (10**400,
+# which no float holds, negative times, NaN) is not a time, and refused rather than compared.
+LATEST_TIME: Final = 253_402_300_799
 
 
 class TokenError(Exception):
     """A token that does not grant access; `reason` is a short stable word for the client.
 
-    Reasons: `malformed`, `bad_algorithm`, `bad_signature`, `missing_exp`, `expired`,
-    `not_yet_valid`.
+    Reasons: `malformed`, `bad_algorithm`, `bad_signature`, `missing_exp`, `bad_iat`,
+    `expired`, `not_yet_valid`, `too_long_lived`.
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -30,13 +33,18 @@ class TokenError(Exception):
         self.message = message
 
 
-def verify_token(token: str, secret: bytes, now: float) -> dict[str, Any]:
+def verify_token(
+    token: str, secret: bytes, now: float, max_lifetime_s: float = math.inf
+) -> dict[str, Any]:
     """The claims of `token` if it is an HS256 JWT signed with `secret` and valid at `now`.
 
     `now` is seconds since the epoch. The header's `alg` must be exactly `HS256` (never
     `none`, never another algorithm chosen by the client); the signature is compared in
     constant time before the claims are read; `exp` is required and `nbf` is honoured when
-    present, both without leeway. Raises TokenError; pure, safe to call from any task.
+    present, both without leeway. `exp` may be at most `max_lifetime_s` after `now`, and
+    after `iat` when present. Every time claim present must be a number of seconds between 0
+    and LATEST_TIME; the returned `exp` is then a float-convertible number. Raises TokenError
+    and nothing else, whatever the token holds; pure, safe to call from any task.
     """
     if len(token) > MAX_TOKEN_CHARS:
         raise TokenError("malformed", f"token longer than {MAX_TOKEN_CHARS} characters")
@@ -51,14 +59,23 @@ def verify_token(token: str, secret: bytes, now: float) -> dict[str, Any]:
     if not hmac.compare_digest(expected, _decode(signature_part, "signature")):
         raise TokenError("bad_signature", "token signature does not match")
     claims = _json_object(claims_part, "claims")
-    exp = claims.get("exp")
-    if not _is_number(exp):
-        raise TokenError("missing_exp", "token has no numeric 'exp' claim")
+    exp = _time(claims.get("exp"))
+    if exp is None:
+        raise TokenError("missing_exp", "token has no 'exp' claim that is a time")
     if now >= exp:
         raise TokenError("expired", "token has expired")
-    nbf = claims.get("nbf")
-    if nbf is not None and (not _is_number(nbf) or now < nbf):
-        raise TokenError("not_yet_valid", "token is not valid yet ('nbf')")
+    if "nbf" in claims:
+        nbf = _time(claims["nbf"])
+        if nbf is None or now < nbf:
+            raise TokenError("not_yet_valid", "token is not valid yet ('nbf')")
+    if exp - now > max_lifetime_s:
+        raise TokenError("too_long_lived", f"token lives longer than {max_lifetime_s:.0f} s")
+    if "iat" in claims:
+        iat = _time(claims["iat"])
+        if iat is None or iat > exp:
+            raise TokenError("bad_iat", "token 'iat' is not a time before its 'exp'")
+        if exp - iat > max_lifetime_s:
+            raise TokenError("too_long_lived", f"token lives longer than {max_lifetime_s:.0f} s")
     return claims
 
 
@@ -95,6 +112,12 @@ def _json_object(part: str, what: str) -> dict[str, Any]:
     return value
 
 
-def _is_number(value: object) -> TypeGuard[float]:
-    # JSON true would pass as 1 in Python, and json accepts NaN (never expired): neither is a time.
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _time(value: object) -> float | None:
+    """`value` as seconds since 1970 if it is a JSON number from 0 to LATEST_TIME, else None."""
+    # JSON true would pass as 1 in Python, and json accepts NaN (never expired): neither is a
+    # time. Bounds are checked before any float conversion, which overflows beyond 1e308.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if not 0 <= value <= LATEST_TIME:  # False for NaN
+        return None
+    return float(value)

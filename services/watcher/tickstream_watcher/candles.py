@@ -7,7 +7,6 @@ import gzip
 import heapq
 import logging
 import operator
-import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import IO
 
 import msgspec
 
-from tickstream_shared.naming import Market
+from tickstream_shared.naming import Market, candle_file_market
 from tickstream_shared.schemas import MAX_TS_MS, MIN_TS_MS, MINUTE_MS
 
 log = logging.getLogger(__name__)
@@ -28,9 +27,6 @@ QUOTE_COLUMN = "quote_volume"
 # where its file and line are known, rather than by every consumer.
 _MAX_PRICE = 1e12
 _MAX_VOLUME = 1e18
-_FILE_RE = re.compile(
-    r"^(?P<exchange>[a-z0-9]+)_(?P<base>[a-z0-9]+)-(?P<quote>[a-z0-9]+)_1m\.csv(\.gz)?$"
-)
 
 
 class Candle(msgspec.Struct, frozen=True, order=True, gc=False):
@@ -56,10 +52,9 @@ def find_candle_files(folder: Path, markets: Iterable[str] = ()) -> dict[Market,
     wanted = {Market.parse(m) for m in markets}
     found: dict[Market, Path] = {}
     for path in sorted(folder.iterdir()):
-        match = _FILE_RE.match(path.name)
-        if match is None:
+        market = candle_file_market(path.name)
+        if market is None:
             continue
-        market = Market(match["exchange"], match["base"], match["quote"])
         if not wanted or market in wanted:
             found[market] = path
     return found

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
 
-from tickstream_shared.naming import Market
-
-# `<exchange>:<base>-<quote>` where base and quote are names or `*` (any name).
-_SPEC_RE: Final = re.compile(r"^([a-z0-9]+):([a-z0-9]+|\*)-([a-z0-9]+|\*)$")
+from tickstream_shared.naming import MARKET_SPEC_RE, Market
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +36,7 @@ def parse_specs(entries: Sequence[str]) -> list[MarketSpec]:
     """Parse WATCHER_MARKETS entries (case-insensitive); ValueError naming the first bad one."""
     specs = []
     for entry in entries:
-        match = _SPEC_RE.match(entry.strip().lower())
+        match = MARKET_SPEC_RE.match(entry.strip().lower())
         if match is None:
             raise ValueError(
                 f"market {entry[:60]!r} is not <exchange>:<base>-<quote> (base or quote may be *)"

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import redis.asyncio as redis
 from aiokafka.errors import KafkaError
@@ -34,9 +34,19 @@ log = logging.getLogger("tickstream.watcher")
 _START_RETRY_S: Final = (1.0, 2.0, 5.0, 10.0, 30.0)
 _REDIS_ERRORS: Final = (redis.RedisError, OSError, TimeoutError)
 _BROKER_ERRORS: Final = (KafkaError,)
+_SOURCE_FILE_ERRORS: Final = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
 _BROKER_RETRY_S: Final = 2.0
-# How long a stopping watcher waits for the broker to acknowledge what it handed over.
-_FLUSH_AT_STOP_S: Final = 10.0
+# How long a stopping watcher waits for the broker to acknowledge what it handed over; with
+# the release of the lease and the producer's stop it keeps the whole stop under 10 s.
+_FLUSH_AT_STOP_S: Final = 5.0
+# How long a term may take to end by itself once stop is set before it is cancelled: a step
+# waiting on an unreachable broker (creating topics, starting the producer) does not see `stop`.
+_STOP_GRACE_S: Final = 7.0
 
 
 async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
@@ -51,9 +61,14 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
         while await wait_for_lease(lease, stop):
             log.info("took the lease %s: publishing", lease.key)
             try:
-                if await _term(settings, lease, group, stop):
+                if await _until_stopped(_term(settings, lease, group, stop), stop):
                     break
                 log.warning("lost the lease %s: stopped publishing, standing by", lease.key)
+                # Still ours in Redis if Redis failed under it (not taken): freed, so that
+                # this watcher, or another, takes it again instead of waiting for expiry.
+                with contextlib.suppress(*_REDIS_ERRORS):
+                    async with asyncio.timeout(2):
+                        await lease.release()
             except _BROKER_ERRORS as exc:
                 # The broker is down or lost the producer's state: hand the lease on (a standby
                 # may do better), wait a little, and stand by for it again with a new producer.
@@ -68,6 +83,24 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
             async with asyncio.timeout(2):
                 await lease.release()
         await client.aclose()
+
+
+async def _until_stopped(term: Coroutine[None, None, bool], stop: asyncio.Event) -> bool:
+    """What `term` returns; True (stopped) if it was still running _STOP_GRACE_S after `stop`
+    was set, and was cancelled then. Raises what `term` raises."""
+    task = asyncio.ensure_future(term)
+    try:
+        await _wait_any(stop, also=task)
+        if not task.done():
+            await asyncio.wait({task}, timeout=_STOP_GRACE_S)
+    finally:
+        if not task.done():
+            log.warning("stopping: cancelling what still waits for the broker")
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        return True
+    return task.result()
 
 
 @dataclass
@@ -122,6 +155,10 @@ async def _term(
         finally:
             await stop_producer(producer)
         return True
+    except _SOURCE_FILE_ERRORS:
+        # The source's files (a replay folder gone since the settings were checked): for the
+        # operator to fix, not Redis; run_until_stopped ends the process with it.
+        raise
     except _REDIS_ERRORS as exc:
         log.error("Redis failed under the lease: %r", exc)
         return False
@@ -131,9 +168,14 @@ async def _term(
 
 
 async def _stop_keeper(keeper: asyncio.Task[None]) -> None:
-    keeper.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await keeper
+    """Cancel the keeper and wait until it has ended; safe to call twice."""
+    # Cancelled again until it ends: a cancellation swallowed by a Redis call under it must
+    # not leave the watcher waiting for a keeper that sleeps on (a stop needing SIGKILL).
+    while not keeper.done():
+        keeper.cancel()
+        await asyncio.wait({keeper}, timeout=1.0)
+    if not keeper.cancelled() and keeper.exception() is not None:
+        log.error("the lease keeper failed: %r", keeper.exception())
 
 
 async def _start_source(
@@ -217,6 +259,7 @@ async def _keep(lease: Lease, group: GroupState, term: _Term) -> None:
                     term.lost.set()
                     return
         except _REDIS_ERRORS as exc:
+            _raise_if_cancelling()
             log.warning("cannot renew the lease: %r", exc)
         if not lease.held():
             term.lost.set()
@@ -232,7 +275,16 @@ async def _keep(lease: Lease, group: GroupState, term: _Term) -> None:
                     await group.report_feeds(reports)
         except _REDIS_ERRORS as exc:
             log.warning("cannot save checkpoints or feed reports: %r", exc)
+        _raise_if_cancelling()
         await asyncio.sleep(interval)
+
+
+def _raise_if_cancelling() -> None:
+    """Raise CancelledError if the current task was asked to stop: the Redis client may end a
+    cancelled call with another error (or none) and leave the task running on."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _save_closes(group: GroupState, term: _Term) -> None:
@@ -247,7 +299,7 @@ async def _save_closes(group: GroupState, term: _Term) -> None:
 
 
 async def _wait_any(
-    *events: asyncio.Event, also: asyncio.Task[None] | None = None, within: float | None = None
+    *events: asyncio.Event, also: asyncio.Future[Any] | None = None, within: float | None = None
 ) -> None:
     """Return when any event is set, `also` is done, or `within` seconds pass."""
     waiters = {asyncio.ensure_future(event.wait()) for event in events}

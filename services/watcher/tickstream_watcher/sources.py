@@ -69,9 +69,15 @@ class SyntheticSource:
     (oldest first, all markets per minute), with seqs just below the start time in
     microseconds; then live updates whose seqs are the wall clock in microseconds (or one
     more than the market's last seq), so seqs grow across restarts too.
+
+    Every minute's bar is a function of the seed, the market and the minute (see
+    SyntheticMarket), so minutes generated again are the same bars. Resumable too: a
+    restarted watcher, or a standby taking over, backfills only the minutes after each
+    market's newest closed bar published before (the group's checkpoints), with seqs above
+    its seqs, instead of all WATCHER_SYNTHETIC_BACKFILL_MINUTES again.
     """
 
-    resumable = False  # a standby taking over starts a new walk (with its own backfill)
+    resumable = True
 
     def __init__(self, settings: WatcherSettings) -> None:
         self.markets = [Market.parse(m) for m in settings.markets]
@@ -81,12 +87,20 @@ class SyntheticSource:
         self._models = [
             SyntheticMarket(m.id, m.base, settings.seed, i) for i, m in enumerate(self.markets)
         ]
+        # Per model: the first minute it may generate (after what was published before).
+        self._first_minute: list[int | None] = [None] * len(self._models)
 
     async def start(self) -> None:
         """Nothing to resolve: the markets are the configured ones."""
 
     def resume(self, plan: ResumePlan) -> None:
-        """Not resumable."""
+        """Continue each market after its newest closed bar published before, if any."""
+        for i, model in enumerate(self._models):
+            point, again = plan.points.get(model.market), plan.republish.get(model.market)
+            done = max(point.minute if point else -1, again.minute if again else -1)
+            model.seq = max(model.seq, point.seq if point else 0, again.seq if again else 0)
+            if done >= 0:
+                self._first_minute[i] = done + MINUTE_MS
 
     def feed_reports(self, now_ms: int) -> dict[str, FeedStatus]:
         # `live` once the first bars (backfill or walk) have been handed over.
@@ -118,7 +132,9 @@ class SyntheticSource:
             minute = first_minute + i * MINUTE_MS
             received = now_ms()
             chunk.extend(
-                m.backfill_bar(minute, start_us - count + i, received) for m in self._models
+                m.backfill_bar(minute, start_us - count + i, received)
+                for m, first in zip(self._models, self._first_minute, strict=True)
+                if first is None or minute >= first
             )
             if len(chunk) >= CHUNK_TICKS:
                 yield chunk

@@ -441,13 +441,14 @@ function renderRanks(kind) {
   if (!shown || shown.ranks.length === 0) {
     const tr = document.createElement('tr');
     tr.className = 'empty';
-    const td = cell(shown === undefined ? 'loading…' : 'no live metrics');
+    const td = cell(shown === undefined ? 'loading…' : shown.warming ? 'warming up…' : 'no live metrics');
     td.colSpan = 4;
     tr.append(td);
     frag.append(tr);
   }
   table.tBodies[0].replaceChildren(frag);
-  els.kind[kind].total.textContent = shown ? `${fmtCount(shown.total)} ranked${state.quote ? ` (${state.quote})` : ''}` : '';
+  const warming = shown?.warming ? ', warming up' : '';
+  els.kind[kind].total.textContent = shown ? `${fmtCount(shown.total)} ranked${state.quote ? ` (${state.quote})` : ''}${warming}` : '';
 }
 
 function alertRow(alert) {
@@ -872,7 +873,13 @@ function onRanks(msg) {
   // A frame of the subscription this kind had before a switch (measure or quote): the
   // gateway answers `subscribed` before the first frame of the new one.
   if (conn.switchingRanks.has(kind) || msg.by !== state.measure[kind]) return;
-  applyRanks(kind, msg.by, { ranks: msg.ranks, own: Array.isArray(msg.own) ? msg.own : [], total: msg.total });
+  applyRanks(kind, msg.by, {
+    ranks: msg.ranks,
+    own: Array.isArray(msg.own) ? msg.own : [],
+    total: msg.total,
+    // Stats is still warming up: the board may lack markets; said, not shown as complete.
+    warming: msg.warming === true,
+  });
 }
 
 function applyRanks(kind, measure, shown) {
