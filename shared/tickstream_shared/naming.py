@@ -49,6 +49,19 @@ STATS_GROUP: Final = "stats"
 ALERTS_GROUP: Final = "alerts"
 # Records a consumer could not use, with where they came from and why (see deadletter.py).
 DEADLETTER_TOPIC: Final = "deadletter"
+# Topics that share a retention (KafkaSettings.retention).
+TopicFamily = Literal["ticks", "alerts", "deadletter"]
+
+
+def topic_family(topic: str) -> TopicFamily:
+    """The retention family of `topic`: any topic but `alerts` and `deadletter` is kept as
+    ticks are, so one created by hand or by a test is bounded too."""
+    if topic == ALERTS_TOPIC:
+        return "alerts"
+    if topic == DEADLETTER_TOPIC:
+        return "deadletter"
+    return "ticks"
+
 
 _PART = r"[a-z0-9]+"
 _MARKET_RE: Final = re.compile(rf"^(?P<exchange>{_PART}):(?P<base>{_PART})-(?P<quote>{_PART})$")

@@ -12,9 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, get_type_hints
 
 from tickstream_shared.errors import ConfigError, echo
-from tickstream_shared.naming import MARKET_SPEC_RE, Market, candle_file_market
+from tickstream_shared.naming import MARKET_SPEC_RE, Market, TopicFamily, candle_file_market
 
 T = TypeVar("T")
+
+_MIB: Final = 1024 * 1024
+_TIB: Final = 1024 * 1024 * _MIB
+_HOUR_MS: Final = 3_600_000
+_DAY_MS: Final = 24 * _HOUR_MS
+_YEAR_MS: Final = 365 * _DAY_MS
 
 
 def setting(
@@ -107,6 +113,62 @@ class KafkaSettings:
         ge=1024,
         le=256 * 1024 * 1024,
     )
+    # Retention of the topics tickstream creates, by family. Ticks are read within seconds and
+    # their minutes are stored in PostgreSQL, so their log only has to outlast a consumer's
+    # outage; alerts and dead letters are few and kept for people to read. The defaults fit
+    # one machine (about 3 GB of ticks an hour at 4,000 ticks/s); deploy/ sets production's.
+    ticks_retention_ms: int = setting(
+        "KAFKA_TICKS_RETENTION_MS",
+        _HOUR_MS,
+        "Tick topics (`ticks.*`) keep records at least this long, then drop them (Kafka"
+        " `retention.ms`): a stats or alerts consumer stopped for longer loses ticks.",
+        ge=1000,
+        le=_YEAR_MS,
+    )
+    ticks_retention_bytes: int = setting(
+        "KAFKA_TICKS_RETENTION_BYTES",
+        32 * _MIB,
+        "Most bytes a tick topic keeps per partition (Kafka `retention.bytes`), whatever their"
+        " age: a burst on one market cannot fill the disk.",
+        ge=64 * 1024,
+        le=_TIB,
+    )
+    alerts_retention_ms: int = setting(
+        "KAFKA_ALERTS_RETENTION_MS",
+        7 * _DAY_MS,
+        "How long the `alerts` topic keeps records (they are also stored in PostgreSQL).",
+        ge=1000,
+        le=_YEAR_MS,
+    )
+    alerts_retention_bytes: int = setting(
+        "KAFKA_ALERTS_RETENTION_BYTES",
+        256 * _MIB,
+        "Most bytes the `alerts` topic keeps per partition.",
+        ge=64 * 1024,
+        le=_TIB,
+    )
+    deadletter_retention_ms: int = setting(
+        "KAFKA_DEADLETTER_RETENTION_MS",
+        7 * _DAY_MS,
+        "How long the `deadletter` topic keeps records: the time someone has to look at them.",
+        ge=1000,
+        le=_YEAR_MS,
+    )
+    deadletter_retention_bytes: int = setting(
+        "KAFKA_DEADLETTER_RETENTION_BYTES",
+        256 * _MIB,
+        "Most bytes the `deadletter` topic keeps per partition.",
+        ge=64 * 1024,
+        le=_TIB,
+    )
+
+    def retention(self, family: TopicFamily) -> tuple[int, int]:
+        """(retention.ms, retention.bytes) of the topics of `family`."""
+        if family == "alerts":
+            return self.alerts_retention_ms, self.alerts_retention_bytes
+        if family == "deadletter":
+            return self.deadletter_retention_ms, self.deadletter_retention_bytes
+        return self.ticks_retention_ms, self.ticks_retention_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -679,6 +741,31 @@ class ObservabilitySettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LocalStackSettings:
+    """How `tickstream up` runs its local broker (not read by the services)."""
+
+    broker_storage: str = setting(
+        "TICKSTREAM_BROKER_STORAGE",
+        "memory",
+        "Where the local broker (Tansu 0.6) keeps its log: `memory` (fast, but lost at every"
+        " restart and never trimmed: Tansu ignores retention, so its memory grows with every"
+        " record) or `s3` in a SeaweedFS under the data folder (kept across restarts, trimmed to"
+        " each topic's retention, but only about 100 record batches a second; see"
+        " docs/operations.md).",
+        choices=("memory", "s3"),
+    )
+    trim_interval_ms: int = setting(
+        "TICKSTREAM_BROKER_TRIM_INTERVAL_MS",
+        5000,
+        "With TICKSTREAM_BROKER_STORAGE=s3: how often the record batches that are past their"
+        " topic's retention.ms or beyond its retention.bytes are deleted (Tansu 0.6 applies"
+        " neither itself); a log holds at most this much more than its retention.",
+        ge=100,
+        le=600_000,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceSettings:
     """Everything any service may need; each service reads the parts it uses."""
 
@@ -692,6 +779,7 @@ class ServiceSettings:
     alerts: AlertsSettings = field(default_factory=AlertsSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
+    local: LocalStackSettings = field(default_factory=LocalStackSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> ServiceSettings:

@@ -193,11 +193,19 @@ def run_up(data_dir: Path, overrides: Mapping[str, str]) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     setup_logging(settings.log, "up")
-    infra = LocalInfra(data_dir.resolve())
+    infra = LocalInfra(
+        data_dir.resolve(),
+        broker_storage=settings.local.broker_storage,
+        trim_interval_s=settings.local.trim_interval_ms / 1000,
+    )
     services: list[_Service] = []
     exit_code = 0
     try:
-        log.info("starting broker, Redis and PostgreSQL under %s", data_dir)
+        log.info(
+            "starting broker (log in %s), Redis and PostgreSQL under %s",
+            settings.local.broker_storage,
+            data_dir,
+        )
         infra.start()
         env = {**base_env, **infra.environment()}
         settings = ServiceSettings.from_env(env)
