@@ -7,6 +7,12 @@ applies neither (and DeleteRecords is unimplemented). Deleting a partition's old
 objects is therefore all retention takes: fetches and ListOffsets(earliest) only see what is
 listed. `expired_count` decides (pure); `LogTrimmer` lists and deletes through the SeaweedFS
 filer's HTTP API in a thread of its own.
+
+SeaweedFS's filer also keeps a log of every metadata change it makes, one file per minute under
+`/topics/.system/log/<yyyy-mm-dd>/` (for filer.sync and metadata subscribers, none of which the
+local stack runs), and never drops it: at 100 batches a second it grew the store's disk by
+about 17 MiB a minute. The trimmer deletes its minutes older than `META_LOG_KEEP_S`, as
+SeaweedFS's own `fs.log.purge` would (which its master runs only for logs older than 7 days).
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ log = logging.getLogger(__name__)
 # One listing page; the filer's own limit is 1,000 per request by default.
 _PAGE: Final = 1000
 _HTTP_TIMEOUT_S: Final = 10.0
+# The filer's metadata change log: kept this long (a few of its one-minute files), then deleted.
+META_LOG_DIR: Final = "/topics/.system/log"
+META_LOG_KEEP_S: Final = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +107,7 @@ class TrimStats:
     deleted_batches: int = 0
     deleted_bytes: int = 0
     failures: int = 0
+    deleted_meta_logs: int = 0
 
 
 class LogTrimmer:
@@ -109,7 +119,16 @@ class LogTrimmer:
     and the next one tries again. `trim_once()` runs one pass in the caller's thread.
     """
 
-    def __init__(self, filer_url: str, bucket: str, cluster: str, interval_s: float) -> None:
+    def __init__(
+        self,
+        filer_url: str,
+        bucket: str,
+        cluster: str,
+        interval_s: float,
+        meta_log_keep_s: float = META_LOG_KEEP_S,
+    ) -> None:
+        self._filer = filer_url.rstrip("/")
+        self._meta_log_keep_s = meta_log_keep_s
         self._root = f"{filer_url.rstrip('/')}/buckets/{bucket}/clusters/{cluster}"
         self._interval_s = interval_s
         self._logs: dict[tuple[str, int], _PartitionLog] = {}
@@ -154,7 +173,37 @@ class LogTrimmer:
                 if self._stop.is_set():
                     return
                 self._trim_partition(name, partition, topic_id, retention)
+        self._purge_meta_log(time.time() - self._meta_log_keep_s)
         self.stats.passes += 1
+
+    def _purge_meta_log(self, before_s: float) -> None:
+        """Delete the filer's metadata-log minutes last written before `before_s`, and the day
+        folders they leave empty (today's stays: the filer writes into it)."""
+        folder = f"{self._filer}{META_LOG_DIR}"
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        for day, _ in self._entries(folder):
+            day_folder = f"{folder}/{day}"
+            minutes = self._entries(day_folder)
+            old = [name for name, written in minutes if written < before_s]
+            for name in old:
+                self._delete(f"{day_folder}/{name}")
+                self.stats.deleted_meta_logs += 1
+            if day < today and len(old) == len(minutes):
+                self._delete(f"{day_folder}?recursive=true")
+
+    def _entries(self, folder: str) -> list[tuple[str, float]]:
+        """Names and modification times (epoch seconds) of what `folder` holds."""
+        found: list[tuple[str, float]] = []
+        after = ""
+        while True:
+            query = urllib.parse.urlencode({"limit": _PAGE, "lastFileName": after})
+            page = _get_json(f"{folder}/?{query}")
+            entries = (page or {}).get("Entries") or []
+            for entry in entries:
+                after = entry["FullPath"].rsplit("/", 1)[1]
+                found.append((after, datetime.fromisoformat(entry["Mtime"]).timestamp()))
+            if len(entries) < _PAGE:
+                return found
 
     def _trim_partition(
         self, topic: str, partition: int, topic_id: str, retention: Retention

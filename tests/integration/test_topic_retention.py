@@ -6,8 +6,10 @@ import asyncio
 import json
 import shutil
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -16,6 +18,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from tests.conftest import deadline, make_data_dir, unique_exchange
 from tickstream_shared.kafka import ensure_topics, make_producer, topic_config, topic_configs
 from tickstream_shared.local_infra import LocalInfra
+from tickstream_shared.log_trim import META_LOG_DIR, LogTrimmer
 from tickstream_shared.naming import Market
 from tickstream_shared.settings import KafkaSettings
 
@@ -188,3 +191,49 @@ async def test_durable_log_survives_a_broker_restart(s3_broker: LocalInfra) -> N
         assert values == [f"r{i}".encode() for i in range(300)]
     finally:
         await consumer.stop()
+
+
+def _meta_log_minutes(infra: LocalInfra) -> list[tuple[str, float]]:
+    """(path, last written) of every minute file of the filer's metadata change log."""
+    found: list[tuple[str, float]] = []
+    for day in _listing(f"{infra.filer_url}{META_LOG_DIR}/"):
+        for minute in _listing(f"{infra.filer_url}{day['FullPath']}/"):
+            found.append((minute["FullPath"], datetime.fromisoformat(minute["Mtime"]).timestamp()))
+    return found
+
+
+def _listing(url: str) -> list[dict[str, str]]:
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return list(json.loads(response.read()).get("Entries") or [])
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return []
+        raise
+
+
+async def test_object_stores_metadata_log_is_purged(s3_broker: LocalInfra) -> None:
+    """SeaweedFS logs every metadata change (one file a minute) and keeps it forever; the
+    trimmer deletes the minutes older than it keeps, so the store's disk is bounded too."""
+    kafka = KafkaSettings(bootstrap_servers=s3_broker.kafka_bootstrap_servers)
+    topic = Market(unique_exchange(), "btc", "usdt").topic
+    await ensure_topics(kafka, [topic])
+    producer = make_producer(kafka, client_id="meta-log-test", idempotent=False)
+    await producer.start()
+    try:
+        # The filer writes its log once a minute: keep it busy until a minute is written.
+        limit = time.monotonic() + deadline(90)
+        while not _meta_log_minutes(s3_broker):
+            assert time.monotonic() < limit, "the filer wrote no metadata log"
+            await (await producer.send(topic, b"x"))
+            await asyncio.sleep(0.05)
+    finally:
+        await producer.stop()
+    trimmer = LogTrimmer(
+        s3_broker.filer_url, "tansu", "tansu_cluster", interval_s=60.0, meta_log_keep_s=0.0
+    )
+    purged_before = time.time()
+    trimmer.trim_once()
+    assert trimmer.stats.deleted_meta_logs >= 1
+    assert [path for path, written in _meta_log_minutes(s3_broker) if written < purged_before] == []
