@@ -227,6 +227,11 @@ class LocalInfra:
         """The SeaweedFS filer's HTTP API (storage "s3" only)."""
         return f"http://127.0.0.1:{self.object_store_ports['filer']}"
 
+    @property
+    def object_store_master_url(self) -> str:
+        """The SeaweedFS master's HTTP API (storage "s3" only): where vacuums are asked for."""
+        return f"http://127.0.0.1:{self.object_store_ports['master']}"
+
     def pid_of(self, name: str) -> int | None:
         """The process id of server `name` while it runs, for measuring it."""
         return next((c.process.pid for c in self._children if c.name == name and c.alive()), None)
@@ -348,7 +353,13 @@ class LocalInfra:
         self._wait_port(child, ports["s3"])
         wait_until(self._bucket_ready, timeout=self.startup_timeout, what="object store bucket")
         if self.trimmer is None:
-            self.trimmer = LogTrimmer(self.filer_url, _BUCKET, _CLUSTER, self.trim_interval_s)
+            self.trimmer = LogTrimmer(
+                self.filer_url,
+                _BUCKET,
+                _CLUSTER,
+                self.trim_interval_s,
+                master_url=self.object_store_master_url,
+            )
             self.trimmer.start()
 
     def _bucket_ready(self) -> bool:

@@ -213,27 +213,42 @@ def _listing(url: str) -> list[dict[str, str]]:
         raise
 
 
-async def test_object_stores_metadata_log_is_purged(s3_broker: LocalInfra) -> None:
-    """SeaweedFS logs every metadata change (one file a minute) and keeps it forever; the
-    trimmer deletes the minutes older than it keeps, so the store's disk is bounded too."""
-    kafka = KafkaSettings(bootstrap_servers=s3_broker.kafka_bootstrap_servers)
+async def test_object_store_purges_its_metadata_log_and_vacuums(s3_broker: LocalInfra) -> None:
+    """SeaweedFS logs every metadata change (one file a minute) and keeps it forever, and gives
+    deleted objects' disk back only when vacuumed: the trimmer deletes the log's minutes older
+    than it keeps and asks for vacuums, so the store's disk is bounded too."""
+    kafka = KafkaSettings(
+        bootstrap_servers=s3_broker.kafka_bootstrap_servers, ticks_retention_bytes=64 * 1024
+    )
     topic = Market(unique_exchange(), "btc", "usdt").topic
     await ensure_topics(kafka, [topic])
     producer = make_producer(kafka, client_id="meta-log-test", idempotent=False)
     await producer.start()
+    sent = 0
     try:
         # The filer writes its log once a minute: keep it busy until a minute is written.
         limit = time.monotonic() + deadline(90)
-        while not _meta_log_minutes(s3_broker):
+        while not _meta_log_minutes(s3_broker) or sent < 2 * 1024 * 1024:
             assert time.monotonic() < limit, "the filer wrote no metadata log"
-            await (await producer.send(topic, b"x"))
-            await asyncio.sleep(0.05)
+            await (await producer.send(topic, b"x" * 4096))
+            sent += 4096
+            await asyncio.sleep(0.02)
     finally:
         await producer.stop()
     trimmer = LogTrimmer(
-        s3_broker.filer_url, "tansu", "tansu_cluster", interval_s=60.0, meta_log_keep_s=0.0
+        s3_broker.filer_url,
+        "tansu",
+        "tansu_cluster",
+        interval_s=60.0,
+        meta_log_keep_s=0.0,
+        master_url=s3_broker.object_store_master_url,
     )
     purged_before = time.time()
     trimmer.trim_once()
     assert trimmer.stats.deleted_meta_logs >= 1
     assert [path for path, written in _meta_log_minutes(s3_broker) if written < purged_before] == []
+    # The fixture's trimmer kept the topic's log near 64 KiB of the 2 MiB sent; the volume
+    # holding the batches shrinks to about that once vacuumed.
+    trimmer.vacuum()
+    stored = sum(f.stat().st_size for f in (s3_broker.data_dir / "seaweedfs").glob("tansu_*.dat"))
+    assert stored < sent // 2, (stored, sent)
