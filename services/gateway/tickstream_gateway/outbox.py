@@ -50,18 +50,20 @@ class Outbox:
     newest. A stream's states of one key share one slot in the queue, placed where the first
     of them was queued, so a client holds O(streams) states however many updates arrive.
 
-    The freshness rule, applied when the writer takes the slot's next frame (at send time,
-    not when frames are queued, so how far behind the client is decides, per client): a state
-    that has waited `max_age` seconds or more is not sent while a newer one of its slot is
-    pending; the newest is. A client that keeps up gets every update, also several updates
-    of one market read together; one that falls behind gets each stream's newest state,
-    never one older than `max_age` when a newer exists. A must-deliver frame with the key of
-    its stream's pending slot (a minute's closed bar) supersedes the slot's states and takes
-    their place. Anything else queued in a stream seals its slot: later states start a new
-    slot behind it, so each stream's frames go out in the order they were made (every bar's
-    seq above the ones before). Dropped states are counted in `conflated_frames`.
+    The freshness rule, applied when the writer takes the next frame (at send time, not when
+    frames are queued, so how far behind each client is decides): a state that has waited
+    `max_age` seconds or more is not sent while a newer one of its stream and key is pending;
+    the newest is. Once the oldest state of a slot is that old, the slot is cut to its newest:
+    a client that far behind wants the newest, not the updates between. A client that keeps
+    up gets every update, also several updates of one market read together; one that falls
+    behind gets each stream's newest state. A must-deliver frame with the key of its stream's
+    pending slot (a minute's closed bar) supersedes the slot's states and takes their place.
+    Anything else queued in a stream seals its slot: later states start a new slot behind
+    it, so each stream's frames go out in the order they were made (every bar's seq above
+    the ones before); a stale sealed slot with a newer slot of its key behind it is skipped.
+    Dropped states are counted in `conflated_frames`.
 
-    Policy when full: states are cut to each stream's newest first; a frame that still does
+    Policy when full: open slots are cut to their newest state first; a frame that still does
     not fit is refused and the outbox is `overflowed` for good (refusing everything after):
     what must be delivered exceeds the bound, so the owner closes the connection. Not
     thread-safe; one reader (`get`) at a time.
@@ -177,7 +179,10 @@ class Outbox:
                 break
             if now is None:
                 now = self._clock()
-            if now - slot.times[-1] >= self.max_age and self._keyed[slot.stream, slot.key] > 1:
+            if (
+                now - slot.times[-1] >= self.max_age
+                and self._keyed.get((slot.stream, slot.key), 0) > 1
+            ):
                 self._keep_newest(slot, 0)  # a newer slot of the same minute is queued
                 self._pop_slot()
                 continue
