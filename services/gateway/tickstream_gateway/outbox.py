@@ -29,16 +29,17 @@ class FanoutCounters:
 
 
 class _Slot:
-    """One place in the queue: a must-deliver frame, or a stream's pending states (all of one
-    key, oldest first, each with the time it was queued)."""
+    """A stream's pending states of one key, oldest first, each with the time it was queued
+    (or, once the minute's closed bar superseded them, that bar alone)."""
 
-    __slots__ = ("frames", "key", "stream", "times")
+    __slots__ = ("frames", "key", "stream", "superseded", "times")
 
     def __init__(self, frame: Frame, now: float) -> None:
         self.frames = [frame]
         self.times = [now]
         self.stream = frame.stream
         self.key = frame.key
+        self.superseded = False  # a newer slot of its stream and key is queued behind it
 
 
 class Outbox:
@@ -84,13 +85,13 @@ class Outbox:
         self.queued_bytes = 0
         self.overflowed = False
         self._count = 0  # frames held
-        self._queue: deque[_Slot] = deque()
-        # Per stream, its slot of states that newer states of the same key still join (never
-        # a None key: frames without a stream have no states).
+        # Must-deliver frames as they are (no allocation per frame), states in their slots.
+        self._queue: deque[Frame | _Slot] = deque()
+        # Per stream, its slot of states that newer states of the same key still join.
         self._open: dict[str | None, _Slot] = {}
-        # How many queued slots hold each (stream, key): a stale state whose minute has a
-        # newer slot behind it (after a late update of another minute sealed it) is skipped.
-        self._keyed: dict[tuple[str | None, int | str | None], int] = {}
+        # Per stream, its sealed slots still queued: rare (another minute's update or a reply
+        # came between), so finding a newer slot of their key costs nothing on the hot path.
+        self._sealed: dict[str | None, list[_Slot]] = {}
         self._waiter: asyncio.Future[None] | None = None
 
     def __len__(self) -> int:
@@ -105,109 +106,129 @@ class Outbox:
             return False
         stream = frame.stream
         slot = self._open.get(stream)
-        if slot is not None and frame.key is not None and slot.key == frame.key:
-            if now is None:
-                now = self._clock()
-            if not (
-                frame.latest
-                and len(slot.frames) < MAX_STATE_FRAMES
-                and now - slot.times[0] < self.max_age
-            ):
-                # Every pending state is older than the bound (or there are many), or the
-                # minute's closed bar supersedes them: this frame takes their place.
-                self._keep_newest(slot, 0)
-                if not frame.latest:
-                    del self._open[stream]
-            slot.frames.append(frame)
-            slot.times.append(now)
-            self._hold(frame)
-            # Over the bound it stays held: the outbox is overflowed and its owner closes it.
-            return self._fits()
         if slot is not None:
+            if frame.key is not None and frame.key == slot.key:
+                if now is None:
+                    now = self._clock()
+                if (
+                    frame.latest
+                    and len(slot.frames) < MAX_STATE_FRAMES
+                    and now - slot.times[0] < self.max_age
+                ):
+                    slot.frames.append(frame)
+                    slot.times.append(now)
+                    self.queued_bytes += frame.size + SLOT_BYTES
+                    self._count += 1
+                else:
+                    # Every pending state is older than the bound (or there are many), or the
+                    # minute's closed bar supersedes them: this frame takes their place.
+                    self._replace(slot, frame, now)
+                    if not frame.latest:
+                        del self._open[stream]
+                # Over the bound it stays held: the outbox is overflowed and its owner closes it.
+                return self.queued_bytes <= self.max_bytes or self._make_room(0)
             del self._open[stream]
-        self._hold(frame)
-        if not self._fits():
-            self.queued_bytes -= frame.size + SLOT_BYTES
-            self._count -= 1
+            self._sealed.setdefault(stream, []).append(slot)
+        if self._sealed and frame.key is not None:
+            for sealed in self._sealed.get(stream, ()):
+                if sealed.key == frame.key:
+                    sealed.superseded = True
+        size = frame.size + SLOT_BYTES
+        if self.queued_bytes + size > self.max_bytes and not self._make_room(size):
             return False
-        slot = _Slot(frame, (self._clock() if now is None else now) if frame.latest else 0.0)
-        self._queue.append(slot)
-        if frame.key is not None:
-            keyed = (stream, frame.key)
-            self._keyed[keyed] = self._keyed.get(keyed, 0) + 1
+        self.queued_bytes += size
+        self._count += 1
         if frame.latest and stream is not None:
+            slot = _Slot(frame, self._clock() if now is None else now)
+            self._queue.append(slot)
             self._open[stream] = slot
+        else:
+            self._queue.append(frame)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         return True
 
-    def _hold(self, frame: Frame) -> None:
-        self.queued_bytes += frame.size + SLOT_BYTES
-        self._count += 1
+    def _replace(self, slot: _Slot, frame: Frame, now: float) -> None:
+        """`frame` takes the place of every frame pending in `slot`."""
+        frames = slot.frames
+        dropped = len(frames)
+        self.queued_bytes += frame.size - sum(f.size for f in frames) - SLOT_BYTES * (dropped - 1)
+        self._count -= dropped - 1
+        self.counters.conflated_frames += dropped
+        if dropped == 1:  # the usual case: no new lists
+            frames[0] = frame
+            slot.times[0] = now
+        else:
+            slot.frames = [frame]
+            slot.times = [now]
 
-    def _fits(self) -> bool:
-        """Whether what is held fits, after cutting every open slot to its newest state."""
-        if self.queued_bytes <= self.max_bytes:
-            return True
-        for slot in self._open.values():  # O(streams), only when over the bound
-            self._keep_newest(slot, 1)
-        if self.queued_bytes <= self.max_bytes:
+    def _make_room(self, size: int) -> bool:
+        """Whether `size` more bytes fit after cutting every state slot to its newest; if not,
+        the outbox is overflowed. O(streams), only when over the bound."""
+        for slot in self._open.values():
+            self._keep_newest(slot)
+        for slots in self._sealed.values():
+            for slot in slots:
+                self._keep_newest(slot)
+        if self.queued_bytes + size <= self.max_bytes:
             return True
         self.overflowed = True
         return False
 
-    def _keep_newest(self, slot: _Slot, keep: int) -> None:
-        """Drop all but the newest `keep` frames of `slot` (all of them with 0)."""
-        cut = len(slot.frames) - keep
-        if cut <= 0:
-            return
-        for frame in slot.frames[:cut]:
-            self.queued_bytes -= frame.size + SLOT_BYTES
-        del slot.frames[:cut]
-        del slot.times[:cut]
-        self._count -= cut
-        self.counters.conflated_frames += cut
+    def _keep_newest(self, slot: _Slot) -> None:
+        cut = len(slot.frames) - 1
+        if cut > 0:
+            self.queued_bytes -= sum(f.size for f in slot.frames[:cut]) + SLOT_BYTES * cut
+            self._count -= cut
+            self.counters.conflated_frames += cut
+            del slot.frames[:cut]
+            del slot.times[:cut]
 
     def get_nowait(self, now: float | None = None) -> Frame:
         """The next frame to send; raises IndexError when there is none."""
-        # Decided now, at send time: how far behind the client is says what is stale.
         while True:
-            slot = self._queue[0]
-            frames = slot.frames
-            if not frames[0].latest:
-                break
-            if now is None:
-                now = self._clock()
-            if (
-                now - slot.times[-1] >= self.max_age
-                and self._keyed.get((slot.stream, slot.key), 0) > 1
-            ):
-                self._keep_newest(slot, 0)  # a newer slot of the same minute is queued
-                self._pop_slot()
-                continue
-            if len(frames) > 1 and now - slot.times[0] >= self.max_age:
-                self._keep_newest(slot, 1)
-            break
-        if len(frames) == 1:
-            self._pop_slot()
-        frame = frames.pop(0)
-        del slot.times[0]
-        self.queued_bytes -= frame.size + SLOT_BYTES
-        self._count -= 1
-        return frame
-
-    def _pop_slot(self) -> None:
-        slot = self._queue.popleft()
-        if self._open.get(slot.stream) is slot:
-            del self._open[slot.stream]
-        if slot.key is not None:
-            keyed = (slot.stream, slot.key)
-            left = self._keyed[keyed] - 1
-            if left:
-                self._keyed[keyed] = left
+            entry = self._queue[0]
+            if not isinstance(entry, _Slot):
+                self._queue.popleft()
+                self.queued_bytes -= entry.size + SLOT_BYTES
+                self._count -= 1
+                return entry
+            frames = entry.frames
+            if len(frames) > 1 or entry.superseded:
+                # Decided now, at send time: how far behind the client is says what is stale.
+                if now is None:
+                    now = self._clock()
+                if entry.superseded and now - entry.times[-1] >= self.max_age:
+                    self._keep_newest(entry)
+                    self.counters.conflated_frames += 1
+                    self._count -= 1
+                    self.queued_bytes -= frames[0].size + SLOT_BYTES
+                    self._pop_slot(entry)
+                    continue
+                if len(frames) > 1 and now - entry.times[0] >= self.max_age:
+                    self._keep_newest(entry)
+            if len(frames) == 1:
+                self._pop_slot(entry)
+                frame = frames[0]
             else:
-                del self._keyed[keyed]
+                frame = frames.pop(0)
+                del entry.times[0]
+            self.queued_bytes -= frame.size + SLOT_BYTES
+            self._count -= 1
+            return frame
+
+    def _pop_slot(self, slot: _Slot) -> None:
+        self._queue.popleft()
+        stream = slot.stream
+        if self._open.get(stream) is slot:
+            del self._open[stream]
+        elif self._sealed:
+            sealed = self._sealed.get(stream)
+            if sealed is not None and slot in sealed:
+                sealed.remove(slot)
+                if not sealed:
+                    del self._sealed[stream]
 
     async def get(self) -> Frame:
         """Wait for the next frame to send. Safe to cancel: nothing is taken then."""
