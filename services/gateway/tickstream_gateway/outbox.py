@@ -29,17 +29,19 @@ class FanoutCounters:
 
 
 class _Slot:
-    """A stream's pending states of one key, oldest first, each with the time it was queued
-    (or, once the minute's closed bar superseded them, that bar alone)."""
+    """A stream's pending states of one key: the newest (`frame`, queued at `time`) and, when
+    the client has not taken them yet and they are fresh, older ones (`older`, oldest first).
+    Once the minute's closed bar supersedes them, it alone."""
 
-    __slots__ = ("frames", "key", "stream", "superseded", "times")
+    __slots__ = ("frame", "older", "time")
 
     def __init__(self, frame: Frame, now: float) -> None:
-        self.frames = [frame]
-        self.times = [now]
-        self.stream = frame.stream
-        self.key = frame.key
-        self.superseded = False  # a newer slot of its stream and key is queued behind it
+        self.frame = frame
+        self.time = now
+        self.older: list[tuple[Frame, float]] | None = None  # none on the hot path: no list
+
+    def oldest_time(self) -> float:
+        return self.older[0][1] if self.older else self.time
 
 
 class Outbox:
@@ -92,6 +94,8 @@ class Outbox:
         # Per stream, its sealed slots still queued: rare (another minute's update or a reply
         # came between), so finding a newer slot of their key costs nothing on the hot path.
         self._sealed: dict[str | None, list[_Slot]] = {}
+        # Sealed slots with a newer slot of their stream and key queued behind them.
+        self._superseded: set[_Slot] = set()
         self._waiter: asyncio.Future[None] | None = None
 
     def __len__(self) -> int:
@@ -107,32 +111,40 @@ class Outbox:
         stream = frame.stream
         slot = self._open.get(stream)
         if slot is not None:
-            if frame.key is not None and frame.key == slot.key:
+            if frame.key is not None and frame.key == slot.frame.key:
                 if now is None:
                     now = self._clock()
+                older = slot.older
                 if (
                     frame.latest
-                    and len(slot.frames) < MAX_STATE_FRAMES
-                    and now - slot.times[0] < self.max_age
+                    and (older is None or len(older) < MAX_STATE_FRAMES - 1)
+                    and now - (older[0][1] if older else slot.time) < self.max_age
                 ):
-                    slot.frames.append(frame)
-                    slot.times.append(now)
+                    # Fresh: the client may still take each of them.
+                    if older is None:
+                        slot.older = [(slot.frame, slot.time)]
+                    else:
+                        older.append((slot.frame, slot.time))
                     self.queued_bytes += frame.size + SLOT_BYTES
                     self._count += 1
                 else:
                     # Every pending state is older than the bound (or there are many), or the
                     # minute's closed bar supersedes them: this frame takes their place.
-                    self._replace(slot, frame, now)
+                    self._drop_older(slot)
+                    self.queued_bytes += frame.size - slot.frame.size
+                    self.counters.conflated_frames += 1
                     if not frame.latest:
                         del self._open[stream]
+                slot.frame = frame
+                slot.time = now
                 # Over the bound it stays held: the outbox is overflowed and its owner closes it.
                 return self.queued_bytes <= self.max_bytes or self._make_room(0)
             del self._open[stream]
             self._sealed.setdefault(stream, []).append(slot)
         if self._sealed and frame.key is not None:
             for sealed in self._sealed.get(stream, ()):
-                if sealed.key == frame.key:
-                    sealed.superseded = True
+                if sealed.frame.key == frame.key:
+                    self._superseded.add(sealed)
         size = frame.size + SLOT_BYTES
         if self.queued_bytes + size > self.max_bytes and not self._make_room(size):
             return False
@@ -149,41 +161,27 @@ class Outbox:
             waiter.set_result(None)
         return True
 
-    def _replace(self, slot: _Slot, frame: Frame, now: float) -> None:
-        """`frame` takes the place of every frame pending in `slot`."""
-        frames = slot.frames
-        dropped = len(frames)
-        self.queued_bytes += frame.size - sum(f.size for f in frames) - SLOT_BYTES * (dropped - 1)
-        self._count -= dropped - 1
-        self.counters.conflated_frames += dropped
-        if dropped == 1:  # the usual case: no new lists
-            frames[0] = frame
-            slot.times[0] = now
-        else:
-            slot.frames = [frame]
-            slot.times = [now]
+    def _drop_older(self, slot: _Slot) -> None:
+        """Keep only the newest state of `slot`."""
+        older = slot.older
+        if older:
+            self.queued_bytes -= sum(f.size for f, _ in older) + SLOT_BYTES * len(older)
+            self._count -= len(older)
+            self.counters.conflated_frames += len(older)
+        slot.older = None
 
     def _make_room(self, size: int) -> bool:
         """Whether `size` more bytes fit after cutting every state slot to its newest; if not,
         the outbox is overflowed. O(streams), only when over the bound."""
         for slot in self._open.values():
-            self._keep_newest(slot)
+            self._drop_older(slot)
         for slots in self._sealed.values():
             for slot in slots:
-                self._keep_newest(slot)
+                self._drop_older(slot)
         if self.queued_bytes + size <= self.max_bytes:
             return True
         self.overflowed = True
         return False
-
-    def _keep_newest(self, slot: _Slot) -> None:
-        cut = len(slot.frames) - 1
-        if cut > 0:
-            self.queued_bytes -= sum(f.size for f in slot.frames[:cut]) + SLOT_BYTES * cut
-            self._count -= cut
-            self.counters.conflated_frames += cut
-            del slot.frames[:cut]
-            del slot.times[:cut]
 
     def get_nowait(self, now: float | None = None) -> Frame:
         """The next frame to send; raises IndexError when there is none."""
@@ -194,33 +192,35 @@ class Outbox:
                 self.queued_bytes -= entry.size + SLOT_BYTES
                 self._count -= 1
                 return entry
-            frames = entry.frames
-            if len(frames) > 1 or entry.superseded:
+            older = entry.older
+            if older or self._superseded:
                 # Decided now, at send time: how far behind the client is says what is stale.
                 if now is None:
                     now = self._clock()
-                if entry.superseded and now - entry.times[-1] >= self.max_age:
-                    self._keep_newest(entry)
-                    self.counters.conflated_frames += 1
+                if entry in self._superseded and now - entry.time >= self.max_age:
+                    self._drop_older(entry)
+                    self.queued_bytes -= entry.frame.size + SLOT_BYTES
                     self._count -= 1
-                    self.queued_bytes -= frames[0].size + SLOT_BYTES
+                    self.counters.conflated_frames += 1
                     self._pop_slot(entry)
                     continue
-                if len(frames) > 1 and now - entry.times[0] >= self.max_age:
-                    self._keep_newest(entry)
-            if len(frames) == 1:
-                self._pop_slot(entry)
-                frame = frames[0]
+                if older and now - older[0][1] >= self.max_age:
+                    self._drop_older(entry)
+                    older = None
+            if older:
+                frame = older.pop(0)[0]
+                if not older:
+                    entry.older = None
             else:
-                frame = frames.pop(0)
-                del entry.times[0]
+                frame = entry.frame
+                self._pop_slot(entry)
             self.queued_bytes -= frame.size + SLOT_BYTES
             self._count -= 1
             return frame
 
     def _pop_slot(self, slot: _Slot) -> None:
         self._queue.popleft()
-        stream = slot.stream
+        stream = slot.frame.stream
         if self._open.get(stream) is slot:
             del self._open[stream]
         elif self._sealed:
@@ -229,6 +229,7 @@ class Outbox:
                 sealed.remove(slot)
                 if not sealed:
                     del self._sealed[stream]
+                self._superseded.discard(slot)
 
     async def get(self) -> Frame:
         """Wait for the next frame to send. Safe to cancel: nothing is taken then."""
