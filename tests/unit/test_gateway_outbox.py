@@ -232,6 +232,22 @@ def test_overflow_only_when_what_must_be_delivered_exceeds_the_bound() -> None:
     assert [f["seq"] for f in drain(outbox)] == [1, 2, 999]
 
 
+def test_fresh_states_give_way_before_a_client_is_closed() -> None:
+    """Over the byte bound, pending fresh states are cut to their stream's newest before a
+    must-deliver frame is refused: the client is not closed while that makes room."""
+    states = [bar_frame(update(seq, market=market)) for seq in range(1, 9) for market in (BTC, ETH)]
+    closed = bar_frame(update(100, 5, closed=True))
+    newest = [states[-2], states[-1]]
+    bound = sum(f.size + SLOT_BYTES for f in (*newest, closed))
+    outbox = Outbox(max_bytes=bound, max_age=10.0, clock=lambda: 100.0)  # all of them fresh
+    for frame in states:
+        assert outbox.put(frame)
+    assert outbox.put(closed)
+    assert not outbox.overflowed
+    assert [(f["market"], f["seq"]) for f in drain(outbox)] == [(BTC, 8), (ETH, 8), (BTC, 100)]
+    assert outbox.counters.conflated_frames == len(states) - 2
+
+
 async def test_get_waits_for_a_frame_and_can_be_cancelled() -> None:
     """`get` returns frames as they come; a cancelled `get` takes nothing."""
     outbox = Outbox(max_bytes=1024 * 1024)

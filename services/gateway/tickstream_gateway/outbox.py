@@ -40,9 +40,6 @@ class _Slot:
         self.time = now
         self.older: list[tuple[Frame, float]] | None = None  # none on the hot path: no list
 
-    def oldest_time(self) -> float:
-        return self.older[0][1] if self.older else self.time
-
 
 class Outbox:
     """The frames queued for one client, at most `max_bytes` of them.
@@ -66,7 +63,7 @@ class Outbox:
     the ones before); a stale sealed slot with a newer slot of its key behind it is skipped.
     Dropped states are counted in `conflated_frames`.
 
-    Policy when full: open slots are cut to their newest state first; a frame that still does
+    Policy when full: state slots are cut to their newest state first; a frame that still does
     not fit is refused and the outbox is `overflowed` for good (refusing everything after):
     what must be delivered exceeds the bound, so the owner closes the connection. Not
     thread-safe; one reader (`get`) at a time.
