@@ -565,11 +565,11 @@ class GatewaySettings:
         ge=1024 * 1024,
         le=1024 * 1024 * 1024,
     )
-    conflate_after_ms: int = setting(
-        "GATEWAY_CONFLATE_AFTER_MS",
+    max_frame_age_ms: int = setting(
+        "GATEWAY_MAX_FRAME_AGE_MS",
         50,
-        "How long a WebSocket client's oldest queued frame may wait before the client counts as"
-        " behind and gets only the newest update of each forming bar and ranks (0: always).",
+        "Freshness bound of a WebSocket client's forming bars and ranks: a pending update older"
+        " than this is not sent while a newer one of its stream waits (0: only the newest).",
         ge=0,
         le=60_000,
     )

@@ -1,4 +1,4 @@
-"""Slow clients over real sockets: conflation while a client does not read, and the 1013 close.
+"""Slow clients over real sockets: the newest state whether they read slowly or not at all; 1013.
 
 The gateway runs in this process (uvicorn, the real app, the local broker, Redis and
 PostgreSQL); updates go straight into its hub, faster than any socket takes them, so a client
@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,7 +23,9 @@ from websockets.exceptions import ConnectionClosed
 from tests.conftest import deadline, unique_exchange
 from tests.integration.test_gateway_limits import Gateway, ping_pong, serving, wait_until
 from tests.unit.gateway_ticks import update
+from tickstream_gateway.protocol import Frame
 from tickstream_shared.local_infra import LocalInfra, free_port
+from tickstream_shared.schemas import MINUTE_MS
 from tickstream_shared.settings import GatewaySettings
 
 QUEUE_BYTES = 1024 * 1024  # the smallest bound allowed
@@ -30,6 +34,14 @@ QUEUE_BYTES = 1024 * 1024  # the smallest bound allowed
 UPDATES_PER_MINUTE = 20_000
 MINUTES = 5
 CHUNK = 2_000
+# The slow reader: a frame every 5 ms while its market updates 50,000 times a second, with
+# socket buffers of 4 KiB each way (Linux doubles them) instead of up to 4 MiB, so that the
+# gateway's writer waits for it within a few hundred frames.
+SLOW_READ_S = 0.005
+SMALL_SOCKET_BUFFER = 4 * 1024
+SLOW_MINUTES = 3
+SLOW_STEPS = 40
+SLOW_STEP_UPDATES = 500
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +51,9 @@ async def gateway(infra: LocalInfra) -> AsyncIterator[Gateway]:
         yield running
 
 
-async def subscribed_client(gateway: Gateway, market: str) -> ClientConnection:
+async def subscribed_client(
+    gateway: Gateway, market: str, receive_buffer: int = 64 * 1024
+) -> ClientConnection:
     """A client subscribed to `market` (made known by one update), past its history frame.
 
     `max_queue=1`: the client library stops reading the socket as soon as one message waits,
@@ -49,7 +63,7 @@ async def subscribed_client(gateway: Gateway, market: str) -> ClientConnection:
     # here) while the client library still reads, and then hold that much before the gateway
     # ever saw a slow client.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     host, port = gateway.base.split(":")
     sock.connect((host, int(port)))
     sock.setblocking(False)
@@ -59,6 +73,27 @@ async def subscribed_client(gateway: Gateway, market: str) -> ClientConnection:
         while json.loads(await ws.recv())["type"] != "history":
             pass
     return ws
+
+
+def shrink_server_send_buffer(ws: ClientConnection) -> None:
+    """Give the gateway's end of `ws` a small fixed send buffer (this process holds both
+    ends), so that a slow reader makes the gateway's writer wait within a few hundred frames
+    rather than after the megabytes Linux would let the buffer grow to."""
+    client_end = ws.transport.get_extra_info("socket").getsockname()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.fromfd(int(name), socket.AF_INET, socket.SOCK_STREAM)
+        except OSError:
+            continue
+        with sock:
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                continue
+            if peer == client_end:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_SOCKET_BUFFER)
+                return
+    raise AssertionError("the gateway's end of the connection was not found")
 
 
 async def read_until(ws: ClientConnection, last_seq: int) -> list[dict[str, Any]]:
@@ -180,3 +215,76 @@ async def test_a_client_that_never_reads_again_is_let_go(
         assert any("no room for close frame 1013" in r.getMessage() for r in caplog.records)
     finally:
         ws.transport.abort()  # the gateway is gone from it: no closing handshake to wait for
+
+
+async def test_a_slow_reader_ends_with_the_newest_state_and_every_closed_bar(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that reads slowly while its market updates fast receives each minute's
+    closed bar, in order, bars in seq order, and at the end the newest state; no forming bar
+    older than GATEWAY_MAX_FRAME_AGE_MS was taken for it while a newer one was published;
+    what it could not take was conflated and it was never closed."""
+    market = f"{unique_exchange()}:xrp-usd"
+    ws = await subscribed_client(gateway, market, receive_buffer=SMALL_SOCKET_BUFFER)
+    shrink_server_send_buffer(ws)
+    [session] = [s for s in gateway.hub.sessions if market in s.markets]
+    max_age = gateway.hub.max_frame_age_s
+    assert max_age > 0
+    published_at: dict[int, float] = {}
+    stale: list[tuple[int, float]] = []
+    take = session.outbox.get_nowait
+
+    def take_checked(now: float | None = None) -> Frame:
+        """The writer's take, checked against the freshness rule."""
+        frame = take(now)
+        if frame.latest and frame.stream == market:
+            seq = json.loads(frame.text)["seq"]
+            age = time.monotonic() - published_at[seq]
+            if age >= max_age and seq != len(published_at) + 1:  # not the newest
+                stale.append((seq, age))
+        return frame
+
+    monkeypatch.setattr(session.outbox, "get_nowait", take_checked)
+    conflated_before = gateway.hub.counters.conflated_frames
+    closed_before = gateway.hub.counters.slow_clients_closed
+    frames: list[dict[str, Any]] = []
+    last_seq: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def read_slowly() -> None:
+        while True:
+            frame = json.loads(await ws.recv())
+            frames.append(frame)
+            if last_seq.done() and frame.get("seq") == last_seq.result():
+                return
+            await asyncio.sleep(SLOW_READ_S)
+
+    reader = asyncio.create_task(read_slowly())
+    seq = 1
+    try:
+        for minute in range(SLOW_MINUTES):
+            for _ in range(SLOW_STEPS):
+                for _ in range(SLOW_STEP_UPDATES):
+                    seq += 1
+                    published_at[seq] = time.monotonic()
+                    gateway.hub.publish_tick(update(seq, minute, market=market))
+                await asyncio.sleep(0.01)
+            seq += 1
+            published_at[seq] = time.monotonic()
+            gateway.hub.publish_tick(update(seq, minute, market=market, closed=True))
+        last_seq.set_result(seq)
+        async with asyncio.timeout(deadline(60)):
+            await reader
+        await ping_pong(ws)
+    finally:
+        reader.cancel()
+        await ws.close()
+    bars = [f for f in frames if f["type"] == "bar"]
+    seqs = [f["seq"] for f in bars]
+    assert seqs == sorted(set(seqs)), "every bar frame newer than the one before"
+    closed = [f["minute"] for f in bars if f["closed"]]
+    assert closed == [bars[0]["minute"] + i * MINUTE_MS for i in range(SLOW_MINUTES)]
+    assert bars[-1]["closed"] and bars[-1]["seq"] == seq, "ends with the newest state"
+    assert stale == []
+    assert len(bars) < (seq - 1) // 10, "updates the client could not take were conflated"
+    assert gateway.hub.counters.conflated_frames - conflated_before == seq - 1 - len(bars)
+    assert gateway.hub.counters.slow_clients_closed == closed_before

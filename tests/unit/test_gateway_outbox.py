@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.unit.gateway_ticks import BTC, MINUTE, alert, update
-from tickstream_gateway.outbox import SLOT_BYTES, Outbox
+from tickstream_gateway.outbox import MAX_STATE_FRAMES, SLOT_BYTES, Outbox
 from tickstream_gateway.protocol import (
     Frame,
     Subscription,
@@ -54,40 +54,112 @@ def test_a_client_that_stops_reading_gets_the_newest_state() -> None:
 
 
 def test_a_client_that_keeps_up_gets_every_update() -> None:
-    """With `conflate_after`, updates are replaced only once the oldest pending frame has
-    waited that long: updates queued together all go out, a stalled client gets the newest."""
+    """Updates younger than `max_age` all go out, also several queued together; once the
+    oldest pending one has waited `max_age`, only the newest of them is sent."""
     now = [100.0]
-    outbox = Outbox(max_bytes=1024 * 1024, conflate_after=0.05, clock=lambda: now[0])
+    outbox = Outbox(max_bytes=1024 * 1024, max_age=0.05, clock=lambda: now[0])
     for seq in (1, 2, 3):  # one batch: queued at the same instant
         outbox.put(bar_frame(update(seq, market=BTC)))
     assert [f["seq"] for f in drain(outbox)] == [1, 2, 3]
     assert outbox.counters.conflated_frames == 0
 
     outbox.put(bar_frame(update(4, market=BTC)))
-    now[0] += 0.049  # not behind yet: the head has waited 49 ms
-    outbox.put(bar_frame(update(5, market=BTC)))
-    now[0] += 0.002  # the head (seq 4) has now waited 51 ms: 6 replaces 5, the newest pending
-    outbox.put(bar_frame(update(6, market=BTC)))
-    assert outbox.counters.conflated_frames == 1
+    now[0] += 0.049
+    outbox.put(bar_frame(update(5, market=BTC)))  # seq 4 has waited 49 ms: both kept
     assert json.loads(outbox.get_nowait().text)["seq"] == 4
-    # The client took a frame: its new head (seq 6) has waited no time, so 7 queues behind it.
+    outbox.put(bar_frame(update(6, market=BTC)))
+    now[0] += 0.002  # seq 5 has waited 2 ms, 6 none: both still fresh
+    assert json.loads(outbox.get_nowait().text)["seq"] == 5
+    now[0] += 0.05  # the client stalls: 6 is now 52 ms old when 7 comes
     outbox.put(bar_frame(update(7, market=BTC)))
-    assert [f["seq"] for f in drain(outbox)] == [6, 7]
+    assert [f["seq"] for f in drain(outbox)] == [7]
     assert outbox.counters.conflated_frames == 1
 
 
-def test_a_burst_is_conflated_once_the_outbox_is_half_full() -> None:
-    """Before anything has waited `conflate_after`, updates queue until half the bound; from
-    there they replace each other rather than fill the outbox and close the client."""
-    outbox = Outbox(max_bytes=1024 * 1024, conflate_after=10.0, clock=lambda: 100.0)
-    for seq in range(1, 20_001):  # about 6 MB of frames at once
+def test_the_freshness_bound_is_decided_when_the_frame_is_sent() -> None:
+    """Updates that were fresh when queued are skipped at send time once they are older than
+    `max_age` and a newer one of their bar is pending; the newest is sent."""
+    now = [100.0]
+    outbox = Outbox(max_bytes=1024 * 1024, max_age=0.05, clock=lambda: now[0])
+    for seq in range(1, 6):
+        outbox.put(bar_frame(update(seq, market=BTC)))
+        now[0] += 0.001
+    now[0] += 0.1  # the writer was busy with its socket
+    assert [f["seq"] for f in drain(outbox)] == [5]
+    assert outbox.counters.conflated_frames == 4
+
+
+def test_a_burst_is_held_per_stream_not_per_update() -> None:
+    """However many fresh updates of one bar arrive at once, at most MAX_STATE_FRAMES of them
+    are held; the newest is always among them and order is kept."""
+    outbox = Outbox(max_bytes=1024 * 1024, max_age=10.0, clock=lambda: 100.0)
+    for seq in range(1, 20_001):
         assert outbox.put(bar_frame(update(seq, market=BTC)))
-    assert not outbox.overflowed
-    assert outbox.queued_bytes <= outbox.max_bytes // 2
+        assert len(outbox) <= MAX_STATE_FRAMES
     frames = drain(outbox)
     assert [f["seq"] for f in frames] == sorted(f["seq"] for f in frames)
     assert frames[-1]["seq"] == 20_000
     assert outbox.counters.conflated_frames == 20_000 - len(frames)
+
+
+def test_memory_is_bounded_by_streams_not_updates() -> None:
+    """A client that reads nothing while 3 streams update 100,000 times holds at most
+    MAX_STATE_FRAMES per stream, and when it reads gets each stream's newest state."""
+    now = [100.0]
+    outbox = Outbox(max_bytes=1024 * 1024, max_age=0.05, clock=lambda: now[0])
+    for seq in range(1, 100_001):
+        outbox.put(bar_frame(update(seq, market=BTC)), now[0])
+        outbox.put(bar_frame(update(seq, market=ETH)), now[0])
+        outbox.put(ranks("price", "std", seq), now[0])
+        assert len(outbox) <= 3 * MAX_STATE_FRAMES
+        now[0] += 0.01
+    now[0] += 0.05
+    assert [(f["type"], f.get("seq"), f.get("total")) for f in drain(outbox)] == [
+        ("bar", 100_000, None),
+        ("bar", 100_000, None),
+        ("ranks", None, 100_000),
+    ]
+
+
+def test_a_client_that_cannot_keep_up_gets_fresh_state_and_everything_it_must() -> None:
+    """100 updates/s of two markets with a closed bar each second and an alert, read at 20
+    frames/s: every forming bar sent is at most `max_age` old or the newest of its market,
+    each market's seq increases, and every closed bar and alert arrives, in order."""
+    now = [100.0]
+    max_age = 0.05
+    outbox = Outbox(max_bytes=1024 * 1024, max_age=max_age, clock=lambda: now[0])
+    queued_at: dict[tuple[str, int], float] = {}
+    newest: dict[str, int] = {}
+    got: list[tuple[dict[str, Any], float]] = []
+    seq = 0
+    for tick in range(1, 2001):  # 20 s, one step per 10 ms
+        minute_index = tick // 100
+        for market in (BTC, ETH):
+            seq += 1
+            closed = tick % 100 == 99
+            outbox.put(bar_frame(update(seq, minute_index, market=market, closed=closed)))
+            queued_at[market, seq] = now[0]
+            newest[market] = seq
+        if tick % 100 == 50:
+            outbox.put(alert_frame(alert(tick // 100)))
+        if tick % 5 == 0 and len(outbox):  # the client takes one frame every 50 ms
+            frame = json.loads(outbox.get_nowait().text)
+            if frame["type"] == "bar" and not frame["closed"]:
+                age = now[0] - queued_at[frame["market"], frame["seq"]]
+                assert age < max_age or frame["seq"] == newest[frame["market"]]
+            got.append((frame, now[0]))
+        now[0] += 0.01
+    got += [(f, now[0]) for f in drain(outbox)]
+    frames = [f for f, _ in got]
+    for market in (BTC, ETH):
+        seqs = [f["seq"] for f in frames if f.get("market") == market]
+        assert seqs == sorted(seqs)
+        assert seqs[-1] == newest[market]
+        closed_minutes = [f["minute"] for f in frames if f.get("market") == market and f["closed"]]
+        assert closed_minutes == [MINUTE + i * MINUTE_MS for i in range(20)]
+    assert [f["alert"]["seq"] for f in frames if f["type"] == "alert"] == list(range(20))
+    assert len(frames) < 500  # of 4,000 updates
+    assert outbox.counters.conflated_frames == seq - sum(f["type"] == "bar" for f in frames)
 
 
 def test_closed_bars_and_alerts_are_all_delivered_in_order() -> None:
@@ -109,7 +181,8 @@ def test_closed_bars_and_alerts_are_all_delivered_in_order() -> None:
 
 
 def test_each_stream_keeps_its_order() -> None:
-    """A late update of an older minute queues after newer ones rather than jump ahead."""
+    """A late update of an older minute queues after newer ones rather than jump ahead; a
+    stale update is skipped at send time if a newer frame of its minute waits behind it."""
     outbox = Outbox(max_bytes=1024 * 1024)
     outbox.put(bar_frame(update(1, 0)))
     outbox.put(bar_frame(update(2, 1)))  # the next minute starts
@@ -117,28 +190,29 @@ def test_each_stream_keeps_its_order() -> None:
     outbox.put(bar_frame(update(4, 0)))  # replaces seq 3, the newest pending of the market
     outbox.put(bar_frame(update(5, 0, closed=True)))  # the closing update replaces seq 4 too
     outbox.put(bar_frame(update(6, 0)))  # after a closed bar: queued, never ahead of it
+    # seq 1 is skipped: the closed bar of its minute (seq 5) is pending behind it.
     assert [(f["seq"], f["minute"]) for f in drain(outbox)] == [
-        (1, MINUTE),
         (2, MINUTE + MINUTE_MS),
         (5, MINUTE),
         (6, MINUTE),
     ]
+    assert outbox.counters.conflated_frames == 3
 
 
-def test_a_subscription_reply_seals_what_was_pending() -> None:
-    """A rank snapshot queued before `subscribed` is not replaced by one made after it."""
-    outbox = Outbox(max_bytes=1024 * 1024)
+@pytest.mark.parametrize("max_age", [0.0, 10.0])
+def test_a_subscription_reply_seals_what_was_pending(max_age: float) -> None:
+    """A rank snapshot queued before `subscribed` is not replaced by one made after it; it is
+    sent while fresh, and skipped once stale, a newer one of its measure waiting behind."""
+    outbox = Outbox(max_bytes=1024 * 1024, max_age=max_age, clock=lambda: 100.0)
     outbox.put(ranks("price", "std", 1))
     outbox.put(status_frame("subscribed", Subscription("ranks", kind="price", measure="std")))
     outbox.put(ranks("price", "std", 2))
     outbox.put(ranks("price", "std", 3))
     outbox.put(ranks("price", "cv", 4))  # another measure: not the same value
-    assert [(f["type"], f.get("total")) for f in drain(outbox)] == [
-        ("ranks", 1),
-        ("subscribed", None),
-        ("ranks", 3),
-        ("ranks", 4),
-    ]
+    fresh = [("ranks", 1), ("subscribed", None), ("ranks", 2), ("ranks", 3), ("ranks", 4)]
+    stale = [("subscribed", None), ("ranks", 3), ("ranks", 4)]
+    got = [(f["type"], f.get("total")) for f in drain(outbox)]
+    assert got == (fresh if max_age else stale)
 
 
 def test_overflow_only_when_what_must_be_delivered_exceeds_the_bound() -> None:
@@ -156,6 +230,22 @@ def test_overflow_only_when_what_must_be_delivered_exceeds_the_bound() -> None:
     assert outbox.overflowed
     assert not outbox.put(bar_frame(update(2000, 2)))  # refused for good once overflowed
     assert [f["seq"] for f in drain(outbox)] == [1, 2, 999]
+
+
+def test_fresh_states_give_way_before_a_client_is_closed() -> None:
+    """Over the byte bound, pending fresh states are cut to their stream's newest before a
+    must-deliver frame is refused: the client is not closed while that makes room."""
+    states = [bar_frame(update(seq, market=market)) for seq in range(1, 9) for market in (BTC, ETH)]
+    closed = bar_frame(update(100, 5, closed=True))
+    newest = [states[-2], states[-1]]
+    bound = sum(f.size + SLOT_BYTES for f in (*newest, closed))
+    outbox = Outbox(max_bytes=bound, max_age=10.0, clock=lambda: 100.0)  # all of them fresh
+    for frame in states:
+        assert outbox.put(frame)
+    assert outbox.put(closed)
+    assert not outbox.overflowed
+    assert [(f["market"], f["seq"]) for f in drain(outbox)] == [(BTC, 8), (ETH, 8), (BTC, 100)]
+    assert outbox.counters.conflated_frames == len(states) - 2
 
 
 async def test_get_waits_for_a_frame_and_can_be_cancelled() -> None:
@@ -178,21 +268,39 @@ async def test_get_waits_for_a_frame_and_can_be_cancelled() -> None:
     st.lists(
         st.one_of(
             st.tuples(st.sampled_from(("bar",)), st.sampled_from((BTC, ETH)), st.integers(0, 3)),
-            st.tuples(st.sampled_from(("close", "alert", "get")), st.just(BTC), st.just(0)),
+            st.tuples(st.sampled_from(("close", "alert", "get", "wait")), st.just(BTC), st.just(0)),
         ),
         max_size=120,
-    )
+    ),
+    st.sampled_from((0.0, 0.05)),
 )
-def test_conflation_matches_its_rules(ops: list[tuple[str, str, int]]) -> None:
-    """Whatever arrives: nothing but a superseded forming bar is dropped, order is kept."""
-    outbox = Outbox(max_bytes=1024 * 1024)
+def test_conflation_matches_its_rules(ops: list[tuple[str, str, int]], max_age: float) -> None:
+    """Whatever arrives: nothing but a superseded forming bar is dropped, order is kept, and
+    no forming bar is sent `max_age` after it was queued if a newer one of its minute was."""
+    now = [100.0]
+    outbox = Outbox(max_bytes=1024 * 1024, max_age=max_age, clock=lambda: now[0])
     sent: list[Frame] = []
+    queued_at: list[float] = []
     received: list[Frame] = []
+
+    def take() -> None:
+        frame = outbox.get_nowait()
+        at = queued_at[sent.index(frame)]
+        if frame.latest and now[0] - at >= max_age:
+            newer = sent[sent.index(frame) + 1 :]
+            assert not any(f.stream == frame.stream and f.key == frame.key for f in newer), (
+                "a stale state is sent only when it is the newest of its minute"
+            )
+        received.append(frame)
+
     seq = 0
     for op, market_id, minute_index in ops:
+        if op == "wait":
+            now[0] += 0.03
+            continue
         if op == "get":
             if len(outbox):
-                received.append(outbox.get_nowait())
+                take()
             continue
         seq += 1
         if op == "alert":
@@ -200,9 +308,10 @@ def test_conflation_matches_its_rules(ops: list[tuple[str, str, int]]) -> None:
         else:
             frame = bar_frame(update(seq, minute_index, market=market_id, closed=op == "close"))
         sent.append(frame)
+        queued_at.append(now[0])
         assert outbox.put(frame)
     while len(outbox):
-        received.append(outbox.get_nowait())
+        take()
     # Received frames are a subsequence of the sent ones except for in-place replacements:
     # per stream, in the order sent.
     for stream in (BTC, ETH, None):

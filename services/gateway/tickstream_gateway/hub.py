@@ -22,9 +22,10 @@ from tickstream_shared.schemas import Alert, Tick
 class ClientSession:
     """One WebSocket client: its subscriptions and its outbox.
 
-    Policy when the outbox is full (see Outbox: only after conflation, with what must be
-    delivered over the byte bound): `overflowed` is set and the connection is closed (1013, try
-    again later) rather than buffering without bound or silently dropping frames.
+    Policy when the outbox is full (see Outbox: only with what must be delivered, and each
+    stream's newest state, over the byte bound): `overflowed` is set and the connection is
+    closed (1013, try again later) rather than buffering without bound or silently dropping
+    frames.
     """
 
     outbox: Outbox
@@ -38,8 +39,8 @@ class ClientSession:
     ranks: dict[MetricKind, Subscription] = field(default_factory=dict)
     alerts: bool = False
 
-    def offer(self, frame: Frame) -> None:
-        if not self.outbox.put(frame):
+    def offer(self, frame: Frame, now: float | None = None) -> None:
+        if not self.outbox.put(frame, now):
             self.overflowed.set()
 
 
@@ -49,7 +50,8 @@ class Hub:
     markets those are (`interest`: the ones clients hold) and the latest rank frames."""
 
     client_queue_bytes: int
-    conflate_after_s: float = 0.0  # see Outbox: how long a client is let behind unconflated
+    # See Outbox: a state older than this is not sent while a newer one of its stream waits.
+    max_frame_age_s: float = 0.0
     sessions: set[ClientSession] = field(default_factory=set)
     counters: FanoutCounters = field(default_factory=FanoutCounters)
     recent: RecentBars = field(default_factory=RecentBars)
@@ -60,7 +62,7 @@ class Hub:
 
     def connect(self) -> ClientSession:
         session = ClientSession(
-            Outbox(self.client_queue_bytes, self.counters, conflate_after=self.conflate_after_s)
+            Outbox(self.client_queue_bytes, self.counters, max_age=self.max_frame_age_s)
         )
         self.sessions.add(session)
         return session
@@ -121,7 +123,9 @@ class Hub:
 
         `now` is `time.monotonic()` (read once per batch by the feed).
         """
-        self.recent.add(tick, time.monotonic() if now is None else now)
+        if now is None:
+            now = time.monotonic()
+        self.recent.add(tick, now)
         sessions = self._by_market.get(tick.market)
         if not sessions:
             return
@@ -132,7 +136,7 @@ class Hub:
                 session.markets[market] = seq
                 if frame is None:
                     frame = bar_frame(tick)
-                session.offer(frame)
+                session.offer(frame, now)
 
     def publish_alert(self, alert: Alert) -> None:
         frame = alert_frame(alert)
@@ -147,10 +151,11 @@ class Hub:
         share one frame, encoded once (RankBoard.frame).
         """
         self.latest_ranks[board.kind, board.measure] = board
+        now = time.monotonic()
         for session in self.sessions:
             sub = session.ranks.get(board.kind)
             if sub is not None and sub.measure == board.measure:
-                session.offer(rank_frame(session, sub, board))
+                session.offer(rank_frame(session, sub, board), now)
 
     def resend_ranks(self, session: ClientSession) -> None:
         """Send the client its current ranks frames again (its own markets changed)."""

@@ -1,4 +1,4 @@
-"""A client's outgoing frames: bounded in bytes, newest-state frames replaced while pending."""
+"""A client's outgoing frames: bounded in bytes, and in age where a newer state is pending."""
 
 from __future__ import annotations
 
@@ -11,44 +11,62 @@ from typing import Final
 
 from tickstream_gateway.protocol import Frame
 
-# Counted per queued frame on top of its size (its slot and the deque's reference), so that
-# many tiny frames are bounded in memory as well as on the wire.
+# Counted per held frame on top of its size (its place in a slot or the queue), so that many
+# tiny frames are bounded in memory as well as on the wire.
 SLOT_BYTES: Final = 64
+# At most this many pending updates of one stream's state are kept before the newest replaces
+# them all: without it, a burst of one market (updates read together, all younger than the
+# age bound) would be held per update rather than per stream.
+MAX_STATE_FRAMES: Final = 16
 
 
 @dataclass
 class FanoutCounters:
     """Totals over every client, kept by the outboxes and the hub, exported as metrics."""
 
-    conflated_frames: int = 0  # pending frames replaced by a newer one of their stream
+    conflated_frames: int = 0  # pending frames dropped because a newer one of their stream was
     slow_clients_closed: int = 0  # clients closed (1013) because their outbox was full
 
 
 class _Slot:
-    __slots__ = ("frame",)
+    """A stream's pending states of one key: the newest (`frame`, queued at `time`) and, when
+    the client has not taken them yet and they are fresh, older ones (`older`, oldest first).
+    Once the minute's closed bar supersedes them, it alone."""
 
-    def __init__(self, frame: Frame) -> None:
+    __slots__ = ("frame", "older", "time")
+
+    def __init__(self, frame: Frame, now: float) -> None:
         self.frame = frame
+        self.time = now
+        self.older: list[tuple[Frame, float]] | None = None  # none on the hot path: no list
 
 
 class Outbox:
-    """The frames queued for one client, in order, at most `max_bytes` of them.
+    """The frames queued for one client, at most `max_bytes` of them.
 
-    Conflation: once the client is behind, a frame with a `key` replaces, in place, the
-    newest pending frame of its stream if that frame is `latest` and has the same key (a
-    forming bar by a newer update of its minute, or by its closing update; a rank snapshot by
-    a newer one). Behind means the oldest pending frame has waited at least `conflate_after`
-    seconds (since it was queued into an empty outbox or since the client took the frame
-    before it), or the outbox is half full: a client that keeps up gets every update, also the
-    several updates of one market that arrive in one consumer batch; one that does not gets
-    the newest. Only the newest
-    pending frame of a stream can be replaced, so a client still receives each stream's
-    frames in the order they were made (every bar's seq above the ones before it), and
-    frames without a key (closed bars, history, alerts, replies) are never dropped.
+    Two kinds of frame: must-deliver frames (closed bars, history, gaps, alerts, replies: no
+    `latest`), each sent once, in the order queued; and states (`latest`: a forming bar, keyed
+    by its minute; a rank snapshot, keyed by its measure), of which a client needs only the
+    newest. A stream's states of one key share one slot in the queue, placed where the first
+    of them was queued, so a client holds O(streams) states however many updates arrive.
 
-    Policy when full: a frame that does not fit is refused and the outbox is `overflowed`
-    for good (refusing everything after it): what must be delivered exceeds the bound, so
-    the owner closes the connection. Not thread-safe; one reader (`get`) at a time.
+    The freshness rule, applied when the writer takes the next frame (at send time, not when
+    frames are queued, so how far behind each client is decides): a state that has waited
+    `max_age` seconds or more is not sent while a newer one of its stream and key is pending;
+    the newest is. Once the oldest state of a slot is that old, the slot is cut to its newest:
+    a client that far behind wants the newest, not the updates between. A client that keeps
+    up gets every update, also several updates of one market read together; one that falls
+    behind gets each stream's newest state. A must-deliver frame with the key of its stream's
+    pending slot (a minute's closed bar) supersedes the slot's states and takes their place.
+    Anything else queued in a stream seals its slot: later states start a new slot behind
+    it, so each stream's frames go out in the order they were made (every bar's seq above
+    the ones before); a stale sealed slot with a newer slot of its key behind it is skipped.
+    Dropped states are counted in `conflated_frames`.
+
+    Policy when full: state slots are cut to their newest state first; a frame that still does
+    not fit is refused and the outbox is `overflowed` for good (refusing everything after):
+    what must be delivered exceeds the bound, so the owner closes the connection. Not
+    thread-safe; one reader (`get`) at a time.
     """
 
     def __init__(
@@ -56,83 +74,163 @@ class Outbox:
         max_bytes: int,
         counters: FanoutCounters | None = None,
         *,
-        conflate_after: float = 0.0,
+        max_age: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_bytes = max_bytes
         self.counters = counters if counters is not None else FanoutCounters()
-        self.conflate_after = conflate_after
+        self.max_age = max_age
         self._clock = clock
-        self._head_since = 0.0  # when the oldest pending frame became the oldest
         self.queued_bytes = 0
         self.overflowed = False
-        self._slots: deque[_Slot] = deque()
-        # Per stream, its newest pending slot while that holds a `latest` frame.
-        self._latest: dict[str, _Slot] = {}
+        self._count = 0  # frames held
+        # Must-deliver frames as they are (no allocation per frame), states in their slots.
+        self._queue: deque[Frame | _Slot] = deque()
+        # Per stream, its slot of states that newer states of the same key still join.
+        self._open: dict[str | None, _Slot] = {}
+        # Per stream, its sealed slots still queued: rare (another minute's update or a reply
+        # came between), so finding a newer slot of their key costs nothing on the hot path.
+        self._sealed: dict[str | None, list[_Slot]] = {}
+        # Sealed slots with a newer slot of their stream and key queued behind them.
+        self._superseded: set[_Slot] = set()
         self._waiter: asyncio.Future[None] | None = None
 
     def __len__(self) -> int:
-        return len(self._slots)
+        return self._count
 
-    def put(self, frame: Frame) -> bool:
-        """Queue `frame` or let it replace a pending one; False if it does not fit (overflow)."""
+    def put(self, frame: Frame, now: float | None = None) -> bool:
+        """Queue `frame`; False if it does not fit (overflow). O(1) but when cutting to fit.
+
+        `now` is `time.monotonic()` if the caller has read it (the hub, once per batch).
+        """
         if self.overflowed:
             return False
         stream = frame.stream
-        if stream is not None:
-            # Anything queued in a stream seals the stream's pending frame against later ones.
-            slot = self._latest.pop(stream, None)
-            if (
-                slot is not None
-                and frame.key is not None
-                and slot.frame.key == frame.key
-                and (
-                    self._clock() - self._head_since >= self.conflate_after
-                    # A burst can fill the outbox before anything waited that long: conflate
-                    # rather than close a client while replaceable frames are pending.
-                    or 2 * (self.queued_bytes + frame.size) > self.max_bytes
-                )
-            ):
-                queued = self.queued_bytes + frame.size - slot.frame.size
-                if queued > self.max_bytes:
-                    self.overflowed = True
-                    return False
-                self.queued_bytes = queued
+        slot = self._open.get(stream)
+        if slot is not None:
+            if frame.key is not None and frame.key == slot.frame.key:
+                if now is None:
+                    now = self._clock()
+                older = slot.older
+                if (
+                    frame.latest
+                    and (older is None or len(older) < MAX_STATE_FRAMES - 1)
+                    and now - (older[0][1] if older else slot.time) < self.max_age
+                ):
+                    # Fresh: the client may still take each of them.
+                    if older is None:
+                        slot.older = [(slot.frame, slot.time)]
+                    else:
+                        older.append((slot.frame, slot.time))
+                    self.queued_bytes += frame.size + SLOT_BYTES
+                    self._count += 1
+                else:
+                    # Every pending state is older than the bound (or there are many), or the
+                    # minute's closed bar supersedes them: this frame takes their place.
+                    self._drop_older(slot)
+                    self.queued_bytes += frame.size - slot.frame.size
+                    self.counters.conflated_frames += 1
+                    if not frame.latest:
+                        del self._open[stream]
                 slot.frame = frame
-                self.counters.conflated_frames += 1
-                if frame.latest:
-                    self._latest[stream] = slot
-                return True
-        queued = self.queued_bytes + frame.size + SLOT_BYTES
-        if queued > self.max_bytes:
-            self.overflowed = True
+                slot.time = now
+                # Over the bound it stays held: the outbox is overflowed and its owner closes it.
+                return self.queued_bytes <= self.max_bytes or self._make_room(0)
+            del self._open[stream]
+            self._sealed.setdefault(stream, []).append(slot)
+        if self._sealed and frame.key is not None:
+            for sealed in self._sealed.get(stream, ()):
+                if sealed.frame.key == frame.key:
+                    self._superseded.add(sealed)
+        size = frame.size + SLOT_BYTES
+        if self.queued_bytes + size > self.max_bytes and not self._make_room(size):
             return False
-        self.queued_bytes = queued
-        slot = _Slot(frame)
-        if not self._slots and self.conflate_after:
-            self._head_since = self._clock()
-        self._slots.append(slot)
+        self.queued_bytes += size
+        self._count += 1
         if frame.latest and stream is not None:
-            self._latest[stream] = slot
+            slot = _Slot(frame, self._clock() if now is None else now)
+            self._queue.append(slot)
+            self._open[stream] = slot
+        else:
+            self._queue.append(frame)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         return True
 
-    def get_nowait(self) -> Frame:
-        """The oldest pending frame; raises IndexError when there is none."""
-        slot = self._slots.popleft()
-        frame = slot.frame
-        if frame.stream is not None and self._latest.get(frame.stream) is slot:
-            del self._latest[frame.stream]
-        self.queued_bytes -= frame.size + SLOT_BYTES
-        if self._slots and self.conflate_after:
-            self._head_since = self._clock()
-        return frame
+    def _drop_older(self, slot: _Slot) -> None:
+        """Keep only the newest state of `slot`."""
+        older = slot.older
+        if older:
+            self.queued_bytes -= sum(f.size for f, _ in older) + SLOT_BYTES * len(older)
+            self._count -= len(older)
+            self.counters.conflated_frames += len(older)
+        slot.older = None
+
+    def _make_room(self, size: int) -> bool:
+        """Whether `size` more bytes fit after cutting every state slot to its newest; if not,
+        the outbox is overflowed. O(streams), only when over the bound."""
+        for slot in self._open.values():
+            self._drop_older(slot)
+        for slots in self._sealed.values():
+            for slot in slots:
+                self._drop_older(slot)
+        if self.queued_bytes + size <= self.max_bytes:
+            return True
+        self.overflowed = True
+        return False
+
+    def get_nowait(self, now: float | None = None) -> Frame:
+        """The next frame to send; raises IndexError when there is none."""
+        while True:
+            entry = self._queue[0]
+            if not isinstance(entry, _Slot):
+                self._queue.popleft()
+                self.queued_bytes -= entry.size + SLOT_BYTES
+                self._count -= 1
+                return entry
+            older = entry.older
+            if older or self._superseded:
+                # Decided now, at send time: how far behind the client is says what is stale.
+                if now is None:
+                    now = self._clock()
+                if entry in self._superseded and now - entry.time >= self.max_age:
+                    self._drop_older(entry)
+                    self.queued_bytes -= entry.frame.size + SLOT_BYTES
+                    self._count -= 1
+                    self.counters.conflated_frames += 1
+                    self._pop_slot(entry)
+                    continue
+                if older and now - older[0][1] >= self.max_age:
+                    self._drop_older(entry)
+                    older = None
+            if older:
+                frame = older.pop(0)[0]
+                if not older:
+                    entry.older = None
+            else:
+                frame = entry.frame
+                self._pop_slot(entry)
+            self.queued_bytes -= frame.size + SLOT_BYTES
+            self._count -= 1
+            return frame
+
+    def _pop_slot(self, slot: _Slot) -> None:
+        self._queue.popleft()
+        stream = slot.frame.stream
+        if self._open.get(stream) is slot:
+            del self._open[stream]
+        elif self._sealed:
+            sealed = self._sealed.get(stream)
+            if sealed is not None and slot in sealed:
+                sealed.remove(slot)
+                if not sealed:
+                    del self._sealed[stream]
+                self._superseded.discard(slot)
 
     async def get(self) -> Frame:
-        """Wait for the oldest pending frame. Safe to cancel: nothing is taken then."""
-        while not self._slots:
+        """Wait for the next frame to send. Safe to cancel: nothing is taken then."""
+        while not self._queue:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter

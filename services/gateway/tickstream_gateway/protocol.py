@@ -293,10 +293,10 @@ class Frame:
     """One server frame, encoded once: the same object is queued for every client it goes to.
 
     `stream` names the subscription the frame belongs to (`Subscription.stream`), None for
-    frames of the connection (pong, errors) and alerts. A frame with a `key` supersedes the
-    pending `latest` frame of its stream with the same key (the forming bar of that minute,
-    the snapshot of that measure); only `latest` frames are ever superseded, and only until
-    they are sent. See outbox.py for the queue that applies this.
+    frames of the connection (pong, errors) and alerts. A `latest` frame is a state (a forming
+    bar, keyed by its minute; a rank snapshot, keyed by its measure): a newer frame of its
+    stream with the same `key` supersedes it while it is pending. Frames that are not `latest`
+    are always delivered. See outbox.py for the queue that applies this (the freshness rule).
     """
 
     # Text, not bytes: ASGI sends text frames from str (uvicorn UTF-8-encodes it per send, a
@@ -429,7 +429,8 @@ def error_frame(code: str, message: str) -> Frame:
 
 
 def status_frame(kind: Literal["subscribed", "unsubscribed"], sub: Subscription) -> Frame:
-    # In the subscription's stream: frames queued before it are never replaced by later ones.
+    # In the subscription's stream: states queued before it are not replaced by later ones
+    # (only skipped once stale with a newer one pending, see Outbox).
     return _frame(_encoder.encode({"type": kind, **sub.describe()}), sub.stream)
 
 

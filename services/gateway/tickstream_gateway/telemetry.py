@@ -27,7 +27,7 @@ SLOW_CLIENTS_CLOSED: Final = Family(
 )
 FRAMES_CONFLATED: Final = Family(
     "tickstream_gateway_frames_conflated_total",
-    "Frames replaced, before a slow client got them, by a newer one of the same stream.",
+    "States not sent to a client because a newer one of the same bar or ranking was pending.",
     "counter",
 )
 QUEUED_BYTES: Final = Family(

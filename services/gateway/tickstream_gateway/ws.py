@@ -101,7 +101,9 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
 
 
 async def _write(websocket: WebSocket, session: ClientSession) -> None:
-    # Sending waits while the socket's buffer is full; meanwhile the outbox conflates.
+    # Sending waits while the socket's buffer is full; meanwhile the outbox keeps only fresh
+    # states. One frame per take, not a batch: a frame taken waits here through that wait,
+    # where it can no longer give way to a newer one (the freshness rule is applied per take).
     sent = 0
     while True:
         frame = await session.outbox.get()
