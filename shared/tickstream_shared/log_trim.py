@@ -218,17 +218,13 @@ class LogTrimmer:
 
     def _entries(self, folder: str) -> list[tuple[str, float]]:
         """Names and modification times (epoch seconds) of what `folder` holds."""
-        found: list[tuple[str, float]] = []
-        after = ""
-        while True:
-            query = urllib.parse.urlencode({"limit": _PAGE, "lastFileName": after})
-            page = _get_json(f"{folder}/?{query}")
-            entries = (page or {}).get("Entries") or []
-            for entry in entries:
-                after = entry["FullPath"].rsplit("/", 1)[1]
-                found.append((after, datetime.fromisoformat(entry["Mtime"]).timestamp()))
-            if len(entries) < _PAGE:
-                return found
+        return [
+            (
+                entry["FullPath"].rsplit("/", 1)[1],
+                datetime.fromisoformat(entry["Mtime"]).timestamp(),
+            )
+            for entry in self._listing(folder, "")
+        ]
 
     def _trim_partition(
         self, topic: str, partition: int, topic_id: str, retention: Retention
@@ -268,17 +264,23 @@ class LogTrimmer:
 
     def _list(self, folder: str, after: str) -> list[tuple[StoredBatch, str]]:
         found: list[tuple[StoredBatch, str]] = []
+        for entry in self._listing(folder, after):
+            name = entry["FullPath"].rsplit("/", 1)[1]
+            if name.endswith(".batch"):
+                found.append((_batch(name, entry), name))
+        return found
+
+    def _listing(self, folder: str, after: str) -> list[dict[str, Any]]:
+        """The filer's entries of `folder` after the name `after`, every page of them."""
+        found: list[dict[str, Any]] = []
         while True:
             query = urllib.parse.urlencode({"limit": _PAGE, "lastFileName": after})
             page = _get_json(f"{folder}/?{query}")
             entries = (page or {}).get("Entries") or []
-            for entry in entries:
-                name = entry["FullPath"].rsplit("/", 1)[1]
-                if name.endswith(".batch"):
-                    found.append((_batch(name, entry), name))
-                after = name
+            found += entries
             if len(entries) < _PAGE:
                 return found
+            after = entries[-1]["FullPath"].rsplit("/", 1)[1]
 
     def _delete(self, url: str) -> None:
         request = urllib.request.Request(url, method="DELETE")

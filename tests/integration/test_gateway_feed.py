@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from tests.conftest import deadline, unique_exchange
+from tests.unit.gateway_ticks import update
 from tickstream_gateway.bars import RecentBars
 from tickstream_gateway.feed import run_feed
 from tickstream_gateway.history import MarketHistory
@@ -29,7 +30,7 @@ from tickstream_shared import db
 from tickstream_shared.kafka import ensure_topics, make_producer
 from tickstream_shared.local_infra import LocalInfra, free_port
 from tickstream_shared.naming import Market
-from tickstream_shared.schemas import MINUTE_MS, Tick
+from tickstream_shared.schemas import Tick
 from tickstream_shared.settings import (
     DatabaseSettings,
     GatewaySettings,
@@ -38,7 +39,6 @@ from tickstream_shared.settings import (
     ServiceSettings,
 )
 
-MINUTE = 1_680_000_000_000
 HISTORY_MINUTES = 30
 GRACE_S = 1.0
 
@@ -82,20 +82,7 @@ async def feed(infra: LocalInfra) -> AsyncIterator[Feed]:
 
 
 def bar(market: Market, seq: int, minute_index: int, *, closed: bool = False) -> Tick:
-    minute = MINUTE + minute_index * MINUTE_MS
-    return Tick(
-        market=market.id,
-        minute=minute,
-        seq=seq,
-        exchange_ts=minute + 1000,
-        received_ts=minute + 1000,
-        open=1.0,
-        high=2.0,
-        low=1.0,
-        close=1.5,
-        volume=float(seq),
-        closed=closed,
-    )
+    return update(seq, minute_index, market=market.id, closed=closed)
 
 
 async def new_market(feed: Feed, stored: int) -> Market:
