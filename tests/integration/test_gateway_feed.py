@@ -122,8 +122,15 @@ async def subscribe(feed: Feed, session: ClientSession, market: Market) -> dict[
 
 
 async def next_bar(session: ClientSession) -> dict[str, Any]:
-    async with asyncio.timeout(deadline(10)):
-        frame: dict[str, Any] = json.loads((await session.outbox.get()).text)
+    if not len(session.outbox):
+        queued = asyncio.Event()  # the feed queues it from its own task
+        session.outbox.wakeup = queued.set
+        try:
+            async with asyncio.timeout(deadline(10)):
+                await queued.wait()
+        finally:
+            session.outbox.wakeup = None
+    frame: dict[str, Any] = json.loads(session.outbox.get_nowait().text)
     assert frame["type"] == "bar"
     return frame
 

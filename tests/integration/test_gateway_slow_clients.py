@@ -129,7 +129,7 @@ async def test_a_client_that_stops_reading_gets_the_newest_state_and_stays(
             gateway.hub.publish_tick(update(seq, minute, market=market, closed=True))
         [session] = [s for s in gateway.hub.sessions if market in s.markets]
         assert session.outbox.queued_bytes <= QUEUE_BYTES
-        assert not session.overflowed.is_set()
+        assert not session.outbox.overflowed
 
         frames = await read_until(ws, seq)
         await ping_pong(ws)
@@ -169,7 +169,7 @@ async def flood_with_closed_bars(
         seq += 1
         gateway.hub.publish_tick(update(seq, seq, market=market, closed=True))
         # Checked after every bar: the session may be closed and gone right after.
-        if session.overflowed.is_set():
+        if session.outbox.overflowed:
             return session
         if seq % CHUNK == 0:
             await asyncio.sleep(0.01)
@@ -203,16 +203,16 @@ async def test_a_client_that_never_reads_again_is_let_go(
     gateway: Gateway, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An overflowed client that never reads again is let go, with its session and outbox,
-    when its close frame cannot be sent: the gateway waits at most 5 s for room."""
+    when it does not answer its close frame: the gateway waits at most 5 s for it."""
     market = f"{unique_exchange()}:sol-usd"
     ws = await subscribed_client(gateway, market)
     closed_before = gateway.hub.counters.slow_clients_closed
-    caplog.set_level(logging.WARNING, logger="tickstream.gateway.ws")
+    caplog.set_level(logging.WARNING, logger="tickstream.gateway.websocket")
     try:
         session = await flood_with_closed_bars(gateway, market, socket_full_first=True)
         await wait_until(lambda: session not in gateway.hub.sessions)
         assert gateway.hub.counters.slow_clients_closed == closed_before + 1
-        assert any("no room for close frame 1013" in r.getMessage() for r in caplog.records)
+        assert any("no answer to close frame 1013" in r.getMessage() for r in caplog.records)
     finally:
         ws.transport.abort()  # the gateway is gone from it: no closing handshake to wait for
 

@@ -112,7 +112,7 @@ async def test_a_client_that_stops_reading_resumes_with_the_newest_state() -> No
         if seq % 100 == 0:
             hub.publish_ranks(board("price", "std", [BTC], count=seq))
         reading.outbox.get_nowait()
-    assert not slow.overflowed.is_set()
+    assert not slow.outbox.overflowed
     shown = [
         (f["type"], f.get("market"), f.get("seq"), f["ranks"][0]["count"] if "ranks" in f else None)
         for f in sent(slow)
@@ -152,9 +152,9 @@ async def test_slow_client_is_closed_when_what_it_must_receive_exceeds_the_bound
     session = watching(hub, BTC)
     for seq in range(10, 15):
         hub.publish_tick(update(seq, seq, closed=True))
-    assert not session.overflowed.is_set()
+    assert not session.outbox.overflowed
     hub.publish_tick(update(15, 15, closed=True))
-    assert session.overflowed.is_set()
+    assert session.outbox.overflowed
     assert len(session.outbox) == 5
     hub.disconnect(session)
     hub.disconnect(session)

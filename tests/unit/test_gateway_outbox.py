@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
 
 from tests.unit.gateway_ticks import BTC, MINUTE, alert, update
 from tickstream_gateway.outbox import MAX_STATE_FRAMES, SLOT_BYTES, Outbox
 from tickstream_gateway.protocol import (
     Frame,
     Subscription,
+    _frame,
     alert_frame,
     bar_frame,
     ranks_frame,
@@ -248,20 +250,30 @@ def test_fresh_states_give_way_before_a_client_is_closed() -> None:
     assert outbox.counters.conflated_frames == len(states) - 2
 
 
-async def test_get_waits_for_a_frame_and_can_be_cancelled() -> None:
-    """`get` returns frames as they come; a cancelled `get` takes nothing."""
-    outbox = Outbox(max_bytes=1024 * 1024)
-    waiting = asyncio.create_task(outbox.get())
-    await asyncio.sleep(0)
-    waiting.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await waiting
-    getting = asyncio.create_task(outbox.get())
-    await asyncio.sleep(0)
+def test_wakeup_is_called_for_every_frame_queued_and_on_overflow() -> None:
+    """The connection is told of each frame it may send, and of the overflow that ends it."""
+    calls: list[int] = []
     first = alert_frame(alert(1))
-    outbox.put(first)
-    assert await asyncio.wait_for(getting, 5) is first
-    assert len(outbox) == 0
+    outbox = Outbox(max_bytes=first.size + SLOT_BYTES)
+    outbox.wakeup = lambda: calls.append(len(outbox))
+    assert outbox.put(first)
+    assert calls == [1]
+    assert outbox.get_nowait() is first
+    assert outbox.put(first)
+    assert not outbox.put(alert_frame(alert(2)))  # no room: overflowed
+    assert outbox.overflowed
+    assert calls == [1, 1, 1]
+
+
+def test_a_frame_is_the_websocket_text_frame_websockets_would_send() -> None:
+    """`Frame.wire` is what the `websockets` library serializes for the same text, for each
+    length encoding (7-bit, 16-bit, 64-bit), and `body`/`size` are the message's."""
+    for size in (0, 125, 126, 65535, 65536, 70000):
+        body = b'"' + b"x" * max(0, size - 2) + b'"' if size >= 2 else b"1" * size
+        frame = _frame(body)
+        expected = WsFrame(Opcode.TEXT, body).serialize(mask=False)
+        assert frame.wire == expected
+        assert frame.body == body and frame.size == len(body)
 
 
 @given(

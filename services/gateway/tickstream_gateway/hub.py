@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,18 +17,17 @@ from tickstream_shared.naming import MetricKind
 from tickstream_shared.schemas import Alert, Tick
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ClientSession:
     """One WebSocket client: its subscriptions and its outbox.
 
     Policy when the outbox is full (see Outbox: only with what must be delivered, and each
-    stream's newest state, over the byte bound): `overflowed` is set and the connection is
-    closed (1013, try again later) rather than buffering without bound or silently dropping
-    frames.
+    stream's newest state, over the byte bound): the outbox is `overflowed` and the
+    connection is closed (1013, try again later) rather than buffering without bound or
+    silently dropping frames.
     """
 
     outbox: Outbox
-    overflowed: asyncio.Event = field(default_factory=asyncio.Event)
     # Live market subscriptions: market id -> the largest seq queued. The gateway's own feed
     # can lag behind what stats stored, so updates at or below it are never sent.
     markets: dict[str, int] = field(default_factory=dict)
@@ -40,8 +38,9 @@ class ClientSession:
     alerts: bool = False
 
     def offer(self, frame: Frame, now: float | None = None) -> None:
-        if not self.outbox.put(frame, now):
-            self.overflowed.set()
+        # A refused frame leaves the outbox overflowed, which its wakeup reports to the
+        # connection (websocket.py): it closes the client.
+        self.outbox.put(frame, now)
 
 
 @dataclass
@@ -79,7 +78,7 @@ class Hub:
         for market_id in session.wanted:
             self.interest.release(market_id, now)
         session.wanted.clear()
-        if session.overflowed.is_set():
+        if session.outbox.overflowed:
             self.counters.slow_clients_closed += 1
 
     def want_market(self, session: ClientSession, market_id: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
@@ -66,7 +65,7 @@ class Outbox:
     Policy when full: state slots are cut to their newest state first; a frame that still does
     not fit is refused and the outbox is `overflowed` for good (refusing everything after):
     what must be delivered exceeds the bound, so the owner closes the connection. Not
-    thread-safe; one reader (`get`) at a time.
+    thread-safe; one reader (`get_nowait`, told by `wakeup`) at a time.
     """
 
     def __init__(
@@ -92,8 +91,11 @@ class Outbox:
         # came between), so finding a newer slot of their key costs nothing on the hot path.
         self._sealed: dict[str | None, list[_Slot]] = {}
         # Sealed slots with a newer slot of their stream and key queued behind them.
-        self._superseded: set[_Slot] = set()
-        self._waiter: asyncio.Future[None] | None = None
+        # (Made when first needed: most outboxes never hold one.)
+        self._superseded: set[_Slot] | None = None
+        # Called after every frame queued and when the outbox overflows: the connection that
+        # sends these frames (websocket.py) schedules its next write. No task waits on it.
+        self.wakeup: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return self._count
@@ -105,6 +107,12 @@ class Outbox:
         """
         if self.overflowed:
             return False
+        accepted = self._put(frame, now)
+        if self.wakeup is not None:
+            self.wakeup()
+        return accepted
+
+    def _put(self, frame: Frame, now: float | None) -> bool:
         stream = frame.stream
         slot = self._open.get(stream)
         if slot is not None:
@@ -141,6 +149,8 @@ class Outbox:
         if self._sealed and frame.key is not None:
             for sealed in self._sealed.get(stream, ()):
                 if sealed.frame.key == frame.key:
+                    if self._superseded is None:
+                        self._superseded = set()
                     self._superseded.add(sealed)
         size = frame.size + SLOT_BYTES
         if self.queued_bytes + size > self.max_bytes and not self._make_room(size):
@@ -153,9 +163,6 @@ class Outbox:
             self._open[stream] = slot
         else:
             self._queue.append(frame)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
         return True
 
     def _drop_older(self, slot: _Slot) -> None:
@@ -194,7 +201,8 @@ class Outbox:
                 # Decided now, at send time: how far behind the client is says what is stale.
                 if now is None:
                     now = self._clock()
-                if entry in self._superseded and now - entry.time >= self.max_age:
+                superseded = self._superseded
+                if superseded and entry in superseded and now - entry.time >= self.max_age:
                     self._drop_older(entry)
                     self.queued_bytes -= entry.frame.size + SLOT_BYTES
                     self._count -= 1
@@ -226,14 +234,5 @@ class Outbox:
                 sealed.remove(slot)
                 if not sealed:
                     del self._sealed[stream]
-                self._superseded.discard(slot)
-
-    async def get(self) -> Frame:
-        """Wait for the next frame to send. Safe to cancel: nothing is taken then."""
-        while not self._queue:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self.get_nowait()
+                if self._superseded:
+                    self._superseded.discard(slot)

@@ -299,19 +299,38 @@ class Frame:
     are always delivered. See outbox.py for the queue that applies this (the freshness rule).
     """
 
-    # Text, not bytes: ASGI sends text frames from str (uvicorn UTF-8-encodes it per send, a
-    # copy of an ASCII string); encoding here once spares every client the JSON work.
-    text: str
-    size: int  # bytes on the wire (UTF-8)
+    # The whole WebSocket text frame as the server sends it (header, then the JSON; servers
+    # do not mask): built once, so a client without compression costs one slice of a write,
+    # not a JSON encoding, a frame header and a copy per client (websocket.py).
+    wire: bytes
+    size: int  # bytes of the JSON message, the header not included
     stream: str | None = None
     key: int | str | None = None
     latest: bool = False
+
+    @property
+    def body(self) -> bytes:
+        """The JSON message (a copy): for a connection that compresses, and for tests."""
+        return self.wire[len(self.wire) - self.size :]
+
+    @property
+    def text(self) -> str:
+        return self.body.decode()
+
+
+def _text_frame_header(size: int) -> bytes:
+    """RFC 6455 section 5.2: FIN and opcode 1 (text), then the payload length, unmasked."""
+    if size < 126:
+        return bytes((0x81, size))
+    if size < 1 << 16:
+        return bytes((0x81, 126)) + size.to_bytes(2, "big")
+    return bytes((0x81, 127)) + size.to_bytes(8, "big")
 
 
 def _frame(
     body: bytes, stream: str | None = None, key: int | str | None = None, latest: bool = False
 ) -> Frame:
-    return Frame(body.decode(), len(body), stream, key, latest)
+    return Frame(_text_frame_header(len(body)) + body, len(body), stream, key, latest)
 
 
 class BarPoint(msgspec.Struct, frozen=True, gc=False):

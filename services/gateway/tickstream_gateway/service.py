@@ -15,6 +15,7 @@ import uvicorn
 from tickstream_gateway.app import create_app
 from tickstream_gateway.connections import SocketLimits, guarded_protocol
 from tickstream_gateway.protocol import MAX_FRAME_BYTES
+from tickstream_gateway.websocket import GatewayWebSocketProtocol
 from tickstream_shared import db
 from tickstream_shared.settings import ServiceSettings
 
@@ -114,7 +115,9 @@ async def run(settings: ServiceSettings, stop: asyncio.Event) -> None:
         # The gateway writes its own access lines, as GATEWAY_ACCESS_LOG says
         # (telemetry.ObserveRequests); requests are counted by route and status in /metrics.
         access_log=False,
-        ws="websockets-sansio",
+        # uvicorn's sans-I/O WebSocket protocol, taken over by the gateway after the handshake
+        # (websocket.py): frames are written below ASGI, several per write.
+        ws=GatewayWebSocketProtocol,
         ws_max_size=MAX_FRAME_BYTES * 4,
         # Off by default: compression is per connection, so a frame encoded once for every
         # client would be compressed once per client (see docs/performance.md).

@@ -1,10 +1,12 @@
-"""The /ws endpoint: a reader applying client commands and a writer draining the client queue."""
+"""The /ws endpoint: the handshake through ASGI, then a connection driven by its socket."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections import deque
+from typing import Final
 
 from starlette.websockets import WebSocket
 
@@ -13,6 +15,7 @@ from tickstream_gateway.access import TOKEN_EXPIRES_AT, refuse_websocket
 from tickstream_gateway.hub import ClientSession, Hub, rank_frame
 from tickstream_gateway.protocol import (
     PONG_FRAME,
+    Frame,
     Ping,
     ProtocolError,
     Subscribe,
@@ -25,6 +28,7 @@ from tickstream_gateway.ranks import read_boards
 from tickstream_gateway.state import GatewayState
 from tickstream_gateway.telemetry import WEBSOCKET_CLOSED
 from tickstream_gateway.token_bucket import TokenBucket, Verdict
+from tickstream_gateway.websocket import GatewayWebSocketProtocol, taken_over
 from tickstream_shared.consuming import is_transient
 from tickstream_shared.errors import echo
 
@@ -34,8 +38,12 @@ CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_TOKEN_EXPIRED = 4001  # private-use range: a client tells it from the other closes
-_SENDS_PER_TURN = 4
-_CLOSE_WAIT_S = 5.0
+# At most this many bytes of frames go to one client per write; more wait for the next loop
+# turn, so that a client with a backlog does not hold up every other one's turn.
+WRITE_BATCH_BYTES: Final = 64 * 1024
+# Commands waiting behind a subscribe (which waits for storage): past this many the client's
+# socket is not read until they are done, so a client cannot queue commands without bound.
+MAX_WAITING_COMMANDS: Final = 16
 # How long a first subscriber of a market waits for the feed to start reading it (normally a
 # few hundred ms: one assignment change and one fetch); past that it is answered anyway.
 FEED_SETTLE_WAIT_S = 3.0
@@ -49,6 +57,13 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
         full = api.error(503, reason, f"the gateway serves at most {limit}")
         await refuse_websocket(websocket.scope, websocket.receive, websocket.send, full, reason)
         return
+    socket = taken_over(websocket.scope.get("extensions") or {})
+    if socket is None:
+        # One implementation of the connection: it needs the gateway's own protocol, which
+        # service.py gives uvicorn. Any other server is refused rather than served otherwise.
+        log.error("/ws needs GatewayWebSocketProtocol (tickstream_gateway.websocket) as ws=")
+        await websocket.close(CLOSE_INTERNAL_ERROR)
+        return
     # Counted before the first await: upgrades arriving together cannot overshoot the limit.
     session = state.hub.connect()
     try:
@@ -56,105 +71,212 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     except BaseException:
         state.hub.disconnect(session)
         raise
-    reader = asyncio.create_task(_read(websocket, session, state))
-    writer = asyncio.create_task(_write(websocket, session))
-    overflow = asyncio.create_task(session.overflowed.wait())
-    tasks = [reader, writer, overflow]
-    expiry = None
     expires_at: float | None = websocket.scope.get("state", {}).get(TOKEN_EXPIRES_AT)
-    if expires_at is not None:  # only with GATEWAY_JWT_SECRET: no task per connection else
-        expiry = asyncio.create_task(asyncio.sleep(max(0.0, expires_at - time.time())))
-        tasks.append(expiry)
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        if reader in done and not reader.cancelled() and reader.exception() is not None:
-            log.error("closing a client after an unexpected error: %r", reader.exception())
-            await _close(websocket, CLOSE_INTERNAL_ERROR, "internal error")
-        if overflow in done:
+    ClientConnection(socket, session, state, expires_at)
+    # Returning ends the ASGI task: the connection lives on in its socket's callbacks.
+
+
+class ClientConnection:
+    """One client after the handshake, driven by its socket's callbacks: no task of its own
+    but while a subscribe waits for storage.
+
+    - Frames: the outbox's wakeup schedules one write per loop turn (`_flush`), of every
+      frame queued by then (so a batch of updates is one write), while the kernel takes them.
+    - Commands: applied as they arrive, in order; those behind a subscribe wait for it.
+    - Ends: the client's close, a slow client's overflow (1013), too many commands (1008), an
+      expired token (4001) or an unexpected error (1011); the session is forgotten when the
+      socket is gone (`lost`).
+    """
+
+    __slots__ = (
+        "closing",
+        "commands",
+        "expiry",
+        "flush_due",
+        "session",
+        "socket",
+        "state",
+        "waiting",
+        "worker",
+    )
+
+    def __init__(
+        self,
+        socket: GatewayWebSocketProtocol,
+        session: ClientSession,
+        state: GatewayState,
+        expires_at: float | None,
+    ) -> None:
+        self.socket = socket
+        self.session = session
+        self.state = state
+        limits = state.settings.gateway
+        self.commands = TokenBucket(
+            limits.max_commands_per_s, limits.command_burst, time.monotonic()
+        )
+        # Commands received while a subscribe runs, with whether the rate limit refused them
+        # (made when first needed: an idle connection holds no deque).
+        self.waiting: deque[tuple[str | bytes, bool]] | None = None
+        self.worker: asyncio.Task[None] | None = None
+        self.flush_due = False
+        self.closing = False
+        self.expiry: asyncio.TimerHandle | None = None
+        if expires_at is not None:  # only with GATEWAY_JWT_SECRET
+            self.expiry = socket.loop.call_later(
+                max(0.0, expires_at - time.time()), self._token_expired
+            )
+        session.outbox.wakeup = self._wake
+        if not socket.take_over(self):
+            self.lost()
+        elif len(session.outbox):
+            self._wake()
+
+    # Frames to the client.
+
+    def _wake(self) -> None:
+        if not self.flush_due:
+            self.flush_due = True
+            self.socket.loop.call_soon(self._flush)
+
+    def writable(self) -> None:
+        self._wake()
+
+    def _flush(self) -> None:
+        self.flush_due = False
+        outbox = self.session.outbox
+        if self.closing:
+            return
+        if outbox.overflowed:
             log.warning(
                 "closing a slow client: %d frames (%d bytes) queued",
-                len(session.outbox),
-                session.outbox.queued_bytes,
+                len(outbox),
+                outbox.queued_bytes,
             )
-            await _close(websocket, CLOSE_TRY_AGAIN_LATER, "too slow: reconnect")
-        elif expiry in done:
-            WEBSOCKET_CLOSED.labels(reason="token_expired").inc()
-            await _close(websocket, CLOSE_TOKEN_EXPIRED, "token expired")
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        state.hub.disconnect(session)
+            self.close(CLOSE_TRY_AGAIN_LATER, "too slow: reconnect")
+            return
+        if not self.socket.can_write():
+            return  # the socket calls `writable` once the kernel has taken what it holds
+        frames: list[Frame] = []
+        size = 0
+        now = time.monotonic()
+        while size < WRITE_BATCH_BYTES and len(outbox):
+            frame = outbox.get_nowait(now)
+            frames.append(frame)
+            size += frame.size
+        if frames:
+            self.socket.write_frames(frames)
+        if len(outbox):
+            self._wake()  # the rest next turn, if the kernel took this much
 
+    # Commands from the client.
 
-async def _close(websocket: WebSocket, code: int, reason: str) -> None:
-    """Send a close frame, waiting at most _CLOSE_WAIT_S for room in the socket's buffer: a
-    client that does not read would otherwise keep its connection, and its outbox, for good.
-    Past that the connection is dropped without one."""
-    try:
-        async with asyncio.timeout(_CLOSE_WAIT_S):
-            await websocket.close(code, reason)
-    except TimeoutError:
-        log.warning("no room for close frame %d in %gs: dropped", code, _CLOSE_WAIT_S)
-    except Exception as exc:  # the client went away first: nothing left to tell it
-        log.debug("close %d not sent: %r", code, exc)
-
-
-async def _write(websocket: WebSocket, session: ClientSession) -> None:
-    # Sending waits while the socket's buffer is full; meanwhile the outbox keeps only fresh
-    # states. One frame per take, not a batch: a frame taken waits here through that wait,
-    # where it can no longer give way to a newer one (the freshness rule is applied per take).
-    sent = 0
-    while True:
-        frame = await session.outbox.get()
-        await websocket.send_text(frame.text)
-        sent += 1
-        if sent % _SENDS_PER_TURN == 0:
-            # A send that finds room does not suspend: without this, each of a thousand
-            # clients with a backlog would send all of it in one loop turn, and probes and
-            # commands wait for every one of those turns.
-            await asyncio.sleep(0)
-
-
-async def _read(websocket: WebSocket, session: ClientSession, state: GatewayState) -> None:
-    limits = state.settings.gateway
-    commands = TokenBucket(limits.max_commands_per_s, limits.command_burst, time.monotonic())
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
+    def received(self, message: str | bytes) -> None:
+        if self.closing:
             return
         # Every frame counts, malformed ones too: refusing costs the gateway little, but a
         # client must not make it parse and answer without bound.
-        verdict = commands.take(time.monotonic())
+        verdict = self.commands.take(time.monotonic())
         if verdict is Verdict.CLOSE:
             log.warning("closing a client that kept sending past the command rate limit")
             WEBSOCKET_CLOSED.labels(reason="too_many_commands").inc()
-            await _close(websocket, CLOSE_POLICY_VIOLATION, "too many commands")
+            self.close(CLOSE_POLICY_VIOLATION, "too many commands")
             return
-        text = message.get("text")
+        refused = verdict is Verdict.REFUSE
+        if self.worker is not None:
+            if self.waiting is None:
+                self.waiting = deque()
+            self.waiting.append((message, refused))
+            if len(self.waiting) >= MAX_WAITING_COMMANDS:
+                self.socket.pause_reading()
+            return
         try:
-            if verdict is Verdict.REFUSE:
+            subscribe = self._apply(message, refused)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        if subscribe is not None:
+            self.worker = self.socket.loop.create_task(self._subscribe_in_order(subscribe))
+
+    def _apply(self, message: str | bytes, refused: bool) -> Subscribe | None:
+        """Apply a command that needs no wait; a subscribe is returned, to be awaited."""
+        session = self.session
+        try:
+            if refused:
+                limits = self.state.settings.gateway
                 raise ProtocolError(
                     "rate_limited",
                     f"more than {limits.max_commands_per_s:g} commands/s"
                     f" (bursts of {limits.command_burst}); this one was ignored, slow down",
                 )
-            command = parse_command(message.get("bytes", b"") if text is None else text)
+            command = parse_command(message)
             if isinstance(command, Ping):
                 session.offer(PONG_FRAME)
             elif isinstance(command, Subscribe):
-                await _subscribe(session, command, state)
+                return command
             else:
-                _unsubscribe(session, command.subscription, state.hub)
+                _unsubscribe(session, command.subscription, self.state.hub)
         except ProtocolError as exc:
             session.offer(error_frame(exc.code, exc.message))
+        return None
+
+    async def _subscribe_in_order(self, command: Subscribe) -> None:
+        """Run a subscribe, then the commands that came meanwhile, until none is left."""
+        try:
+            next_command: Subscribe | None = command
+            while next_command is not None:
+                await self._subscribe(next_command)
+                next_command = None
+                waiting = self.waiting
+                while next_command is None and waiting:
+                    message, refused = waiting.popleft()
+                    next_command = self._apply(message, refused)
+                if not waiting or len(waiting) < MAX_WAITING_COMMANDS:
+                    self.socket.resume_reading()
+        except Exception as exc:
+            self._failed(exc)
+        finally:
+            self.worker = None
+
+    async def _subscribe(self, command: Subscribe) -> None:
+        try:
+            await _subscribe(self.session, command, self.state)
+        except ProtocolError as exc:
+            self.session.offer(error_frame(exc.code, exc.message))
         except Exception as exc:
             if not is_transient(exc):
                 raise
             log.warning("subscribe failed, storage unavailable: %r", exc)
-            session.offer(
+            self.session.offer(
                 error_frame("unavailable", "storage is unavailable right now; subscribe again")
             )
+
+    # The end.
+
+    def _failed(self, exc: BaseException) -> None:
+        log.error("closing a client after an unexpected error: %r", exc)
+        self.close(CLOSE_INTERNAL_ERROR, "internal error")
+
+    def _token_expired(self) -> None:
+        self.expiry = None
+        WEBSOCKET_CLOSED.labels(reason="token_expired").inc()
+        self.close(CLOSE_TOKEN_EXPIRED, "token expired")
+
+    def close(self, code: int, reason: str) -> None:
+        """Close with `code`; frames still queued are not sent. Idempotent."""
+        if not self.closing:
+            self.closing = True
+            self.socket.close(code, reason)
+
+    def lost(self) -> None:
+        """The socket is gone: forget the client. Idempotent."""
+        self.closing = True
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+        if self.worker is not None:
+            self.worker.cancel()
+        self.session.outbox.wakeup = None
+        self.state.hub.disconnect(self.session)
 
 
 async def _subscribe(session: ClientSession, command: Subscribe, state: GatewayState) -> None:
