@@ -29,7 +29,7 @@ from tickstream_shared.schemas import MINUTE_MS
 from tickstream_shared.settings import GatewaySettings
 
 QUEUE_BYTES = 1024 * 1024  # the smallest bound allowed
-# Far more than the socket buffers hold (server send buffer up to 4 MiB here), so the outbox
+# Far more than the socket buffers hold (the gateway caps its send buffer at 64 KiB), so the outbox
 # itself has to hold, conflate or refuse what the client does not take.
 UPDATES_PER_MINUTE = 20_000
 MINUTES = 5

@@ -1,0 +1,162 @@
+"""The WebSocket below ASGI (websocket.py, ws.ClientConnection) over real sockets: no task per
+idle connection, one write per client per batch, commands in order, compression.
+
+The gateway runs in this process (uvicorn, the real app, the local broker, Redis and
+PostgreSQL); updates go straight into its hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from tests.conftest import deadline, unique_exchange
+from tests.integration.test_gateway_limits import Gateway, serving, wait_until
+from tests.unit.gateway_ticks import update
+from tickstream_gateway.protocol import Frame
+from tickstream_gateway.websocket import GatewayWebSocketProtocol
+from tickstream_shared.local_infra import LocalInfra, free_port
+from tickstream_shared.settings import GatewaySettings
+
+
+@pytest.fixture(scope="module")
+async def gateway(infra: LocalInfra) -> AsyncIterator[Gateway]:
+    settings = GatewaySettings(port=free_port())
+    async with serving(infra, settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+async def compressing(infra: LocalInfra) -> AsyncIterator[Gateway]:
+    settings = GatewaySettings(port=free_port(), ws_compression=True)
+    async with serving(infra, settings) as running:
+        yield running
+
+
+async def subscribe(ws: ClientConnection, market: str) -> list[dict[str, Any]]:
+    """Subscribe to `market`; the frames up to and including its history."""
+    await ws.send(json.dumps({"op": "subscribe", "channel": "market", "market": market}))
+    frames = []
+    async with asyncio.timeout(deadline(10)):
+        while not frames or frames[-1]["type"] not in ("history", "error"):
+            frames.append(json.loads(await ws.recv()))
+    return frames
+
+
+async def test_idle_connections_hold_no_task_and_are_forgotten_when_closed(
+    gateway: Gateway,
+) -> None:
+    """Connections, subscribed or not, hold no asyncio task once their subscribes are done;
+    closing them frees their sessions."""
+    market = f"{unique_exchange()}:btc-usd"
+    gateway.hub.publish_tick(update(1, market=market))
+    sessions_before = len(gateway.hub.sessions)
+    await asyncio.sleep(0.2)
+    tasks_before = len(asyncio.all_tasks())
+    clients = [await connect(f"ws://{gateway.base}/ws") for _ in range(30)]
+    try:
+        for ws in clients[:10]:
+            assert (await subscribe(ws, market))[-1]["type"] == "history"
+        await asyncio.sleep(0.2)
+        assert len(gateway.hub.sessions) == sessions_before + 30
+        # This process holds both ends: the clients' own tasks (the `websockets` client runs
+        # one per connection, for keepalive) are counted too, the gateway's must not be.
+        client_tasks = sum(1 for ws in clients if ws.keepalive_task is not None)
+        assert len(asyncio.all_tasks()) - tasks_before <= client_tasks + 2
+    finally:
+        for ws in clients:
+            await ws.close()
+    await wait_until(lambda: len(gateway.hub.sessions) == sessions_before)
+
+
+async def test_a_batch_of_updates_goes_to_a_client_in_one_write(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Updates published in one step (a consumer batch) reach each client in one write,
+    every one of them, in order; the next batch in the next write."""
+    market = f"{unique_exchange()}:eth-usd"
+    gateway.hub.publish_tick(update(1, market=market))
+    writes: list[list[Frame]] = []
+    original = GatewayWebSocketProtocol.write_frames
+
+    def recorded(self: GatewayWebSocketProtocol, frames: Sequence[Frame]) -> None:
+        writes.append(list(frames))
+        original(self, frames)
+
+    async with connect(f"ws://{gateway.base}/ws") as ws:
+        await subscribe(ws, market)
+        await asyncio.sleep(0.1)
+        monkeypatch.setattr(GatewayWebSocketProtocol, "write_frames", recorded)
+        for batch in ((2, 3, 4, 5, 6), (7, 8, 9)):
+            for seq in batch:
+                gateway.hub.publish_tick(update(seq, market=market))
+            got = []
+            async with asyncio.timeout(deadline(10)):
+                while len(got) < len(batch):
+                    got.append(json.loads(await ws.recv())["seq"])
+            assert got == list(batch)
+    assert [[json.loads(f.body)["seq"] for f in frames] for frames in writes] == [
+        [2, 3, 4, 5, 6],
+        [7, 8, 9],
+    ]
+
+
+async def test_commands_behind_a_subscribe_are_answered_in_order(gateway: Gateway) -> None:
+    """A subscribe waits for storage; the commands sent right after it wait for it, and every
+    answer comes in the order of the commands."""
+    first = f"{unique_exchange()}:sol-usd"
+    second = f"{unique_exchange()}:ada-usd"
+    for market in (first, second):
+        gateway.hub.publish_tick(update(1, market=market))
+    commands = [
+        {"op": "subscribe", "channel": "market", "market": first},
+        {"op": "ping"},
+        {"op": "subscribe", "channel": "market", "market": second},
+        {"op": "unsubscribe", "channel": "market", "market": first},
+        {"op": "ping"},
+        {"op": "nonsense"},
+    ]
+    async with connect(f"ws://{gateway.base}/ws") as ws:
+        for command in commands:
+            await ws.send(json.dumps(command))
+        answers = []
+        async with asyncio.timeout(deadline(10)):
+            while len(answers) < 8:
+                frame = json.loads(await ws.recv())
+                answers.append((frame["type"], frame.get("market")))
+    assert answers == [
+        ("subscribed", first),
+        ("history", first),
+        ("pong", None),
+        ("subscribed", second),
+        ("history", second),
+        ("unsubscribed", first),
+        ("pong", None),
+        ("error", None),
+    ]
+
+
+async def test_a_compressing_connection_gets_the_same_frames(compressing: Gateway) -> None:
+    """With GATEWAY_WS_COMPRESSION a client offering permessage-deflate gets each frame
+    compressed for it, the same messages as any other client."""
+    market = f"{unique_exchange()}:xrp-usd"
+    compressing.hub.publish_tick(update(1, market=market))
+    async with (
+        connect(f"ws://{compressing.base}/ws", compression="deflate") as zipped,
+        connect(f"ws://{compressing.base}/ws", compression=None) as plain,
+    ):
+        assert "permessage-deflate" in (
+            zipped.response.headers.get("Sec-WebSocket-Extensions") or ""
+        )
+        assert await subscribe(zipped, market) == await subscribe(plain, market)
+        for seq in (2, 3):
+            compressing.hub.publish_tick(update(seq, market=market))
+        async with asyncio.timeout(deadline(10)):
+            got = [[await ws.recv() for _ in range(2)] for ws in (zipped, plain)]
+    assert got[0] == got[1]
+    assert [json.loads(text)["seq"] for text in got[0]] == [2, 3]
