@@ -568,8 +568,9 @@ class GatewaySettings:
     max_frame_age_ms: int = setting(
         "GATEWAY_MAX_FRAME_AGE_MS",
         50,
-        "Freshness bound of a WebSocket client's forming bars and ranks: a pending update older"
-        " than this is not sent while a newer one of its stream waits (0: only the newest).",
+        "A WebSocket client is written at most once per this interval (at once after a quiet"
+        " one); each write carries every closed bar, alert and reply, and of each forming bar"
+        " and ranking only its newest state (0: every event-loop turn).",
         ge=0,
         le=60_000,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -74,11 +75,11 @@ async def test_idle_connections_hold_no_task_and_are_forgotten_when_closed(
     await wait_until(lambda: len(gateway.hub.sessions) == sessions_before)
 
 
-async def test_a_batch_of_updates_goes_to_a_client_in_one_write(
+async def test_a_batch_goes_to_a_client_in_one_write_with_each_bars_newest_state(
     gateway: Gateway, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Updates published in one step (a consumer batch) reach each client in one write,
-    every one of them, in order; the next batch in the next write."""
+    """Updates published in one step (a consumer batch) reach each client in one write: every
+    closed bar, in order, and of the forming bar only its newest update."""
     market = f"{unique_exchange()}:eth-usd"
     gateway.hub.publish_tick(update(1, market=market))
     writes: list[list[Frame]] = []
@@ -92,18 +93,50 @@ async def test_a_batch_of_updates_goes_to_a_client_in_one_write(
         await subscribe(ws, market)
         await asyncio.sleep(0.1)
         monkeypatch.setattr(GatewayWebSocketProtocol, "write_frames", recorded)
-        for batch in ((2, 3, 4, 5, 6), (7, 8, 9)):
-            for seq in batch:
-                gateway.hub.publish_tick(update(seq, market=market))
-            got = []
-            async with asyncio.timeout(deadline(10)):
-                while len(got) < len(batch):
-                    got.append(json.loads(await ws.recv())["seq"])
-            assert got == list(batch)
-    assert [[json.loads(f.body)["seq"] for f in frames] for frames in writes] == [
-        [2, 3, 4, 5, 6],
-        [7, 8, 9],
-    ]
+        # Minutes 0-2 close; minute 3 forms, three updates of it in the same batch.
+        batch = [update(2 + i, i, market=market, closed=True) for i in range(3)]
+        batch += [update(5 + i, 3, market=market) for i in range(3)]
+        for tick in batch:
+            gateway.hub.publish_tick(tick)
+        got = []
+        async with asyncio.timeout(deadline(10)):
+            while len(got) < 4:
+                got.append(json.loads(await ws.recv())["seq"])
+    assert got == [2, 3, 4, 7]
+    assert [[json.loads(f.body)["seq"] for f in frames] for frames in writes] == [[2, 3, 4, 7]]
+
+
+async def test_a_fast_market_reaches_a_client_at_most_once_per_interval(gateway: Gateway) -> None:
+    """A bar updated far faster than GATEWAY_MAX_FRAME_AGE_MS reaches a client at most once
+    per that interval (plus one), each frame the newest update at its write, ending with the
+    newest one; every closed bar arrives."""
+    market = f"{unique_exchange()}:dot-usd"
+    gateway.hub.publish_tick(update(1, market=market))
+    interval = GatewaySettings().max_frame_age_ms / 1000
+    async with connect(f"ws://{gateway.base}/ws") as ws:
+        await subscribe(ws, market)
+        seq = 1
+        started = time.monotonic()
+        for minute in range(3):
+            for _ in range(20):  # 200 updates a minute, 10 at a time every 5 ms
+                for _ in range(10):
+                    seq += 1
+                    gateway.hub.publish_tick(update(seq, minute, market=market))
+                await asyncio.sleep(0.005)
+            seq += 1
+            gateway.hub.publish_tick(update(seq, minute, market=market, closed=True))
+        took = time.monotonic() - started
+        frames = []
+        async with asyncio.timeout(deadline(10)):
+            while not frames or frames[-1]["seq"] != seq:
+                frames.append(json.loads(await ws.recv()))
+    seqs = [f["seq"] for f in frames]
+    assert seqs == sorted(set(seqs)), "in order, none twice"
+    assert [f["minute"] for f in frames if f["closed"]] == [
+        update(1, m).minute for m in range(3)
+    ], "every closed bar"
+    forming = [f for f in frames if not f["closed"]]
+    assert 3 <= len(forming) <= took / interval + 3, (len(forming), took)
 
 
 async def test_commands_behind_a_subscribe_are_answered_in_order(gateway: Gateway) -> None:
@@ -154,8 +187,8 @@ async def test_a_compressing_connection_gets_the_same_frames(compressing: Gatewa
             zipped.response.headers.get("Sec-WebSocket-Extensions") or ""
         )
         assert await subscribe(zipped, market) == await subscribe(plain, market)
-        for seq in (2, 3):
-            compressing.hub.publish_tick(update(seq, market=market))
+        for seq in (2, 3):  # closed bars: each is delivered
+            compressing.hub.publish_tick(update(seq, seq, market=market, closed=True))
         async with asyncio.timeout(deadline(10)):
             got = [[await ws.recv() for _ in range(2)] for ws in (zipped, plain)]
     assert got[0] == got[1]

@@ -56,7 +56,6 @@ def create_app(settings: ServiceSettings, pool: Any | None = None) -> Starlette:
         recent = RecentBars(max_bars=minutes + 1)
         hub = Hub(
             settings.gateway.client_queue_bytes,
-            settings.gateway.max_frame_age_ms / 1000,
             recent=recent,
             interest=MarketInterest(settings.gateway.feed_grace_ms / 1000),
         )

@@ -49,8 +49,6 @@ class Hub:
     markets those are (`interest`: the ones clients hold) and the latest rank frames."""
 
     client_queue_bytes: int
-    # See Outbox: a state older than this is not sent while a newer one of its stream waits.
-    max_frame_age_s: float = 0.0
     sessions: set[ClientSession] = field(default_factory=set)
     counters: FanoutCounters = field(default_factory=FanoutCounters)
     recent: RecentBars = field(default_factory=RecentBars)
@@ -60,9 +58,10 @@ class Hub:
     _by_market: dict[str, set[ClientSession]] = field(default_factory=lambda: defaultdict(set))
 
     def connect(self) -> ClientSession:
-        session = ClientSession(
-            Outbox(self.client_queue_bytes, self.counters, max_age=self.max_frame_age_s)
-        )
+        # max_age 0: each write to a client carries only the newest state of each stream;
+        # how often a client is written is the connection's (ws.ClientConnection, paced by
+        # GATEWAY_MAX_FRAME_AGE_MS).
+        session = ClientSession(Outbox(self.client_queue_bytes, self.counters, max_age=0.0))
         self.sessions.add(session)
         return session
 

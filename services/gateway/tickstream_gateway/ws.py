@@ -80,8 +80,10 @@ class ClientConnection:
     """One client after the handshake, driven by its socket's callbacks: no task of its own
     but while a subscribe waits for storage.
 
-    - Frames: the outbox's wakeup schedules one write per loop turn (`_flush`), of every
-      frame queued by then (so a batch of updates is one write), while the kernel takes them.
+    - Frames: the outbox's wakeup schedules one write (`_flush`) of every frame queued by
+      then (a batch of updates is one write) while the kernel takes them, at most one per
+      GATEWAY_MAX_FRAME_AGE_MS: each write carries every must-deliver frame and each
+      stream's newest state (the freshness rule, docs/protocol.md).
     - Commands: applied as they arrive, in order; those behind a subscribe wait for it.
     - Ends: the client's close, a slow client's overflow (1013), too many commands (1008), an
       expired token (4001) or an unexpected error (1011); the session is forgotten when the
@@ -93,11 +95,13 @@ class ClientConnection:
         "commands",
         "expiry",
         "flush_due",
+        "interval",
         "session",
         "socket",
         "state",
         "waiting",
         "worker",
+        "written_at",
     )
 
     def __init__(
@@ -119,6 +123,12 @@ class ClientConnection:
         self.waiting: deque[tuple[str | bytes, bool]] | None = None
         self.worker: asyncio.Task[None] | None = None
         self.flush_due = False
+        # Writes are at least this far apart while frames keep coming (GATEWAY_MAX_FRAME_AGE_MS):
+        # between them a stream's newer state replaces the pending one, so a client receives
+        # at most one state per stream per interval however fast its markets update, and no
+        # frame waits here longer than that.
+        self.interval = limits.max_frame_age_ms / 1000
+        self.written_at = 0.0  # loop time of the last write
         self.closing = False
         self.expiry: asyncio.TimerHandle | None = None
         if expires_at is not None:  # only with GATEWAY_JWT_SECRET
@@ -136,7 +146,12 @@ class ClientConnection:
     def _wake(self) -> None:
         if not self.flush_due:
             self.flush_due = True
-            self.socket.loop.call_soon(self._flush)
+            loop = self.socket.loop
+            due = self.written_at + self.interval
+            if due <= loop.time():
+                loop.call_soon(self._flush)
+            else:
+                loop.call_at(due, self._flush)
 
     def writable(self) -> None:
         self._wake()
@@ -165,8 +180,11 @@ class ClientConnection:
             size += frame.size
         if frames:
             self.socket.write_frames(frames)
-        if len(outbox):
-            self._wake()  # the rest next turn, if the kernel took this much
+            self.written_at = self.socket.loop.time()
+        if len(outbox) and not self.flush_due:
+            # More than one write's worth: the rest in the next turn, not an interval later.
+            self.flush_due = True
+            self.socket.loop.call_soon(self._flush)
 
     # Commands from the client.
 
