@@ -70,13 +70,19 @@ issue 16 targets instead of issue 8's:
   75 s, so a minute closes inside it (the closed-bar check needs one), no idle connections;
   `--connect-rate 10` (1 update/s per market while the clients connect, 100/s from the warmup).
 - `connections`: 10,000 clients over 10 markets (client i on market i % 10), 1 update/s per
-  market (10,000 frames/s offered, all of a second's frames at once), 30 s; first 10,000 idle
+  market, sent together each second (`--tick-slot 1`: 10,000 frames/s offered, all of a
+  second's frames at once, as the issue measured it), 30 s; first 10,000 idle
   connections for the RSS per idle connection. Targets: p99 <= 1.5 x the baseline's, <= 16 KiB
   RSS per idle connection, server CPU per delivered frame <= 1.2 x the baseline's. Handshakes:
   64 in flight per load generator (`--connect-concurrency`); every process raises its open-file
   limit to the hard limit; the gateway gets `GATEWAY_MAX_CONNECTIONS=10500` and
   `GATEWAY_MAX_SOCKETS=11500`, room for idle connections it may still be closing when the
   reading clients connect (`--gateway-env` of the same name overrides).
+
+Both scenarios run the baseline with `--baseline-gc tuned`: the garbage collector set as the
+gateway sets its own (tickstream_gateway.service.tune_gc: with Python's defaults a full
+collection pauses the loop longer the more connections it holds), so the two differ in their
+I/O paths, not in that setting; the default run keeps Python's defaults in the baseline.
 
 `--http` instead seeds `--metrics` price metrics (and as many volume ones) in Redis the way
 stats writes them (MetricBook + tickstream_stats.store.write_stats) and compares
@@ -447,7 +453,7 @@ async def _fresh_feed(stack: Stack, args: argparse.Namespace) -> Feed:
     rate = _SPAWN.Value("d", args.rate if args.connect_rate is None else args.connect_rate)
     ids = [m.id for m in markets]
     driver = _SPAWN.Process(
-        target=run_driver, args=(bootstrap, ids, rate, sent, newest), daemon=True
+        target=run_driver, args=(bootstrap, ids, rate, sent, newest, args.tick_slot), daemon=True
     )
     driver.start()
     return Feed(driver, sent, ids, newest, rate)
@@ -487,7 +493,7 @@ async def session(
     if name == "tickstream":
         server = stack.start_gateway()
     else:
-        server = stack.start_baseline(args.baseline_max_buffer)
+        server = stack.start_baseline(args.baseline_max_buffer, args.baseline_gc)
     roles = {server.process.pid: server.name, feed.driver.pid: "driver"}
     try:
         if not await server.healthy(90):
@@ -533,7 +539,8 @@ async def fanout(args: argparse.Namespace, stack: Stack) -> int:
         f" aiokafka producer (no watcher; received_ts = send time). Each run below has a fresh"
         f" broker, a fresh driver and one server process. {os.cpu_count()} cores shared by the"
         f" server, {args.workers} load-generator processes, the driver, the broker, Redis and"
-        f" PostgreSQL; client compression {'deflate' if args.deflate else 'off'}."
+        f" PostgreSQL; client compression {'deflate' if args.deflate else 'off'}; the driver"
+        f" sends every {args.tick_slot:g} s; baseline garbage collector {args.baseline_gc}."
     )
     print(await machine_load(), flush=True)
     print(await feed_floor(args, stack), flush=True)
@@ -761,6 +768,8 @@ DEFAULTS: dict[str, Any] = {
     "connect_timeout": 120.0,
     "connect_concurrency": 32,
     "connect_rate": None,
+    "tick_slot": 0.01,
+    "baseline_gc": "default",
 }
 SCENARIOS: dict[str, dict[str, Any]] = {
     # Issue 16: 1,000 clients on one market updating 100 times a second. 75 s: a minute closes
@@ -774,6 +783,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "idle": 0,
         "duration": 75.0,
         "connect_rate": 10.0,
+        "baseline_gc": "tuned",
     },
     # Issue 16: 10,000 connections, 10 markets, each client on one, 1 update/s per market;
     # the RSS per idle connection from 10,000 idle connections first.
@@ -787,6 +797,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "duration": 30.0,
         "connect_timeout": 300.0,
         "connect_concurrency": 64,
+        "tick_slot": 1.0,
+        "baseline_gc": "tuned",
     },
 }
 # The connections scenario's gateway: room above 10,000 WebSockets for the idle ones the gateway
@@ -807,6 +819,11 @@ def main() -> int:
     parser.add_argument("--markets-per-client", type=int)
     parser.add_argument("--placement", choices=("hot", "spread"))
     parser.add_argument("--rate", type=float, help="ticks/s in all")
+    parser.add_argument(
+        "--tick-slot",
+        type=float,
+        help="the driver sends rate x this many ticks at once every this many seconds",
+    )
     parser.add_argument(
         "--connect-rate",
         type=float,
@@ -832,6 +849,11 @@ def main() -> int:
         type=int,
         default=768 * 1024,
         help="baseline closes a client (1013) whose write buffer exceeds this many bytes",
+    )
+    parser.add_argument(
+        "--baseline-gc",
+        choices=("default", "tuned"),
+        help="tuned: the baseline sets the garbage collector as the gateway does",
     )
     parser.add_argument(
         "--gateway-env", action="append", default=[], metavar="NAME=VALUE", help="repeatable"

@@ -7,6 +7,8 @@ bytes, without Starlette, uvicorn, per-client queues or history. Protocol subset
 subscribe is answered with `subscribed` and an empty `history` frame; anything else is ignored.
 `GET /healthz` answers 200 `ok` without any I/O. It raises its open-file limit to the hard
 limit and listens with a backlog of 2048 (uvicorn's, the gateway's) for 10,000 connections.
+`--gc tuned` sets the garbage collector as the gateway does (tickstream_gateway.service.tune_gc:
+with Python's defaults a full collection over thousands of connections pauses the loop).
 
 Slow clients: `broadcast` has no backpressure (a slow client's write buffer grows), so every
 0.25 s a client whose write buffer holds more than `--max-buffer` bytes is closed with 1013, as
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import resource
@@ -133,7 +136,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--max-buffer", type=int, default=768 * 1024, help="bytes")
+    parser.add_argument(
+        "--gc", choices=("default", "tuned"), default="default", help="tuned: as the gateway's"
+    )
     args = parser.parse_args()
+    if args.gc == "tuned":  # the gateway's tune_gc: full collections rare, startup frozen
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 10,000+ sockets
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     asyncio.run(main(args.port, args.max_buffer))

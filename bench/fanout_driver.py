@@ -25,7 +25,8 @@ from tickstream_shared.naming import TICK_TOPIC_PATTERN, Market
 from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_shared.settings import KafkaSettings
 
-# The driver sends in slots of this length: rate x SLOT_S ticks per slot, on absolute deadlines.
+# The driver sends in slots of this length: rate x slot ticks per slot, on absolute deadlines
+# (a longer slot, e.g. 1 s, sends a second's ticks of every market at once).
 SLOT_S = 0.01
 # An `multiprocessing.Array("q", n, lock=False)`: one int64 per market, written by the driver
 # alone (an aligned 8-byte store: readers see the old or the new value, never a mix).
@@ -101,6 +102,7 @@ async def _drive(
     rate: Synchronized[float],
     sent: Synchronized[int],
     newest: Shared,
+    slot_s: float = SLOT_S,
 ) -> None:
     producer = make_producer(KafkaSettings(bootstrap_servers=bootstrap), client_id="bench-driver")
     rng = random.Random(1)
@@ -135,11 +137,11 @@ async def _drive(
         slot = 0
         while True:
             slot += 1
-            await asyncio.sleep(max(0.0, started + slot * SLOT_S - time.monotonic()))
+            await asyncio.sleep(max(0.0, started + slot * slot_s - time.monotonic()))
             await close_ended(time.time_ns() // 1_000_000)
             # Owed ticks follow the clock; a stall is caught up, but at most one second's worth.
             now_rate = rate.value
-            due = min(due + now_rate * SLOT_S, now_rate)
+            due = min(due + now_rate * slot_s, max(now_rate, now_rate * slot_s))
             while due >= 1.0:
                 market = markets[turn % len(markets)]
                 turn += 1
@@ -159,10 +161,11 @@ def run_driver(
     rate: Synchronized[float],
     sent: Synchronized[int],
     newest: Shared,
+    slot_s: float = SLOT_S,
 ) -> None:  # pragma: no cover - runs in its own process
     """Send `rate.value` ticks/s round robin over `markets` (and each minute's closing updates)
     until the process is terminated."""
-    asyncio.run(_drive(bootstrap, markets, rate, sent, newest))
+    asyncio.run(_drive(bootstrap, markets, rate, sent, newest, slot_s))
 
 
 async def feed_latency(bootstrap: str, start: float, end: float) -> Counter[int]:
