@@ -5,7 +5,10 @@ each tick with the same `decode_batch`, encodes the same bar frame once with the
 `bar_frame`, and hands it to `websockets.broadcast` for the market's subscribers: the same
 bytes, without Starlette, uvicorn, per-client queues or history. Protocol subset: a market
 subscribe is answered with `subscribed` and an empty `history` frame; anything else is ignored.
-`GET /healthz` answers 200 `ok` without any I/O.
+`GET /healthz` answers 200 `ok` without any I/O. It raises its open-file limit to the hard
+limit and listens with a backlog of 2048 (uvicorn's, the gateway's) for 10,000 connections.
+`--gc tuned` sets the garbage collector as the gateway does (tickstream_gateway.service.tune_gc:
+with Python's defaults a full collection over thousands of connections pauses the loop).
 
 Slow clients: `broadcast` has no backpressure (a slow client's write buffer grows), so every
 0.25 s a client whose write buffer holds more than `--max-buffer` bytes is closed with 1013, as
@@ -18,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
+import resource
 import signal
 from collections import defaultdict
 from http import HTTPStatus
@@ -117,7 +122,7 @@ async def main(port: int, max_buffer: int) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     bootstrap = os.environ["KAFKA_BOOTSTRAP_SERVERS"]
     async with (
-        serve(broadcaster.handler, "127.0.0.1", port, process_request=_healthz),
+        serve(broadcaster.handler, "127.0.0.1", port, process_request=_healthz, backlog=2048),
         asyncio.TaskGroup() as tasks,
     ):
         feed = tasks.create_task(_feed(bootstrap, broadcaster))
@@ -131,5 +136,13 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--max-buffer", type=int, default=768 * 1024, help="bytes")
+    parser.add_argument(
+        "--gc", choices=("default", "tuned"), default="default", help="tuned: as the gateway's"
+    )
     args = parser.parse_args()
+    if args.gc == "tuned":  # the gateway's tune_gc: full collections rare, startup frozen
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 10,000+ sockets
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     asyncio.run(main(args.port, args.max_buffer))

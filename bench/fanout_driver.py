@@ -1,4 +1,12 @@
-"""Tick driver for bench_fanout: a steady rate of bar updates straight into the tick topics."""
+"""Tick driver for bench_fanout: a steady rate of bar updates straight into the tick topics.
+
+Each market's bar is closed the way the synthetic source closes it: once its wall-clock minute
+has ended, the driver sends a last update of that minute with `closed` true (the same values,
+the next `seq`), within a slot (10 ms) of the minute's end, before any update of the next
+minute. Closing ticks come on top of `rate`, a shared value read every slot (the bench may
+change it while the driver runs). `newest[i]` holds the `received_ts` of the newest
+update sent of market i (a shared array the load generators read: what a client could have at
+most at a given moment)."""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from multiprocessing.sharedctypes import Synchronized
+from typing import Any
 
 import msgspec
 
@@ -16,8 +25,12 @@ from tickstream_shared.naming import TICK_TOPIC_PATTERN, Market
 from tickstream_shared.schemas import MINUTE_MS, Tick
 from tickstream_shared.settings import KafkaSettings
 
-# The driver sends in slots of this length: rate x SLOT_S ticks per slot, on absolute deadlines.
+# The driver sends in slots of this length: rate x slot ticks per slot, on absolute deadlines
+# (a longer slot, e.g. 1 s, sends a second's ticks of every market at once).
 SLOT_S = 0.01
+# An `multiprocessing.Array("q", n, lock=False)`: one int64 per market, written by the driver
+# alone (an aligned 8-byte store: readers see the old or the new value, never a mix).
+Shared = Any
 _decode = msgspec.json.Decoder(Tick).decode
 
 
@@ -37,6 +50,25 @@ class _Bar:
     low: float = 100.0
     close: float = 100.0
     volume: float = 0.0
+    closed: bool = True  # the minute's closing update is sent (or no update yet)
+
+    def finish(self, market: str, now_ms: int) -> Tick:
+        """The last update of the bar's minute: `closed` true, the next seq, the same values."""
+        self.closed = True
+        self.seq += 1
+        return Tick(
+            market=market,
+            minute=self.minute,
+            seq=self.seq,
+            exchange_ts=now_ms,
+            received_ts=now_ms,
+            open=self.open,
+            high=self.high,
+            low=self.low,
+            close=self.close,
+            volume=self.volume,
+            closed=True,
+        )
 
     def update(self, market: str, now_ms: int, rng: random.Random) -> Tick:
         minute = now_ms - now_ms % MINUTE_MS
@@ -47,6 +79,7 @@ class _Bar:
         self.high, self.low = max(self.high, self.close), min(self.low, self.close)
         self.volume += rng.uniform(0.0, 2.0)
         self.seq += 1
+        self.closed = False
         # received_ts is the send time: clients measure latency from it (the watcher's
         # receive time in a real feed; here the driver is the watcher).
         return Tick(
@@ -63,12 +96,39 @@ class _Bar:
         )
 
 
-async def _drive(bootstrap: str, markets: list[str], rate: float, sent: Synchronized[int]) -> None:
+async def _drive(
+    bootstrap: str,
+    markets: list[str],
+    rate: Synchronized[float],
+    sent: Synchronized[int],
+    newest: Shared,
+    slot_s: float = SLOT_S,
+) -> None:
     producer = make_producer(KafkaSettings(bootstrap_servers=bootstrap), client_id="bench-driver")
     rng = random.Random(1)
     bars = {market: _Bar() for market in markets}
     topics = {market: Market.parse(market).topic for market in markets}
     keys = {market: market.encode() for market in markets}
+    index = {market: i for i, market in enumerate(markets)}
+
+    async def send(market: str, tick: Tick) -> None:
+        await producer.send(topics[market], tick.encode(), key=keys[market])
+        newest[index[market]] = tick.received_ts
+        with sent.get_lock():
+            sent.value += 1
+
+    checked = 0  # every bar of a minute before this one is closed
+
+    async def close_ended(now_ms: int) -> None:
+        """Close every bar whose minute has ended (the watcher's closing update)."""
+        nonlocal checked
+        minute = now_ms - now_ms % MINUTE_MS
+        if minute > checked:
+            for market, bar in bars.items():
+                if not bar.closed and bar.minute < minute:
+                    await send(market, bar.finish(market, now_ms))
+            checked = minute
+
     await producer.start()
     try:
         started = time.monotonic()
@@ -77,26 +137,35 @@ async def _drive(bootstrap: str, markets: list[str], rate: float, sent: Synchron
         slot = 0
         while True:
             slot += 1
-            await asyncio.sleep(max(0.0, started + slot * SLOT_S - time.monotonic()))
+            await asyncio.sleep(max(0.0, started + slot * slot_s - time.monotonic()))
+            await close_ended(time.time_ns() // 1_000_000)
             # Owed ticks follow the clock; a stall is caught up, but at most one second's worth.
-            due = min(due + rate * SLOT_S, rate)
+            now_rate = rate.value
+            due = min(due + now_rate * slot_s, max(now_rate, now_rate * slot_s))
             while due >= 1.0:
                 market = markets[turn % len(markets)]
                 turn += 1
                 due -= 1.0
-                tick = bars[market].update(market, time.time_ns() // 1_000_000, rng)
-                await producer.send(topics[market], tick.encode(), key=keys[market])
-                with sent.get_lock():
-                    sent.value += 1
+                now_ms = time.time_ns() // 1_000_000
+                bar = bars[market]
+                if not bar.closed and bar.minute < now_ms - now_ms % MINUTE_MS:
+                    await send(market, bar.finish(market, now_ms))  # the slot crossed a minute
+                await send(market, bar.update(market, now_ms, rng))
     finally:
         await producer.stop()
 
 
 def run_driver(
-    bootstrap: str, markets: list[str], rate: float, sent: Synchronized[int]
+    bootstrap: str,
+    markets: list[str],
+    rate: Synchronized[float],
+    sent: Synchronized[int],
+    newest: Shared,
+    slot_s: float = SLOT_S,
 ) -> None:  # pragma: no cover - runs in its own process
-    """Send `rate` ticks/s round robin over `markets` until the process is terminated."""
-    asyncio.run(_drive(bootstrap, markets, rate, sent))
+    """Send `rate.value` ticks/s round robin over `markets` (and each minute's closing updates)
+    until the process is terminated."""
+    asyncio.run(_drive(bootstrap, markets, rate, sent, newest, slot_s))
 
 
 async def feed_latency(bootstrap: str, start: float, end: float) -> Counter[int]:

@@ -127,7 +127,7 @@ class Stack:
             "tickstream", [sys.executable, "-m", "tickstream_gateway"], env, port, "/ws"
         )
 
-    def start_baseline(self, max_buffer: int) -> Server:
+    def start_baseline(self, max_buffer: int, gc: str = "default") -> Server:
         port = free_port()
         argv = [
             sys.executable,
@@ -136,6 +136,8 @@ class Stack:
             str(port),
             "--max-buffer",
             str(max_buffer),
+            "--gc",
+            gc,
         ]
         return self._spawn("baseline", argv, self.env(), port, "/")
 
