@@ -115,6 +115,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from fanout_clients import CLOSED_GRACE_S, ClientPlan, Tally, run_clients
 from fanout_driver import bench_markets, feed_latency, run_driver
@@ -296,25 +297,52 @@ async def run_phase(
     )
 
 
+# Markets markets_known asks about per connection, and connections at once.
+_KNOWN_PER_CONNECTION = 5
+_KNOWN_CONNECTIONS = 10
+
+
+async def _known(server: Server, markets: list[str]) -> list[bool]:
+    """One connection subscribing to `markets`: whether each is answered with history."""
+    async with connect(server.url, compression=None, max_size=2**23) as ws:
+        for market in markets:
+            await ws.send(json.dumps({"op": "subscribe", "channel": "market", "market": market}))
+        answers: list[bool] = []
+        while len(answers) < len(markets):
+            async with asyncio.timeout(60):
+                frame = json.loads(await ws.recv())
+            if frame["type"] in ("history", "error"):
+                answers.append(frame["type"] == "history")
+    return answers
+
+
 async def markets_known(server: Server, markets: list[str], within: float) -> list[str]:
     """Subscribe to every market until each is answered with history; returns those that
-    were not (the gateway knows a market once its feed has seen a tick of it)."""
+    were not (the gateway knows a market once its feed has seen a tick of it).
+
+    A few markets per connection: the gateway handles one connection's commands one after the
+    other, and uvicorn stops reading a connection while a command waits to be handled, so a
+    client's pong also waits; 100 subscribes to markets the feed has not read yet (each waiting
+    for the feed) on one connection took over 40 s on a busy machine, and uvicorn closed the
+    connection with 1011 "keepalive ping timeout" (its own ping unanswered as far as it could
+    read)."""
     deadline = time.monotonic() + within
     missing = list(markets)
+    gate = asyncio.Semaphore(_KNOWN_CONNECTIONS)
+
+    async def ask(group: list[str]) -> list[bool]:
+        async with gate:
+            try:
+                return await _known(server, group)
+            except (OSError, TimeoutError, ConnectionClosed):
+                return [False] * len(group)
+
     while missing and time.monotonic() < deadline:
-        # No keepalive pings: a server busy with thousands of clients may answer a ping late,
-        # and this probe would then fail with "keepalive ping timeout" for no fault of its own.
-        async with connect(server.url, compression=None, max_size=2**23, ping_interval=None) as ws:
-            for market in missing:
-                await ws.send(
-                    json.dumps({"op": "subscribe", "channel": "market", "market": market})
-                )
-            answers: list[bool] = []
-            while len(answers) < len(missing):
-                async with asyncio.timeout(60):
-                    frame = json.loads(await ws.recv())
-                if frame["type"] in ("history", "error"):
-                    answers.append(frame["type"] == "history")
+        groups = [
+            missing[i : i + _KNOWN_PER_CONNECTION]
+            for i in range(0, len(missing), _KNOWN_PER_CONNECTION)
+        ]
+        answers = [ok for oks in await asyncio.gather(*map(ask, groups)) for ok in oks]
         missing = [m for m, ok in zip(missing, answers, strict=True) if not ok]
         if missing:
             await asyncio.sleep(1.0)

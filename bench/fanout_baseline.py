@@ -5,7 +5,8 @@ each tick with the same `decode_batch`, encodes the same bar frame once with the
 `bar_frame`, and hands it to `websockets.broadcast` for the market's subscribers: the same
 bytes, without Starlette, uvicorn, per-client queues or history. Protocol subset: a market
 subscribe is answered with `subscribed` and an empty `history` frame; anything else is ignored.
-`GET /healthz` answers 200 `ok` without any I/O. It raises its open-file limit to the hard
+`GET /healthz` answers 200 `ok` without any I/O. Like the gateway's feed, it yields to the loop
+every 5 ms while fanning out a batch. It raises its open-file limit to the hard
 limit and listens with a backlog of 2048 (uvicorn's, the gateway's) for 10,000 connections.
 `--gc tuned` sets the garbage collector as the gateway does (tickstream_gateway.service.tune_gc:
 with Python's defaults a full collection over thousands of connections pauses the loop).
@@ -26,6 +27,7 @@ import json
 import os
 import resource
 import signal
+import time
 from collections import defaultdict
 from http import HTTPStatus
 
@@ -41,6 +43,7 @@ from tickstream_shared.naming import TICK_TOPIC_PATTERN, Market
 from tickstream_shared.settings import KafkaSettings
 
 _CHECK_S = 0.25
+_FANOUT_SLICE_S = 0.005  # the gateway's (tickstream_gateway.feed)
 _EMPTY_HISTORY = '{"type":"history","market":"%s","since":null,"bars":[]}'
 
 
@@ -106,11 +109,17 @@ async def _feed(bootstrap: str, broadcaster: Broadcaster) -> None:
     try:
         while True:
             batch = await consumer.getmany(timeout_ms=500, max_records=5000)
+            slice_start = time.monotonic()
             for records in batch.values():
                 for tick in decode_batch(records, counters):
                     subscribers = broadcaster.by_market.get(tick.market)
                     if subscribers:
                         websockets.broadcast(subscribers, bar_frame(tick).text)
+                        # As the gateway's feed: a batch fanned out to many clients would hold
+                        # the loop (handshakes, /healthz, pongs) for its whole length.
+                        if time.monotonic() - slice_start >= _FANOUT_SLICE_S:
+                            await asyncio.sleep(0)
+                            slice_start = time.monotonic()
     finally:
         await consumer.stop()
 
