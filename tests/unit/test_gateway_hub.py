@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from tests.unit.gateway_ticks import BTC, MINUTE, alert, update
-from tickstream_gateway.hub import ClientSession, Hub
+from tickstream_gateway.hub import ClientSession, Hub, newest_per_bar
 from tickstream_gateway.outbox import SLOT_BYTES
 from tickstream_gateway.protocol import Subscription, bar_frame
 from tickstream_gateway.rankboard import RankBoard, RankEntry
@@ -264,3 +264,25 @@ async def test_routing_state_is_bounded_by_subscriptions() -> None:
     assert set(hub._by_market) == {BTC}
     hub.disconnect(other)
     assert hub._by_market == {}
+
+
+def test_newest_per_bar_keeps_each_bars_newest_update_and_every_closed_bar() -> None:
+    """Of a batch, a forming update superseded by a higher seq of its market and minute is
+    dropped; the rest keep their order; closed bars are all kept."""
+    eth = "binance:eth-usdt"
+    batch = [
+        update(1, 0),
+        update(2, 0, market=eth),
+        update(3, 0),
+        update(4, 0, closed=True),
+        update(5, 1),
+        update(6, 0, market=eth),
+        update(7, 1),
+        update(8, 2),
+    ]
+    kept = newest_per_bar(batch)
+    assert [t.seq for t in kept] == [4, 6, 7, 8]
+    assert newest_per_bar(batch[:1]) == batch[:1]
+    assert newest_per_bar([update(2, 0), update(1, 0)]) == [update(2, 0)], "by seq, not place"
+    distinct = [update(1, 0), update(2, 1), update(3, 0, market=eth)]
+    assert newest_per_bar(distinct) is distinct

@@ -13,7 +13,7 @@ from aiokafka.errors import KafkaError
 
 from tickstream_gateway.assignment import FeedAssignment
 from tickstream_gateway.httpcache import SharedRefresh
-from tickstream_gateway.hub import Hub
+from tickstream_gateway.hub import Hub, newest_per_bar
 from tickstream_gateway.rankboard import RankBoard
 from tickstream_gateway.ranks import Ranking, read_boards
 from tickstream_shared.consuming import (
@@ -97,7 +97,7 @@ async def run_feed(settings: ServiceSettings, hub: Hub, ready: asyncio.Event) ->
                     await _send_dead_letters(dead_letters, bad)
                     continue
                 now = slice_start = time.monotonic()
-                for tick in decode_batch(records, counters):
+                for tick in newest_per_bar(decode_batch(records, counters)):
                     hub.publish_tick(tick, now)
                     # A batch fanned out to many clients would hold the loop for its whole
                     # length: writers, health probes and commands wait at most one slice.

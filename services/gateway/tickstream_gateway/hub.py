@@ -134,7 +134,7 @@ class Hub:
                 session.markets[market] = seq
                 if frame is None:
                     frame = bar_frame(tick)
-                session.offer(frame, now)
+                session.outbox.put(frame, now)  # an overflow is the connection's to act on
 
     def publish_alert(self, alert: Alert) -> None:
         frame = alert_frame(alert)
@@ -161,6 +161,28 @@ class Hub:
             board = None if sub.measure is None else self.latest_ranks.get((kind, sub.measure))
             if board is not None:
                 session.offer(rank_frame(session, sub, board))
+
+
+def newest_per_bar(ticks: list[Tick]) -> list[Tick]:
+    """`ticks` (one consumer batch, in order) without the forming updates that another tick
+    of the same market and minute in the batch supersedes (a higher seq); closed bars are
+    all kept.
+
+    What a client is sent of a forming bar is its newest state at each write (Outbox), so an
+    update superseded within the batch would be queued for every subscriber only to be
+    replaced before any write: a batch read late (the feed behind a fast market) costs one
+    fan-out per bar instead of one per update, and the feed catches up.
+    """
+    if len(ticks) < 2:
+        return ticks
+    newest: dict[tuple[str, int], int] = {}  # (market, minute) -> the highest seq
+    for tick in ticks:
+        key = (tick.market, tick.minute)
+        if tick.seq > newest.get(key, -1):
+            newest[key] = tick.seq
+    if len(newest) == len(ticks):
+        return ticks
+    return [t for t in ticks if t.closed or newest[t.market, t.minute] == t.seq]
 
 
 def rank_frame(session: ClientSession, sub: Subscription, board: RankBoard) -> Frame:
