@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -23,6 +25,8 @@ from tickstream_gateway.ranks import RANKINGS, Ranking
 from tickstream_gateway.selection import Selection
 from tickstream_shared.naming import MetricKind, RankMeasure
 from tickstream_shared.settings import ServiceSettings
+
+log = logging.getLogger("tickstream.gateway")
 
 # `/api/ranks` query strings held parsed (each entry ~300 bytes): past this, forgotten at once.
 MAX_RANK_QUERIES: Final = 1024
@@ -64,6 +68,29 @@ class ResponseCache:
         await self.readiness.aclose()
 
 
+class WritesDue:
+    """Connections' writes due this loop turn, run by one callback: a batch of updates
+    fanned out to 10,000 clients schedules one, not one handle per client."""
+
+    __slots__ = ("_due",)
+
+    def __init__(self) -> None:
+        self._due: list[Callable[[], None]] = []
+
+    def add(self, write: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
+        if not self._due:
+            loop.call_soon(self._run)
+        self._due.append(write)
+
+    def _run(self) -> None:
+        due, self._due = self._due, []
+        for write in due:
+            try:
+                write()
+            except Exception:  # one connection's failure must not cost the others their turn
+                log.exception("a write to a client failed")
+
+
 @dataclass
 class GatewayState:
     settings: ServiceSettings
@@ -77,6 +104,7 @@ class GatewayState:
     task_failures: int = 0
     # Encoded HTTP answers, refreshed when they change or age (the rank poller fills ranks).
     cache: ResponseCache = field(init=False)
+    writes_due: WritesDue = field(default_factory=WritesDue)
 
     def __post_init__(self) -> None:
         self.cache = ResponseCache(self.settings.gateway.rank_interval_ms / 1000)

@@ -149,7 +149,7 @@ class ClientConnection:
             loop = self.socket.loop
             due = self.written_at + self.interval
             if due <= loop.time():
-                loop.call_soon(self._flush)
+                self.state.writes_due.add(self._flush, loop)
             else:
                 loop.call_at(due, self._flush)
 
@@ -184,7 +184,7 @@ class ClientConnection:
         if len(outbox) and not self.flush_due:
             # More than one write's worth: the rest in the next turn, not an interval later.
             self.flush_due = True
-            self.socket.loop.call_soon(self._flush)
+            self.state.writes_due.add(self._flush, self.socket.loop)
 
     # Commands from the client.
 
