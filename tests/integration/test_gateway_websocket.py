@@ -19,6 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from tests.conftest import deadline, unique_exchange
 from tests.integration.test_gateway_limits import Gateway, serving, wait_until
 from tests.unit.gateway_ticks import update
+from tickstream_gateway import ws as ws_module
 from tickstream_gateway.protocol import Frame
 from tickstream_gateway.websocket import GatewayWebSocketProtocol
 from tickstream_shared.local_infra import LocalInfra, free_port
@@ -193,3 +194,38 @@ async def test_a_compressing_connection_gets_the_same_frames(compressing: Gatewa
             got = [[await ws.recv() for _ in range(2)] for ws in (zipped, plain)]
     assert got[0] == got[1]
     assert [json.loads(text)["seq"] for text in got[0]] == [2, 3]
+
+
+async def test_pings_pass_while_many_subscribes_wait(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that subscribes to many markets at once, each waiting for storage, is still
+    read: its ping is answered at once, not after the subscribes (a connection not read for
+    20 s is closed by either side's keepalive)."""
+    real_subscribe = ws_module._subscribe
+
+    async def slow_subscribe(*args: Any) -> None:
+        await asyncio.sleep(0.1)
+        await real_subscribe(*args)
+
+    monkeypatch.setattr(ws_module, "_subscribe", slow_subscribe)
+    # More than a few: the connection once stopped reading at 16 waiting commands.
+    markets = [f"{unique_exchange()}:btc-usd" for _ in range(20)]
+    for market in markets:
+        gateway.hub.publish_tick(update(1, market=market))
+    async with connect(f"ws://{gateway.base}/ws") as ws:
+        for market in markets:
+            await ws.send(json.dumps({"op": "subscribe", "channel": "market", "market": market}))
+        started = time.monotonic()
+        await asyncio.sleep(0.3)  # the gateway has read them all: the ping comes after
+        pong = await ws.ping()
+        async with asyncio.timeout(deadline(3)):
+            await pong
+        assert time.monotonic() - started < 2.3, "the ping waited for the subscribes"
+        answers = []
+        async with asyncio.timeout(deadline(60)):  # each about 1 s: history waits for storage
+            while len(answers) < len(markets):
+                frame = json.loads(await ws.recv())
+                if frame["type"] in ("history", "error"):
+                    answers.append(frame["type"])
+        assert time.monotonic() - started >= 0.1 * len(markets), "the subscribes did wait"

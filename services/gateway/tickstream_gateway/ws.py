@@ -41,9 +41,12 @@ CLOSE_TOKEN_EXPIRED = 4001  # private-use range: a client tells it from the othe
 # At most this many bytes of frames go to one client per write; more wait for the next loop
 # turn, so that a client with a backlog does not hold up every other one's turn.
 WRITE_BATCH_BYTES: Final = 64 * 1024
-# Commands waiting behind a subscribe (which waits for storage): past this many the client's
+# Bytes of commands waiting behind a subscribe (which waits for storage): past this the client's
 # socket is not read until they are done, so a client cannot queue commands without bound.
-MAX_WAITING_COMMANDS: Final = 16
+# Not a handful: while a connection is not read, neither are the pongs to its keepalive pings
+# (the gateway closes it after 20 s) nor its pings (its client gives up), and a client that
+# subscribes to 100 new markets at once waits up to 3 s for each (FEED_SETTLE_WAIT_S).
+MAX_WAITING_BYTES: Final = 64 * 1024
 # How long a first subscriber of a market waits for the feed to start reading it (normally a
 # few hundred ms: one assignment change and one fetch); past that it is answered anyway.
 FEED_SETTLE_WAIT_S = 3.0
@@ -100,6 +103,7 @@ class ClientConnection:
         "socket",
         "state",
         "waiting",
+        "waiting_bytes",
         "worker",
         "written_at",
     )
@@ -121,6 +125,7 @@ class ClientConnection:
         # Commands received while a subscribe runs, with whether the rate limit refused them
         # (made when first needed: an idle connection holds no deque).
         self.waiting: deque[tuple[str | bytes, bool]] | None = None
+        self.waiting_bytes = 0
         self.worker: asyncio.Task[None] | None = None
         self.flush_due = False
         # Writes are at least this far apart while frames keep coming (GATEWAY_MAX_FRAME_AGE_MS):
@@ -203,8 +208,11 @@ class ClientConnection:
         if self.worker is not None:
             if self.waiting is None:
                 self.waiting = deque()
+            if refused:
+                message = b""  # answered with an error whatever it says: not kept
             self.waiting.append((message, refused))
-            if len(self.waiting) >= MAX_WAITING_COMMANDS:
+            self.waiting_bytes += len(message)
+            if self.waiting_bytes >= MAX_WAITING_BYTES:
                 self.socket.pause_reading()
             return
         try:
@@ -247,8 +255,9 @@ class ClientConnection:
                 waiting = self.waiting
                 while next_command is None and waiting:
                     message, refused = waiting.popleft()
+                    self.waiting_bytes -= len(message)
                     next_command = self._apply(message, refused)
-                if not waiting or len(waiting) < MAX_WAITING_COMMANDS:
+                if self.waiting_bytes < MAX_WAITING_BYTES:
                     self.socket.resume_reading()
         except Exception as exc:
             self._failed(exc)
