@@ -56,19 +56,7 @@ class _Bar:
         """The last update of the bar's minute: `closed` true, the next seq, the same values."""
         self.closed = True
         self.seq += 1
-        return Tick(
-            market=market,
-            minute=self.minute,
-            seq=self.seq,
-            exchange_ts=now_ms,
-            received_ts=now_ms,
-            open=self.open,
-            high=self.high,
-            low=self.low,
-            close=self.close,
-            volume=self.volume,
-            closed=True,
-        )
+        return self._tick(market, self.minute, now_ms, closed=True)
 
     def update(self, market: str, now_ms: int, rng: random.Random) -> Tick:
         minute = now_ms - now_ms % MINUTE_MS
@@ -80,6 +68,9 @@ class _Bar:
         self.volume += rng.uniform(0.0, 2.0)
         self.seq += 1
         self.closed = False
+        return self._tick(market, minute, now_ms)
+
+    def _tick(self, market: str, minute: int, now_ms: int, *, closed: bool = False) -> Tick:
         # received_ts is the send time: clients measure latency from it (the watcher's
         # receive time in a real feed; here the driver is the watcher).
         return Tick(
@@ -93,6 +84,7 @@ class _Bar:
             low=self.low,
             close=self.close,
             volume=self.volume,
+            closed=closed,
         )
 
 
